@@ -1,0 +1,117 @@
+//! What can go wrong, as types: the engine's [`Error`] and the stores' [`StoreError`].
+
+use std::time::Duration;
+
+use crate::fingerprint::FingerprintError;
+use crate::key::KeyError;
+
+/// A boxed error from a store's driver.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// An idempotent call could not run or replay.
+///
+/// The annotated function's error type must implement `From<Error>`, so these reach the caller
+/// through the function's own `Result`.
+///
+/// ```
+/// use idempotent_core::Error;
+/// use std::time::Duration;
+///
+/// let err = Error::Conflict { retry_after: Duration::from_secs(2) };
+/// assert!(err.to_string().contains("in progress"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The idempotency key (or scope) was refused.
+    #[error(transparent)]
+    InvalidKey(#[from] KeyError),
+    /// The arguments could not be fingerprinted.
+    #[error(transparent)]
+    Fingerprint(#[from] FingerprintError),
+    /// Another call with this key is running (and waiting was off, or timed out).
+    #[error(
+        "another call with this idempotency key is in progress; retry after {retry_after:?} (or let the call wait: on_conflict = \"wait\")"
+    )]
+    Conflict {
+        /// How long the other call's lease still runs.
+        retry_after: Duration,
+    },
+    /// The key was used before with other arguments.
+    #[error(
+        "this idempotency key was already used with different arguments; use a new key for a new request"
+    )]
+    KeyReused,
+    /// The store failed; the body did not run (or ran and its output was not recorded; see
+    /// [`Outcome::Unrecorded`](crate::Outcome::Unrecorded)).
+    #[error("the idempotency store failed, so the call was not run: {0}")]
+    Store(#[from] StoreError),
+    /// The body's output could not be serialized as JSON; the key was released.
+    #[error(
+        "the output could not be serialized as JSON, so it was not recorded and the key was released: {0}"
+    )]
+    Encode(#[source] serde_json::Error),
+    /// The body's output is larger than the configured limit; the key was released.
+    #[error(
+        "the output is {size} bytes, over the {limit}-byte limit for recorded outputs; the key was released (raise max_output_bytes or return less)"
+    )]
+    OutputTooLarge {
+        /// The serialized output's size.
+        size: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// The recorded output does not decode as the function's return type (its type changed, or
+    /// the record is corrupt). The body was not run again.
+    #[error(
+        "the recorded output for this key does not decode as the return type ({0}); the body was not run again: purge the record or use a new name/key if the type changed"
+    )]
+    Decode(#[source] serde_json::Error),
+}
+
+/// A store could not do what was asked.
+///
+/// ```
+/// use idempotent_core::StoreError;
+///
+/// let err = StoreError::Full { capacity: 10 };
+/// assert!(err.to_string().contains("10 records"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store holds as many live records as it may; it never evicts a live one.
+    #[error(
+        "the store is full: it holds {capacity} records that are live, and evicting one would allow a duplicate execution; raise the capacity or shorten the ttl"
+    )]
+    Full {
+        /// The store's capacity.
+        capacity: usize,
+    },
+    /// The store could not be reached or did not answer in time.
+    #[error("the store is unavailable: {message}")]
+    Unavailable {
+        /// What failed.
+        message: String,
+        /// The driver's error.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A stored record could not be read: corrupt, or written by an incompatible version.
+    #[error("the record under key {key} is unreadable: {message}; purge it to reuse the key")]
+    Corrupt {
+        /// The storage key, in hex.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Any other failure of the store's backend.
+    #[error("the store failed: {message}")]
+    Backend {
+        /// What failed.
+        message: String,
+        /// The driver's error.
+        #[source]
+        source: Option<BoxError>,
+    },
+}

@@ -1,0 +1,251 @@
+//! Storage keys: what a store files a record under.
+//!
+//! The raw idempotency key is never stored. The storage key is SHA-256 over the namespace (which
+//! function), the scope (which tenant) and the key, each framed with its length, so that
+//! keys of different functions or tenants can never meet and every store key is 32 bytes.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+/// The longest idempotency key (and scope) accepted, in bytes.
+///
+/// Keys are identifiers (an order id, a UUID, a client-sent `Idempotency-Key` header), not
+/// payloads; a longer key is almost always a request body passed by mistake.
+pub const MAX_KEY_BYTES: usize = 255;
+
+/// Domain tag: a later key derivation can change it without colliding with this one.
+const DERIVATION_TAG: &[u8] = b"idempotent.storage-key.v1\0";
+
+/// Why an idempotency key or scope was refused.
+///
+/// ```
+/// use idempotent_core::{KeyError, StorageKey};
+///
+/// let err = StorageKey::derive("checkout", None, b"").unwrap_err();
+/// assert_eq!(err, KeyError::Empty);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The key has no bytes: every caller would share one record.
+    #[error(
+        "the idempotency key is empty: pass a value that identifies the operation, such as an order id or the client's Idempotency-Key header"
+    )]
+    Empty,
+    /// The key or the scope is longer than [`MAX_KEY_BYTES`].
+    #[error(
+        "the idempotency {part} is {len} bytes, longer than the {max}-byte limit: use an identifier (an id or a UUID), not a whole request"
+    )]
+    TooLong {
+        /// `"key"` or `"scope"`.
+        part: &'static str,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit, [`MAX_KEY_BYTES`].
+        max: usize,
+    },
+}
+
+/// The fixed-size key a store files a record under: SHA-256 of (namespace, scope, key).
+///
+/// ```
+/// use idempotent_core::StorageKey;
+///
+/// let a = StorageKey::derive("shop::checkout", Some(b"tenant-1"), b"order-42")?;
+/// let b = StorageKey::derive("shop::checkout", Some(b"tenant-2"), b"order-42")?;
+/// assert_ne!(a, b, "tenants never share records");
+/// assert_eq!(a.to_hex().len(), 64);
+/// # Ok::<(), idempotent_core::KeyError>(())
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StorageKey([u8; 32]);
+
+impl StorageKey {
+    /// Derives the storage key of `key` for the function `namespace`, within `scope`.
+    ///
+    /// `None` and `Some(b"")` are different scopes. Fails if `key` is empty or if `key` or
+    /// `scope` is longer than [`MAX_KEY_BYTES`].
+    ///
+    /// ```
+    /// use idempotent_core::StorageKey;
+    ///
+    /// // Length framing keeps the parts apart: "ab"+"c" is not "a"+"bc".
+    /// let ab_c = StorageKey::derive("ab", None, b"c")?;
+    /// let a_bc = StorageKey::derive("a", None, b"bc")?;
+    /// assert_ne!(ab_c, a_bc);
+    /// # Ok::<(), idempotent_core::KeyError>(())
+    /// ```
+    pub fn derive(namespace: &str, scope: Option<&[u8]>, key: &[u8]) -> Result<Self, KeyError> {
+        if key.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        check_len("key", key)?;
+        if let Some(scope) = scope {
+            check_len("scope", scope)?;
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(DERIVATION_TAG);
+        frame(&mut hasher, namespace.as_bytes());
+        match scope {
+            None => hasher.update([0u8]),
+            Some(scope) => {
+                hasher.update([1u8]);
+                frame(&mut hasher, scope);
+            }
+        }
+        frame(&mut hasher, key);
+        Ok(Self(hasher.finalize().into()))
+    }
+
+    /// Wraps 32 bytes read back from a store.
+    ///
+    /// ```
+    /// use idempotent_core::StorageKey;
+    ///
+    /// let key = StorageKey::from_bytes([7; 32]);
+    /// assert_eq!(key.as_bytes(), &[7; 32]);
+    /// ```
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The 32 bytes.
+    ///
+    /// ```
+    /// use idempotent_core::StorageKey;
+    ///
+    /// let key = StorageKey::derive("f", None, b"k")?;
+    /// assert_eq!(key.as_bytes().len(), 32);
+    /// # Ok::<(), idempotent_core::KeyError>(())
+    /// ```
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Lowercase hex, 64 characters: the form stores and logs use.
+    ///
+    /// ```
+    /// use idempotent_core::StorageKey;
+    ///
+    /// assert_eq!(StorageKey::from_bytes([0xab; 32]).to_hex(), "ab".repeat(32));
+    /// ```
+    pub fn to_hex(&self) -> String {
+        to_hex(&self.0)
+    }
+}
+
+impl fmt::Debug for StorageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StorageKey({})", self)
+    }
+}
+
+impl fmt::Display for StorageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+fn check_len(part: &'static str, bytes: &[u8]) -> Result<(), KeyError> {
+    if bytes.len() > MAX_KEY_BYTES {
+        return Err(KeyError::TooLong {
+            part,
+            len: bytes.len(),
+            max: MAX_KEY_BYTES,
+        });
+    }
+    Ok(())
+}
+
+fn frame(hasher: &mut Sha256, part: &[u8]) {
+    hasher.update((part.len() as u64).to_be_bytes());
+    hasher.update(part);
+}
+
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        hex.push(DIGITS[usize::from(byte >> 4)] as char);
+        hex.push(DIGITS[usize::from(byte & 0x0f)] as char);
+    }
+    hex
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framing_keeps_parts_apart() {
+        let cases = [
+            (("ab", None, &b"c"[..]), ("a", None, &b"bc"[..])),
+            (("f", Some(&b"ab"[..]), &b"c"[..]), ("f", Some(&b"a"[..]), &b"bc"[..])),
+            (("f", Some(&b""[..]), &b"k"[..]), ("f", None, &b"k"[..])),
+            (("fk", None, &b"k"[..]), ("f", Some(&b"k"[..]), &b"k"[..])),
+        ];
+        for ((n1, s1, k1), (n2, s2, k2)) in cases {
+            assert_ne!(
+                StorageKey::derive(n1, s1, k1).unwrap(),
+                StorageKey::derive(n2, s2, k2).unwrap(),
+                "{n1:?}/{s1:?}/{k1:?} vs {n2:?}/{s2:?}/{k2:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn same_parts_same_key() {
+        assert_eq!(
+            StorageKey::derive("f", Some(b"t"), b"k").unwrap(),
+            StorageKey::derive("f", Some(b"t"), b"k").unwrap()
+        );
+    }
+
+    #[test]
+    fn key_lengths_at_the_limits() {
+        assert_eq!(StorageKey::derive("f", None, b""), Err(KeyError::Empty));
+        assert!(StorageKey::derive("f", None, b"k").is_ok());
+        assert!(StorageKey::derive("f", None, &[b'k'; MAX_KEY_BYTES]).is_ok());
+        assert_eq!(
+            StorageKey::derive("f", None, &[b'k'; MAX_KEY_BYTES + 1]),
+            Err(KeyError::TooLong {
+                part: "key",
+                len: 256,
+                max: 255
+            })
+        );
+        let huge = vec![0u8; 1 << 20];
+        assert!(matches!(
+            StorageKey::derive("f", None, &huge),
+            Err(KeyError::TooLong { len, .. }) if len == 1 << 20
+        ));
+        assert!(matches!(
+            StorageKey::derive("f", Some(&[b's'; 256]), b"k"),
+            Err(KeyError::TooLong { part: "scope", .. })
+        ));
+    }
+
+    #[test]
+    fn pinned_derivation() {
+        // Changing the derivation orphans every stored record: bump DERIVATION_TAG instead.
+        let key = StorageKey::derive("shop::checkout", Some(b"tenant"), b"order-1").unwrap();
+        assert_eq!(key.to_string(), key.to_hex());
+        assert_eq!(key.to_hex(), PINNED);
+    }
+
+    const PINNED: &str = "";
+
+    #[test]
+    fn errors_say_what_to_do() {
+        let message = KeyError::Empty.to_string();
+        assert!(message.contains("empty") && message.contains("order id"), "{message}");
+        let message = StorageKey::derive("f", None, &[0; 300])
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("300 bytes") && message.contains("255"), "{message}");
+    }
+}

@@ -1,0 +1,210 @@
+//! The store protocol: claim, complete, release, extend, wait.
+//!
+//! Every store keeps at most one record per [`StorageKey`], in one of three states:
+//!
+//! | state       | fields                                        |
+//! |-------------|-----------------------------------------------|
+//! | absent      | —                                             |
+//! | in progress | fingerprint, fence, lease end                 |
+//! | completed   | fingerprint, fence, output bytes, expiry time |
+//!
+//! Each operation is atomic per key. A record whose lease or expiry has passed counts as absent.
+//! Fences come from a store-wide source and are never handed out twice, so a holder whose lease
+//! was taken over can never write again: its `complete`, `release` and `extend` get
+//! [`FencedWrite::Fenced`]. Times are the store's own (its server's clock where it has a server).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use crate::error::StoreError;
+use crate::fingerprint::Fingerprint;
+use crate::key::StorageKey;
+
+/// A boxed `Send` future: what [`Store`] methods return, so the trait stays object safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The token a store hands to the one caller that holds a key.
+///
+/// A store never hands the same fence out twice for a key, even after the key's record has
+/// expired and vanished; where the store allows it, fences only grow, so a body can pass its
+/// fence to downstream systems as a fencing token.
+///
+/// ```
+/// use idempotent_core::Fence;
+///
+/// assert!(Fence::new(2) > Fence::new(1));
+/// assert_eq!(Fence::new(7).get(), 7);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Fence(u64);
+
+impl Fence {
+    /// Wraps a fence value read from a store.
+    ///
+    /// ```
+    /// # use idempotent_core::Fence;
+    /// let fence = Fence::new(42);
+    /// # assert_eq!(fence.get(), 42);
+    /// ```
+    pub const fn new(value: u64) -> Self {
+        Self(value)
+    }
+
+    /// The fence's value.
+    ///
+    /// ```
+    /// # use idempotent_core::Fence;
+    /// assert_eq!(Fence::new(42).get(), 42);
+    /// ```
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Fence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What [`Store::claim`] found.
+///
+/// ```
+/// use idempotent_core::{Claim, Fence};
+///
+/// let claim = Claim::Acquired { fence: Fence::new(1) };
+/// assert!(matches!(claim, Claim::Acquired { .. }));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The caller now holds the key, in progress until its lease ends; it must `complete` or
+    /// `release` it with this fence.
+    Acquired {
+        /// The holder's fence.
+        fence: Fence,
+    },
+    /// Another caller holds the key with the same fingerprint, and its lease is live.
+    InProgress {
+        /// How long the holder's lease still runs.
+        retry_after: Duration,
+    },
+    /// A live completed record with the same fingerprint: the recorded output, byte for byte.
+    Completed {
+        /// The bytes passed to [`Store::complete`].
+        output: Vec<u8>,
+    },
+    /// A live record (in progress or completed) with another fingerprint: the key was reused
+    /// with other arguments.
+    Mismatch,
+}
+
+/// Whether a fenced write ([`Store::complete`], [`Store::release`], [`Store::extend`]) was applied.
+///
+/// One rule for all three: the write applies only while the record is in progress under the
+/// caller's fence and its lease is live.
+///
+/// ```
+/// use idempotent_core::FencedWrite;
+///
+/// assert!(FencedWrite::Applied.is_applied());
+/// assert!(!FencedWrite::Fenced.is_applied());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FencedWrite {
+    /// The record was in progress under this fence with a live lease, and is now changed.
+    Applied,
+    /// The fence no longer holds the key (taken over, expired, released or completed):
+    /// nothing was changed.
+    Fenced,
+}
+
+impl FencedWrite {
+    /// `true` for [`FencedWrite::Applied`].
+    ///
+    /// ```
+    /// # use idempotent_core::FencedWrite;
+    /// assert!(FencedWrite::Applied.is_applied());
+    /// ```
+    pub const fn is_applied(self) -> bool {
+        matches!(self, FencedWrite::Applied)
+    }
+}
+
+/// A place to keep idempotency records: every store implements exactly this protocol.
+///
+/// The trait is object safe (`Arc<dyn Store>` is how the engine holds a store): methods return
+/// boxed `Send` futures. The `conformance` feature's suite checks an implementation.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use idempotent_core::{Claim, Fingerprint, MemoryStore, StorageKey, Store, FencedWrite};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+/// let key = StorageKey::derive("docs", None, b"order-1")?;
+/// let fingerprint = Fingerprint::from_bytes([1; 32]);
+///
+/// let Claim::Acquired { fence } = store.claim(&key, &fingerprint, Duration::from_secs(30)).await? else {
+///     unreachable!("a fresh key is free");
+/// };
+/// let write = store.complete(&key, fence, b"\"receipt\"".to_vec(), Duration::from_secs(3600)).await?;
+/// assert_eq!(write, FencedWrite::Applied);
+/// assert_eq!(
+///     store.claim(&key, &fingerprint, Duration::from_secs(30)).await?,
+///     Claim::Completed { output: b"\"receipt\"".to_vec() }
+/// );
+/// # Ok(()) }
+/// ```
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Claims `key` for a call whose arguments have `fingerprint`.
+    ///
+    /// Absent (or expired) → in progress with a new fence and a lease of `lease`:
+    /// [`Claim::Acquired`]. In progress with a live lease → [`Claim::InProgress`].
+    /// Completed and live → [`Claim::Completed`]. Either, with another fingerprint →
+    /// [`Claim::Mismatch`].
+    fn claim<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fingerprint: &'a Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>>;
+
+    /// Records `output` for `key`, kept for `ttl`, if `key` is in progress under `fence` with a
+    /// live lease; otherwise changes nothing and returns [`FencedWrite::Fenced`].
+    fn complete<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        output: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>>;
+
+    /// Deletes `key`'s record if it is in progress under `fence` with a live lease, so the key
+    /// is claimable at once.
+    fn release<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>>;
+
+    /// Renews the lease of `key` to `lease` from now, if it is in progress under `fence` with a
+    /// live lease: the heartbeat of a long body.
+    fn extend<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>>;
+
+    /// Resolves when `key` is no longer in progress with a live lease (completed, released,
+    /// or its lease ran out), or after `max`, whichever comes first. Never a busy loop.
+    fn wait<'a>(&'a self, key: &'a StorageKey, max: Duration)
+    -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Deletes records whose lease or expiry has passed; returns how many. Housekeeping for
+    /// stores without native expiry: correctness never depends on it.
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+}

@@ -1,0 +1,438 @@
+//! The in-memory store: one process, the embedded default.
+//!
+//! A sharded map behind short `std::sync::Mutex` sections (no lock is held across an `.await`).
+//! Expired records are replaced lazily when a key is claimed and removed by `purge_expired`,
+//! which also runs when the store is at capacity. A live record is never evicted to make room:
+//! dropping one would let its key run twice, so a full store refuses new keys instead.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::StoreError;
+use crate::fingerprint::Fingerprint;
+use crate::key::StorageKey;
+use crate::store::{BoxFuture, Claim, Fence, FencedWrite, Store};
+
+/// How many records a [`MemoryStore`] holds by default before it refuses new keys.
+pub const DEFAULT_CAPACITY: usize = 1_000_000;
+
+const SHARDS: usize = 32;
+
+/// An in-process store: records live as long as the process.
+///
+/// ```
+/// use std::sync::Arc;
+/// use idempotent_core::{ManualClock, MemoryStore, Store};
+///
+/// let clock = ManualClock::new();
+/// let store: Arc<dyn Store> = Arc::new(
+///     MemoryStore::builder().capacity(10_000).clock(clock.clone()).build(),
+/// );
+/// ```
+pub struct MemoryStore {
+    shards: Box<[Mutex<Shard>]>,
+    clock: Arc<dyn Clock>,
+    capacity: usize,
+    len: AtomicUsize,
+    // Store-wide, so a key's fences keep growing even after its record was purged.
+    next_fence: AtomicU64,
+}
+
+type Shard = HashMap<StorageKey, Record, BuildHasherDefault<PrefixHasher>>;
+
+struct Record {
+    fingerprint: Fingerprint,
+    fence: Fence,
+    state: State,
+}
+
+enum State {
+    InProgress {
+        lease_until: Duration,
+        // Made only when someone waits, so an uncontended call allocates nothing for it.
+        waiters: Option<Arc<Notify>>,
+    },
+    Completed {
+        output: Vec<u8>,
+        expires_at: Duration,
+    },
+}
+
+impl Record {
+    fn is_live(&self, now: Duration) -> bool {
+        match &self.state {
+            State::InProgress { lease_until, .. } => now < *lease_until,
+            State::Completed { expires_at, .. } => now < *expires_at,
+        }
+    }
+
+    /// `fence` holds the record: in progress under it, with a live lease. The one rule for
+    /// every fenced write, so its result never depends on when expired records are purged.
+    fn held_by(&self, fence: Fence, now: Duration) -> bool {
+        self.fence == fence && matches!(self.state, State::InProgress { lease_until, .. } if now < lease_until)
+    }
+
+    fn wake_waiters(&self) {
+        if let State::InProgress {
+            waiters: Some(waiters),
+            ..
+        } = &self.state
+        {
+            waiters.notify_waiters();
+        }
+    }
+}
+
+/// Builds a [`MemoryStore`] with a capacity or a clock other than the defaults.
+///
+/// ```
+/// use idempotent_core::{MemoryStore, SystemClock};
+///
+/// let store = MemoryStore::builder().capacity(100).clock(SystemClock::new()).build();
+/// assert_eq!(store.capacity(), 100);
+/// ```
+#[derive(Debug)]
+pub struct MemoryStoreBuilder {
+    capacity: usize,
+    clock: Arc<dyn Clock>,
+}
+
+impl MemoryStoreBuilder {
+    /// The most records held at once (live or not yet purged); at least 1.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// The clock leases and expiry are measured on, e.g. a [`ManualClock`](crate::ManualClock)
+    /// in tests.
+    pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The store.
+    pub fn build(self) -> MemoryStore {
+        MemoryStore {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            clock: self.clock,
+            capacity: self.capacity,
+            len: AtomicUsize::new(0),
+            next_fence: AtomicU64::new(1),
+        }
+    }
+}
+
+impl MemoryStore {
+    /// A store with [`DEFAULT_CAPACITY`] and the system clock.
+    ///
+    /// ```
+    /// let store = idempotent_core::MemoryStore::new();
+    /// assert_eq!(store.len(), 0);
+    /// ```
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder, to set the capacity or the clock.
+    ///
+    /// ```
+    /// let store = idempotent_core::MemoryStore::builder().capacity(5).build();
+    /// assert_eq!(store.capacity(), 5);
+    /// ```
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder {
+            capacity: DEFAULT_CAPACITY,
+            clock: Arc::new(SystemClock::new()),
+        }
+    }
+
+    /// How many records the store may hold.
+    ///
+    /// ```
+    /// assert_eq!(idempotent_core::MemoryStore::new().capacity(), idempotent_core::stores::memory::DEFAULT_CAPACITY);
+    /// ```
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// How many records the store holds now, including expired ones not yet purged.
+    ///
+    /// ```
+    /// assert_eq!(idempotent_core::MemoryStore::new().len(), 0);
+    /// ```
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// `true` when the store holds no record.
+    ///
+    /// ```
+    /// assert!(idempotent_core::MemoryStore::new().is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn shard(&self, key: &StorageKey) -> MutexGuard<'_, Shard> {
+        // Keys are SHA-256 digests, so any byte spreads them evenly.
+        let index = usize::from(key.as_bytes()[31]) % self.shards.len();
+        // A panic while holding the lock cannot leave a record half-written (every update is a
+        // single assignment), so a poisoned shard is still consistent.
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn new_fence(&self) -> Fence {
+        Fence::new(self.next_fence.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Takes a slot for a new record, or says the store is full.
+    fn reserve_slot(&self) -> bool {
+        self.len
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |len| {
+                (len < self.capacity).then_some(len + 1)
+            })
+            .is_ok()
+    }
+
+    fn claim_now(&self, key: &StorageKey, fingerprint: &Fingerprint, lease: Duration) -> ClaimStep {
+        let now = self.clock.now();
+        let mut shard = self.shard(key);
+        if let Some(record) = shard.get_mut(key) {
+            if record.is_live(now) {
+                if record.fingerprint != *fingerprint {
+                    return ClaimStep::Done(Claim::Mismatch);
+                }
+                return ClaimStep::Done(match &record.state {
+                    State::InProgress { lease_until, .. } => Claim::InProgress {
+                        retry_after: lease_until.saturating_sub(now),
+                    },
+                    State::Completed { output, .. } => Claim::Completed {
+                        output: output.clone(),
+                    },
+                });
+            }
+            // Expired: take it over in place, waking anyone waiting on the old holder.
+            record.wake_waiters();
+            let fence = self.new_fence();
+            *record = Record {
+                fingerprint: *fingerprint,
+                fence,
+                state: State::InProgress {
+                    lease_until: now.saturating_add(lease),
+                    waiters: None,
+                },
+            };
+            return ClaimStep::Done(Claim::Acquired { fence });
+        }
+        if !self.reserve_slot() {
+            return ClaimStep::Full;
+        }
+        let fence = self.new_fence();
+        shard.insert(
+            *key,
+            Record {
+                fingerprint: *fingerprint,
+                fence,
+                state: State::InProgress {
+                    lease_until: now.saturating_add(lease),
+                    waiters: None,
+                },
+            },
+        );
+        ClaimStep::Done(Claim::Acquired { fence })
+    }
+
+    fn purge_now(&self) -> u64 {
+        let now = self.clock.now();
+        let mut purged = 0u64;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.retain(|_, record| {
+                let live = record.is_live(now);
+                if !live {
+                    record.wake_waiters();
+                    purged += 1;
+                }
+                live
+            });
+        }
+        self.len.fetch_sub(purged as usize, Ordering::AcqRel);
+        purged
+    }
+
+    fn remove(&self, shard: &mut Shard, key: &StorageKey) {
+        if let Some(record) = shard.remove(key) {
+            record.wake_waiters();
+            self.len.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+enum ClaimStep {
+    Done(Claim),
+    Full,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("len", &self.len())
+            .field("capacity", &self.capacity)
+            .field("clock", &self.clock)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store for MemoryStore {
+    fn claim<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fingerprint: &'a Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        let claim = match self.claim_now(key, fingerprint, lease) {
+            ClaimStep::Done(claim) => Ok(claim),
+            ClaimStep::Full => {
+                // Make room only from records that are already dead, then try once more.
+                self.purge_now();
+                match self.claim_now(key, fingerprint, lease) {
+                    ClaimStep::Done(claim) => Ok(claim),
+                    ClaimStep::Full => Err(StoreError::Full {
+                        capacity: self.capacity,
+                    }),
+                }
+            }
+        };
+        Box::pin(std::future::ready(claim))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        output: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        let now = self.clock.now();
+        let mut shard = self.shard(key);
+        let write = match shard.get_mut(key) {
+            Some(record) if record.held_by(fence, now) => {
+                record.wake_waiters();
+                record.state = State::Completed {
+                    output,
+                    expires_at: now.saturating_add(ttl),
+                };
+                FencedWrite::Applied
+            }
+            _ => FencedWrite::Fenced,
+        };
+        drop(shard);
+        Box::pin(std::future::ready(Ok(write)))
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        let now = self.clock.now();
+        let mut shard = self.shard(key);
+        let write = match shard.get(key) {
+            Some(record) if record.held_by(fence, now) => {
+                self.remove(&mut shard, key);
+                FencedWrite::Applied
+            }
+            _ => FencedWrite::Fenced,
+        };
+        drop(shard);
+        Box::pin(std::future::ready(Ok(write)))
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        let now = self.clock.now();
+        let mut shard = self.shard(key);
+        let write = match shard.get_mut(key) {
+            Some(record) if record.held_by(fence, now) => {
+                if let State::InProgress { lease_until, .. } = &mut record.state {
+                    *lease_until = now.saturating_add(lease);
+                }
+                FencedWrite::Applied
+            }
+            _ => FencedWrite::Fenced,
+        };
+        drop(shard);
+        Box::pin(std::future::ready(Ok(write)))
+    }
+
+    fn wait<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        max: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let now = self.clock.now();
+        let mut shard = self.shard(key);
+        let Some(record) = shard.get_mut(key) else {
+            return Box::pin(std::future::ready(Ok(())));
+        };
+        let State::InProgress {
+            lease_until,
+            waiters,
+        } = &mut record.state
+        else {
+            return Box::pin(std::future::ready(Ok(())));
+        };
+        if now >= *lease_until {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        // The notified future is made under the shard lock: a completion that takes the lock
+        // after us is guaranteed to wake it, even before it is first polled.
+        let notified = Arc::clone(waiters.get_or_insert_with(Default::default)).notified_owned();
+        let until_lease_ends = lease_until.saturating_sub(now);
+        drop(shard);
+        Box::pin(async move {
+            let _ = tokio::time::timeout(max.min(until_lease_ends), notified).await;
+            Ok(())
+        })
+    }
+
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(std::future::ready(Ok(self.purge_now())))
+    }
+}
+
+/// Storage keys are already SHA-256 digests: hashing them again would only cost time.
+#[derive(Default)]
+struct PrefixHasher(u64);
+
+impl Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for (i, byte) in bytes.iter().take(8).enumerate() {
+            self.0 ^= u64::from(*byte) << (8 * i);
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! The stores. The in-memory store is always there; the others are behind cargo features.
+
+pub mod memory;
