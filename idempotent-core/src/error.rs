@@ -26,6 +26,12 @@ pub enum Error {
     /// The idempotency key (or scope) was refused.
     #[error(transparent)]
     InvalidKey(#[from] KeyError),
+    /// The call's [`Options`](crate::Options) do not hold together.
+    #[error("invalid idempotency options: {problem}")]
+    InvalidOptions {
+        /// What is wrong.
+        problem: &'static str,
+    },
     /// The arguments could not be fingerprinted.
     #[error(transparent)]
     Fingerprint(#[from] FingerprintError),

@@ -3,20 +3,41 @@
 //! The first call with an idempotency key claims the key in a [`Store`], runs the body and
 //! records its serialized `Ok` value; every retry with that key (and the same arguments) gets
 //! the recorded value back without running the body again.
+//!
+//! ```
+//! use idempotent_core::{Call, Fingerprint, Idempotency};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_core::Error> {
+//! let engine = Idempotency::with_default_store();
+//! let call = Call::new("mailer::welcome", Fingerprint::of("ada@example.com")?).key("user-1");
+//! let sent = engine.run(call, async { Ok::<_, idempotent_core::Error>(true) }).await?;
+//! let again = engine.run(call, async { Ok::<_, idempotent_core::Error>(false) }).await?;
+//! assert_eq!(again.into_value(), true, "the second call replays the first one's result");
+//! # Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod clock;
+mod default_store;
+mod engine;
 mod error;
 mod fingerprint;
+mod holder;
 mod key;
+mod options;
+mod recorded;
 mod store;
 pub mod stores;
+mod telemetry;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use default_store::{DefaultStoreAlreadySet, default_store, set_default_store};
+pub use engine::{Call, Idempotency, Outcome};
 pub use error::{BoxError, Error, StoreError};
-pub use fingerprint::{Fingerprint, FingerprintError};
+pub use fingerprint::{Fingerprint, FingerprintError, Fingerprinter};
 pub use key::{KeyError, MAX_KEY_BYTES, StorageKey};
+pub use options::{OnConflict, Options};
 pub use store::{BoxFuture, Claim, Fence, FencedWrite, Store};
 pub use stores::memory::{MemoryStore, MemoryStoreBuilder};
 

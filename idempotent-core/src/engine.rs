@@ -1,0 +1,434 @@
+//! The engine: claim, then run or replay or wait, then record. The macro and
+//! [`Idempotency::run`] both come here.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::default_store::default_store;
+use crate::error::Error;
+use crate::fingerprint::Fingerprint;
+use crate::holder::Holder;
+use crate::key::StorageKey;
+use crate::options::{OnConflict, Options};
+use crate::recorded::{OkAndErr, OkOnly, Recording};
+use crate::store::{Claim, FencedWrite, Store};
+use crate::telemetry::{CallOutcome, CallTrace};
+
+/// One call to make idempotent: which function, which key, which arguments.
+///
+/// ```
+/// use idempotent_core::{Call, Fingerprint};
+///
+/// let call = Call::new("shop::checkout", Fingerprint::of(&("cart-7", 4200))?)
+///     .key("order-42")
+///     .scope("tenant-1");
+/// # Ok::<(), idempotent_core::FingerprintError>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    name: &'static str,
+    scope: Option<&'a [u8]>,
+    key: Option<&'a [u8]>,
+    fingerprint: Fingerprint,
+}
+
+impl<'a> Call<'a> {
+    /// A call of the function `name` with arguments fingerprinted as `fingerprint`.
+    ///
+    /// `name` is the namespace of its keys: calls of different names never share records.
+    /// Without [`Call::key`], the fingerprint is the key, so equal arguments are one operation.
+    ///
+    /// ```
+    /// # use idempotent_core::{Call, Fingerprint};
+    /// let call = Call::new("mailer::send_welcome", Fingerprint::of("user-7")?);
+    /// # Ok::<(), idempotent_core::FingerprintError>(())
+    /// ```
+    pub fn new(name: &'static str, fingerprint: Fingerprint) -> Self {
+        Self {
+            name,
+            scope: None,
+            key: None,
+            fingerprint,
+        }
+    }
+
+    /// The idempotency key: 1 to 255 bytes that name the operation (an order id, a client's
+    /// `Idempotency-Key` header).
+    ///
+    /// ```
+    /// # use idempotent_core::{Call, Fingerprint};
+    /// let header = String::from("3f1c7a52-0b44-4b8e-9b43-1d2f3d9b8d10");
+    /// let call = Call::new("api::create_order", Fingerprint::of(&1)?).key(&header);
+    /// # Ok::<(), idempotent_core::FingerprintError>(())
+    /// ```
+    pub fn key(mut self, key: &'a (impl AsRef<[u8]> + ?Sized)) -> Self {
+        self.key = Some(key.as_ref());
+        self
+    }
+
+    /// The tenancy scope: the same key in two scopes is two operations.
+    ///
+    /// ```
+    /// # use idempotent_core::{Call, Fingerprint};
+    /// let call = Call::new("api::create_order", Fingerprint::of(&1)?).key("k").scope("acme");
+    /// # Ok::<(), idempotent_core::FingerprintError>(())
+    /// ```
+    pub fn scope(mut self, scope: &'a (impl AsRef<[u8]> + ?Sized)) -> Self {
+        self.scope = Some(scope.as_ref());
+        self
+    }
+
+    /// The key's storage key, as the store files it.
+    ///
+    /// ```
+    /// # use idempotent_core::{Call, Fingerprint, KeyError};
+    /// let call = Call::new("f", Fingerprint::of(&1).unwrap()).key("");
+    /// assert_eq!(call.storage_key(), Err(KeyError::Empty));
+    /// ```
+    pub fn storage_key(&self) -> Result<StorageKey, crate::KeyError> {
+        let key = self.key.unwrap_or(self.fingerprint.as_bytes());
+        StorageKey::derive(self.name, self.scope, key)
+    }
+}
+
+/// What a call returned, and whether the body ran for it.
+///
+/// ```
+/// use idempotent_core::Outcome;
+///
+/// let outcome = Outcome::Replayed(7);
+/// assert!(outcome.is_replayed());
+/// assert_eq!(outcome.into_value(), 7);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome<T> {
+    /// The body ran now and its value was recorded.
+    Executed(T),
+    /// The value recorded by an earlier call; the body did not run.
+    Replayed(T),
+    /// The body ran now, but its value could not be recorded: the store failed, or the lease
+    /// was lost to another caller while the body ran. A retry may run the body again.
+    Unrecorded(T),
+}
+
+impl<T> Outcome<T> {
+    /// The value, however it was obtained.
+    ///
+    /// ```
+    /// # use idempotent_core::Outcome;
+    /// assert_eq!(Outcome::Executed("receipt").into_value(), "receipt");
+    /// ```
+    pub fn into_value(self) -> T {
+        match self {
+            Self::Executed(value) | Self::Replayed(value) | Self::Unrecorded(value) => value,
+        }
+    }
+
+    /// The value, borrowed.
+    ///
+    /// ```
+    /// # use idempotent_core::Outcome;
+    /// assert_eq!(Outcome::Executed(3).value(), &3);
+    /// ```
+    pub fn value(&self) -> &T {
+        match self {
+            Self::Executed(value) | Self::Replayed(value) | Self::Unrecorded(value) => value,
+        }
+    }
+
+    /// `true` when the value was replayed from the store: an HTTP layer may say so, e.g. with
+    /// an `Idempotent-Replayed: true` header.
+    ///
+    /// ```
+    /// # use idempotent_core::Outcome;
+    /// assert!(!Outcome::Executed(1).is_replayed());
+    /// ```
+    pub fn is_replayed(&self) -> bool {
+        matches!(self, Self::Replayed(_))
+    }
+}
+
+/// Runs futures under idempotency keys: the engine behind `#[idempotent]`, for code that
+/// wants it without the attribute (an HTTP middleware, a queue consumer).
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU32, Ordering};
+/// use idempotent_core::{Call, Fingerprint, Idempotency, MemoryStore};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_core::Error> {
+/// let engine = Idempotency::new(Arc::new(MemoryStore::new()));
+/// let charges = AtomicU32::new(0);
+/// let charge = || async {
+///     charges.fetch_add(1, Ordering::SeqCst);
+///     Ok::<_, idempotent_core::Error>(format!("receipt for 42.00"))
+/// };
+///
+/// let call = Call::new("billing::charge", Fingerprint::of(&4200)?).key("order-42");
+/// let first = engine.run(call, charge()).await?;
+/// let retry = engine.run(call, charge()).await?;
+///
+/// assert!(!first.is_replayed() && retry.is_replayed());
+/// assert_eq!(retry.into_value(), "receipt for 42.00");
+/// assert_eq!(charges.load(Ordering::SeqCst), 1);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    store: Arc<dyn Store>,
+    options: Options,
+}
+
+impl Idempotency {
+    /// An engine over `store` with [`Options::default`].
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// let engine = idempotent_core::Idempotency::new(Arc::new(idempotent_core::MemoryStore::new()));
+    /// ```
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            options: Options::new(),
+        }
+    }
+
+    /// An engine over the process-wide [`default_store`].
+    ///
+    /// ```
+    /// let engine = idempotent_core::Idempotency::with_default_store();
+    /// ```
+    pub fn with_default_store() -> Self {
+        Self::new(Arc::clone(default_store()))
+    }
+
+    /// The same engine with other options.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// use idempotent_core::{Idempotency, Options};
+    /// let engine = Idempotency::with_default_store()
+    ///     .with_options(Options::new().ttl(Duration::from_secs(600)));
+    /// assert_eq!(engine.options().get_ttl(), Duration::from_secs(600));
+    /// ```
+    pub fn with_options(mut self, options: Options) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The options in force.
+    ///
+    /// ```
+    /// # use idempotent_core::{Idempotency, Options};
+    /// assert_eq!(Idempotency::with_default_store().options(), &Options::default());
+    /// ```
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// The store.
+    ///
+    /// ```
+    /// # use idempotent_core::Idempotency;
+    /// let store = Idempotency::with_default_store().store().clone();
+    /// ```
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Runs `body` under `call`'s key unless a result is recorded; `Err` results are not
+    /// recorded (the key is released, so a retry runs again).
+    ///
+    /// `body` is not polled unless this call acquires the key. See the type's example.
+    pub async fn run<T, E, F>(&self, call: Call<'_>, body: F) -> Result<Outcome<T>, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: Future<Output = Result<T, E>>,
+    {
+        execute::<OkOnly, T, E, F>(&self.store, &self.options, call, body).await
+    }
+
+    /// Like [`Idempotency::run`], but an `Err` is recorded and replayed too: for errors that a
+    /// retry would only repeat (a declined card), so the retry gets the same answer.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// use idempotent_core::{Call, Fingerprint, Idempotency, MemoryStore};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    /// enum PayError { Declined, Idempotency(String) }
+    /// impl From<idempotent_core::Error> for PayError {
+    ///     fn from(e: idempotent_core::Error) -> Self { PayError::Idempotency(e.to_string()) }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let engine = Idempotency::new(Arc::new(MemoryStore::new()));
+    /// let call = Call::new("pay", Fingerprint::of(&1).unwrap()).key("order-1");
+    /// let first = engine.run_caching_errors(call, async { Err::<u32, _>(PayError::Declined) }).await;
+    /// let retry = engine.run_caching_errors(call, async { Ok::<u32, PayError>(1) }).await;
+    /// assert_eq!(first, Err(PayError::Declined));
+    /// assert_eq!(retry, Err(PayError::Declined), "the recorded error is replayed");
+    /// # }
+    /// ```
+    pub async fn run_caching_errors<T, E, F>(
+        &self,
+        call: Call<'_>,
+        body: F,
+    ) -> Result<Outcome<T>, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: Serialize + DeserializeOwned + From<Error>,
+        F: Future<Output = Result<T, E>>,
+    {
+        execute::<OkAndErr, T, E, F>(&self.store, &self.options, call, body).await
+    }
+}
+
+/// The whole protocol for one call.
+pub(crate) async fn execute<R, T, E, F>(
+    store: &Arc<dyn Store>,
+    options: &Options,
+    call: Call<'_>,
+    body: F,
+) -> Result<Outcome<T>, E>
+where
+    R: Recording<T, E>,
+    E: From<Error>,
+    F: Future<Output = Result<T, E>>,
+{
+    let mut trace = CallTrace::start(call.name);
+    let key = match options.validate().and_then(|()| Ok(call.storage_key()?)) {
+        Ok(key) => key,
+        Err(error) => {
+            trace.emit(CallOutcome::InvalidInput);
+            return Err(error.into());
+        }
+    };
+    trace.set_key(key);
+    let lease = options.get_lease();
+    let mut wait_deadline = None;
+    loop {
+        let claim = match store.claim(&key, &call.fingerprint, lease).await {
+            Ok(claim) => claim,
+            Err(error) => {
+                trace.emit(CallOutcome::StoreError);
+                return Err(Error::Store(error).into());
+            }
+        };
+        match claim {
+            Claim::Acquired { fence } => {
+                let holder = Holder::new(Arc::clone(store), key, fence, trace.clone());
+                return run_body::<R, T, E, F>(holder, options, trace, body).await;
+            }
+            Claim::Completed { output } => {
+                return match R::decode(&output) {
+                    Ok(result) => {
+                        trace.emit(if trace.waited {
+                            CallOutcome::Waited
+                        } else {
+                            CallOutcome::Replayed
+                        });
+                        result.map(Outcome::Replayed)
+                    }
+                    Err(error) => {
+                        trace.emit(CallOutcome::DecodeError);
+                        Err(Error::Decode(error).into())
+                    }
+                };
+            }
+            Claim::Mismatch => {
+                trace.emit(CallOutcome::Mismatch);
+                return Err(Error::KeyReused.into());
+            }
+            Claim::InProgress { retry_after } => {
+                let OnConflict::Wait { timeout } = options.get_on_conflict() else {
+                    trace.emit(CallOutcome::Conflict);
+                    return Err(Error::Conflict { retry_after }.into());
+                };
+                let deadline =
+                    *wait_deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    trace.emit(CallOutcome::Conflict);
+                    return Err(Error::Conflict { retry_after }.into());
+                }
+                trace.waited = true;
+                if let Err(error) = store.wait(&key, left).await {
+                    trace.emit(CallOutcome::StoreError);
+                    return Err(Error::Store(error).into());
+                }
+            }
+        }
+    }
+}
+
+/// The key is ours: run the body and settle the claim whatever happens.
+async fn run_body<R, T, E, F>(
+    holder: Holder,
+    options: &Options,
+    trace: CallTrace,
+    body: F,
+) -> Result<Outcome<T>, E>
+where
+    R: Recording<T, E>,
+    E: From<Error>,
+    F: Future<Output = Result<T, E>>,
+{
+    let result = holder.run_with_heartbeat(options.get_lease(), body).await;
+    let encoded = match &result {
+        Ok(value) => Some(R::encode_ok(value)),
+        Err(error) => R::encode_err(error),
+    };
+    let Some(encoded) = encoded else {
+        // An error we do not record: give the key back so a retry runs again.
+        holder.release().await;
+        trace.emit(CallOutcome::Failed);
+        return result.map(Outcome::Executed);
+    };
+    let bytes = match encoded {
+        Ok(bytes) if bytes.len() <= options.get_max_output_bytes() => bytes,
+        Ok(bytes) => {
+            holder.release().await;
+            trace.emit(CallOutcome::EncodeError);
+            return Err(Error::OutputTooLarge {
+                size: bytes.len(),
+                limit: options.get_max_output_bytes(),
+            }
+            .into());
+        }
+        Err(error) => {
+            holder.release().await;
+            trace.emit(CallOutcome::EncodeError);
+            return Err(Error::Encode(error).into());
+        }
+    };
+    let write = holder
+        .store()
+        .complete(holder.key(), holder.fence(), bytes, options.get_ttl())
+        .await;
+    // Whatever `complete` said, the claim is settled: released on a store error would let a
+    // quick retry run the body again while this caller still reports success.
+    holder.disarm();
+    let outcome = match write {
+        Ok(FencedWrite::Applied) => {
+            trace.emit(if result.is_ok() {
+                CallOutcome::Executed
+            } else {
+                CallOutcome::Failed
+            });
+            return result.map(Outcome::Executed);
+        }
+        Ok(FencedWrite::Fenced) => CallOutcome::Fenced,
+        Err(error) => {
+            tracing::warn!(target: "idempotent", %error, "could not record an idempotent result");
+            CallOutcome::Unrecorded
+        }
+    };
+    trace.emit(outcome);
+    result.map(Outcome::Unrecorded)
+}

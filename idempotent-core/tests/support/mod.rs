@@ -1,0 +1,141 @@
+//! Shared pieces of the engine tests.
+#![allow(dead_code)]
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use idempotent_core::{
+    BoxFuture, Claim, Clock, Error, Fence, FencedWrite, Fingerprint, StorageKey, Store, StoreError,
+};
+
+/// The error type of the functions under test.
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub enum AppError {
+    Declined(String),
+    Idempotency(String),
+}
+
+impl From<Error> for AppError {
+    fn from(error: Error) -> Self {
+        AppError::Idempotency(format!("{error:?}"))
+    }
+}
+
+impl AppError {
+    pub fn idempotency(&self) -> &str {
+        match self {
+            AppError::Idempotency(message) => message,
+            AppError::Declined(reason) => {
+                panic!("expected an idempotency error, got Declined({reason})")
+            }
+        }
+    }
+}
+
+/// Counts how many times a body really ran.
+#[derive(Debug, Default, Clone)]
+pub struct Runs(Arc<AtomicU32>);
+
+impl Runs {
+    pub fn hit(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn count(&self) -> u32 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The memory store's clock read from Tokio's clock, so `start_paused` tests move both.
+#[derive(Debug)]
+pub struct TokioClock(tokio::time::Instant);
+
+impl TokioClock {
+    pub fn new() -> Self {
+        Self(tokio::time::Instant::now())
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+/// A store whose backend is down: every operation fails as a real one does when its server
+/// cannot be reached.
+#[derive(Debug, Default)]
+pub struct DownStore;
+
+fn down<T: Send + 'static>() -> BoxFuture<'static, Result<T, StoreError>> {
+    Box::pin(async {
+        Err(StoreError::Unavailable {
+            message: "connection refused".into(),
+            source: None,
+        })
+    })
+}
+
+impl Store for DownStore {
+    fn claim<'a>(
+        &'a self,
+        _: &'a StorageKey,
+        _: &'a Fingerprint,
+        _: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        down()
+    }
+    fn complete<'a>(
+        &'a self,
+        _: &'a StorageKey,
+        _: Fence,
+        _: Vec<u8>,
+        _: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        down()
+    }
+    fn release<'a>(
+        &'a self,
+        _: &'a StorageKey,
+        _: Fence,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        down()
+    }
+    fn extend<'a>(
+        &'a self,
+        _: &'a StorageKey,
+        _: Fence,
+        _: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        down()
+    }
+    fn wait<'a>(&'a self, _: &'a StorageKey, _: Duration) -> BoxFuture<'a, Result<(), StoreError>> {
+        down()
+    }
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        down()
+    }
+}
+
+/// A value whose serialization always fails, as serde_json does for maps with non-string keys.
+pub struct Unserializable;
+
+impl serde::Serialize for Unserializable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("this value cannot be serialized"))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Unserializable {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(deserializer).map(|_| Unserializable)
+    }
+}
+
+impl fmt::Debug for Unserializable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Unserializable")
+    }
+}
