@@ -1,34 +1,423 @@
-//! Placeholder until the canonical serializer lands.
+//! Canonical SHA-256 fingerprints of a call's arguments.
+//!
+//! A [`Fingerprint`] identifies "the same call" across retries, processes and
+//! machines. Values are hashed through a custom serde `Serializer` that writes
+//! straight into SHA-256: no JSON text or `serde_json::Value` is built.
+//!
+//! # What counts as equal
+//!
+//! Two values get the same fingerprint iff their JSON representations (as
+//! `serde_json` would write them) are equal, ignoring the order of map entries
+//! and of hash-set elements, with the exceptions listed under *Deviations*.
+//!
+//! - **Integers** of every width are one kind: `1u8`, `1i64` and `1u128` are
+//!   equal. Integers and floats differ (`1` vs `1.0`), as JSON writes them
+//!   differently.
+//! - **Floats**: `f32` is widened to `f64`. `0.0` and `-0.0` differ (JSON
+//!   writes `0.0` vs `-0.0`). Every NaN is one canonical NaN.
+//! - **Strings**: a `char` is a one-character string. A string never equals a
+//!   number (`"1"` vs `1`).
+//! - **Bytes** (`serialize_bytes`) are a sequence of integers, equal to the
+//!   same `Vec<u8>`.
+//! - **Null**: `None`, `()` and unit structs are all null; `Some(v)` is `v`
+//!   (so `Some(None::<u8>)` equals `None::<u8>`, as in JSON).
+//! - **Enums** (externally tagged, serde's default): a unit variant is the
+//!   string of its name; `V(x)` is `{"V": x}`; `V(a, b)` is `{"V": [a, b]}`;
+//!   `V { a }` is `{"V": {"a": a}}`.
+//! - **Structs** are the map of field name to value, so a struct equals a map
+//!   with the same string keys and values. The struct's name is ignored.
+//!   Fields skipped by `skip_serializing_if` are simply absent. Newtype
+//!   structs are their inner value; tuples and tuple structs are sequences.
+//! - **Maps** are order-independent: each entry is hashed on its own, and the
+//!   sorted entry digests are hashed. Non-string keys are allowed (unlike
+//!   JSON); duplicate keys count as two entries.
+//! - **Sequences** are ordered (`[1, 2]` differs from `[2, 1]`), except hash
+//!   sets, see below.
+//!
+//! # Hash sets
+//!
+//! Serde cannot tell a `HashSet` from a `Vec`: both call `serialize_seq`. The
+//! serializer therefore looks at [`std::any::type_name`] of every value it is
+//! handed through a generic entry point (struct fields, sequence elements, map
+//! keys and values, `Some`, newtype structs and variants, and
+//! [`Fingerprinter::push`] itself). After stripping `&`, `&mut`, `Box`, `Arc`
+//! and `Rc`, a `std::collections::HashSet` or `hashbrown::HashSet` is hashed as
+//! a multiset: its elements are digested separately and sorted.
+//!
+//! - **A hash set never equals a sequence**, not even a `Vec` or `BTreeSet`
+//!   with the same elements in the same order, although JSON writes them the
+//!   same. A multiset hash cannot equal an order-dependent one, and marking it
+//!   with its own tag keeps the encoding unambiguous.
+//! - `type_name` output is not guaranteed stable by Rust. A unit test pins the
+//!   spellings relied on, so a compiler change fails the test suite instead of
+//!   silently making hash sets ordered.
+//! - A hash set behind a custom `Serialize` impl that forwards to the inner set
+//!   (rather than through a newtype struct or one of the wrappers above) is not
+//!   recognised and is hashed in iteration order, which differs between
+//!   processes. Use a `BTreeSet` there, or skip the field.
+//!
+//! # Arguments
+//!
+//! [`Fingerprinter::push`] frames each argument on its own, so pushing `a` then
+//! `b` differs from pushing the tuple `(a, b)` and from
+//! [`Fingerprint::of(&(a, b))`](Fingerprint::of); `push("ab"), push("c")`
+//! differs from `push("a"), push("bc")`. `Fingerprint::of(&x)` is exactly
+//! `Fingerprinter::new().push(&x)?.finish()`, so it is a one-argument call.
+//!
+//! # Deviations from JSON
+//!
+//! - Hash sets versus sequences, as above.
+//! - JSON writes NaN and the infinities as `null`; here they are floats, so
+//!   they differ from `null` (and infinities from NaN).
+//! - Map keys keep their kind: `serde_json` writes the integer key `1` as the
+//!   string `"1"`, here `{1: x}` and `{"1": x}` differ.
+//! - `f32` values are widened exactly, so `0.1f32` differs from `0.1f64` even
+//!   though `serde_json` prints both as `0.1`.
+//!
+//! # Stability
+//!
+//! The encoding is part of stored data: records keep fingerprints. It is
+//! versioned by the domain tag `idempotent.fingerprint.v1`; any change to the
+//! encoding must bump that tag, and a test pins a known fingerprint.
+
+mod canonical;
+
 use std::fmt;
 
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use canonical::tag;
+
+/// Separates these hashes from any other SHA-256 use and versions the
+/// encoding: bump it whenever the encoding changes.
+const DOMAIN: &[u8] = b"idempotent.fingerprint.v1\0";
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+fn hex_digit(nibble: u8) -> char {
+    char::from(HEX_DIGITS[usize::from(nibble & 0x0f)])
+}
+
+fn write_hex(out: &mut impl fmt::Write, bytes: &[u8]) -> fmt::Result {
+    for &byte in bytes {
+        out.write_char(hex_digit(byte >> 4))?;
+        out.write_char(hex_digit(byte))?;
+    }
+    Ok(())
+}
+
 /// SHA-256 fingerprint of a call's arguments.
+///
+/// Equal arguments (in the JSON sense described in the module docs) give equal
+/// fingerprints in every process, whatever the iteration order of their maps
+/// and hash sets.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use idempotent_core::Fingerprint;
+///
+/// let a = HashMap::from([("x", 1), ("y", 2)]);
+/// let b = HashMap::from([("y", 2u64), ("x", 1)]);
+/// assert_eq!(Fingerprint::of(&a)?, Fingerprint::of(&b)?);
+/// assert_ne!(Fingerprint::of(&a)?, Fingerprint::of(&[1, 2])?);
+/// # Ok::<(), idempotent_core::FingerprintError>(())
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Fingerprint([u8; 32]);
 
 impl Fingerprint {
-    /// Wraps raw digest bytes.
+    /// Rebuilds a fingerprint from its raw bytes, e.g. as read from storage.
+    ///
+    /// ```
+    /// use idempotent_core::Fingerprint;
+    ///
+    /// let fingerprint = Fingerprint::of("hello")?;
+    /// assert_eq!(Fingerprint::from_bytes(*fingerprint.as_bytes()), fingerprint);
+    /// # Ok::<(), idempotent_core::FingerprintError>(())
+    /// ```
     pub const fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
     }
-    /// The digest bytes.
+
+    /// The raw SHA-256 digest, e.g. to store it.
+    ///
+    /// ```
+    /// use idempotent_core::Fingerprint;
+    ///
+    /// let fingerprint = Fingerprint::from_bytes([7; 32]);
+    /// assert_eq!(fingerprint.as_bytes(), &[7; 32]);
+    /// ```
     pub const fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
-    /// Lowercase hex.
+
+    /// The digest as 64 lowercase hex characters (the same as `Display`).
+    ///
+    /// ```
+    /// use idempotent_core::Fingerprint;
+    ///
+    /// let fingerprint = Fingerprint::from_bytes([0xab; 32]);
+    /// assert_eq!(fingerprint.to_hex(), "ab".repeat(32));
+    /// assert_eq!(fingerprint.to_string(), fingerprint.to_hex());
+    /// ```
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        let mut hex = String::with_capacity(64);
+        for &byte in &self.0 {
+            hex.push(hex_digit(byte >> 4));
+            hex.push(hex_digit(byte));
+        }
+        hex
+    }
+
+    /// Fingerprints a single value as a one-argument call; the same as
+    /// `Fingerprinter::new().push(value)?.finish()`.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`FingerprintError`] if the value's `Serialize` impl fails.
+    ///
+    /// ```
+    /// use idempotent_core::{Fingerprint, Fingerprinter};
+    ///
+    /// #[derive(serde::Serialize)]
+    /// struct Transfer { from: String, to: String, cents: u64 }
+    ///
+    /// let transfer = Transfer { from: "alice".into(), to: "bob".into(), cents: 500 };
+    /// let fingerprint = Fingerprint::of(&transfer)?;
+    /// assert_eq!(fingerprint, Fingerprinter::new().push(&transfer)?.finish());
+    /// # Ok::<(), idempotent_core::FingerprintError>(())
+    /// ```
+    pub fn of<T: Serialize + ?Sized>(value: &T) -> Result<Self, FingerprintError> {
+        Ok(Fingerprinter::new().push(value)?.finish())
     }
 }
 
 impl fmt::Debug for Fingerprint {
+    /// Abbreviated, because full digests drown log lines.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Fingerprint({})", &self.to_hex()[..16])
+        f.write_str("Fingerprint(")?;
+        write_hex(f, &self.0[..8])?;
+        f.write_str("…)")
     }
 }
 
-/// Placeholder.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cannot fingerprint the arguments: {message}")]
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_hex(f, &self.0)
+    }
+}
+
+/// Builds a fingerprint from a function's arguments, one at a time,
+/// positionally.
+///
+/// Each argument is framed on its own: pushing `a` then `b` differs from
+/// pushing the tuple `(a, b)`. If a push fails, the fingerprinter is poisoned:
+/// later pushes fail too and [`finish`](Self::finish) returns a fingerprint
+/// that no successful sequence of pushes produces, so drop it.
+///
+/// ```
+/// use idempotent_core::Fingerprinter;
+///
+/// let mut first = Fingerprinter::new();
+/// first.push("alice")?.push(&500u32)?;
+/// let mut second = Fingerprinter::default();
+/// second.push("alice")?.push(&500u64)?;
+/// assert_eq!(first.finish(), second.finish());
+/// # Ok::<(), idempotent_core::FingerprintError>(())
+/// ```
+#[derive(Clone)]
+pub struct Fingerprinter {
+    hasher: Sha256,
+    arguments: usize,
+    poisoned: bool,
+}
+
+impl Default for Fingerprinter {
+    /// The same as [`Fingerprinter::new`]; a derived `Default` would skip the
+    /// domain tag.
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fingerprinter {
+    /// Starts a fingerprint with no arguments.
+    ///
+    /// ```
+    /// use idempotent_core::{Fingerprint, Fingerprinter};
+    ///
+    /// // No arguments is not the same as one `()` argument.
+    /// assert_ne!(Fingerprinter::new().finish(), Fingerprint::of(&())?);
+    /// # Ok::<(), idempotent_core::FingerprintError>(())
+    /// ```
+    pub fn new() -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(DOMAIN);
+        Self {
+            hasher,
+            arguments: 0,
+            poisoned: false,
+        }
+    }
+
+    /// Adds the next positional argument.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`FingerprintError`] if the argument's `Serialize` impl fails,
+    /// or if an earlier push failed.
+    ///
+    /// ```
+    /// use idempotent_core::Fingerprinter;
+    ///
+    /// let mut split = Fingerprinter::new();
+    /// split.push("ab")?.push("c")?;
+    /// let mut other = Fingerprinter::new();
+    /// other.push("a")?.push("bc")?;
+    /// assert_ne!(split.finish(), other.finish());
+    /// # Ok::<(), idempotent_core::FingerprintError>(())
+    /// ```
+    pub fn push<T: Serialize + ?Sized>(
+        &mut self,
+        argument: &T,
+    ) -> Result<&mut Self, FingerprintError> {
+        if self.poisoned {
+            return Err(FingerprintError::new(
+                "an earlier argument already failed".to_owned(),
+            ));
+        }
+        self.hasher.update([tag::ARG]);
+        match canonical::write_value(&mut self.hasher, argument) {
+            Ok(()) => {
+                self.arguments = self.arguments.saturating_add(1);
+                Ok(self)
+            }
+            Err(error) => {
+                self.poisoned = true;
+                self.hasher.update([tag::POISON]);
+                Err(error)
+            }
+        }
+    }
+
+    /// The fingerprint of the arguments pushed so far. Does not consume the
+    /// fingerprinter, so more arguments may be pushed afterwards.
+    ///
+    /// ```
+    /// use idempotent_core::Fingerprinter;
+    ///
+    /// let mut args = Fingerprinter::new();
+    /// args.push(&1)?;
+    /// let one = args.finish();
+    /// args.push(&2)?;
+    /// assert_ne!(one, args.finish());
+    /// # Ok::<(), idempotent_core::FingerprintError>(())
+    /// ```
+    pub fn finish(&self) -> Fingerprint {
+        let mut hasher = self.hasher.clone();
+        canonical::write_header(&mut hasher, tag::ARGS_END, self.arguments);
+        Fingerprint(hasher.finalize().into())
+    }
+}
+
+/// An argument could not be fingerprinted: its `Serialize` impl failed (it
+/// called `serde::ser::Error::custom`, or broke serde's key/value protocol).
+///
+/// ```
+/// use idempotent_core::Fingerprint;
+///
+/// struct Secret;
+/// impl serde::Serialize for Secret {
+///     fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+///         Err(serde::ser::Error::custom("secrets are not serializable"))
+///     }
+/// }
+///
+/// let error = Fingerprint::of(&Secret).unwrap_err();
+/// assert!(error.to_string().contains("secrets are not serializable"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FingerprintError {
     message: String,
+}
+
+impl FingerprintError {
+    fn new(message: String) -> Self {
+        Self { message }
+    }
+}
+
+impl fmt::Display for FingerprintError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot fingerprint the arguments: {}; skip this argument from the \
+             fingerprint or fix its Serialize impl",
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for FingerprintError {}
+
+impl serde::ser::Error for FingerprintError {
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        Self::new(msg.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_and_debug_formats() {
+        let mut bytes = [0u8; 32];
+        bytes[0] = 0x01;
+        bytes[7] = 0xfe;
+        bytes[31] = 0xa0;
+        let fingerprint = Fingerprint::from_bytes(bytes);
+        let hex = fingerprint.to_hex();
+        assert_eq!(hex.len(), 64);
+        assert!(hex.starts_with("01000000000000fe"));
+        assert!(hex.ends_with("a0"));
+        assert_eq!(fingerprint.to_string(), hex);
+        assert_eq!(format!("{fingerprint:?}"), "Fingerprint(01000000000000fe…)");
+    }
+
+    #[test]
+    fn default_is_new() {
+        assert_eq!(
+            Fingerprinter::default().finish(),
+            Fingerprinter::new().finish()
+        );
+    }
+
+    #[test]
+    fn poisoned_fingerprinter_keeps_failing() {
+        struct Fails;
+        impl Serialize for Fails {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("nope"))
+            }
+        }
+        let mut args = Fingerprinter::new();
+        assert!(args.push(&Fails).is_err());
+        assert!(args.push(&1).is_err());
+        // The failed argument wrote nothing but its ARG tag; without the
+        // poison marker this would equal a zero-argument call plus that tag.
+        assert_ne!(args.finish(), Fingerprinter::new().finish());
+        let mut unit = Fingerprinter::new();
+        assert!(unit.push(&()).is_ok());
+        assert_ne!(args.finish(), unit.finish());
+    }
+
+    #[test]
+    fn error_message_says_what_to_do() {
+        let error = <FingerprintError as serde::ser::Error>::custom("boom");
+        let message = error.to_string();
+        assert!(message.starts_with("cannot fingerprint the arguments: boom;"));
+        assert!(message.contains("Serialize impl"));
+    }
 }

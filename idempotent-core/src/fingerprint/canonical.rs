@@ -1,0 +1,706 @@
+//! The canonical encoding: a serde [`Serializer`](ser::Serializer) that feeds
+//! the canonical form of a value straight into a SHA-256 state.
+//!
+//! Grammar (every item is self-delimiting, so concatenations never collide):
+//!
+//! | item            | bytes                                                         |
+//! |-----------------|---------------------------------------------------------------|
+//! | null            | `NULL`                                                        |
+//! | bool            | `FALSE` / `TRUE`                                              |
+//! | integer         | `INT`, sign byte (0 = non-negative, 1 = negative), magnitude as `u128` LE |
+//! | float           | `FLOAT`, `f64` bits LE (NaN canonicalised)                    |
+//! | string          | `STR`, byte length as `u64` LE, UTF-8 bytes                   |
+//! | ordered seq     | `SEQ`, items…, `SEQ_END`                                      |
+//! | map             | `MAP`, entry count as `u64` LE, sorted entry digests          |
+//! | unordered set   | `SET`, element count as `u64` LE, sorted element digests      |
+//!
+//! An entry digest is `SHA-256(key item ‖ value item)`, an element digest is
+//! `SHA-256(element item)`. Fixed-width payloads carry no length: their tag
+//! fixes it. Sequences end with a terminator rather than a count because
+//! `serialize_seq` may not know its length up front.
+
+use std::any::type_name;
+
+use serde::ser::{self, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::FingerprintError;
+
+/// Tag bytes. Changing any of them changes every fingerprint: bump the
+/// domain tag in the parent module instead of editing these in place.
+pub(super) mod tag {
+    pub const NULL: u8 = 0x00;
+    pub const FALSE: u8 = 0x01;
+    pub const TRUE: u8 = 0x02;
+    pub const INT: u8 = 0x03;
+    pub const FLOAT: u8 = 0x04;
+    pub const STR: u8 = 0x05;
+    pub const SEQ: u8 = 0x06;
+    pub const SEQ_END: u8 = 0x07;
+    pub const MAP: u8 = 0x08;
+    pub const SET: u8 = 0x09;
+    pub const ARG: u8 = 0x0a;
+    pub const ARGS_END: u8 = 0x0b;
+    /// Never starts a valid item, so a stream cut short by an error can
+    /// never be mistaken for a complete one.
+    pub const POISON: u8 = 0xff;
+}
+
+/// The quiet NaN every NaN is folded into, so that NaN payload bits (which
+/// JSON cannot express anyway) never split fingerprints.
+const CANONICAL_NAN_BITS: u64 = 0x7ff8_0000_0000_0000;
+
+/// Length hints come from arbitrary `Serialize` impls; trusting a huge one
+/// would abort on allocation, so only this much is reserved up front.
+const MAX_RESERVED: usize = 1024;
+
+type Digest32 = [u8; 32];
+
+/// Writes the canonical item for `value` into `hasher`.
+pub(super) fn write_value<T: Serialize + ?Sized>(
+    hasher: &mut Sha256,
+    value: &T,
+) -> Result<(), FingerprintError> {
+    value.serialize(Canonical {
+        hasher,
+        unordered: is_unordered::<T>(),
+    })
+}
+
+/// Writes a tag followed by a `u64` count in one `update`, because many tiny
+/// updates cost more than the copy.
+pub(super) fn write_header(hasher: &mut Sha256, tag: u8, count: usize) {
+    let mut buf = [0u8; 9];
+    buf[0] = tag;
+    // usize is at most 64 bits on every platform Rust supports.
+    buf[1..].copy_from_slice(&(count as u64).to_le_bytes());
+    hasher.update(buf);
+}
+
+fn write_str(hasher: &mut Sha256, value: &str) {
+    write_header(hasher, tag::STR, value.len());
+    hasher.update(value.as_bytes());
+}
+
+fn write_int(hasher: &mut Sha256, negative: bool, magnitude: u128) {
+    let mut buf = [0u8; 18];
+    buf[0] = tag::INT;
+    buf[1] = u8::from(negative);
+    buf[2..].copy_from_slice(&magnitude.to_le_bytes());
+    hasher.update(buf);
+}
+
+fn write_i128(hasher: &mut Sha256, value: i128) {
+    write_int(hasher, value < 0, value.unsigned_abs());
+}
+
+fn write_f64(hasher: &mut Sha256, value: f64) {
+    let bits = if value.is_nan() {
+        CANONICAL_NAN_BITS
+    } else {
+        value.to_bits()
+    };
+    let mut buf = [0u8; 9];
+    buf[0] = tag::FLOAT;
+    buf[1..].copy_from_slice(&bits.to_le_bytes());
+    hasher.update(buf);
+}
+
+/// Wraps an already-hashed `key ‖ value` entry as a one-entry map, which is
+/// how JSON writes enum variants carrying data (`{"Variant": …}`).
+fn write_single_entry(hasher: &mut Sha256, entry: Sha256) {
+    let digest: Digest32 = entry.finalize().into();
+    write_header(hasher, tag::MAP, 1);
+    hasher.update(digest);
+}
+
+/// Whether a value of static type `T` is a hash set, whose iteration order is
+/// arbitrary and must therefore be hashed as a multiset.
+fn is_unordered<T: ?Sized>() -> bool {
+    is_unordered_type_name(type_name::<T>())
+}
+
+/// Serde cannot tell a `HashSet` from a `Vec` (both call `serialize_seq`), so
+/// the static type name is the only signal. `type_name` output is not
+/// guaranteed stable by Rust; the unit tests pin the spellings relied on.
+fn is_unordered_type_name(name: &str) -> bool {
+    const TRANSPARENT: [&str; 5] = [
+        "&mut ",
+        "&",
+        "alloc::boxed::Box<",
+        "alloc::sync::Arc<",
+        "alloc::rc::Rc<",
+    ];
+    const SETS: [&str; 2] = [
+        "std::collections::hash::set::HashSet<",
+        "hashbrown::set::HashSet<",
+    ];
+
+    let mut rest = name;
+    // `&mut ` is listed before `&` so it is stripped whole.
+    while let Some(inner) = TRANSPARENT.iter().find_map(|p| rest.strip_prefix(p)) {
+        rest = inner;
+    }
+    SETS.iter().any(|set| rest.starts_with(set))
+}
+
+/// Digests of entries or elements, sorted at the end so iteration order is
+/// irrelevant.
+struct Digests {
+    items: Vec<Digest32>,
+    /// Reused for every entry via `finalize_reset` to avoid re-initialising.
+    scratch: Sha256,
+}
+
+impl Digests {
+    fn with_capacity(len: Option<usize>) -> Self {
+        Self {
+            items: Vec::with_capacity(len.unwrap_or(0).min(MAX_RESERVED)),
+            scratch: Sha256::new(),
+        }
+    }
+
+    fn close_entry(&mut self) {
+        self.items.push(self.scratch.finalize_reset().into());
+    }
+
+    fn push_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), FingerprintError> {
+        write_value(&mut self.scratch, value)?;
+        self.close_entry();
+        Ok(())
+    }
+
+    fn push_field<T: Serialize + ?Sized>(
+        &mut self,
+        key: &str,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        write_str(&mut self.scratch, key);
+        self.push_value(value)
+    }
+
+    fn finish(mut self, tag: u8, hasher: &mut Sha256) {
+        self.items.sort_unstable();
+        write_header(hasher, tag, self.items.len());
+        hasher.update(self.items.as_flattened());
+    }
+}
+
+struct Canonical<'a> {
+    hasher: &'a mut Sha256,
+    /// Set when the value being serialized is a hash set; only its own
+    /// `serialize_seq` call looks at it, nested values get a fresh decision.
+    unordered: bool,
+}
+
+impl<'a> ser::Serializer for Canonical<'a> {
+    type Ok = ();
+    type Error = FingerprintError;
+    type SerializeSeq = Seq<'a>;
+    type SerializeTuple = Ordered<'a>;
+    type SerializeTupleStruct = Ordered<'a>;
+    type SerializeTupleVariant = TupleVariant<'a>;
+    type SerializeMap = Map<'a>;
+    type SerializeStruct = Map<'a>;
+    type SerializeStructVariant = StructVariant<'a>;
+
+    fn serialize_bool(self, v: bool) -> Result<(), FingerprintError> {
+        self.hasher.update([if v { tag::TRUE } else { tag::FALSE }]);
+        Ok(())
+    }
+
+    fn serialize_i8(self, v: i8) -> Result<(), FingerprintError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_i16(self, v: i16) -> Result<(), FingerprintError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_i32(self, v: i32) -> Result<(), FingerprintError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_i64(self, v: i64) -> Result<(), FingerprintError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_i128(self, v: i128) -> Result<(), FingerprintError> {
+        write_i128(self.hasher, v);
+        Ok(())
+    }
+
+    fn serialize_u8(self, v: u8) -> Result<(), FingerprintError> {
+        self.serialize_u128(v.into())
+    }
+
+    fn serialize_u16(self, v: u16) -> Result<(), FingerprintError> {
+        self.serialize_u128(v.into())
+    }
+
+    fn serialize_u32(self, v: u32) -> Result<(), FingerprintError> {
+        self.serialize_u128(v.into())
+    }
+
+    fn serialize_u64(self, v: u64) -> Result<(), FingerprintError> {
+        self.serialize_u128(v.into())
+    }
+
+    fn serialize_u128(self, v: u128) -> Result<(), FingerprintError> {
+        write_int(self.hasher, false, v);
+        Ok(())
+    }
+
+    fn serialize_f32(self, v: f32) -> Result<(), FingerprintError> {
+        self.serialize_f64(v.into())
+    }
+
+    fn serialize_f64(self, v: f64) -> Result<(), FingerprintError> {
+        write_f64(self.hasher, v);
+        Ok(())
+    }
+
+    fn serialize_char(self, v: char) -> Result<(), FingerprintError> {
+        let mut buf = [0u8; 4];
+        write_str(self.hasher, v.encode_utf8(&mut buf));
+        Ok(())
+    }
+
+    fn serialize_str(self, v: &str) -> Result<(), FingerprintError> {
+        write_str(self.hasher, v);
+        Ok(())
+    }
+
+    fn serialize_bytes(self, v: &[u8]) -> Result<(), FingerprintError> {
+        // serde_json writes bytes as an array of numbers, so hash exactly
+        // what a `Vec<u8>` would.
+        self.hasher.update([tag::SEQ]);
+        for &byte in v {
+            write_int(self.hasher, false, byte.into());
+        }
+        self.hasher.update([tag::SEQ_END]);
+        Ok(())
+    }
+
+    fn serialize_none(self) -> Result<(), FingerprintError> {
+        self.serialize_unit()
+    }
+
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<(), FingerprintError> {
+        write_value(self.hasher, value)
+    }
+
+    fn serialize_unit(self) -> Result<(), FingerprintError> {
+        self.hasher.update([tag::NULL]);
+        Ok(())
+    }
+
+    fn serialize_unit_struct(self, _name: &'static str) -> Result<(), FingerprintError> {
+        self.serialize_unit()
+    }
+
+    fn serialize_unit_variant(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+    ) -> Result<(), FingerprintError> {
+        write_str(self.hasher, variant);
+        Ok(())
+    }
+
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        write_value(self.hasher, value)
+    }
+
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        let mut entry = Sha256::new();
+        write_str(&mut entry, variant);
+        write_value(&mut entry, value)?;
+        write_single_entry(self.hasher, entry);
+        Ok(())
+    }
+
+    fn serialize_seq(self, len: Option<usize>) -> Result<Seq<'a>, FingerprintError> {
+        if self.unordered {
+            Ok(Seq::Unordered {
+                hasher: self.hasher,
+                elements: Digests::with_capacity(len),
+            })
+        } else {
+            Ok(Seq::Ordered(Ordered::begin(self.hasher)))
+        }
+    }
+
+    fn serialize_tuple(self, _len: usize) -> Result<Ordered<'a>, FingerprintError> {
+        Ok(Ordered::begin(self.hasher))
+    }
+
+    fn serialize_tuple_struct(
+        self,
+        _name: &'static str,
+        _len: usize,
+    ) -> Result<Ordered<'a>, FingerprintError> {
+        Ok(Ordered::begin(self.hasher))
+    }
+
+    fn serialize_tuple_variant(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+        _len: usize,
+    ) -> Result<TupleVariant<'a>, FingerprintError> {
+        let mut entry = Sha256::new();
+        write_str(&mut entry, variant);
+        entry.update([tag::SEQ]);
+        Ok(TupleVariant {
+            hasher: self.hasher,
+            entry,
+        })
+    }
+
+    fn serialize_map(self, len: Option<usize>) -> Result<Map<'a>, FingerprintError> {
+        Ok(Map {
+            hasher: self.hasher,
+            entries: Digests::with_capacity(len),
+            key_pending: false,
+        })
+    }
+
+    fn serialize_struct(
+        self,
+        _name: &'static str,
+        len: usize,
+    ) -> Result<Map<'a>, FingerprintError> {
+        self.serialize_map(Some(len))
+    }
+
+    fn serialize_struct_variant(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+        len: usize,
+    ) -> Result<StructVariant<'a>, FingerprintError> {
+        Ok(StructVariant {
+            hasher: self.hasher,
+            variant,
+            fields: Digests::with_capacity(Some(len)),
+        })
+    }
+}
+
+/// Sequences, tuples and tuple structs: order matters, as in JSON arrays.
+struct Ordered<'a> {
+    hasher: &'a mut Sha256,
+}
+
+impl<'a> Ordered<'a> {
+    fn begin(hasher: &'a mut Sha256) -> Self {
+        hasher.update([tag::SEQ]);
+        Self { hasher }
+    }
+
+    fn element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), FingerprintError> {
+        write_value(self.hasher, value)
+    }
+
+    fn end(self) -> Result<(), FingerprintError> {
+        self.hasher.update([tag::SEQ_END]);
+        Ok(())
+    }
+}
+
+impl ser::SerializeTuple for Ordered<'_> {
+    type Ok = ();
+    type Error = FingerprintError;
+
+    fn serialize_element<T: Serialize + ?Sized>(
+        &mut self,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        self.element(value)
+    }
+
+    fn end(self) -> Result<(), FingerprintError> {
+        Ordered::end(self)
+    }
+}
+
+impl ser::SerializeTupleStruct for Ordered<'_> {
+    type Ok = ();
+    type Error = FingerprintError;
+
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        self.element(value)
+    }
+
+    fn end(self) -> Result<(), FingerprintError> {
+        Ordered::end(self)
+    }
+}
+
+enum Seq<'a> {
+    Ordered(Ordered<'a>),
+    /// A hash set: elements are digested one by one and sorted (a multiset
+    /// hash), under the `SET` tag so it never equals an ordered sequence.
+    Unordered {
+        hasher: &'a mut Sha256,
+        elements: Digests,
+    },
+}
+
+impl ser::SerializeSeq for Seq<'_> {
+    type Ok = ();
+    type Error = FingerprintError;
+
+    fn serialize_element<T: Serialize + ?Sized>(
+        &mut self,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        match self {
+            Seq::Ordered(ordered) => ordered.element(value),
+            Seq::Unordered { elements, .. } => elements.push_value(value),
+        }
+    }
+
+    fn end(self) -> Result<(), FingerprintError> {
+        match self {
+            Seq::Ordered(ordered) => ordered.end(),
+            Seq::Unordered { hasher, elements } => {
+                elements.finish(tag::SET, hasher);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Maps and structs: a struct is the map of its field names to values, as
+/// in JSON.
+struct Map<'a> {
+    hasher: &'a mut Sha256,
+    entries: Digests,
+    /// Guards against `Serialize` impls that break the key/value alternation,
+    /// which would otherwise silently merge two entries into one.
+    key_pending: bool,
+}
+
+impl Map<'_> {
+    fn misuse(what: &str) -> FingerprintError {
+        FingerprintError::new(format!("its Serialize impl {what}"))
+    }
+}
+
+impl ser::SerializeMap for Map<'_> {
+    type Ok = ();
+    type Error = FingerprintError;
+
+    fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), FingerprintError> {
+        if self.key_pending {
+            return Err(Self::misuse("serialized two map keys in a row"));
+        }
+        write_value(&mut self.entries.scratch, key)?;
+        self.key_pending = true;
+        Ok(())
+    }
+
+    fn serialize_value<T: Serialize + ?Sized>(
+        &mut self,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        if !self.key_pending {
+            return Err(Self::misuse("serialized a map value without a key"));
+        }
+        self.key_pending = false;
+        self.entries.push_value(value)
+    }
+
+    fn end(self) -> Result<(), FingerprintError> {
+        if self.key_pending {
+            return Err(Self::misuse("ended a map after a key without its value"));
+        }
+        self.entries.finish(tag::MAP, self.hasher);
+        Ok(())
+    }
+}
+
+impl ser::SerializeStruct for Map<'_> {
+    type Ok = ();
+    type Error = FingerprintError;
+
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        key: &'static str,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        self.entries.push_field(key, value)
+    }
+
+    fn end(self) -> Result<(), FingerprintError> {
+        ser::SerializeMap::end(self)
+    }
+}
+
+/// `Variant(a, b)` hashes as `{"Variant": [a, b]}`.
+struct TupleVariant<'a> {
+    hasher: &'a mut Sha256,
+    /// Already holds the variant name and the opening `SEQ`.
+    entry: Sha256,
+}
+
+impl ser::SerializeTupleVariant for TupleVariant<'_> {
+    type Ok = ();
+    type Error = FingerprintError;
+
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        write_value(&mut self.entry, value)
+    }
+
+    fn end(mut self) -> Result<(), FingerprintError> {
+        self.entry.update([tag::SEQ_END]);
+        write_single_entry(self.hasher, self.entry);
+        Ok(())
+    }
+}
+
+/// `Variant { a, b }` hashes as `{"Variant": {"a": a, "b": b}}`.
+struct StructVariant<'a> {
+    hasher: &'a mut Sha256,
+    variant: &'static str,
+    fields: Digests,
+}
+
+impl ser::SerializeStructVariant for StructVariant<'_> {
+    type Ok = ();
+    type Error = FingerprintError;
+
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        key: &'static str,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        self.fields.push_field(key, value)
+    }
+
+    fn end(self) -> Result<(), FingerprintError> {
+        let mut entry = Sha256::new();
+        write_str(&mut entry, self.variant);
+        self.fields.finish(tag::MAP, &mut entry);
+        write_single_entry(self.hasher, entry);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, HashMap, HashSet};
+    use std::rc::Rc;
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn hash_sets_are_unordered_through_references_and_smart_pointers() {
+        assert!(is_unordered::<HashSet<u8>>());
+        assert!(is_unordered::<&HashSet<u8>>());
+        assert!(is_unordered::<&&HashSet<String>>());
+        assert!(is_unordered::<&mut HashSet<u8>>());
+        assert!(is_unordered::<Box<HashSet<u8>>>());
+        assert!(is_unordered::<Arc<Rc<Box<HashSet<u8>>>>>());
+        assert!(is_unordered::<&Arc<HashSet<u8>>>());
+        assert!(is_unordered_type_name(
+            "hashbrown::set::HashSet<u8, foldhash::fast::RandomState>"
+        ));
+    }
+
+    #[test]
+    fn containers_of_hash_sets_are_ordered_but_their_elements_are_not() {
+        // The outer Vec keeps its order; each element is judged on its own
+        // when `serialize_element::<HashSet<u8>>` runs.
+        assert!(!is_unordered::<Vec<HashSet<u8>>>());
+        assert!(is_unordered::<HashSet<u8>>());
+        assert!(!is_unordered::<[HashSet<u8>]>());
+        assert!(!is_unordered::<&[HashSet<u8>]>());
+        assert!(!is_unordered::<Option<HashSet<u8>>>());
+        assert!(!is_unordered::<HashMap<HashSet<u8>, u8>>());
+    }
+
+    #[test]
+    fn sorted_and_ordered_collections_are_ordered() {
+        // BTreeSet already iterates in sorted order, so plain sequence
+        // hashing is canonical for it.
+        assert!(!is_unordered::<BTreeSet<u8>>());
+        assert!(!is_unordered::<Vec<u8>>());
+        assert!(!is_unordered::<String>());
+        assert!(!is_unordered::<str>());
+        assert!(!is_unordered::<(HashSet<u8>, u8)>());
+    }
+
+    #[test]
+    fn std_spelling_of_hash_set_is_pinned() {
+        // If rustc ever changes this spelling, hash sets silently become
+        // ordered; this test is the tripwire.
+        assert!(type_name::<HashSet<u8>>().starts_with("std::collections::hash::set::HashSet<"));
+        assert!(type_name::<Box<u8>>().starts_with("alloc::boxed::Box<"));
+        assert!(type_name::<Arc<u8>>().starts_with("alloc::sync::Arc<"));
+        assert!(type_name::<Rc<u8>>().starts_with("alloc::rc::Rc<"));
+        assert!(type_name::<&mut u8>().starts_with("&mut "));
+    }
+
+    struct BrokenMap(&'static str);
+
+    impl Serialize for BrokenMap {
+        fn serialize<S: ser::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            use ser::SerializeMap;
+            let mut map = serializer.serialize_map(None)?;
+            match self.0 {
+                "value-first" => map.serialize_value(&1)?,
+                "two-keys" => {
+                    map.serialize_key("a")?;
+                    map.serialize_key("b")?;
+                }
+                _ => map.serialize_key("dangling")?,
+            }
+            map.end()
+        }
+    }
+
+    #[test]
+    fn broken_key_value_alternation_is_an_error() {
+        for case in ["value-first", "two-keys", "dangling-key"] {
+            let mut hasher = Sha256::new();
+            let result = write_value(&mut hasher, &BrokenMap(case));
+            assert!(result.is_err(), "{case} was accepted");
+        }
+    }
+
+    #[test]
+    fn huge_length_hints_are_not_trusted() {
+        struct Liar;
+        impl Serialize for Liar {
+            fn serialize<S: ser::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                use ser::SerializeMap;
+                serializer.serialize_map(Some(usize::MAX))?.end()
+            }
+        }
+        let mut hasher = Sha256::new();
+        assert!(write_value(&mut hasher, &Liar).is_ok());
+    }
+}
