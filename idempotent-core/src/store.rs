@@ -201,8 +201,11 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Resolves when `key` is no longer in progress with a live lease (completed, released,
     /// or its lease ran out), or after `max`, whichever comes first. Never a busy loop.
-    fn wait<'a>(&'a self, key: &'a StorageKey, max: Duration)
-    -> BoxFuture<'a, Result<(), StoreError>>;
+    fn wait<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        max: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Deletes records whose lease or expiry has passed; returns how many. Housekeeping for
     /// stores without native expiry: correctness never depends on it.

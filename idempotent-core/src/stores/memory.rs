@@ -76,7 +76,8 @@ impl Record {
     /// `fence` holds the record: in progress under it, with a live lease. The one rule for
     /// every fenced write, so its result never depends on when expired records are purged.
     fn held_by(&self, fence: Fence, now: Duration) -> bool {
-        self.fence == fence && matches!(self.state, State::InProgress { lease_until, .. } if now < lease_until)
+        self.fence == fence
+            && matches!(self.state, State::InProgress { lease_until, .. } if now < lease_until)
     }
 
     fn wake_waiters(&self) {
