@@ -92,6 +92,26 @@ impl<'a> Call<'a> {
         let key = self.key.unwrap_or(self.fingerprint.as_bytes());
         StorageKey::derive(self.name, self.scope, key)
     }
+
+    /// Everything the engine needs, owning nothing borrowed from the caller's arguments, so
+    /// that the body may take them by value.
+    pub(crate) fn prepare(self) -> Prepared {
+        Prepared {
+            name: self.name,
+            target: self
+                .storage_key()
+                .map(|key| (key, self.fingerprint))
+                .map_err(Error::from),
+        }
+    }
+}
+
+/// A call ready to run: its name, and its storage key and fingerprint, or why there are none.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Prepared {
+    pub(crate) name: &'static str,
+    pub(crate) target: Result<(StorageKey, Fingerprint), Error>,
 }
 
 /// What a call returned, and whether the body ran for it.
@@ -249,7 +269,7 @@ impl Idempotency {
         E: From<Error>,
         F: Future<Output = Result<T, E>>,
     {
-        execute::<OkOnly, T, E, F>(&self.store, &self.options, call, body).await
+        execute::<OkOnly, T, E, F>(&self.store, &self.options, call.prepare(), body).await
     }
 
     /// Like [`Idempotency::run`], but an `Err` is recorded and replayed too: for errors that a
@@ -285,7 +305,7 @@ impl Idempotency {
         E: Serialize + DeserializeOwned + From<Error>,
         F: Future<Output = Result<T, E>>,
     {
-        execute::<OkAndErr, T, E, F>(&self.store, &self.options, call, body).await
+        execute::<OkAndErr, T, E, F>(&self.store, &self.options, call.prepare(), body).await
     }
 }
 
@@ -293,7 +313,7 @@ impl Idempotency {
 pub(crate) async fn execute<R, T, E, F>(
     store: &Arc<dyn Store>,
     options: &Options,
-    call: Call<'_>,
+    call: Prepared,
     body: F,
 ) -> Result<Outcome<T>, E>
 where
@@ -302,8 +322,8 @@ where
     F: Future<Output = Result<T, E>>,
 {
     let mut trace = CallTrace::start(call.name);
-    let key = match options.validate().and_then(|()| Ok(call.storage_key()?)) {
-        Ok(key) => key,
+    let (key, fingerprint) = match options.validate().and(call.target) {
+        Ok(target) => target,
         Err(error) => {
             trace.emit(CallOutcome::InvalidInput);
             return Err(error.into());
@@ -313,7 +333,7 @@ where
     let lease = options.get_lease();
     let mut wait_deadline = None;
     loop {
-        let claim = match store.claim(&key, &call.fingerprint, lease).await {
+        let claim = match store.claim(&key, &fingerprint, lease).await {
             Ok(claim) => claim,
             Err(error) => {
                 trace.emit(CallOutcome::StoreError);

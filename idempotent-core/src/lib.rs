@@ -25,11 +25,21 @@ mod error;
 mod fingerprint;
 mod holder;
 mod key;
+mod key_source;
 mod options;
+#[doc(hidden)]
+pub mod __private {
+    //! Used by the code `#[idempotent]` generates; not part of the API.
+    pub use crate::private::*;
+}
+mod private;
 mod recorded;
 mod store;
 pub mod stores;
 mod telemetry;
+
+#[doc = include_str!("attribute_docs.md")]
+pub use idempotent_macros::idempotent;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use default_store::{DefaultStoreAlreadySet, default_store, set_default_store};
@@ -37,6 +47,7 @@ pub use engine::{Call, Idempotency, Outcome};
 pub use error::{BoxError, Error, StoreError};
 pub use fingerprint::{Fingerprint, FingerprintError, Fingerprinter};
 pub use key::{KeyError, MAX_KEY_BYTES, StorageKey};
+pub use key_source::IdempotencyKey;
 pub use options::{OnConflict, Options};
 pub use store::{BoxFuture, Claim, Fence, FencedWrite, Store};
 pub use stores::memory::{MemoryStore, MemoryStoreBuilder};

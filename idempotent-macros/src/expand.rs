@@ -1,0 +1,202 @@
+//! Code generation: the function, rewritten to claim its key before running its body.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{ToTokens, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{FnArg, Ident, ItemFn, Pat, PatIdent, PatType, Path};
+
+use crate::attr::{Attr, DurationOption, OnConflict};
+use crate::validate::Checked;
+
+/// A name for generated code that user code can neither see nor shadow.
+fn generated(name: &str) -> Ident {
+    Ident::new(name, Span::mixed_site())
+}
+
+pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> TokenStream {
+    let krate: Path = attr
+        .krate
+        .clone()
+        .unwrap_or_else(|| syn::parse_quote!(::idempotent_core));
+    let private = quote!(#krate::__private);
+
+    let fingerprinter = generated("__idempotent_fingerprinter");
+    let prepared = generated("__idempotent_call");
+    let key_bytes = generated("__idempotent_key");
+    let scope_bytes = generated("__idempotent_scope");
+    let store = generated("__idempotent_store");
+    let options = generated("__idempotent_options");
+    let fake_return = generated("__idempotent_fake_return");
+
+    let assertions = assertions(attr, checked, &private);
+
+    let pushes = checked
+        .arguments
+        .iter()
+        .filter(|arg| !arg.skipped)
+        .map(|arg| {
+            let binding = &arg.binding;
+            quote_spanned! {arg.ty.span()=>
+                #private::push_argument(&mut #fingerprinter, &#binding);
+            }
+        });
+
+    let name = match &attr.name {
+        Some(name) => name.to_token_stream(),
+        None => {
+            let ident = &function.sig.ident;
+            quote!(::core::concat!(
+                ::core::module_path!(),
+                "::",
+                ::core::stringify!(#ident)
+            ))
+        }
+    };
+    let key = attr.key.as_ref().map(|expr| {
+        quote_spanned! {expr.span()=> let #key_bytes = #private::IdempotencyKey::key_bytes(&(#expr)); }
+    });
+    let key_arg = match &attr.key {
+        Some(_) => quote!(::core::option::Option::Some(&*#key_bytes)),
+        None => quote!(::core::option::Option::None),
+    };
+    let scope = attr.scope.as_ref().map(|expr| {
+        quote_spanned! {expr.span()=> let #scope_bytes = #private::IdempotencyKey::key_bytes(&(#expr)); }
+    });
+    let scope_arg = match &attr.scope {
+        Some(_) => quote!(::core::option::Option::Some(&*#scope_bytes)),
+        None => quote!(::core::option::Option::None),
+    };
+
+    let store_init = match &attr.store {
+        Some(expr) => quote_spanned! {expr.span()=>
+            let #store = &#private::store_handle(&(#expr));
+        },
+        None => quote!(let #store = #private::default_store();),
+    };
+
+    let ttl = attr
+        .ttl
+        .as_ref()
+        .map(|ttl| duration_call(&private, "ttl", ttl));
+    let lease = attr
+        .lease
+        .as_ref()
+        .map(|lease| duration_call(&private, "lease", lease));
+    let on_conflict = match attr.on_conflict {
+        Some(OnConflict::Reject) => Some(quote!(.on_conflict(#private::OnConflict::Reject))),
+        Some(OnConflict::Wait) | None => None,
+    };
+
+    let runner = if attr.cache_errors {
+        quote!(run_caching_errors)
+    } else {
+        quote!(run)
+    };
+    let output = &checked.output;
+    let destructure = checked.arguments.iter().filter_map(|arg| {
+        let pattern = arg.pattern.as_ref()?;
+        let binding = &arg.binding;
+        Some(quote!(let #pattern = #binding;))
+    });
+    let block = &function.block;
+    // The fake return edge (as in tracing-attributes) gives the async block the function's
+    // return type, so `?` and `return` in the body infer as they did in the function.
+    let run = quote_spanned! {output.span()=>
+        #private::#runner(#store, &#options, #prepared, async move {
+            #[allow(unreachable_code, clippy::diverging_sub_expression)]
+            if false {
+                let #fake_return: #output = loop {};
+                return #fake_return;
+            }
+            #(#destructure)*
+            #block
+        })
+        .await
+    };
+
+    let body = quote! {
+        {
+            #assertions
+            let #prepared = {
+                let mut #fingerprinter = #private::ArgumentHasher::new();
+                #(#pushes)*
+                #key
+                #scope
+                #private::prepare(#name, #private::finish(#fingerprinter), #key_arg, #scope_arg)
+            };
+            #store_init
+            let #options = #private::Options::new() #ttl #lease #on_conflict;
+            #run
+        }
+    };
+    rename_pattern_arguments(&mut function, checked);
+    function.block = Box::new(syn::parse2(body).expect("generated body is a block"));
+    function.into_token_stream()
+}
+
+/// Type checks placed on the user's own tokens, so errors point at them.
+fn assertions(attr: &Attr, checked: &Checked, private: &TokenStream) -> TokenStream {
+    let output = &checked.output;
+    let ok = match &checked.ok_type {
+        Some(ty) => quote_spanned!(ty.span()=> #private::assert_output::<#ty>();),
+        None => {
+            quote_spanned!(output.span()=> #private::assert_output::<<#output as #private::IsResult>::Ok>();)
+        }
+    };
+    let err_type = match &checked.err_type {
+        Some(ty) => ty.to_token_stream(),
+        None => quote!(<#output as #private::IsResult>::Err),
+    };
+    let err_span = checked
+        .err_type
+        .as_ref()
+        .map_or_else(|| output.span(), |ty| ty.span());
+    let err = quote_spanned!(err_span=> #private::assert_error::<#err_type>(););
+    let recorded_err = attr
+        .cache_errors
+        .then(|| quote_spanned!(err_span=> #private::assert_recorded_error::<#err_type>();));
+    quote! {
+        #ok
+        #err
+        #recorded_err
+    }
+}
+
+fn duration_call(private: &TokenStream, setter: &str, option: &DurationOption) -> TokenStream {
+    let setter = Ident::new(setter, Span::call_site());
+    match option {
+        DurationOption::Literal { value, literal } => {
+            let secs = value.as_secs();
+            let nanos = value.subsec_nanos();
+            quote_spanned!(literal.span()=> .#setter(#private::Duration::new(#secs, #nanos)))
+        }
+        DurationOption::Expr(expr) => quote_spanned!(expr.span()=> .#setter(#expr)),
+    }
+}
+
+/// Pattern arguments become plain bindings in the signature (so they can be fingerprinted
+/// whole), and are destructured again at the top of the body.
+fn rename_pattern_arguments(function: &mut ItemFn, checked: &Checked) {
+    let mut renamed = checked
+        .arguments
+        .iter()
+        .filter(|arg| arg.pattern.is_some())
+        .map(|arg| arg.binding.clone());
+    for input in function.sig.inputs.iter_mut() {
+        let FnArg::Typed(PatType { pat, .. }) = input else {
+            continue;
+        };
+        if matches!(&**pat, Pat::Ident(ident) if ident.subpat.is_none()) {
+            continue;
+        }
+        if let Some(binding) = renamed.next() {
+            **pat = Pat::Ident(PatIdent {
+                attrs: Vec::new(),
+                by_ref: None,
+                mutability: None,
+                ident: binding,
+                subpat: None,
+            });
+        }
+    }
+}
