@@ -1,0 +1,286 @@
+//! The memory store against the protocol's conformance suite, plus what only the memory store
+//! promises: a capacity that never evicts a live record, and waiters woken by notification.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use idempotent_core::conformance::Harness;
+use idempotent_core::{
+    Claim, FencedWrite, Fingerprint, ManualClock, MemoryStore, StorageKey, Store, StoreError,
+};
+use tokio::task::JoinHandle;
+
+/// A fresh memory store on a fresh manual clock.
+fn manual_harness() -> Harness {
+    let clock = ManualClock::new();
+    let store = MemoryStore::builder().clock(clock.clone()).build();
+    Harness::with_manual_clock(Arc::new(store), clock)
+}
+
+idempotent_core::conformance_suite!(manual_harness());
+
+/// The same suite on the system clock, which also exercises the suite's real-time mode.
+mod real_time {
+    idempotent_core::conformance_suite!(idempotent_core::conformance::Harness::with_real_time(
+        std::sync::Arc::new(idempotent_core::MemoryStore::new()),
+        std::time::Duration::from_millis(300),
+    ));
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+/// How long a wait that must end may take before the test fails instead of hanging.
+const BOUND: Duration = Duration::from_secs(5);
+
+fn key(label: &str, i: usize) -> StorageKey {
+    StorageKey::derive(
+        "memory_conformance",
+        Some(label.as_bytes()),
+        format!("k{i}").as_bytes(),
+    )
+    .expect("valid key")
+}
+
+fn fp(n: u8) -> Fingerprint {
+    Fingerprint::from_bytes([n; 32])
+}
+
+/// A memory store on a manual clock, as `Arc<dyn Store>` (object safety) and as itself.
+fn manual_store(capacity: usize) -> (Arc<MemoryStore>, Arc<dyn Store>, ManualClock) {
+    let clock = ManualClock::new();
+    let store = Arc::new(
+        MemoryStore::builder()
+            .capacity(capacity)
+            .clock(clock.clone())
+            .build(),
+    );
+    let dyn_store: Arc<dyn Store> = store.clone();
+    (store, dyn_store, clock)
+}
+
+async fn acquire(
+    store: &Arc<dyn Store>,
+    key: &StorageKey,
+    lease: Duration,
+) -> idempotent_core::Fence {
+    match store.claim(key, &fp(1), lease).await.expect("claim") {
+        Claim::Acquired { fence } => fence,
+        other => panic!("expected Acquired for a free key, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_store_refuses_new_keys_and_never_evicts_live_records() {
+    const CAPACITY: usize = 8;
+    let (memory, store, clock) = manual_store(CAPACITY);
+    let ttl = Duration::from_secs(10);
+
+    // Six completed records that expire after `ttl`, two in progress for an hour.
+    let mut completed = Vec::new();
+    for i in 0..6 {
+        let key = key("capacity-completed", i);
+        let fence = acquire(&store, &key, HOUR).await;
+        let output = format!("output {i}").into_bytes();
+        let write = store
+            .complete(&key, fence, output.clone(), ttl)
+            .await
+            .unwrap();
+        assert_eq!(write, FencedWrite::Applied);
+        completed.push((key, output));
+    }
+    let held: Vec<StorageKey> = (0..2).map(|i| key("capacity-held", i)).collect();
+    for key in &held {
+        acquire(&store, key, HOUR).await;
+    }
+    assert_eq!(memory.len(), CAPACITY);
+
+    // Full: a new key is refused, with the capacity in the message.
+    for attempt in 0..2 {
+        match store.claim(&key("capacity-new", 0), &fp(1), HOUR).await {
+            Err(err @ StoreError::Full { capacity }) => {
+                assert_eq!(capacity, CAPACITY);
+                let message = err.to_string();
+                assert!(
+                    message.contains(&CAPACITY.to_string()),
+                    "the Full error should name the capacity: {message}"
+                );
+            }
+            other => panic!(
+                "attempt {attempt}: a new key in a store full of live records must be refused with StoreError::Full, got {other:?}"
+            ),
+        }
+    }
+
+    // Nothing was evicted: every live record still answers.
+    for (key, output) in &completed {
+        assert_eq!(
+            store.claim(key, &fp(1), HOUR).await.unwrap(),
+            Claim::Completed {
+                output: output.clone()
+            },
+            "a live completed record must survive a refused claim"
+        );
+    }
+    for key in &held {
+        assert!(
+            matches!(
+                store.claim(key, &fp(1), HOUR).await.unwrap(),
+                Claim::InProgress { .. }
+            ),
+            "a live in-progress record must survive a refused claim"
+        );
+    }
+    assert_eq!(memory.len(), CAPACITY);
+
+    // The completed records expire; the in-progress ones (an hour) do not.
+    clock.advance(ttl + Duration::from_millis(1));
+    // An expired record's own key is taken over in place, even while the store is full.
+    acquire(&store, &completed[0].0, HOUR).await;
+    assert_eq!(memory.len(), CAPACITY);
+    // A new key purges the expired records to make room, and nothing live.
+    acquire(&store, &key("capacity-new", 0), HOUR).await;
+    assert_eq!(
+        memory.len(),
+        4,
+        "the 5 expired records are purged; the 2 held, the retaken and the new one stay"
+    );
+    for key in held.iter().chain([&completed[0].0]) {
+        assert!(
+            matches!(
+                store.claim(key, &fp(1), HOUR).await.unwrap(),
+                Claim::InProgress { .. }
+            ),
+            "a live in-progress record must never be evicted to make room"
+        );
+    }
+    for i in 1..=4 {
+        acquire(&store, &key("capacity-new", i), HOUR).await;
+    }
+    assert_eq!(memory.len(), CAPACITY);
+    assert!(matches!(
+        store.claim(&key("capacity-new", 5), &fp(1), HOUR).await,
+        Err(StoreError::Full { capacity: CAPACITY })
+    ));
+}
+
+/// Starts `wait(key, 60 s)` on its own task.
+fn spawn_wait(store: &Arc<dyn Store>, key: StorageKey) -> JoinHandle<()> {
+    let store = Arc::clone(store);
+    tokio::spawn(async move { store.wait(&key, Duration::from_secs(60)).await.unwrap() })
+}
+
+/// Fails the test if the waiter is not done within [`BOUND`] (instead of hanging).
+async fn expect_woken(waiter: JoinHandle<()>, what: &str) {
+    match tokio::time::timeout(BOUND, waiter).await {
+        Ok(joined) => joined.expect("the waiter task"),
+        Err(_) => panic!(
+            "{what}: the waiter was not woken within {BOUND:?}; with a manual clock and a 1 h lease only a notification can wake it"
+        ),
+    }
+}
+
+/// Lets the spawned waiters register, and checks they are really waiting.
+async fn expect_waiting(waiters: &[JoinHandle<()>]) {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for waiter in waiters {
+        assert!(
+            !waiter.is_finished(),
+            "wait on a key in progress with a 1 h lease returned at once"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_woken_when_the_holder_completes() {
+    let (_, store, _clock) = manual_store(100);
+    let key = key("wake-complete", 0);
+    let fence = acquire(&store, &key, HOUR).await;
+    let waiters: Vec<_> = (0..10).map(|_| spawn_wait(&store, key)).collect();
+    expect_waiting(&waiters).await;
+    let write = store
+        .complete(&key, fence, b"done".to_vec(), HOUR)
+        .await
+        .unwrap();
+    assert_eq!(write, FencedWrite::Applied);
+    for waiter in waiters {
+        expect_woken(waiter, "complete").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_woken_when_the_holder_releases() {
+    let (_, store, _clock) = manual_store(100);
+    let key = key("wake-release", 0);
+    let fence = acquire(&store, &key, HOUR).await;
+    let waiters: Vec<_> = (0..10).map(|_| spawn_wait(&store, key)).collect();
+    expect_waiting(&waiters).await;
+    assert_eq!(
+        store.release(&key, fence).await.unwrap(),
+        FencedWrite::Applied
+    );
+    for waiter in waiters {
+        expect_woken(waiter, "release").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_woken_when_an_expired_lease_is_taken_over() {
+    let (_, store, clock) = manual_store(100);
+    let key = key("wake-takeover", 0);
+    acquire(&store, &key, HOUR).await;
+    let waiters: Vec<_> = (0..3).map(|_| spawn_wait(&store, key)).collect();
+    expect_waiting(&waiters).await;
+    clock.advance(HOUR + Duration::from_millis(1));
+    acquire(&store, &key, HOUR).await;
+    for waiter in waiters {
+        expect_woken(waiter, "a claim taking over the expired lease").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_woken_when_an_expired_lease_is_purged() {
+    let (_, store, clock) = manual_store(100);
+    let key = key("wake-purge", 0);
+    acquire(&store, &key, HOUR).await;
+    let waiters: Vec<_> = (0..3).map(|_| spawn_wait(&store, key)).collect();
+    expect_waiting(&waiters).await;
+    clock.advance(HOUR + Duration::from_millis(1));
+    assert_eq!(store.purge_expired().await.unwrap(), 1);
+    for waiter in waiters {
+        expect_woken(waiter, "purge_expired removing the expired lease").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_returns_at_once_when_the_key_is_not_in_progress() {
+    let (_, store, clock) = manual_store(100);
+    let at_once = async |key: &StorageKey, what: &str| {
+        let waited = tokio::time::timeout(BOUND, store.wait(key, Duration::from_secs(60))).await;
+        assert!(
+            matches!(waited, Ok(Ok(()))),
+            "wait on {what} must return at once, got {waited:?}"
+        );
+    };
+
+    at_once(&key("at-once", 0), "an absent key").await;
+
+    let completed = key("at-once", 1);
+    let fence = acquire(&store, &completed, HOUR).await;
+    store
+        .complete(&completed, fence, Vec::new(), HOUR)
+        .await
+        .unwrap();
+    at_once(&completed, "a completed key").await;
+
+    let expired = key("at-once", 2);
+    acquire(&store, &expired, Duration::from_secs(1)).await;
+    clock.advance(Duration::from_secs(1));
+    at_once(&expired, "a key whose lease ended (not yet purged)").await;
+}
+
+#[test]
+fn the_store_works_as_a_shared_trait_object() {
+    fn shareable<T: Send + Sync + 'static>(_: &T) {}
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    shareable(&store);
+    assert!(format!("{store:?}").contains("MemoryStore"));
+}
