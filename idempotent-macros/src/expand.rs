@@ -101,9 +101,22 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
     let block = &function.block;
     // The fake return edge (as in tracing-attributes) gives the async block the function's
     // return type, so `?` and `return` in the body infer as they did in the function.
+    // With `T` and `E` written out, they go in the turbofish as the user's own tokens: an
+    // unmet bound is then reported once, on them, rather than on the attribute.
+    let turbofish = match (&checked.ok_type, &checked.err_type) {
+        (Some(ok), Some(err)) => quote!(::<#ok, #err, _>),
+        _ => TokenStream::new(),
+    };
     let run = quote_spanned! {output.span()=>
-        #private::#runner(#store, &#options, #prepared, async move {
-            #[allow(unreachable_code, clippy::diverging_sub_expression)]
+        #private::#runner #turbofish (#store, &#options, #prepared, async move {
+            #[allow(
+                unknown_lints,
+                unreachable_code,
+                clippy::diverging_sub_expression,
+                clippy::empty_loop,
+                clippy::let_unit_value,
+                clippy::needless_return
+            )]
             if false {
                 let #fake_return: #output = loop {};
                 return #fake_return;
@@ -134,8 +147,12 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
     function.into_token_stream()
 }
 
-/// Type checks placed on the user's own tokens, so errors point at them.
+/// For a return type written as an alias (`io::Result<T>`), type checks placed on the
+/// user's own tokens, so errors point at them rather than at the attribute.
 fn assertions(attr: &Attr, checked: &Checked, private: &TokenStream) -> TokenStream {
+    if checked.ok_type.is_some() && checked.err_type.is_some() {
+        return TokenStream::new();
+    }
     let output = &checked.output;
     let ok = match &checked.ok_type {
         Some(ty) => quote_spanned!(ty.span()=> #private::assert_output::<#ty>();),

@@ -1,0 +1,21 @@
+use idempotent_core::idempotent;
+#[allow(unused_imports)]
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug)]
+pub struct AppError(idempotent_core::Error);
+impl From<idempotent_core::Error> for AppError {
+    fn from(error: idempotent_core::Error) -> Self {
+        AppError(error)
+    }
+}
+
+#[derive(Debug)]
+pub struct PlainError;
+
+#[idempotent(key = id)]
+async fn charge(id: u64) -> Result<u64, PlainError> {
+    Ok(id)
+}
+
+fn main() {}
