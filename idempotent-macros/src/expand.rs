@@ -107,8 +107,9 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
         (Some(ok), Some(err)) => quote!(::<#ok, #err, _>),
         _ => TokenStream::new(),
     };
+    let private_at_output = respan(private.clone(), output.span());
     let run = quote_spanned! {output.span()=>
-        #private::#runner #turbofish (#store, &#options, #prepared, async move {
+        #private_at_output::#runner #turbofish (#store, &#options, #prepared, async move {
             #[allow(
                 unknown_lints,
                 unreachable_code,
@@ -216,4 +217,21 @@ fn rename_pattern_arguments(function: &mut ItemFn, checked: &Checked) {
             });
         }
     }
+}
+
+/// The same tokens, all placed at `span`: errors about them are reported there.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut token| {
+            if let proc_macro2::TokenTree::Group(group) = &token {
+                let mut inner = proc_macro2::Group::new(group.delimiter(), respan(group.stream(), span));
+                inner.set_span(span);
+                token = proc_macro2::TokenTree::Group(inner);
+            } else {
+                token.set_span(span);
+            }
+            token
+        })
+        .collect()
 }
