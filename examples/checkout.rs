@@ -3,8 +3,8 @@
 //! A checkout reserves stock, charges a card and creates an order. Clients repeat it whenever
 //! they cannot tell whether it happened: a request that timed out, a response lost on its way
 //! back, a customer who clicks "Pay" five times. Each repeat could charge the customer again,
-//! so the service runs its checkout under the order id as idempotency key: the first call does
-//! the work, every repeat gets the first call's receipt back.
+//! so the service's checkout is `#[idempotent]`, keyed by the order id: the first call does the
+//! work, every repeat gets the first call's receipt back. It runs on the in-memory default store.
 //!
 //! The inventory, payment gateway and order book count everything they do, outside the
 //! idempotency store. The ledger at the end is computed from them, and the example exits with
@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use idempotent_core::{Call, Fingerprint, Idempotency, Outcome};
+use idempotent_core::idempotent;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout};
@@ -40,6 +40,9 @@ struct Receipt {
     order_id: String,
     charge_id: String,
     amount_cents: u64,
+    /// The number of the request that ran the checkout: a client whose own request has another
+    /// number was given a replay.
+    executed_by_request: u64,
 }
 
 #[derive(Debug)]
@@ -152,7 +155,6 @@ impl Orders {
 // ---- The service ------------------------------------------------------------------------------
 
 struct CheckoutService {
-    engine: Idempotency,
     inventory: Inventory,
     payments: PaymentGateway,
     orders: Orders,
@@ -164,41 +166,36 @@ struct CheckoutService {
 }
 
 impl CheckoutService {
-    async fn checkout(&self, req: &CheckoutRequest) -> Result<Receipt, CheckoutError> {
-        self.checkout_with_outcome(req)
-            .await
-            .map(Outcome::into_value)
-    }
-
-    /// Also says whether the receipt was replayed, as an HTTP handler would in a header.
-    async fn checkout_with_outcome(
-        &self,
-        req: &CheckoutRequest,
-    ) -> Result<Outcome<Receipt>, CheckoutError> {
-        self.requests.fetch_add(1, Ordering::SeqCst);
-        // This is what `#[idempotent(key = req.order_id, name = "checkout::checkout.v1")]` on
-        // `checkout` expands to. The order id names the operation; the fingerprint of the whole
-        // request tells a retry from another request reusing the id, which is refused. The name
-        // carries a version, so a checkout with other semantics will not replay these records.
-        let fingerprint = Fingerprint::of(req).map_err(idempotent_core::Error::from)?;
-        let call = Call::new("checkout::checkout.v1", fingerprint).key(&req.order_id);
-        let body = async {
-            self.executions.fetch_add(1, Ordering::SeqCst);
-            self.inventory.reserve(&req.order_id, &req.items).await?;
-            let charge_id = self.payments.charge(&req.order_id, req.amount_cents).await;
-            self.orders.create(&req.order_id).await;
-            let (order_id, amount_cents) = (req.order_id.clone(), req.amount_cents);
-            Ok(Receipt {
-                order_id,
-                charge_id,
-                amount_cents,
-            })
-        };
-        let result = self.engine.run(call, body).await;
+    /// What the server does with each request that reaches it: number it, check out.
+    async fn handle(&self, req: &CheckoutRequest) -> (u64, Result<Receipt, CheckoutError>) {
+        let request_number = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        let result = self.checkout(req, request_number).await;
         if let Err(CheckoutError::Idempotency(idempotent_core::Error::KeyReused)) = &result {
             self.keys_reused.fetch_add(1, Ordering::SeqCst);
         }
-        result
+        (request_number, result)
+    }
+
+    /// Runs once per order id, however often it is called. The order id names the operation;
+    /// the fingerprint of the request (the request number is skipped: it differs on every
+    /// attempt) tells a retry from another request that reuses the id, which is refused. The
+    /// name carries a version, so a checkout with other semantics will not replay these records.
+    #[idempotent(key = req.order_id, name = "checkout.v1", skip(request_number))]
+    async fn checkout(
+        &self,
+        req: &CheckoutRequest,
+        request_number: u64,
+    ) -> Result<Receipt, CheckoutError> {
+        self.executions.fetch_add(1, Ordering::SeqCst);
+        self.inventory.reserve(&req.order_id, &req.items).await?;
+        let charge_id = self.payments.charge(&req.order_id, req.amount_cents).await;
+        self.orders.create(&req.order_id).await;
+        Ok(Receipt {
+            order_id: req.order_id.clone(),
+            charge_id,
+            amount_cents: req.amount_cents,
+            executed_by_request: request_number,
+        })
     }
 }
 
@@ -239,14 +236,15 @@ impl Network {
     }
 }
 
-type ServerCall = JoinHandle<Result<Outcome<Receipt>, CheckoutError>>;
+/// A request on its way through the server, and the number the server gave it.
+type ServerCall = JoinHandle<(u64, Result<Receipt, CheckoutError>)>;
 
 /// The server handles each request on its own task, as a real server does: it keeps working
 /// after the client hangs up. (Dropping the call's future instead would cancel the call, and the
 /// library would release the key.)
 fn serve(service: &Arc<CheckoutService>, req: &CheckoutRequest) -> ServerCall {
     let (service, req) = (Arc::clone(service), req.clone());
-    tokio::spawn(async move { service.checkout_with_outcome(&req).await })
+    tokio::spawn(async move { service.handle(&req).await })
 }
 
 struct Client {
@@ -280,16 +278,15 @@ impl Client {
                 self.abandoned.push(server);
                 continue;
             };
-            let response = joined.expect("a checkout task panicked");
+            let (request_number, response) = joined.expect("a checkout task panicked");
             match response {
                 _ if fault == Fault::ResponseLost => println!("{line} response lost, retrying"),
-                Ok(outcome) => {
-                    let how = if outcome.is_replayed() {
-                        "replayed"
-                    } else {
+                Ok(receipt) => {
+                    let how = if receipt.executed_by_request == request_number {
                         "executed"
+                    } else {
+                        "replayed"
                     };
-                    let receipt = outcome.into_value();
                     println!("{line} receipt {} ({how})", receipt.charge_id);
                     return Some(receipt);
                 }
@@ -323,7 +320,6 @@ fn request(order_id: &str, customer: &str, items: &[(&str, u32)], cents: u64) ->
 async fn main() {
     let stock = [("mug", 10), ("tea", 20), ("lamp", 1)].map(|(sku, n)| (sku.to_owned(), n));
     let service = Arc::new(CheckoutService {
-        engine: Idempotency::with_default_store(),
         inventory: Inventory {
             stock: Mutex::new(stock.into()),
             ..Inventory::default()
@@ -362,11 +358,11 @@ async fn main() {
     let (mut executed, mut seen) = (0, Vec::new());
     for click in clicks {
         match click.await.expect("a checkout task panicked") {
-            Ok(outcome) => {
-                executed += usize::from(!outcome.is_replayed());
-                seen.push(outcome.into_value());
+            (request_number, Ok(receipt)) => {
+                executed += usize::from(receipt.executed_by_request == request_number);
+                seen.push(receipt);
             }
-            Err(error) => problems.push(format!("a click on A-1005 failed: {error}")),
+            (_, Err(error)) => problems.push(format!("a click on A-1005 failed: {error}")),
         }
     }
     let (answers, replayed) = (seen.len(), seen.len() - executed);
@@ -388,7 +384,7 @@ async fn main() {
         amount_cents: 1,
         ..orders[0].clone()
     };
-    match service.checkout(&tampered).await {
+    match service.handle(&tampered).await.1 {
         Err(error @ CheckoutError::Idempotency(idempotent_core::Error::KeyReused)) => {
             println!("order A-1001 for 1 cent: refused: {error}");
         }
