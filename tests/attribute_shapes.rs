@@ -251,3 +251,25 @@ async fn futures_are_send_so_they_can_be_spawned() {
     let handle = tokio::spawn(spawned(99));
     assert_eq!(handle.await.unwrap().unwrap(), Receipt { id: 99 });
 }
+
+static COMPUTED_RUNS: AtomicU32 = AtomicU32::new(0);
+
+#[idempotent(key = format!("{tenant}/{order}"), scope = tenant.to_uppercase())]
+async fn computed_key_and_scope(tenant: &str, order: u32) -> Result<u32, AppError> {
+    COMPUTED_RUNS.fetch_add(1, Ordering::SeqCst);
+    Ok(order)
+}
+
+#[tokio::test]
+async fn key_and_scope_computed_into_temporaries() {
+    for _ in 0..3 {
+        assert_eq!(computed_key_and_scope("acme", 7).await.unwrap(), 7);
+    }
+    assert_eq!(COMPUTED_RUNS.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        computed_key_and_scope("acme", 8).await.unwrap(),
+        8,
+        "another key"
+    );
+    assert_eq!(COMPUTED_RUNS.load(Ordering::SeqCst), 2);
+}

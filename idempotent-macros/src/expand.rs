@@ -53,14 +53,21 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
         }
     };
     let key = attr.key.as_ref().map(|expr| {
-        quote_spanned! {expr.span()=> let #key_bytes = #private::IdempotencyKey::key_bytes(&(#expr)); }
+        // `let x = &(expr);` extends a temporary's life (`key = format!(..)`) to the block's end.
+        quote_spanned! {expr.span()=>
+            let #key_bytes = &(#expr);
+            let #key_bytes = #private::IdempotencyKey::key_bytes(#key_bytes);
+        }
     });
     let key_arg = match &attr.key {
         Some(_) => quote!(::core::option::Option::Some(&*#key_bytes)),
         None => quote!(::core::option::Option::None),
     };
     let scope = attr.scope.as_ref().map(|expr| {
-        quote_spanned! {expr.span()=> let #scope_bytes = #private::IdempotencyKey::key_bytes(&(#expr)); }
+        quote_spanned! {expr.span()=>
+            let #scope_bytes = &(#expr);
+            let #scope_bytes = #private::IdempotencyKey::key_bytes(#scope_bytes);
+        }
     });
     let scope_arg = match &attr.scope {
         Some(_) => quote!(::core::option::Option::Some(&*#scope_bytes)),
