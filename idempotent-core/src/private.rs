@@ -11,6 +11,7 @@ pub use crate::default_store::default_store;
 pub use crate::key_source::IdempotencyKey;
 pub use crate::options::{OnConflict, Options};
 pub use core::time::Duration;
+pub use std::borrow::Cow;
 
 use crate::engine::{Call, Prepared, execute};
 use crate::error::Error;

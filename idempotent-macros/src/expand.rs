@@ -52,27 +52,17 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
             ))
         }
     };
-    let key = attr.key.as_ref().map(|expr| {
-        // `let x = &(expr);` extends a temporary's life (`key = format!(..)`) to the block's end.
-        quote_spanned! {expr.span()=>
-            let #key_bytes = &(#expr);
-            let #key_bytes = #private::IdempotencyKey::key_bytes(#key_bytes);
-        }
-    });
-    let key_arg = match &attr.key {
-        Some(_) => quote!(::core::option::Option::Some(&*#key_bytes)),
-        None => quote!(::core::option::Option::None),
+    // The key and scope are computed as a `match` scrutinee: temporaries there (`key =
+    // format!(..)`) live until the match ends, and `&(expr)` keeps the user's span, so a type
+    // that is not a key is reported on the expression.
+    let key_bytes_of = |option: &Option<syn::Expr>| match option {
+        Some(expr) => quote_spanned! {expr.span()=>
+            ::core::option::Option::Some(#private::IdempotencyKey::key_bytes(&(#expr)))
+        },
+        None => quote!(::core::option::Option::<#private::Cow<'_, [u8]>>::None),
     };
-    let scope = attr.scope.as_ref().map(|expr| {
-        quote_spanned! {expr.span()=>
-            let #scope_bytes = &(#expr);
-            let #scope_bytes = #private::IdempotencyKey::key_bytes(#scope_bytes);
-        }
-    });
-    let scope_arg = match &attr.scope {
-        Some(_) => quote!(::core::option::Option::Some(&*#scope_bytes)),
-        None => quote!(::core::option::Option::None),
-    };
+    let key = key_bytes_of(&attr.key);
+    let scope = key_bytes_of(&attr.scope);
 
     let store_init = match &attr.store {
         Some(expr) => quote_spanned! {expr.span()=>
@@ -141,9 +131,14 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
             let #prepared = {
                 let mut #fingerprinter = #private::ArgumentHasher::new();
                 #(#pushes)*
-                #key
-                #scope
-                #private::prepare(#name, #private::finish(#fingerprinter), #key_arg, #scope_arg)
+                match (#key, #scope) {
+                    (#key_bytes, #scope_bytes) => #private::prepare(
+                        #name,
+                        #private::finish(#fingerprinter),
+                        #key_bytes.as_deref(),
+                        #scope_bytes.as_deref(),
+                    ),
+                }
             };
             #store_init
             let #options = #private::Options::new() #ttl #lease #on_conflict;

@@ -1,3 +1,5 @@
 //! The stores. The in-memory store is always there; the others are behind cargo features.
 
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;

@@ -1,0 +1,415 @@
+//! The Redis store: a fleet of application servers sharing one Redis (or Redis Cluster).
+//!
+//! Each record is one Redis hash, and each operation one Lua script run with `EVALSHA` (loaded
+//! again after a `NOSCRIPT`), touching only that key: every script is atomic, and Redis
+//! Cluster routes it by its single key. Leases and expiry are measured on the server's clock
+//! (`TIME` inside the scripts, `PEXPIRE` for storage), never the application's, so clock skew
+//! between application servers cannot break a lease. A replay is one round trip; a first call
+//! two (claim, complete).
+//!
+//! Waiting uses pub/sub: `complete` and `release` publish on a channel per key, and waiters
+//! subscribe to it over one shared connection before they look at the record, so no
+//! completion can slip between the look and the wait. If the subscription cannot be made, a
+//! waiter falls back to sleeping for a short poll interval.
+
+mod scripts;
+mod waiters;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Value};
+
+use crate::error::StoreError;
+use crate::fingerprint::Fingerprint;
+use crate::key::StorageKey;
+use crate::store::{BoxFuture, Claim, Fence, FencedWrite, Store};
+use scripts::Scripts;
+use waiters::Waiters;
+
+/// How long an in-progress record is kept past its lease: a dead claim stays readable a
+/// little while for operators; it is claimable all the same.
+const LEASE_GRACE: Duration = Duration::from_secs(1);
+/// How long a released record is kept as a tombstone carrying its fence.
+const TOMBSTONE: Duration = Duration::from_secs(1);
+
+/// Configures a [`RedisStore`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use idempotent_core::stores::redis::RedisStore;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_core::StoreError> {
+/// let store = RedisStore::builder("redis://127.0.0.1:6379/")
+///     .key_prefix("shop:idem:")
+///     .connect_timeout(Duration::from_millis(500))
+///     .response_timeout(Duration::from_secs(1))
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    url: String,
+    key_prefix: String,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    poll_interval: Duration,
+}
+
+impl RedisStoreBuilder {
+    /// Prefix of every Redis key and channel the store uses (default `"idempotent:"`): keeps
+    /// records apart from other data, and lets several applications share a server.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// How long connecting may take before a call fails with a store error (default 1 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long one command may take before a call fails with a store error (default 1 s).
+    /// With the default connect timeout, a call against a dead server fails within 2 s.
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How often a waiter looks again when pub/sub is unavailable (default 50 ms).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The store. It connects on first use and reconnects by itself after an outage, so this
+    /// succeeds while the server is down; only a malformed URL fails. Must be called within a
+    /// Tokio runtime.
+    pub fn build(self) -> Result<RedisStore, StoreError> {
+        let client =
+            redis::Client::open(self.url.as_str()).map_err(|error| StoreError::Backend {
+                message: format!("invalid Redis URL {:?}", self.url),
+                source: Some(Box::new(error)),
+            })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout))
+            // Fail the call rather than queue it behind reconnection attempts: the caller's
+            // retry policy, not ours, decides how long to keep trying.
+            .set_number_of_retries(1)
+            .set_max_delay(self.connect_timeout);
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|error| unavailable("could not set up the Redis connection", error))?;
+        Ok(RedisStore {
+            manager,
+            scripts: Arc::new(Scripts::new()),
+            waiters: Arc::new(Waiters::new(client, self.connect_timeout)),
+            key_prefix: self.key_prefix,
+            poll_interval: self.poll_interval,
+        })
+    }
+}
+
+/// A [`Store`] in Redis, for a fleet of application servers.
+///
+/// # Persistence
+///
+/// The guarantees hold as long as Redis keeps what it acknowledged. With the default
+/// snapshotting, a Redis crash loses the last minutes of writes: completed records among them,
+/// so their keys would run again. For payments, run Redis with `appendonly yes` and
+/// `appendfsync everysec` (at most one second of writes lost on a crash) or `always`. With
+/// replication, a failover to a replica that had not received a claim can let a key run twice;
+/// `WAIT 1 0` after each write is not used by this store. Set `maxmemory-policy noeviction`
+/// (or a `volatile-*` policy on a dedicated instance): an evicted live record is a key that can
+/// run again.
+///
+/// # TLS
+///
+/// Use a `rediss://` URL with the `redis` crate's `tls-rustls` or `tls-native-tls` feature
+/// enabled in your own `Cargo.toml` (features are additive).
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use idempotent_core::{set_default_store, stores::redis::RedisStore};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::builder("redis://127.0.0.1:6379/").build()?;
+/// set_default_store(Arc::new(store))?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    manager: ConnectionManager,
+    scripts: Arc<Scripts>,
+    waiters: Arc<Waiters>,
+    key_prefix: String,
+    poll_interval: Duration,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("key_prefix", &self.key_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A builder for the server at `url` (`redis://host:port/db`, or `rediss://` for TLS).
+    ///
+    /// ```
+    /// let builder = idempotent_core::stores::redis::RedisStore::builder("redis://127.0.0.1/");
+    /// ```
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            url: url.into(),
+            key_prefix: "idempotent:".to_string(),
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            poll_interval: Duration::from_millis(50),
+        }
+    }
+
+    /// The Redis key of a record: the prefix and the storage key in hex.
+    ///
+    /// ```no_run
+    /// # use idempotent_core::{StorageKey, stores::redis::RedisStore};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let store = RedisStore::builder("redis://127.0.0.1/").build().unwrap();
+    /// let key = StorageKey::derive("shop::checkout", None, b"order-1").unwrap();
+    /// assert_eq!(store.record_key(&key), format!("idempotent:{key}"));
+    /// # }
+    /// ```
+    pub fn record_key(&self, key: &StorageKey) -> String {
+        format!("{}{}", self.key_prefix, key)
+    }
+
+    /// The pub/sub channel on which `complete` and `release` of `key` are announced.
+    fn channel(&self, key: &StorageKey) -> String {
+        format!("{}done:{}", self.key_prefix, key)
+    }
+
+    async fn invoke(
+        &self,
+        script: &redis::Script,
+        key: &StorageKey,
+        args: &[&[u8]],
+    ) -> Result<Reply, StoreError> {
+        let mut invocation = script.key(self.record_key(key));
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let mut connection = self.manager.clone();
+        let value: Value = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|error| from_redis("a script call failed", error))?;
+        Reply::parse(value, key)
+    }
+
+    async fn fenced_write(
+        &self,
+        script: &redis::Script,
+        key: &StorageKey,
+        args: &[&[u8]],
+    ) -> Result<FencedWrite, StoreError> {
+        match self.invoke(script, key, args).await? {
+            Reply::Ok => Ok(FencedWrite::Applied),
+            Reply::Fenced => Ok(FencedWrite::Fenced),
+            other => Err(other.unexpected(key)),
+        }
+    }
+
+    /// How long `key`'s lease still runs, if it is in progress.
+    async fn lease_left(&self, key: &StorageKey) -> Result<Option<Duration>, StoreError> {
+        match self.invoke(&self.scripts.in_progress, key, &[]).await? {
+            Reply::InProgress(left) => Ok(Some(left)),
+            Reply::NotInProgress => Ok(None),
+            other => Err(other.unexpected(key)),
+        }
+    }
+}
+
+fn millis(duration: Duration) -> Vec<u8> {
+    // At least 1 ms: Redis refuses a zero expiry, and a zero lease would protect nothing.
+    duration
+        .as_millis()
+        .clamp(1, u128::from(u64::MAX))
+        .to_string()
+        .into_bytes()
+}
+
+/// A script's answer.
+enum Reply {
+    Acquired(Fence),
+    InProgress(Duration),
+    Completed(Vec<u8>),
+    Mismatch,
+    Ok,
+    Fenced,
+    NotInProgress,
+}
+
+impl Reply {
+    fn parse(value: Value, key: &StorageKey) -> Result<Self, StoreError> {
+        let malformed = |what: &str| StoreError::Backend {
+            message: format!("unexpected reply from a store script for key {key}: {what}"),
+            source: None,
+        };
+        let Value::Array(items) = value else {
+            return Err(malformed("not an array"));
+        };
+        let mut items = items.into_iter();
+        let tag = match items.next() {
+            Some(Value::BulkString(tag)) => tag,
+            _ => return Err(malformed("no tag")),
+        };
+        let arg = items.next();
+        Ok(match (tag.as_slice(), arg) {
+            (b"a", Some(Value::BulkString(fence))) => Reply::Acquired(Fence::new(
+                std::str::from_utf8(&fence)
+                    .ok()
+                    .and_then(|fence| fence.parse().ok())
+                    .ok_or_else(|| malformed("fence is not a number"))?,
+            )),
+            (b"p", Some(Value::Int(left))) => {
+                Reply::InProgress(Duration::from_millis(u64::try_from(left).unwrap_or(0)))
+            }
+            (b"c", Some(Value::BulkString(output))) => Reply::Completed(output),
+            // An empty output is stored as an empty string, which Redis may hand back as nil.
+            (b"c", Some(Value::Nil) | None) => Reply::Completed(Vec::new()),
+            (b"m", _) => Reply::Mismatch,
+            (b"ok", _) => Reply::Ok,
+            (b"f", _) => Reply::Fenced,
+            (b"n", _) => Reply::NotInProgress,
+            (b"x", Some(Value::BulkString(problem))) => {
+                return Err(StoreError::Corrupt {
+                    key: key.to_hex(),
+                    message: String::from_utf8_lossy(&problem).into_owned(),
+                });
+            }
+            _ => return Err(malformed("unknown tag")),
+        })
+    }
+
+    fn unexpected(self, key: &StorageKey) -> StoreError {
+        StoreError::Backend {
+            message: format!("a store script answered out of turn for key {key}"),
+            source: None,
+        }
+    }
+}
+
+fn unavailable(message: &str, error: RedisError) -> StoreError {
+    StoreError::Unavailable {
+        message: format!("{message}: {error}"),
+        source: Some(Box::new(error)),
+    }
+}
+
+fn from_redis(message: &str, error: RedisError) -> StoreError {
+    if error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+    {
+        unavailable(message, error)
+    } else {
+        StoreError::Backend {
+            message: format!("{message}: {error}"),
+            source: Some(Box::new(error)),
+        }
+    }
+}
+
+impl Store for RedisStore {
+    fn claim<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fingerprint: &'a Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(async move {
+            let fingerprint = fingerprint.to_hex();
+            let args: [&[u8]; 3] = [fingerprint.as_bytes(), &millis(lease), &millis(LEASE_GRACE)];
+            match self.invoke(&self.scripts.claim, key, &args).await? {
+                Reply::Acquired(fence) => Ok(Claim::Acquired { fence }),
+                Reply::InProgress(retry_after) => Ok(Claim::InProgress { retry_after }),
+                Reply::Completed(output) => Ok(Claim::Completed { output }),
+                Reply::Mismatch => Ok(Claim::Mismatch),
+                other => Err(other.unexpected(key)),
+            }
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        output: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        Box::pin(async move {
+            let fence = fence.to_string();
+            let channel = self.channel(key);
+            let args: [&[u8]; 4] = [fence.as_bytes(), &output, &millis(ttl), channel.as_bytes()];
+            self.fenced_write(&self.scripts.complete, key, &args).await
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        Box::pin(async move {
+            let fence = fence.to_string();
+            let channel = self.channel(key);
+            let args: [&[u8]; 3] = [fence.as_bytes(), channel.as_bytes(), &millis(TOMBSTONE)];
+            self.fenced_write(&self.scripts.release, key, &args).await
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        Box::pin(async move {
+            let fence = fence.to_string();
+            let args: [&[u8]; 3] = [fence.as_bytes(), &millis(lease), &millis(LEASE_GRACE)];
+            self.fenced_write(&self.scripts.extend, key, &args).await
+        })
+    }
+
+    fn wait<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        max: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            // Subscribe first, then look: a completion after the look is then always heard.
+            let subscription = self.waiters.subscribe(self.channel(key)).await;
+            let Some(left) = self.lease_left(key).await? else {
+                return Ok(());
+            };
+            let limit = max.min(left);
+            match subscription {
+                Some(subscription) => {
+                    let _ = tokio::time::timeout(limit, subscription.notified()).await;
+                }
+                None => tokio::time::sleep(limit.min(self.poll_interval)).await,
+            }
+            Ok(())
+        })
+    }
+
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        // Redis expires records by itself (PEXPIRE): nothing is left to purge.
+        Box::pin(std::future::ready(Ok(0)))
+    }
+}

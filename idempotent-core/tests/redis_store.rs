@@ -1,0 +1,264 @@
+//! The Redis store against a real `redis-server` started for these tests.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use idempotent_core::conformance::Harness;
+use idempotent_core::stores::redis::RedisStore;
+use idempotent_core::{
+    Call, Claim, Fingerprint, Idempotency, OnConflict, Options, StorageKey, Store, StoreError,
+};
+use idempotent_test_support::RedisServer;
+use support::{AppError, Runs};
+
+/// One server for the suite; tests that stop or inspect a server start their own.
+static SHARED: LazyLock<&'static RedisServer> =
+    LazyLock::new(idempotent_test_support::shared_redis);
+
+fn store_at(url: &str) -> Arc<RedisStore> {
+    Arc::new(RedisStore::builder(url).build().expect("a valid URL"))
+}
+
+fn conformance_harness() -> Harness {
+    Harness::with_real_time(store_at(&SHARED.url()), Duration::from_millis(300))
+        .expiry_is_native(true)
+}
+
+idempotent_core::conformance_suite!(conformance_harness());
+
+fn evalsha_calls(server: &RedisServer) -> u64 {
+    server.command_stats().get("evalsha").copied().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_replay_is_one_round_trip_and_a_first_call_two() {
+    let server = RedisServer::start();
+    let engine = Idempotency::new(store_at(&server.url()));
+    let runs = Runs::default();
+    let body = || async {
+        runs.hit();
+        Ok::<_, AppError>("receipt".to_string())
+    };
+    // Load the scripts (the first EVALSHA of each meets NOSCRIPT), then count from zero.
+    let warm_up = Call::new("redis::trips", Fingerprint::of(&0).unwrap()).key("warm-up");
+    engine.run(warm_up, body()).await.unwrap();
+    engine.run(warm_up, body()).await.unwrap();
+
+    server.reset_stats();
+    let call = Call::new("redis::trips", Fingerprint::of(&1).unwrap()).key("order-1");
+    assert!(!engine.run(call, body()).await.unwrap().is_replayed());
+    let first_call = server.command_stats();
+    assert_eq!(
+        first_call.get("evalsha"),
+        Some(&2),
+        "claim and complete: {first_call:?}"
+    );
+
+    server.reset_stats();
+    assert!(engine.run(call, body()).await.unwrap().is_replayed());
+    let replay = server.command_stats();
+    assert_eq!(
+        replay.get("evalsha"),
+        Some(&1),
+        "one claim answers the replay: {replay:?}"
+    );
+    for command in ["eval", "script", "get", "hgetall", "subscribe"] {
+        assert_eq!(
+            replay.get(command),
+            None,
+            "no {command} from the client: {replay:?}"
+        );
+    }
+    assert_eq!(runs.count(), 2);
+}
+
+#[tokio::test]
+async fn waiters_are_woken_by_pub_sub_not_by_polling() {
+    let server = RedisServer::start();
+    let store = store_at(&server.url());
+    let key = StorageKey::derive("redis::wait", None, b"k").unwrap();
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let hour = Duration::from_secs(3600);
+    let Claim::Acquired { fence } = store.claim(&key, &fingerprint, hour).await.unwrap() else {
+        panic!("a fresh key is free");
+    };
+    // Load the script that looks at the record (its first EVALSHA meets NOSCRIPT).
+    let absent = StorageKey::derive("redis::wait", None, b"absent").unwrap();
+    store.wait(&absent, Duration::from_secs(1)).await.unwrap();
+    server.reset_stats();
+    let waiter = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.wait(&key, Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the holder is alive and its lease is an hour"
+    );
+    let while_waiting = evalsha_calls(&server);
+    assert!(
+        while_waiting <= 1,
+        "one look at the record, no polling: {while_waiting} scripts run"
+    );
+    assert!(
+        server
+            .command_stats()
+            .get("subscribe")
+            .is_some_and(|&n| n >= 1)
+    );
+
+    store
+        .complete(&key, fence, b"{}".to_vec(), hour)
+        .await
+        .unwrap();
+    let woken = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+    assert!(woken.is_ok(), "the completion's message wakes the waiter");
+}
+
+#[tokio::test]
+async fn an_outage_fails_calls_fast_without_running_the_body_and_recovery_needs_no_restart() {
+    let mut server = RedisServer::start();
+    let engine = Idempotency::new(store_at(&server.url()))
+        .with_options(Options::new().on_conflict(OnConflict::Reject));
+    let runs = Runs::default();
+    let body = |value: u32| {
+        let runs = runs.clone();
+        async move {
+            runs.hit();
+            Ok::<_, AppError>(value)
+        }
+    };
+    let call =
+        |key: &'static str| Call::new("redis::outage", Fingerprint::of(&key).unwrap()).key(key);
+    assert_eq!(
+        engine
+            .run(call("before"), body(1))
+            .await
+            .unwrap()
+            .into_value(),
+        1
+    );
+
+    server.stop();
+    for key in ["during-1", "during-2", "during-3"] {
+        let started = Instant::now();
+        let error = engine.run(call(key), body(2)).await.unwrap_err();
+        // Generous: the configured timeouts are 1 s each; this bound only catches a hang.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(error.idempotency().starts_with("Store("), "{error:?}");
+    }
+    assert_eq!(runs.count(), 1, "the body never runs without a claim");
+
+    server.restart();
+    let recovered = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match engine.run(call("after"), body(3)).await {
+                Ok(outcome) => return outcome.into_value(),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        recovered,
+        Ok(3),
+        "the same store object works again after the restart"
+    );
+    assert_eq!(runs.count(), 2);
+}
+
+#[tokio::test]
+async fn foreign_data_under_a_key_is_a_typed_error_and_can_be_purged() {
+    let server = RedisServer::start();
+    let store = store_at(&server.url());
+    let key = StorageKey::derive("redis::corrupt", None, b"k").unwrap();
+    let record_key = store.record_key(&key);
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lease = Duration::from_secs(30);
+    for foreign in [
+        vec!["SET", &record_key, "garbage"],
+        vec!["HSET", &record_key, "v", "99", "st", "c"],
+        vec!["HSET", &record_key, "st", "c"],
+        vec![
+            "HSET",
+            &record_key,
+            "v",
+            "1",
+            "st",
+            "?",
+            "fence",
+            "x",
+            "until",
+            "1",
+        ],
+    ] {
+        server.command(&["DEL", &record_key]);
+        server.command(&foreign);
+        match store.claim(&key, &fingerprint, lease).await {
+            Err(StoreError::Corrupt { key: hex, message }) => {
+                assert_eq!(hex, key.to_hex());
+                assert!(!message.is_empty());
+            }
+            other => panic!("{foreign:?}: expected a corrupt-record error, got {other:?}"),
+        }
+    }
+    // An operator deletes the record; the key works again.
+    server.command(&["DEL", &record_key]);
+    assert!(matches!(
+        store.claim(&key, &fingerprint, lease).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+}
+
+#[tokio::test]
+async fn the_key_prefix_namespaces_records() {
+    let server = RedisServer::start();
+    let a = Arc::new(
+        RedisStore::builder(server.url())
+            .key_prefix("app-a:")
+            .build()
+            .unwrap(),
+    );
+    let b = Arc::new(
+        RedisStore::builder(server.url())
+            .key_prefix("app-b:")
+            .build()
+            .unwrap(),
+    );
+    let key = StorageKey::derive("redis::prefix", None, b"k").unwrap();
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lease = Duration::from_secs(30);
+    assert!(matches!(
+        a.claim(&key, &fingerprint, lease).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+    assert!(matches!(
+        b.claim(&key, &fingerprint, lease).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+    assert!(
+        server
+            .command(&["EXISTS", &a.record_key(&key)])
+            .contains('1')
+    );
+    assert!(a.record_key(&key).starts_with("app-a:"));
+}
+
+#[test]
+fn a_malformed_url_is_a_clear_error() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let error = RedisStore::builder("not a url").build().unwrap_err();
+    assert!(error.to_string().contains("invalid Redis URL"), "{error}");
+}
