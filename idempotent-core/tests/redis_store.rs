@@ -149,7 +149,7 @@ async fn an_outage_fails_calls_fast_without_running_the_body_and_recovery_needs_
         let error = engine.run(call(key), body(2)).await.unwrap_err();
         // Generous: the configured timeouts are 1 s each; this bound only catches a hang.
         assert!(
-            started.elapsed() < Duration::from_secs(10),
+            started.elapsed() < Duration::from_secs(5),
             "took {:?}",
             started.elapsed()
         );
@@ -173,6 +173,62 @@ async fn an_outage_fails_calls_fast_without_running_the_body_and_recovery_needs_
         "the same store object works again after the restart"
     );
     assert_eq!(runs.count(), 2);
+}
+
+fn signal(server: &RedisServer, signal: &str) {
+    let pid = server.pid().expect("the server runs").to_string();
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+#[tokio::test]
+async fn a_hung_server_fails_calls_within_the_timeouts() {
+    let server = RedisServer::start();
+    let engine = Idempotency::new(Arc::new(
+        RedisStore::builder(server.url())
+            .connect_timeout(Duration::from_millis(500))
+            .response_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap(),
+    ));
+    let runs = Runs::default();
+    let body = || async {
+        runs.hit();
+        Ok::<_, AppError>(1u32)
+    };
+    let call =
+        |key: &'static str| Call::new("redis::hung", Fingerprint::of(&key).unwrap()).key(key);
+    engine.run(call("before"), body()).await.unwrap();
+
+    // The server accepts nothing and answers nothing, as when its machine stalls.
+    signal(&server, "-STOP");
+    let started = Instant::now();
+    let error = engine.run(call("during"), body()).await.unwrap_err();
+    let waited = started.elapsed();
+    signal(&server, "-CONT");
+    assert!(error.idempotency().starts_with("Store("), "{error:?}");
+    assert!(
+        waited < Duration::from_secs(3),
+        "a 500 ms response timeout took {waited:?}"
+    );
+    assert_eq!(runs.count(), 1, "the body never runs without a claim");
+
+    let recovered = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if engine.run(call("after"), body()).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        recovered.is_ok(),
+        "calls succeed once the server answers again"
+    );
 }
 
 #[tokio::test]
