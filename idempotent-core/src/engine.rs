@@ -400,31 +400,18 @@ where
     F: Future<Output = Result<T, E>>,
 {
     let result = holder.run_with_heartbeat(options.get_lease(), body).await;
-    let encoded = match &result {
-        Ok(value) => Some(R::encode_ok(value)),
-        Err(error) => R::encode_err(error),
-    };
-    let Some(encoded) = encoded else {
-        // An error we do not record: give the key back so a retry runs again.
-        holder.release().await;
-        trace.emit(CallOutcome::Failed);
-        return result.map(Outcome::Executed);
-    };
-    let bytes = match encoded {
-        Ok(bytes) if bytes.len() <= options.get_max_output_bytes() => bytes,
-        Ok(bytes) => {
+    let bytes = match encode_result::<R, T, E>(&result, options) {
+        Encoded::Record(bytes) => bytes,
+        Encoded::NotRecorded => {
+            // An error we do not record: give the key back so a retry runs again.
             holder.release().await;
-            trace.emit(CallOutcome::EncodeError);
-            return Err(Error::OutputTooLarge {
-                size: bytes.len(),
-                limit: options.get_max_output_bytes(),
-            }
-            .into());
+            trace.emit(CallOutcome::Failed);
+            return result.map(Outcome::Executed);
         }
-        Err(error) => {
+        Encoded::Refused(error) => {
             holder.release().await;
             trace.emit(CallOutcome::EncodeError);
-            return Err(Error::Encode(error).into());
+            return Err(error.into());
         }
     };
     let write = holder
@@ -451,4 +438,35 @@ where
     };
     trace.emit(outcome);
     result.map(Outcome::Unrecorded)
+}
+
+/// What to record for a body's result.
+pub(crate) enum Encoded {
+    /// These bytes.
+    Record(Vec<u8>),
+    /// Nothing: an `Err` that is not recorded.
+    NotRecorded,
+    /// Nothing can be: the output does not serialize or is over the size limit.
+    Refused(Error),
+}
+
+pub(crate) fn encode_result<R: Recording<T, E>, T, E>(
+    result: &Result<T, E>,
+    options: &Options,
+) -> Encoded {
+    let encoded = match result {
+        Ok(value) => R::encode_ok(value),
+        Err(error) => match R::encode_err(error) {
+            Some(encoded) => encoded,
+            None => return Encoded::NotRecorded,
+        },
+    };
+    match encoded {
+        Ok(bytes) if bytes.len() <= options.get_max_output_bytes() => Encoded::Record(bytes),
+        Ok(bytes) => Encoded::Refused(Error::OutputTooLarge {
+            size: bytes.len(),
+            limit: options.get_max_output_bytes(),
+        }),
+        Err(error) => Encoded::Refused(Error::Encode(error)),
+    }
 }

@@ -374,7 +374,9 @@ impl PostgresServer {
             .arg(self.dir.path())
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", "fsync=off"])
-            .args(["-c", "max_connections=100"]);
+            .args(["-c", "max_connections=100"])
+            // Lets tests count the statements a store runs (`CREATE EXTENSION pg_stat_statements`).
+            .args(["-c", "shared_preload_libraries=pg_stat_statements"]);
         let mut process = ServerProcess::spawn(&mut command, self.log.path());
         self.watchdog.watch(Some(process.id()));
         let deadline = Instant::now() + READY_TIMEOUT;

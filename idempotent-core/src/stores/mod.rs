@@ -1,5 +1,7 @@
 //! The stores. The in-memory store is always there; the others are behind cargo features.
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;

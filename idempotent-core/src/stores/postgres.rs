@@ -1,0 +1,528 @@
+//! The PostgreSQL store: a fleet of application servers sharing one database, and the one way
+//! to make database side effects exactly-once (the transactional mode).
+//!
+//! A record is one row of the store's table. Each operation is one statement (prepared once per
+//! connection): the claim inserts or takes over a dead record with `INSERT .. ON CONFLICT ..
+//! DO UPDATE .. WHERE <dead> RETURNING`, and the same statement reads the live record when it
+//! cannot claim, so a replay is one round trip. `complete`, `release` and `extend` are guarded
+//! by the fence and a live lease. Times are the server's `now()`. Fences come from a sequence,
+//! so they only grow. Waiters LISTEN on the store's channel; `complete` and `release` NOTIFY it.
+
+mod listener;
+mod sql;
+mod transaction;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
+
+use crate::error::StoreError;
+use crate::fingerprint::Fingerprint;
+use crate::key::StorageKey;
+use crate::store::{BoxFuture, Claim, Fence, FencedWrite, Store};
+use listener::Listener;
+use sql::Statements;
+
+pub use transaction::PostgresTransaction;
+
+/// Configures a [`PostgresStore`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use idempotent_core::stores::postgres::PostgresStore;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_core::StoreError> {
+/// let store = PostgresStore::builder("postgres://app@127.0.0.1:5432/shop")
+///     .table("checkout_idempotency")
+///     .max_connections(16)
+///     .timeout(Duration::from_secs(1))
+///     .build()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PostgresStoreBuilder {
+    url: String,
+    table: String,
+    max_connections: usize,
+    timeout: Duration,
+    poll_interval: Duration,
+}
+
+impl PostgresStoreBuilder {
+    /// The table records are kept in (default `idempotent_records`); the store also makes
+    /// `<table>_schema` and the sequence `<table>_fences`, and notifies on `<table>_done`.
+    /// Lowercase letters, digits and underscores.
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The most pooled connections (default 16); waiting uses one more.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// How long connecting, getting a pooled connection, or one statement may take before a
+    /// call fails with a store error (default 2 s each).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How often a waiter looks again when it cannot listen (default 50 ms).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Connects, creates the tables if missing (or checks their schema version), and returns
+    /// the store.
+    pub async fn build(self) -> Result<PostgresStore, StoreError> {
+        sql::check_table_name(&self.table).map_err(|message| StoreError::Backend {
+            message,
+            source: None,
+        })?;
+        let mut config: tokio_postgres::Config =
+            self.url.parse().map_err(|error| StoreError::Backend {
+                message: "invalid PostgreSQL URL".to_string(),
+                source: Some(Box::new(error)),
+            })?;
+        config.connect_timeout(self.timeout);
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(self.max_connections)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(self.timeout))
+            .create_timeout(Some(self.timeout))
+            .recycle_timeout(Some(self.timeout))
+            .build()
+            .map_err(|error| StoreError::Backend {
+                message: format!("could not build the connection pool: {error}"),
+                source: None,
+            })?;
+        let statements = Statements::new(&self.table);
+        let listener = Listener::new(config, statements.listen.clone(), self.timeout);
+        let store = PostgresStore {
+            pool,
+            statements: Arc::new(statements),
+            listener: Arc::new(listener),
+            table: self.table,
+            timeout: self.timeout,
+            poll_interval: self.poll_interval,
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+}
+
+/// A [`Store`] in PostgreSQL.
+///
+/// Besides the [`Store`] protocol (one statement per operation, its own connections), it has a
+/// transactional mode: [`PostgresStore::transactional`] runs a call inside the caller's own
+/// transaction, so the business writes and the record commit together or not at all.
+///
+/// TLS: this release connects without TLS; keep the database on a private network.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use idempotent_core::{set_default_store, stores::postgres::PostgresStore};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = PostgresStore::builder("postgres://app@127.0.0.1/shop").build().await?;
+/// set_default_store(Arc::new(store))?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    statements: Arc<Statements>,
+    listener: Arc<Listener>,
+    table: String,
+    timeout: Duration,
+    poll_interval: Duration,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    // At least 1 ms: a zero lease would protect nothing.
+    i64::try_from(duration.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1)
+}
+
+fn fence_param(fence: Fence) -> i64 {
+    // Sequence values are positive `bigint`s, so every fence this store hands out fits.
+    i64::try_from(fence.get()).unwrap_or(-1)
+}
+
+pub(super) fn from_pg(message: &str, error: tokio_postgres::Error) -> StoreError {
+    if error.is_closed() || error.as_db_error().is_none() {
+        StoreError::Unavailable {
+            message: format!("{message}: {error}"),
+            source: Some(Box::new(error)),
+        }
+    } else {
+        StoreError::Backend {
+            message: format!("{message}: {error}"),
+            source: Some(Box::new(error)),
+        }
+    }
+}
+
+fn timed_out(what: &str, timeout: Duration) -> StoreError {
+    StoreError::Unavailable {
+        message: format!("{what} took longer than {timeout:?}"),
+        source: None,
+    }
+}
+
+/// What a claim statement returned, before it is judged.
+pub(super) fn judge_claim(
+    rows: &[tokio_postgres::Row],
+    key: &StorageKey,
+    fingerprint: &Fingerprint,
+) -> Result<Option<Claim>, StoreError> {
+    let corrupt = |message: &str| StoreError::Corrupt {
+        key: key.to_hex(),
+        message: message.to_string(),
+    };
+    let Some(row) = rows.first() else {
+        // Another transaction inserted the record after this statement's snapshot was taken:
+        // the caller runs the statement again, with a new snapshot.
+        return Ok(None);
+    };
+    let read = |index: usize| -> Result<_, StoreError> {
+        row.try_get::<_, Option<i64>>(index)
+            .map_err(|_| corrupt("a column has an unexpected type"))
+    };
+    let acquired: bool = row
+        .try_get(0)
+        .map_err(|_| corrupt("unexpected claim row"))?;
+    let fence = read(1)?.ok_or_else(|| corrupt("no fence"))?;
+    if acquired {
+        let fence = u64::try_from(fence).map_err(|_| corrupt("negative fence"))?;
+        return Ok(Some(Claim::Acquired {
+            fence: Fence::new(fence),
+        }));
+    }
+    let format: Option<i16> = row
+        .try_get(6)
+        .map_err(|_| corrupt("unexpected format column"))?;
+    if format != Some(sql::FORMAT) {
+        return Err(corrupt(&format!(
+            "record format {format:?} is not supported by this release (it reads {})",
+            sql::FORMAT
+        )));
+    }
+    let stored: Option<Vec<u8>> = row
+        .try_get(2)
+        .map_err(|_| corrupt("unexpected fingerprint column"))?;
+    if stored.as_deref().map(<[u8]>::len) != Some(32) {
+        return Err(corrupt("the fingerprint is not 32 bytes"));
+    }
+    if stored.as_deref() != Some(fingerprint.as_bytes().as_slice()) {
+        return Ok(Some(Claim::Mismatch));
+    }
+    let state: Option<i16> = row
+        .try_get(3)
+        .map_err(|_| corrupt("unexpected state column"))?;
+    let left = read(5)?.unwrap_or(0);
+    match state {
+        Some(0) => Ok(Some(Claim::InProgress {
+            retry_after: Duration::from_millis(u64::try_from(left).unwrap_or(0)),
+        })),
+        Some(1) => {
+            let output: Option<Vec<u8>> = row
+                .try_get(4)
+                .map_err(|_| corrupt("unexpected output column"))?;
+            output
+                .map(|output| Some(Claim::Completed { output }))
+                .ok_or_else(|| corrupt("a completed record without output"))
+        }
+        other => Err(corrupt(&format!("unknown state {other:?}"))),
+    }
+}
+
+/// How many times a claim statement is run again when a concurrent insert hid the record.
+pub(super) const CLAIM_ATTEMPTS: usize = 5;
+
+impl PostgresStore {
+    /// A builder for the database at `url` (`postgres://user:password@host:port/database`).
+    ///
+    /// ```
+    /// let builder = idempotent_core::stores::postgres::PostgresStore::builder("postgres://app@127.0.0.1/shop");
+    /// ```
+    pub fn builder(url: impl Into<String>) -> PostgresStoreBuilder {
+        PostgresStoreBuilder {
+            url: url.into(),
+            table: "idempotent_records".to_string(),
+            max_connections: 16,
+            timeout: Duration::from_secs(2),
+            poll_interval: Duration::from_millis(50),
+        }
+    }
+
+    /// The table records are kept in.
+    ///
+    /// ```no_run
+    /// # use idempotent_core::stores::postgres::PostgresStore;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let store = PostgresStore::builder("postgres://app@127.0.0.1/shop").build().await.unwrap();
+    /// assert_eq!(store.table(), "idempotent_records");
+    /// # }
+    /// ```
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|error| StoreError::Unavailable {
+                message: format!("no database connection: {error}"),
+                source: Some(Box::new(error)),
+            })
+    }
+
+    /// Runs one prepared statement on a pooled connection, within the timeout.
+    async fn query(
+        &self,
+        statement: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let work = async {
+            let client = self.client().await?;
+            let prepared = client
+                .prepare_cached(statement)
+                .await
+                .map_err(|error| from_pg("could not prepare a statement", error))?;
+            client
+                .query(&prepared, params)
+                .await
+                .map_err(|error| from_pg("a statement failed", error))
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| timed_out("a statement", self.timeout))?
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let work = async {
+            let mut client = self.client().await?;
+            let transaction = client
+                .transaction()
+                .await
+                .map_err(|error| from_pg("could not begin the schema transaction", error))?;
+            // Processes starting together take turns; the lock ends with the transaction.
+            transaction
+                .execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&self.table])
+                .await
+                .map_err(|error| from_pg("could not lock the schema", error))?;
+            transaction
+                .batch_execute(&self.statements.schema)
+                .await
+                .map_err(|error| from_pg("could not create the tables", error))?;
+            let version_query = format!("SELECT max(version) FROM {}_schema", self.table);
+            let version: Option<i32> = transaction
+                .query_one(&version_query, &[])
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(|error| from_pg("could not read the schema version", error))?;
+            match version {
+                None => {
+                    let insert = format!("INSERT INTO {}_schema (version) VALUES ($1)", self.table);
+                    transaction
+                        .execute(&insert, &[&sql::SCHEMA_VERSION])
+                        .await
+                        .map_err(|error| from_pg("could not record the schema version", error))?;
+                }
+                Some(version) if version > sql::SCHEMA_VERSION => {
+                    return Err(StoreError::Backend {
+                        message: format!(
+                            "table {} has schema version {version}, newer than this release knows ({}): upgrade the library",
+                            self.table,
+                            sql::SCHEMA_VERSION
+                        ),
+                        source: None,
+                    });
+                }
+                Some(_) => {}
+            }
+            transaction
+                .commit()
+                .await
+                .map_err(|error| from_pg("could not commit the schema", error))
+        };
+        tokio::time::timeout(self.timeout * 5, work)
+            .await
+            .map_err(|_| timed_out("creating the tables", self.timeout * 5))?
+    }
+
+    async fn fenced_write(
+        &self,
+        statement: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<FencedWrite, StoreError> {
+        let rows = self.query(statement, params).await?;
+        Ok(if rows.is_empty() {
+            FencedWrite::Fenced
+        } else {
+            FencedWrite::Applied
+        })
+    }
+
+    async fn lease_left(&self, key: &StorageKey) -> Result<Option<Duration>, StoreError> {
+        let key = key.as_bytes().as_slice();
+        let rows = self.query(&self.statements.lease_left, &[&key]).await?;
+        Ok(rows.first().map(|row| {
+            let left: Option<i64> = row.try_get(0).unwrap_or(None);
+            Duration::from_millis(left.and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0))
+        }))
+    }
+}
+
+impl Store for PostgresStore {
+    fn claim<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fingerprint: &'a Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(async move {
+            let key_param = key.as_bytes().as_slice();
+            let fingerprint_param = fingerprint.as_bytes().as_slice();
+            let lease = millis(lease);
+            for _ in 0..CLAIM_ATTEMPTS {
+                let rows = self
+                    .query(
+                        &self.statements.claim,
+                        &[&key_param, &fingerprint_param, &lease],
+                    )
+                    .await?;
+                if let Some(claim) = judge_claim(&rows, key, fingerprint)? {
+                    return Ok(claim);
+                }
+            }
+            Err(StoreError::Backend {
+                message: format!("the record under key {key} kept changing during the claim"),
+                source: None,
+            })
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        output: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        Box::pin(async move {
+            let key = key.as_bytes().as_slice();
+            let (fence, ttl) = (fence_param(fence), millis(ttl));
+            self.fenced_write(&self.statements.complete, &[&key, &fence, &output, &ttl])
+                .await
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        Box::pin(async move {
+            let key = key.as_bytes().as_slice();
+            let fence = fence_param(fence);
+            self.fenced_write(&self.statements.release, &[&key, &fence])
+                .await
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        Box::pin(async move {
+            let key = key.as_bytes().as_slice();
+            let (fence, lease) = (fence_param(fence), millis(lease));
+            let work = async {
+                let client = self.client().await?;
+                let prepared = client
+                    .prepare_cached(&self.statements.extend)
+                    .await
+                    .map_err(|error| from_pg("could not prepare a statement", error))?;
+                client
+                    .execute(&prepared, &[&key, &fence, &lease])
+                    .await
+                    .map_err(|error| from_pg("a statement failed", error))
+            };
+            let changed = tokio::time::timeout(self.timeout, work)
+                .await
+                .map_err(|_| timed_out("a statement", self.timeout))??;
+            Ok(if changed == 0 {
+                FencedWrite::Fenced
+            } else {
+                FencedWrite::Applied
+            })
+        })
+    }
+
+    fn wait<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        max: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            // Listen first, then look: a notification after the look is always heard.
+            let interest = self.listener.interest(key.to_hex()).await;
+            let Some(left) = self.lease_left(key).await? else {
+                return Ok(());
+            };
+            let limit = max.min(left);
+            match interest {
+                Some(interest) => {
+                    let _ = tokio::time::timeout(limit, interest.notified()).await;
+                }
+                None => tokio::time::sleep(limit.min(self.poll_interval)).await,
+            }
+            Ok(())
+        })
+    }
+
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let work = async {
+                let client = self.client().await?;
+                client
+                    .execute(&self.statements.purge, &[])
+                    .await
+                    .map_err(|error| from_pg("could not purge", error))
+            };
+            tokio::time::timeout(self.timeout, work)
+                .await
+                .map_err(|_| timed_out("purging", self.timeout))?
+        })
+    }
+}

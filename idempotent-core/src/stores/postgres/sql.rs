@@ -1,0 +1,111 @@
+//! The SQL of the PostgreSQL store, for one table name.
+//!
+//! Every operation is one statement. Times come from the server's `now()`. A record is one
+//! row: state 0 in progress, 1 completed; `until` is the lease end or the expiry.
+
+/// The record format this release writes and reads.
+pub(super) const FORMAT: i16 = 1;
+/// The schema version this release creates and knows.
+pub(super) const SCHEMA_VERSION: i32 = 1;
+
+pub(super) struct Statements {
+    pub(super) schema: String,
+    pub(super) claim: String,
+    pub(super) complete: String,
+    pub(super) release: String,
+    pub(super) extend: String,
+    pub(super) lease_left: String,
+    pub(super) purge: String,
+    pub(super) listen: String,
+}
+
+impl Statements {
+    /// `table` must already be a checked identifier.
+    pub(super) fn new(table: &str) -> Self {
+        let channel = format!("{table}_done");
+        Self {
+            schema: format!(
+                "CREATE TABLE IF NOT EXISTS {table}_schema (version integer NOT NULL);
+                 CREATE SEQUENCE IF NOT EXISTS {table}_fences;
+                 CREATE TABLE IF NOT EXISTS {table} (
+                     key bytea PRIMARY KEY,
+                     fingerprint bytea NOT NULL,
+                     fence bigint NOT NULL,
+                     state smallint NOT NULL,
+                     until timestamptz NOT NULL,
+                     output bytea,
+                     format smallint NOT NULL
+                 );
+                 CREATE INDEX IF NOT EXISTS {table}_until ON {table} (until);"
+            ),
+            // The claim inserts, or takes over a dead record, in one statement; when neither
+            // happens, the same statement reads the live record (the replay). `extract` turns
+            // the lease left into whole milliseconds.
+            claim: format!(
+                "WITH claimed AS (
+                     INSERT INTO {table} AS r (key, fingerprint, fence, state, until, output, format)
+                     VALUES ($1, $2, nextval('{table}_fences'), 0,
+                             now() + $3::bigint * interval '1 millisecond', NULL, {FORMAT})
+                     ON CONFLICT (key) DO UPDATE
+                         SET fingerprint = EXCLUDED.fingerprint, fence = EXCLUDED.fence, state = 0,
+                             until = EXCLUDED.until, output = NULL, format = {FORMAT}
+                         WHERE r.until <= now()
+                     RETURNING r.fence
+                 )
+                 SELECT true AS acquired, fence, NULL::bytea AS fingerprint, NULL::smallint AS state,
+                        NULL::bytea AS output, NULL::bigint AS left_ms, NULL::smallint AS format
+                 FROM claimed
+                 UNION ALL
+                 SELECT false, r.fence, r.fingerprint, r.state,
+                        CASE WHEN r.fingerprint = $2 AND r.state = 1 THEN r.output END,
+                        ceil(extract(epoch FROM (r.until - now())) * 1000)::bigint, r.format
+                 FROM {table} r
+                 WHERE r.key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)"
+            ),
+            complete: format!(
+                "WITH done AS (
+                     UPDATE {table} SET state = 1, output = $3,
+                                        until = now() + $4::bigint * interval '1 millisecond'
+                     WHERE key = $1 AND fence = $2 AND state = 0 AND until > now()
+                     RETURNING key
+                 )
+                 SELECT pg_notify('{channel}', encode(key, 'hex')) FROM done"
+            ),
+            release: format!(
+                "WITH gone AS (
+                     DELETE FROM {table}
+                     WHERE key = $1 AND fence = $2 AND state = 0 AND until > now()
+                     RETURNING key
+                 )
+                 SELECT pg_notify('{channel}', encode(key, 'hex')) FROM gone"
+            ),
+            extend: format!(
+                "UPDATE {table} SET until = now() + $3::bigint * interval '1 millisecond'
+                 WHERE key = $1 AND fence = $2 AND state = 0 AND until > now()"
+            ),
+            lease_left: format!(
+                "SELECT ceil(extract(epoch FROM (until - now())) * 1000)::bigint FROM {table}
+                 WHERE key = $1 AND state = 0 AND until > now()"
+            ),
+            purge: format!("DELETE FROM {table} WHERE until <= now()"),
+            listen: format!("LISTEN {channel}"),
+        }
+    }
+}
+
+/// A table name is put into SQL text, so it must be a plain lowercase identifier.
+pub(super) fn check_table_name(table: &str) -> Result<(), String> {
+    let valid = !table.is_empty()
+        && table.len() <= 40
+        && table.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && table
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid table name {table:?}: use 1 to 40 lowercase letters, digits and underscores, not starting with a digit"
+        ))
+    }
+}

@@ -1,0 +1,270 @@
+//! The transactional mode: the claim and the recorded result are written in the caller's own
+//! transaction, so the body's database writes and the record commit together or not at all.
+//!
+//! Concurrent callers of one key block on the first one's uncommitted row (its unique key)
+//! instead of seeing it in progress; once it commits they replay its result, and if it rolls
+//! back one of them runs. No lease is needed while the row is uncommitted, so there is no
+//! heartbeat; a panic, a cancelled call or a lost connection roll the transaction back, which
+//! takes the claim with it. Use READ COMMITTED (PostgreSQL's default): each claim statement
+//! then sees what committed before it.
+
+use std::future::Future;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{CLAIM_ATTEMPTS, PostgresStore, from_pg, judge_claim, millis};
+use crate::engine::{Call, Encoded, Outcome, Prepared, encode_result};
+use crate::error::{Error, StoreError};
+use crate::key::StorageKey;
+use crate::options::{OnConflict, Options};
+use crate::recorded::{OkOnly, Recording};
+use crate::store::{Claim, Fence, Store};
+use crate::telemetry::{CallOutcome, CallTrace};
+
+/// A transaction the transactional mode can write in: `tokio_postgres`'s or
+/// `deadpool_postgres`'s, or a reference to one.
+///
+/// ```
+/// fn accepts(_: &impl idempotent_core::stores::postgres::PostgresTransaction) {}
+/// fn with_deadpool(tx: &deadpool_postgres::Transaction<'_>) { accepts(tx) }
+/// fn with_tokio_postgres(tx: &tokio_postgres::Transaction<'_>) { accepts(tx) }
+/// ```
+pub trait PostgresTransaction: Sync {
+    /// The underlying `tokio_postgres` transaction.
+    fn transaction(&self) -> &tokio_postgres::Transaction<'_>;
+}
+
+impl PostgresTransaction for tokio_postgres::Transaction<'_> {
+    fn transaction(&self) -> &tokio_postgres::Transaction<'_> {
+        self
+    }
+}
+
+impl PostgresTransaction for deadpool_postgres::Transaction<'_> {
+    fn transaction(&self) -> &tokio_postgres::Transaction<'_> {
+        self
+    }
+}
+
+impl<T: PostgresTransaction + ?Sized> PostgresTransaction for &T {
+    fn transaction(&self) -> &tokio_postgres::Transaction<'_> {
+        (**self).transaction()
+    }
+}
+
+impl<T: PostgresTransaction + ?Sized + Send> PostgresTransaction for &mut T {
+    fn transaction(&self) -> &tokio_postgres::Transaction<'_> {
+        (**self).transaction()
+    }
+}
+
+impl PostgresStore {
+    /// Runs `body` under `call` inside the caller's transaction `tx`: the claim and the
+    /// recorded value are written in `tx`, so they commit (or roll back) with the body's own
+    /// writes in `tx`. The caller commits; on an `Err` the claim is deleted again, and the
+    /// caller should roll back.
+    ///
+    /// ```no_run
+    /// use idempotent_core::{Call, Fingerprint, Options, stores::postgres::PostgresStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = PostgresStore::builder("postgres://app@127.0.0.1/shop").build().await?;
+    /// let (mut client, connection) =
+    ///     tokio_postgres::connect("postgres://app@127.0.0.1/shop", tokio_postgres::NoTls).await?;
+    /// tokio::spawn(connection);
+    /// let tx = client.transaction().await?;
+    /// let call = Call::new("orders::create", Fingerprint::of(&42)?).key("order-42");
+    /// let order = store
+    ///     .run_in_transaction(&tx, &Options::new(), call, async {
+    ///         tx.execute("INSERT INTO orders (id) VALUES (42)", &[]).await.map_err(|e| e.to_string())?;
+    ///         Ok::<_, String>(42)
+    ///     })
+    ///     .await;
+    /// tx.commit().await?;
+    /// # let _ = order; Ok(()) }
+    /// # impl From<idempotent_core::Error> for String { fn from(e: idempotent_core::Error) -> String { e.to_string() } }
+    /// ```
+    pub async fn run_in_transaction<T, E, F>(
+        &self,
+        tx: &(impl PostgresTransaction + ?Sized),
+        options: &Options,
+        call: Call<'_>,
+        body: F,
+    ) -> Result<Outcome<T>, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: Future<Output = Result<T, E>>,
+    {
+        self.execute_in::<OkOnly, T, E, F>(tx.transaction(), options, call.prepare(), body)
+            .await
+    }
+
+    pub(crate) async fn execute_in<R, T, E, F>(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        options: &Options,
+        call: Prepared,
+        body: F,
+    ) -> Result<Outcome<T>, E>
+    where
+        R: Recording<T, E>,
+        E: From<Error>,
+        F: Future<Output = Result<T, E>>,
+    {
+        let mut trace = CallTrace::start(call.name);
+        let (key, fingerprint) = match options.validate().and(call.target) {
+            Ok(target) => target,
+            Err(error) => {
+                trace.emit(CallOutcome::InvalidInput);
+                return Err(error.into());
+            }
+        };
+        trace.set_key(key);
+        let mut wait_deadline = None;
+        let fence = loop {
+            let claim = match self.claim_in(tx, &key, &fingerprint, options).await {
+                Ok(claim) => claim,
+                Err(error) => {
+                    trace.emit(CallOutcome::StoreError);
+                    return Err(Error::Store(error).into());
+                }
+            };
+            match claim {
+                Claim::Acquired { fence } => break fence,
+                Claim::Completed { output } => {
+                    return match R::decode(&output) {
+                        Ok(result) => {
+                            trace.emit(if trace.waited {
+                                CallOutcome::Waited
+                            } else {
+                                CallOutcome::Replayed
+                            });
+                            result.map(Outcome::Replayed)
+                        }
+                        Err(error) => {
+                            trace.emit(CallOutcome::DecodeError);
+                            Err(Error::Decode(error).into())
+                        }
+                    };
+                }
+                Claim::Mismatch => {
+                    trace.emit(CallOutcome::Mismatch);
+                    return Err(Error::KeyReused.into());
+                }
+                // Held by a call outside any transaction of ours (the non-transactional mode).
+                Claim::InProgress { retry_after } => {
+                    let OnConflict::Wait { timeout } = options.get_on_conflict() else {
+                        trace.emit(CallOutcome::Conflict);
+                        return Err(Error::Conflict { retry_after }.into());
+                    };
+                    let deadline =
+                        *wait_deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    if left.is_zero() {
+                        trace.emit(CallOutcome::Conflict);
+                        return Err(Error::Conflict { retry_after }.into());
+                    }
+                    trace.waited = true;
+                    if let Err(error) = self.wait(&key, left).await {
+                        trace.emit(CallOutcome::StoreError);
+                        return Err(Error::Store(error).into());
+                    }
+                }
+            }
+        };
+
+        let result = body.await;
+        let bytes = match encode_result::<R, T, E>(&result, options) {
+            Encoded::Record(bytes) => bytes,
+            Encoded::NotRecorded => {
+                self.release_in(tx, &key, fence).await;
+                trace.emit(CallOutcome::Failed);
+                return result.map(Outcome::Executed);
+            }
+            Encoded::Refused(error) => {
+                self.release_in(tx, &key, fence).await;
+                trace.emit(CallOutcome::EncodeError);
+                return Err(error.into());
+            }
+        };
+        let completed = tx
+            .query(
+                &self.statements.complete,
+                &[
+                    &key.as_bytes().as_slice(),
+                    &super::fence_param(fence),
+                    &bytes,
+                    &millis(options.get_ttl()),
+                ],
+            )
+            .await;
+        match completed {
+            Ok(rows) if !rows.is_empty() => {
+                trace.emit(CallOutcome::Executed);
+                result.map(Outcome::Executed)
+            }
+            Ok(_) => {
+                trace.emit(CallOutcome::Fenced);
+                result.map(Outcome::Unrecorded)
+            }
+            // The transaction is unusable now: it will not commit, so neither will the body's
+            // writes. Say so rather than hand back a value whose effects will be rolled back.
+            Err(error) => {
+                trace.emit(CallOutcome::StoreError);
+                Err(Error::Store(from_pg(
+                    "could not record the result in the transaction",
+                    error,
+                ))
+                .into())
+            }
+        }
+    }
+
+    async fn claim_in(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        key: &StorageKey,
+        fingerprint: &crate::fingerprint::Fingerprint,
+        options: &Options,
+    ) -> Result<Claim, StoreError> {
+        let key_param = key.as_bytes().as_slice();
+        let fingerprint_param = fingerprint.as_bytes().as_slice();
+        let lease = millis(options.get_lease());
+        for _ in 0..CLAIM_ATTEMPTS {
+            let rows = tx
+                .query(
+                    &self.statements.claim,
+                    &[&key_param, &fingerprint_param, &lease],
+                )
+                .await
+                .map_err(|error| from_pg("the claim failed in the transaction", error))?;
+            if let Some(claim) = judge_claim(&rows, key, fingerprint)? {
+                return Ok(claim);
+            }
+        }
+        Err(StoreError::Backend {
+            message: format!("the record under key {key} kept changing during the claim"),
+            source: None,
+        })
+    }
+
+    /// Deletes the claim again; should it fail, the caller's rollback removes it anyway.
+    async fn release_in(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        key: &StorageKey,
+        fence: Fence,
+    ) {
+        let released = tx
+            .query(
+                &self.statements.release,
+                &[&key.as_bytes().as_slice(), &super::fence_param(fence)],
+            )
+            .await;
+        if let Err(error) = released {
+            tracing::warn!(target: "idempotent", %error, "could not delete a claim in the transaction; rolling it back removes it");
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The PostgreSQL store against a real server started for these tests.
+#![cfg(feature = "postgres")]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use idempotent_core::conformance::Harness;
+use idempotent_core::stores::postgres::PostgresStore;
+use idempotent_core::{Call, Claim, Fingerprint, Idempotency, StorageKey, Store, StoreError};
+use idempotent_test_support::{PostgresServer, shared_postgres};
+use support::{AppError, Runs};
+
+/// A store on a database of its own in the shared server.
+async fn fresh_store(prefix: &str) -> (Arc<PostgresStore>, String) {
+    let url = shared_postgres().create_unique_database(prefix);
+    let store = PostgresStore::builder(&url)
+        .max_connections(4)
+        .build()
+        .await
+        .expect("connect and create the tables");
+    (Arc::new(store), url)
+}
+
+async fn conformance_harness() -> Harness {
+    let (store, _) = fresh_store("conformance").await;
+    Harness::with_real_time(store, Duration::from_millis(300))
+}
+
+idempotent_core::conformance_suite!(conformance_harness().await);
+
+fn database_of(url: &str) -> &str {
+    url.rsplit('/').next().expect("a database in the URL")
+}
+
+/// Statements the store ran in `database`, by pg_stat_statements.
+fn statements_run(server: &PostgresServer, database: &str) -> u64 {
+    let count = server.psql_in(
+        database,
+        "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND query NOT ILIKE '%pg_stat_statements%'",
+    );
+    count.trim().parse().expect("a count")
+}
+
+#[tokio::test]
+async fn a_replay_is_one_statement_and_a_first_call_two() {
+    let server = shared_postgres();
+    let (store, url) = fresh_store("statements").await;
+    let database = database_of(&url);
+    server.psql_in(
+        database,
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+    );
+    let engine = Idempotency::new(store);
+    let runs = Runs::default();
+    let body = || async {
+        runs.hit();
+        Ok::<_, AppError>("receipt".to_string())
+    };
+    let call = Call::new("pg::statements", Fingerprint::of(&1).unwrap()).key("order-1");
+
+    server.psql_in(database, "SELECT pg_stat_statements_reset()");
+    assert!(!engine.run(call, body()).await.unwrap().is_replayed());
+    assert_eq!(statements_run(server, database), 2, "claim and complete");
+
+    server.psql_in(database, "SELECT pg_stat_statements_reset()");
+    assert!(engine.run(call, body()).await.unwrap().is_replayed());
+    assert_eq!(
+        statements_run(server, database),
+        1,
+        "the claim answers the replay"
+    );
+    assert_eq!(runs.count(), 1);
+}
+
+#[tokio::test]
+async fn waiters_are_woken_by_notify_not_by_polling() {
+    let server = shared_postgres();
+    let (store, url) = fresh_store("listen").await;
+    let database = database_of(&url);
+    server.psql_in(
+        database,
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+    );
+    let key = StorageKey::derive("pg::wait", None, b"k").unwrap();
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let hour = Duration::from_secs(3600);
+    let Claim::Acquired { fence } = store.claim(&key, &fingerprint, hour).await.unwrap() else {
+        panic!("a fresh key is free");
+    };
+    server.psql_in(database, "SELECT pg_stat_statements_reset()");
+    let waiter = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.wait(&key, Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the holder is alive and its lease is an hour"
+    );
+    let looks = statements_run(server, database);
+    assert!(
+        looks <= 2,
+        "LISTEN and one look at the record, no polling: {looks} statements"
+    );
+
+    store
+        .complete(&key, fence, b"{}".to_vec(), hour)
+        .await
+        .unwrap();
+    let woken = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+    assert!(
+        woken.is_ok(),
+        "the completion's notification wakes the waiter"
+    );
+}
+
+#[tokio::test]
+async fn the_schema_is_versioned_and_a_newer_one_is_refused() {
+    let server = shared_postgres();
+    let (store, url) = fresh_store("schema").await;
+    let database = database_of(&url);
+    assert_eq!(
+        server
+            .psql_in(database, "SELECT version FROM idempotent_records_schema")
+            .trim(),
+        "1"
+    );
+    drop(store);
+    // A second store on the same tables (another process, or a restart) accepts them.
+    PostgresStore::builder(&url)
+        .build()
+        .await
+        .expect("same schema");
+
+    server.psql_in(
+        database,
+        "UPDATE idempotent_records_schema SET version = 99",
+    );
+    let error = PostgresStore::builder(&url).build().await.unwrap_err();
+    assert!(error.to_string().contains("schema version 99"), "{error}");
+}
+
+#[tokio::test]
+async fn corrupt_rows_are_a_typed_error_and_can_be_purged() {
+    let server = shared_postgres();
+    let (store, url) = fresh_store("corrupt").await;
+    let database = database_of(&url);
+    let key = StorageKey::derive("pg::corrupt", None, b"k").unwrap();
+    let hex = key.to_hex();
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lease = Duration::from_secs(30);
+    let insert = |fingerprint: &str, state: i32, output: &str, format: i32| {
+        server.psql_in(
+            database,
+            &format!("DELETE FROM idempotent_records WHERE key = '\\x{hex}'"),
+        );
+        server.psql_in(
+            database,
+            &format!(
+                "INSERT INTO idempotent_records VALUES ('\\x{hex}', '\\x{fingerprint}', 1, {state},
+                 now() + interval '1 hour', {output}, {format})"
+            ),
+        );
+    };
+    let ours = "01".repeat(32);
+    for (fingerprint_hex, state, output, format) in [
+        (ours.as_str(), 1, "'\\x7b7d'", 9), // a record format from the future
+        (ours.as_str(), 7, "NULL", 1),      // an unknown state
+        ("0102", 1, "'\\x7b7d'", 1),        // a fingerprint of the wrong length
+        (ours.as_str(), 1, "NULL", 1),      // completed without output
+    ] {
+        insert(fingerprint_hex, state, output, format);
+        match store.claim(&key, &fingerprint, lease).await {
+            Err(StoreError::Corrupt { key: at, message }) => {
+                assert_eq!(at, hex);
+                assert!(!message.is_empty());
+            }
+            other => panic!("state {state}, format {format}: expected Corrupt, got {other:?}"),
+        }
+    }
+    server.psql_in(
+        database,
+        &format!("DELETE FROM idempotent_records WHERE key = '\\x{hex}'"),
+    );
+    assert!(matches!(
+        store.claim(&key, &fingerprint, lease).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+}
+
+#[tokio::test]
+async fn an_invalid_table_name_is_refused_before_any_sql() {
+    let url = shared_postgres().create_unique_database("tables");
+    let error = PostgresStore::builder(&url)
+        .table("x; DROP TABLE y")
+        .build()
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("invalid table name"), "{error}");
+}
