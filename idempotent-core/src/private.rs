@@ -157,3 +157,61 @@ impl<T, E> IsResult for Result<T, E> {
     type Ok = T;
     type Err = E;
 }
+
+#[cfg(feature = "postgres")]
+pub use postgres_mode::*;
+
+#[cfg(feature = "postgres")]
+mod postgres_mode {
+    use super::*;
+    use crate::stores::postgres::{PostgresStore, PostgresTransaction};
+
+    /// What `store = ...` accepts in the transactional mode.
+    #[diagnostic::on_unimplemented(
+        message = "`tx = ...` needs `store = ...` to be a `PostgresStore`, found `{Self}`",
+        label = "not a `PostgresStore` (or an `Arc` or reference to one)"
+    )]
+    pub trait PostgresStoreHandle {
+        fn postgres_store(&self) -> &PostgresStore;
+    }
+
+    impl PostgresStoreHandle for PostgresStore {
+        fn postgres_store(&self) -> &PostgresStore {
+            self
+        }
+    }
+
+    impl PostgresStoreHandle for Arc<PostgresStore> {
+        fn postgres_store(&self) -> &PostgresStore {
+            self
+        }
+    }
+
+    impl<T: PostgresStoreHandle + ?Sized> PostgresStoreHandle for &T {
+        fn postgres_store(&self) -> &PostgresStore {
+            (**self).postgres_store()
+        }
+    }
+
+    pub fn postgres_store<S: PostgresStoreHandle + ?Sized>(store: &S) -> &PostgresStore {
+        store.postgres_store()
+    }
+
+    pub async fn run_in_transaction<T, E, F>(
+        store: &PostgresStore,
+        tx: &(impl PostgresTransaction + ?Sized),
+        options: &Options,
+        call: Prepared,
+        body: F,
+    ) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: Future<Output = Result<T, E>>,
+    {
+        store
+            .execute_in::<OkOnly, T, E, F>(tx.transaction(), options, call, body)
+            .await
+            .map(crate::Outcome::into_value)
+    }
+}

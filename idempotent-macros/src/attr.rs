@@ -22,6 +22,7 @@ const OPTIONS: &[&str] = &[
     "on_conflict",
     "cache_errors",
     "crate",
+    "tx",
 ];
 
 /// The runtime's defaults, needed here only to check `lease` against an unset `ttl` (and the
@@ -54,6 +55,8 @@ pub(crate) struct Attr {
     pub(crate) on_conflict: Option<OnConflict>,
     pub(crate) cache_errors: bool,
     pub(crate) krate: Option<Path>,
+    /// The argument holding the caller's PostgreSQL transaction (transactional mode).
+    pub(crate) tx: Option<Ident>,
     seen: Vec<String>,
 }
 
@@ -139,6 +142,18 @@ impl Attr {
                         None
                     }
                 };
+            }
+            "tx" => {
+                let value: Expr = meta.value()?.parse()?;
+                match &value {
+                    Expr::Path(path) if path.path.get_ident().is_some() => {
+                        self.tx = path.path.get_ident().cloned();
+                    }
+                    _ => errors.error_spanned_by(
+                        &value,
+                        "`tx` takes the name of the argument that holds the transaction, e.g. `tx = tx`",
+                    ),
+                }
             }
             "crate" => {
                 let value = meta.value()?;

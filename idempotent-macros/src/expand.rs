@@ -64,11 +64,14 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
     let key = key_bytes_of(&attr.key);
     let scope = key_bytes_of(&attr.scope);
 
-    let store_init = match &attr.store {
-        Some(expr) => quote_spanned! {expr.span()=>
+    let store_init = match (&attr.store, &attr.tx) {
+        (Some(expr), Some(_)) => quote_spanned! {expr.span()=>
+            let #store = #private::postgres_store(&(#expr));
+        },
+        (Some(expr), None) => quote_spanned! {expr.span()=>
             let #store = &#private::store_handle(&(#expr));
         },
-        None => quote!(let #store = #private::default_store();),
+        (None, _) => quote!(let #store = #private::default_store();),
     };
 
     let ttl = attr
@@ -84,10 +87,16 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
         Some(OnConflict::Wait) | None => None,
     };
 
-    let runner = if attr.cache_errors {
-        quote!(run_caching_errors)
-    } else {
-        quote!(run)
+    // In the transactional mode the body sees the transaction through a shared reborrow
+    // (`tx` shadowed with the user's own name), so the engine can write in it too.
+    let (runner, tx_arg, tx_reborrow) = match &attr.tx {
+        Some(tx) => (
+            quote!(run_in_transaction),
+            quote!(#tx,),
+            quote!(let #tx = &*#tx;),
+        ),
+        None if attr.cache_errors => (quote!(run_caching_errors), quote!(), quote!()),
+        None => (quote!(run), quote!(), quote!()),
     };
     let output = &checked.output;
     let destructure = checked.arguments.iter().filter_map(|arg| {
@@ -106,7 +115,7 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
     };
     let private_at_output = respan(private.clone(), output.span());
     let run = quote_spanned! {output.span()=>
-        #private_at_output::#runner #turbofish (#store, &#options, #prepared, async move {
+        #private_at_output::#runner #turbofish (#store, #tx_arg &#options, #prepared, async move {
             #[allow(
                 unknown_lints,
                 unreachable_code,
@@ -141,6 +150,7 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
                 }
             };
             #store_init
+            #tx_reborrow
             let #options = #private::Options::new() #ttl #lease #on_conflict;
             #run
         }

@@ -109,10 +109,37 @@ pub(crate) fn check(attr: &Attr, function: &ItemFn, errors: &Errors) -> Option<C
             );
         }
     }
+    if let Some(tx) = &attr.tx {
+        if !arguments
+            .iter()
+            .any(|arg| arg.pattern.is_none() && arg.binding == *tx)
+        {
+            errors.error_spanned_by(
+                tx,
+                format!(
+                    "`tx = {tx}`: the function has no argument named `{tx}` to hold the transaction"
+                ),
+            );
+        }
+        if attr.store.is_none() {
+            errors.error_spanned_by(
+                tx,
+                "`tx = ...` needs `store = ...` naming the `PostgresStore` the records are kept in",
+            );
+        }
+        if attr.cache_errors {
+            errors.error_spanned_by(
+                tx,
+                "`cache_errors` cannot be combined with `tx`: an error's transaction is rolled back, and its record with it",
+            );
+        }
+    }
     let arguments = arguments
         .into_iter()
         .map(|mut arg| {
-            arg.skipped = arg.pattern.is_none() && attr.skip.contains(&arg.binding);
+            // The transaction is how the call runs, not what it is: never fingerprinted.
+            arg.skipped = arg.pattern.is_none()
+                && (attr.skip.contains(&arg.binding) || attr.tx.as_ref() == Some(&arg.binding));
             arg
         })
         .collect();

@@ -1,0 +1,213 @@
+//! The transactional mode (`tx = tx`): the claim and the recorded result are written in the
+//! caller's transaction, so business writes and the record commit together or not at all.
+#![cfg(feature = "postgres")]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use idempotent_core::stores::postgres::PostgresStore;
+use idempotent_core::{Error, idempotent};
+use idempotent_test_support::shared_postgres;
+use tokio_postgres::{Client, NoTls, Transaction};
+
+#[derive(Debug)]
+enum ShopError {
+    Declined,
+    Database(#[allow(dead_code)] tokio_postgres::Error),
+    Idempotency(Error),
+}
+
+impl From<Error> for ShopError {
+    fn from(error: Error) -> Self {
+        ShopError::Idempotency(error)
+    }
+}
+
+impl From<tokio_postgres::Error> for ShopError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        ShopError::Database(error)
+    }
+}
+
+struct Shop {
+    store: Arc<PostgresStore>,
+    executions: AtomicU32,
+}
+
+impl Shop {
+    /// Inserts the order in the caller's transaction; `decline` makes it fail after the insert.
+    #[idempotent(key = order_id, store = self.store, tx = tx, skip(decline))]
+    async fn create_order(
+        &self,
+        tx: &mut Transaction<'_>,
+        order_id: String,
+        amount: i64,
+        decline: bool,
+    ) -> Result<String, ShopError> {
+        self.executions.fetch_add(1, Ordering::SeqCst);
+        tx.execute(
+            "INSERT INTO orders (id, amount) VALUES ($1, $2)",
+            &[&order_id, &amount],
+        )
+        .await?;
+        if decline {
+            return Err(ShopError::Declined);
+        }
+        Ok(format!("order {order_id} for {amount}"))
+    }
+
+    fn executions(&self) -> u32 {
+        self.executions.load(Ordering::SeqCst)
+    }
+}
+
+async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+/// A shop on a database of its own, with its orders table.
+async fn shop() -> (Shop, String) {
+    let url = shared_postgres().create_unique_database("tx");
+    connect(&url)
+        .await
+        .batch_execute("CREATE TABLE orders (id text PRIMARY KEY, amount bigint NOT NULL)")
+        .await
+        .unwrap();
+    let store = PostgresStore::builder(&url)
+        .max_connections(4)
+        .build()
+        .await
+        .unwrap();
+    (
+        Shop {
+            store: Arc::new(store),
+            executions: AtomicU32::new(0),
+        },
+        url,
+    )
+}
+
+async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+async fn orders_and_records(url: &str) -> (i64, i64) {
+    let client = connect(url).await;
+    (
+        count(&client, "SELECT count(*) FROM orders").await,
+        count(&client, "SELECT count(*) FROM idempotent_records").await,
+    )
+}
+
+#[tokio::test]
+async fn committed_together_and_replayed_in_a_later_transaction() {
+    let (shop, url) = shop().await;
+    let mut client = connect(&url).await;
+    for _ in 0..3 {
+        let mut tx = client.transaction().await.unwrap();
+        let receipt = shop
+            .create_order(&mut tx, "A-1".into(), 100, false)
+            .await
+            .unwrap();
+        assert_eq!(receipt, "order A-1 for 100");
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(shop.executions(), 1);
+    assert_eq!(orders_and_records(&url).await, (1, 1));
+
+    let mut tx = client.transaction().await.unwrap();
+    let reused = shop.create_order(&mut tx, "A-1".into(), 999, false).await;
+    assert!(
+        matches!(reused, Err(ShopError::Idempotency(Error::KeyReused))),
+        "{reused:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_body_that_fails_after_its_insert_leaves_neither_row_nor_record() {
+    let (shop, url) = shop().await;
+    let mut client = connect(&url).await;
+    let mut tx = client.transaction().await.unwrap();
+    let declined = shop.create_order(&mut tx, "B-1".into(), 100, true).await;
+    assert!(matches!(declined, Err(ShopError::Declined)), "{declined:?}");
+    tx.rollback().await.unwrap();
+    assert_eq!(orders_and_records(&url).await, (0, 0));
+
+    // The key is free: a retry runs.
+    let mut tx = client.transaction().await.unwrap();
+    shop.create_order(&mut tx, "B-1".into(), 100, false)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(orders_and_records(&url).await, (1, 1));
+    assert_eq!(shop.executions(), 2);
+}
+
+#[tokio::test]
+async fn sixteen_concurrent_transactions_with_one_key_make_one_order() {
+    let (shop, url) = shop().await;
+    let shop = Arc::new(shop);
+    let callers: Vec<_> = (0..16)
+        .map(|_| {
+            let (shop, url) = (Arc::clone(&shop), url.clone());
+            tokio::spawn(async move {
+                let mut client = connect(&url).await;
+                let mut tx = client.transaction().await.unwrap();
+                let receipt = shop.create_order(&mut tx, "C-1".into(), 250, false).await;
+                tx.commit().await.unwrap();
+                receipt
+            })
+        })
+        .collect();
+    let mut receipts = Vec::new();
+    for caller in callers {
+        receipts.push(caller.await.unwrap().expect("every caller gets the order"));
+    }
+    receipts.dedup();
+    assert_eq!(receipts, ["order C-1 for 250"]);
+    assert_eq!(shop.executions(), 1);
+    assert_eq!(orders_and_records(&url).await, (1, 1));
+}
+
+#[tokio::test]
+async fn a_connection_lost_before_commit_leaves_nothing_and_the_retry_runs_once() {
+    let (shop, url) = shop().await;
+    let mut doomed = connect(&url).await;
+    let pid: i32 = doomed
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut tx = doomed.transaction().await.unwrap();
+    shop.create_order(&mut tx, "D-1".into(), 100, false)
+        .await
+        .unwrap();
+    // The connection dies after the business insert and the record, before the commit.
+    connect(&url)
+        .await
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    assert!(
+        tx.commit().await.is_err(),
+        "the commit cannot reach the server"
+    );
+    assert_eq!(orders_and_records(&url).await, (0, 0));
+
+    let mut client = connect(&url).await;
+    for _ in 0..2 {
+        let mut tx = client.transaction().await.unwrap();
+        shop.create_order(&mut tx, "D-1".into(), 100, false)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(
+        shop.executions(),
+        2,
+        "the lost attempt, then exactly one more"
+    );
+    assert_eq!(orders_and_records(&url).await, (1, 1));
+}
