@@ -6,22 +6,34 @@ use idempotent_core::Store;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    #[cfg(feature = "postgres")]
+    Postgres,
     #[cfg(feature = "redis")]
     Redis,
+    #[cfg(feature = "sqlite")]
+    Sqlite,
 }
 
 impl Kind {
     pub fn name(self) -> &'static str {
         match self {
+            #[cfg(feature = "postgres")]
+            Kind::Postgres => "postgres",
             #[cfg(feature = "redis")]
             Kind::Redis => "redis",
+            #[cfg(feature = "sqlite")]
+            Kind::Sqlite => "sqlite",
         }
     }
 
     pub fn from_name(name: &str) -> Kind {
         match name {
+            #[cfg(feature = "postgres")]
+            "postgres" => Kind::Postgres,
             #[cfg(feature = "redis")]
             "redis" => Kind::Redis,
+            #[cfg(feature = "sqlite")]
+            "sqlite" => Kind::Sqlite,
             other => panic!("unknown store kind {other:?}"),
         }
     }
@@ -30,11 +42,24 @@ impl Kind {
 /// Connects to the store; must run inside a Tokio runtime.
 pub async fn connect(kind: Kind, url: &str) -> Arc<dyn Store> {
     match kind {
+        #[cfg(feature = "postgres")]
+        Kind::Postgres => Arc::new(
+            idempotent_core::stores::postgres::PostgresStore::builder(url)
+                .max_connections(8)
+                .build()
+                .await
+                .expect("connect to PostgreSQL"),
+        ),
         #[cfg(feature = "redis")]
         Kind::Redis => Arc::new(
             idempotent_core::stores::redis::RedisStore::builder(url)
                 .build()
                 .expect("a valid Redis URL"),
+        ),
+        #[cfg(feature = "sqlite")]
+        Kind::Sqlite => Arc::new(
+            idempotent_core::stores::sqlite::SqliteStore::open(url)
+                .expect("open the SQLite database"),
         ),
     }
 }
@@ -44,6 +69,22 @@ pub async fn connect(kind: Kind, url: &str) -> Arc<dyn Store> {
 pub async fn current_fence(kind: Kind, url: &str, key: &str) -> u64 {
     let storage_key = crate::child::storage_key(key);
     match kind {
+        #[cfg(feature = "postgres")]
+        Kind::Postgres => {
+            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .expect("connect to PostgreSQL");
+            tokio::spawn(connection);
+            let fence: i64 = client
+                .query_one(
+                    "SELECT fence FROM idempotent_records WHERE key = $1",
+                    &[&storage_key.as_bytes().as_slice()],
+                )
+                .await
+                .expect("the record has a fence")
+                .get(0);
+            fence.try_into().expect("a positive fence")
+        }
         #[cfg(feature = "redis")]
         Kind::Redis => {
             let store = idempotent_core::stores::redis::RedisStore::builder(url)
@@ -61,6 +102,21 @@ pub async fn current_fence(kind: Kind, url: &str, key: &str) -> u64 {
                 .await
                 .expect("the record has a fence");
             fence.parse().expect("a numeric fence")
+        }
+        #[cfg(feature = "sqlite")]
+        Kind::Sqlite => {
+            let connection = rusqlite::Connection::open(url).expect("open the database file");
+            connection
+                .busy_timeout(std::time::Duration::from_secs(5))
+                .expect("set a busy timeout");
+            let fence: i64 = connection
+                .query_row(
+                    "SELECT fence FROM idempotent_records WHERE key = ?1",
+                    [storage_key.as_bytes().as_slice()],
+                    |row| row.get(0),
+                )
+                .expect("the record has a fence");
+            fence.try_into().expect("a non-negative fence")
         }
     }
 }

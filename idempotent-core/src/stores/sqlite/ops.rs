@@ -1,0 +1,235 @@
+//! The protocol's operations, each one `BEGIN IMMEDIATE` transaction on a blocking thread.
+//!
+//! `BEGIN IMMEDIATE` takes the database's write lock before the record is read, so the read,
+//! the decision and the write are one atomic step against every other connection and process.
+//! The time is read once the lock is held.
+
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+
+use super::record::{self, COLUMNS, COMPLETED, FORMAT, IN_PROGRESS, Record, State};
+use crate::error::StoreError;
+use crate::fingerprint::Fingerprint;
+use crate::key::StorageKey;
+use crate::store::{Claim, Fence, FencedWrite};
+
+/// A rusqlite error, with what was being done; mapped to a store error by the caller.
+pub(super) struct Failed(pub(super) &'static str, pub(super) rusqlite::Error);
+
+/// What an operation returns before rusqlite errors are mapped.
+pub(super) type OpResult<T> = Result<Result<T, StoreError>, Failed>;
+
+fn fail(what: &'static str) -> impl Fn(rusqlite::Error) -> Failed {
+    move |error| Failed(what, error)
+}
+
+fn begin(connection: &mut Connection) -> Result<Transaction<'_>, Failed> {
+    connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(fail("could not begin a write transaction"))
+}
+
+fn commit(transaction: Transaction<'_>) -> Result<(), Failed> {
+    transaction
+        .commit()
+        .map_err(fail("could not commit a write transaction"))
+}
+
+/// The record under `key`, if any; a row that does not fit is `Corrupt`.
+fn read(connection: &Connection, key: &StorageKey, want_output: bool) -> OpResult<Option<Record>> {
+    let mut statement = connection
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM idempotent_records WHERE key = ?1"
+        ))
+        .map_err(fail("could not prepare a read"))?;
+    let record = statement
+        .query_row([key.as_bytes().as_slice()], |row| {
+            Record::from_row(row, key, want_output)
+        })
+        .optional()
+        .map_err(fail("could not read a record"))?;
+    Ok(record.transpose())
+}
+
+/// A fence larger than every fence handed out from this database, and than `old`.
+fn next_fence(transaction: &Transaction<'_>, old: Option<i64>) -> OpResult<i64> {
+    let last: Option<i64> = transaction
+        .query_row(
+            "SELECT last FROM idempotent_fence WHERE id = 1",
+            [],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(fail("could not read the fence counter"))?;
+    let Some(fence) = last.unwrap_or(0).max(old.unwrap_or(0)).checked_add(1) else {
+        return Ok(Err(StoreError::Backend {
+            message: "the SQLite store's fence counter is exhausted".to_string(),
+            source: None,
+        }));
+    };
+    transaction
+        .prepare_cached(
+            "INSERT INTO idempotent_fence (id, last) VALUES (1, ?1)
+             ON CONFLICT (id) DO UPDATE SET last = excluded.last",
+        )
+        .and_then(|mut statement| statement.execute([fence]))
+        .map_err(fail("could not advance the fence counter"))?;
+    Ok(Ok(fence))
+}
+
+pub(super) fn claim(
+    connection: &mut Connection,
+    key: &StorageKey,
+    fingerprint: &Fingerprint,
+    lease: Duration,
+) -> OpResult<Claim> {
+    let transaction = begin(connection)?;
+    let now = record::now_ms();
+    let existing = match read(&transaction, key, true)? {
+        Ok(existing) => existing,
+        Err(corrupt) => return Ok(Err(corrupt)),
+    };
+    if let Some(record) = &existing
+        && record.is_live(now)
+    {
+        // Nothing to write: dropping the transaction ends it.
+        if record.fingerprint != *fingerprint.as_bytes() {
+            return Ok(Ok(Claim::Mismatch));
+        }
+        return Ok(Ok(match &record.state {
+            State::InProgress => Claim::InProgress {
+                retry_after: record::until_from(now, record.until),
+            },
+            State::Completed(output) => Claim::Completed {
+                output: output.clone().unwrap_or_default(),
+            },
+        }));
+    }
+    let fence = match next_fence(&transaction, existing.map(|record| record.fence))? {
+        Ok(fence) => fence,
+        Err(error) => return Ok(Err(error)),
+    };
+    transaction
+        .prepare_cached(
+            "INSERT OR REPLACE INTO idempotent_records
+                 (key, fingerprint, fence, state, until, output, format)
+             VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6)",
+        )
+        .and_then(|mut statement| {
+            statement.execute(params![
+                key.as_bytes().as_slice(),
+                fingerprint.as_bytes().as_slice(),
+                fence,
+                IN_PROGRESS,
+                now.saturating_add(record::millis(lease)),
+                FORMAT,
+            ])
+        })
+        .map_err(fail("could not write a claim"))?;
+    commit(transaction)?;
+    Ok(Ok(Claim::Acquired {
+        // At least 1: one more than a non-negative number.
+        fence: Fence::new(fence.unsigned_abs()),
+    }))
+}
+
+/// Runs a fenced write: `write` is applied only if `fence` holds `key` with a live lease.
+fn fenced(
+    connection: &mut Connection,
+    key: &StorageKey,
+    fence: Fence,
+    write: impl FnOnce(&Transaction<'_>, i64) -> rusqlite::Result<usize>,
+) -> OpResult<FencedWrite> {
+    let transaction = begin(connection)?;
+    let now = record::now_ms();
+    match read(&transaction, key, false)? {
+        Ok(Some(record)) if record.held_by(fence.get(), now) => {}
+        Ok(_) => return Ok(Ok(FencedWrite::Fenced)),
+        Err(corrupt) => return Ok(Err(corrupt)),
+    }
+    write(&transaction, now).map_err(fail("could not write a record"))?;
+    commit(transaction)?;
+    Ok(Ok(FencedWrite::Applied))
+}
+
+pub(super) fn complete(
+    connection: &mut Connection,
+    key: &StorageKey,
+    fence: Fence,
+    output: &[u8],
+    ttl: Duration,
+) -> OpResult<FencedWrite> {
+    fenced(connection, key, fence, |transaction, now| {
+        transaction
+            .prepare_cached(
+                "UPDATE idempotent_records SET state = ?2, until = ?3, output = ?4 WHERE key = ?1",
+            )?
+            .execute(params![
+                key.as_bytes().as_slice(),
+                COMPLETED,
+                now.saturating_add(record::millis(ttl)),
+                output,
+            ])
+    })
+}
+
+pub(super) fn release(
+    connection: &mut Connection,
+    key: &StorageKey,
+    fence: Fence,
+) -> OpResult<FencedWrite> {
+    fenced(connection, key, fence, |transaction, _| {
+        transaction
+            .prepare_cached("DELETE FROM idempotent_records WHERE key = ?1")?
+            .execute([key.as_bytes().as_slice()])
+    })
+}
+
+pub(super) fn extend(
+    connection: &mut Connection,
+    key: &StorageKey,
+    fence: Fence,
+    lease: Duration,
+) -> OpResult<FencedWrite> {
+    fenced(connection, key, fence, |transaction, now| {
+        transaction
+            .prepare_cached("UPDATE idempotent_records SET until = ?2 WHERE key = ?1")?
+            .execute(params![
+                key.as_bytes().as_slice(),
+                now.saturating_add(record::millis(lease)),
+            ])
+    })
+}
+
+/// How long `key`'s lease still runs, if it is in progress: a plain read, which in WAL mode
+/// neither waits for writers nor holds them up.
+pub(super) fn lease_left(
+    connection: &mut Connection,
+    key: &StorageKey,
+) -> OpResult<Option<Duration>> {
+    let record = match read(connection, key, false)? {
+        Ok(record) => record,
+        Err(corrupt) => return Ok(Err(corrupt)),
+    };
+    let now = record::now_ms();
+    Ok(Ok(record.and_then(|record| {
+        (matches!(record.state, State::InProgress) && record.is_live(now))
+            .then(|| record::until_from(now, record.until))
+    })))
+}
+
+/// Deletes the records whose lease or expiry has passed. Rows of a format or state this release
+/// does not know are left for an operator to look at.
+pub(super) fn purge(connection: &mut Connection) -> OpResult<u64> {
+    let transaction = begin(connection)?;
+    let purged = transaction
+        .execute(
+            "DELETE FROM idempotent_records
+             WHERE until <= ?1 AND format = ?2 AND state IN (?3, ?4)",
+            params![record::now_ms(), FORMAT, IN_PROGRESS, COMPLETED],
+        )
+        .map_err(fail("could not purge expired records"))?;
+    commit(transaction)?;
+    Ok(Ok(purged as u64))
+}
