@@ -130,7 +130,7 @@ impl PostgresStoreBuilder {
 /// A [`Store`] in PostgreSQL.
 ///
 /// Besides the [`Store`] protocol (one statement per operation, its own connections), it has a
-/// transactional mode: [`PostgresStore::transactional`] runs a call inside the caller's own
+/// transactional mode: [`PostgresStore::run_in_transaction`] runs a call inside the caller's own
 /// transaction, so the business writes and the record commit together or not at all.
 ///
 /// TLS: this release connects without TLS; keep the database on a private network.

@@ -68,6 +68,12 @@ impl PostgresStore {
     /// ```no_run
     /// use idempotent_core::{Call, Fingerprint, Options, stores::postgres::PostgresStore};
     ///
+    /// #[derive(Debug)]
+    /// enum ShopError { Database(tokio_postgres::Error), Idempotency(idempotent_core::Error) }
+    /// impl From<idempotent_core::Error> for ShopError {
+    ///     fn from(e: idempotent_core::Error) -> Self { ShopError::Idempotency(e) }
+    /// }
+    ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let store = PostgresStore::builder("postgres://app@127.0.0.1/shop").build().await?;
     /// let (mut client, connection) =
@@ -77,13 +83,16 @@ impl PostgresStore {
     /// let call = Call::new("orders::create", Fingerprint::of(&42)?).key("order-42");
     /// let order = store
     ///     .run_in_transaction(&tx, &Options::new(), call, async {
-    ///         tx.execute("INSERT INTO orders (id) VALUES (42)", &[]).await.map_err(|e| e.to_string())?;
-    ///         Ok::<_, String>(42)
+    ///         tx.execute("INSERT INTO orders (id) VALUES (42)", &[])
+    ///             .await
+    ///             .map_err(ShopError::Database)?;
+    ///         Ok::<_, ShopError>(42)
     ///     })
     ///     .await;
-    /// tx.commit().await?;
-    /// # let _ = order; Ok(()) }
-    /// # impl From<idempotent_core::Error> for String { fn from(e: idempotent_core::Error) -> String { e.to_string() } }
+    /// if order.is_ok() {
+    ///     tx.commit().await?;
+    /// }
+    /// # Ok(()) }
     /// ```
     pub async fn run_in_transaction<T, E, F>(
         &self,
