@@ -4,21 +4,28 @@
 //! they cannot tell whether it happened: a request that timed out, a response lost on its way
 //! back, a customer who clicks "Pay" five times. Each repeat could charge the customer again,
 //! so the service's checkout is `#[idempotent]`, keyed by the order id: the first call does the
-//! work, every repeat gets the first call's receipt back. It runs on the in-memory default store.
+//! work, every repeat gets the first call's receipt back.
 //!
 //! The inventory, payment gateway and order book count everything they do, outside the
 //! idempotency store. The ledger at the end is computed from them, and the example exits with
 //! status 1 if an order was charged twice or is missing.
 //!
-//! Run it with `cargo run --example checkout`.
+//! The records live in the in-memory default store, or with `--store sqlite|postgres|redis` in
+//! a durable one. The inventory, payments and orders are in memory and start empty on every
+//! run, so a second run on a durable store charges nothing: every order replays the receipt
+//! the first run recorded (the ledger counts those as replayed from an earlier run).
+//!
+//! Run it with `cargo run --example checkout`, or e.g.
+//! `cargo run --example checkout --features sqlite -- --store sqlite` (see `--help`).
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use idempotent_core::idempotent;
+use idempotent_core::{MemoryStore, Store, idempotent, set_default_store};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout};
@@ -40,9 +47,23 @@ struct Receipt {
     order_id: String,
     charge_id: String,
     amount_cents: u64,
-    /// The number of the request that ran the checkout: a client whose own request has another
-    /// number was given a replay.
+    /// The run and the number of the request that ran the checkout: a client whose own request
+    /// has another number, or whose run is another, was given a replay.
+    run: String,
     executed_by_request: u64,
+}
+
+impl Receipt {
+    /// How the request numbered `request_number` in run `run` came by this receipt.
+    fn how(&self, run: &str, request_number: u64) -> &'static str {
+        if self.run != run {
+            "replayed from an earlier run"
+        } else if self.executed_by_request == request_number {
+            "executed"
+        } else {
+            "replayed"
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -119,8 +140,9 @@ struct Charge {
     amount_cents: u64,
 }
 
-#[derive(Default)]
 struct PaymentGateway {
+    /// Charge ids carry the run's id, so no two runs hand out the same one.
+    run: String,
     charges: Mutex<Vec<Charge>>,
 }
 
@@ -129,7 +151,7 @@ impl PaymentGateway {
     async fn charge(&self, order_id: &str, amount_cents: u64) -> String {
         sleep(Duration::from_millis(50)).await;
         let mut charges = lock(&self.charges);
-        let id = format!("ch_{:04}", charges.len() + 1);
+        let id = format!("ch_{}_{:04}", self.run, charges.len() + 1);
         charges.push(Charge {
             id: id.clone(),
             order_id: order_id.to_owned(),
@@ -155,6 +177,8 @@ impl Orders {
 // ---- The service ------------------------------------------------------------------------------
 
 struct CheckoutService {
+    /// Tells this run's receipts from those an earlier run recorded in a durable store.
+    run: String,
     inventory: Inventory,
     payments: PaymentGateway,
     orders: Orders,
@@ -194,6 +218,7 @@ impl CheckoutService {
             order_id: req.order_id.clone(),
             charge_id,
             amount_cents: req.amount_cents,
+            run: self.run.clone(),
             executed_by_request: request_number,
         })
     }
@@ -282,11 +307,7 @@ impl Client {
             match response {
                 _ if fault == Fault::ResponseLost => println!("{line} response lost, retrying"),
                 Ok(receipt) => {
-                    let how = if receipt.executed_by_request == request_number {
-                        "executed"
-                    } else {
-                        "replayed"
-                    };
+                    let how = receipt.how(&self.service.run, request_number);
                     println!("{line} receipt {} ({how})", receipt.charge_id);
                     return Some(receipt);
                 }
@@ -314,17 +335,156 @@ fn request(order_id: &str, customer: &str, items: &[(&str, u32)], cents: u64) ->
     }
 }
 
+// ---- Where the records live: --store and --url ------------------------------------------------
+
+const USAGE: &str = "\
+usage: checkout [--store memory|sqlite|postgres|redis] [--url URL]
+
+  --store NAME  where the idempotency records live (default: memory)
+  --url URL     where that store is, also read from IDEMPOTENT_STORE_URL:
+                  sqlite    a file path (default: target/checkout.sqlite3)
+                  postgres  e.g. postgres://postgres@127.0.0.1:5432/postgres
+                  redis     e.g. redis://127.0.0.1:6379/
+
+The sqlite, postgres and redis stores need the cargo feature of the same name:
+  cargo run --example checkout --features sqlite -- --store sqlite";
+
+const DEFAULT_SQLITE_PATH: &str = "target/checkout.sqlite3";
+
+/// The store named on the command line, and its URL (none for memory).
+struct StoreChoice {
+    name: String,
+    url: Option<String>,
+}
+
+/// Reads `--store NAME` and `--url URL` (also as `--store=NAME`, `--url=URL`). The error is the
+/// text to print before exiting with status 2.
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<StoreChoice, String> {
+    let usage = |message: String| format!("checkout: {message}\n\n{USAGE}");
+    let (mut name, mut url) = (None, None);
+    while let Some(arg) = args.next() {
+        let (flag, value) = match arg.split_once('=') {
+            Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
+            None => (arg.clone(), None),
+        };
+        let slot = match flag.as_str() {
+            "--store" => &mut name,
+            "--url" => &mut url,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            _ => return Err(usage(format!("unknown argument {arg:?}"))),
+        };
+        let value = value.or_else(|| args.next());
+        *slot = Some(value.ok_or_else(|| usage(format!("{flag} needs a value")))?);
+    }
+    let name = name.unwrap_or_else(|| "memory".to_owned());
+    let built = match name.as_str() {
+        "memory" => true,
+        "sqlite" => cfg!(feature = "sqlite"),
+        "postgres" => cfg!(feature = "postgres"),
+        "redis" => cfg!(feature = "redis"),
+        _ => return Err(usage(format!("unknown store {name:?}"))),
+    };
+    if !built {
+        return Err(format!(
+            "checkout: this build has no {name} store: run with --features {name}"
+        ));
+    }
+    if name == "memory" {
+        return match url {
+            Some(_) => Err(usage("the memory store takes no --url".to_owned())),
+            None => Ok(StoreChoice { name, url }),
+        };
+    }
+    let url = url.or_else(|| std::env::var("IDEMPOTENT_STORE_URL").ok());
+    let url = match (name.as_str(), url) {
+        (_, Some(url)) => url,
+        ("sqlite", None) => DEFAULT_SQLITE_PATH.to_owned(),
+        (_, None) => {
+            let message = format!("--store {name} needs --url URL or IDEMPOTENT_STORE_URL");
+            return Err(usage(message));
+        }
+    };
+    Ok(StoreChoice {
+        name,
+        url: Some(url),
+    })
+}
+
+/// Opens the chosen store. `parse_args` only lets through the stores this build has.
+async fn open_store(choice: &StoreChoice) -> Result<Arc<dyn Store>, idempotent_core::StoreError> {
+    Ok(match (choice.name.as_str(), choice.url.as_deref()) {
+        ("memory", _) => Arc::new(MemoryStore::new()),
+        #[cfg(feature = "sqlite")]
+        ("sqlite", Some(path)) => {
+            if let Some(dir) = std::path::Path::new(path).parent() {
+                // A missing directory is reported by the store, with the path.
+                let _ = std::fs::create_dir_all(dir);
+            }
+            Arc::new(idempotent_core::stores::sqlite::SqliteStore::open(path)?)
+        }
+        #[cfg(feature = "postgres")]
+        ("postgres", Some(url)) => {
+            let builder = idempotent_core::stores::postgres::PostgresStore::builder(url);
+            Arc::new(builder.build().await?) // creates its tables if missing
+        }
+        #[cfg(feature = "redis")]
+        ("redis", Some(url)) => {
+            Arc::new(idempotent_core::stores::redis::RedisStore::builder(url).build()?)
+        }
+        (other, _) => unreachable!("parse_args let through the {other} store"),
+    })
+}
+
+impl fmt::Display for StoreChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(url) = &self.url else {
+            return write!(f, "{} (records die with this process)", self.name);
+        };
+        // Leave a password in the URL out of the output.
+        let shown = if let Some((scheme, rest)) = url.split_once("://")
+            && let Some((user_info, host)) = rest.split_once('@')
+            && let Some((user, _password)) = user_info.split_once(':')
+        {
+            format!("{scheme}://{user}:***@{host}")
+        } else {
+            url.clone()
+        };
+        write!(f, "{} at {shown} (records outlive this run)", self.name)
+    }
+}
+
 // ---- The story --------------------------------------------------------------------------------
 
 #[tokio::main]
 async fn main() {
+    let choice = parse_args(std::env::args().skip(1)).unwrap_or_else(|message| {
+        eprintln!("{message}");
+        std::process::exit(2);
+    });
+    let store = open_store(&choice).await.unwrap_or_else(|error| {
+        eprintln!("checkout: cannot open the {} store: {error}", choice.name);
+        std::process::exit(1);
+    });
+    // Before the first call: the service's #[idempotent] checkout uses the default store.
+    set_default_store(store).expect("no idempotent call has run yet");
+    // std's hash keys are random per process: an id for this run, with no extra dependency.
+    let run = format!("{:06x}", RandomState::new().hash_one("run") & 0xff_ffff);
+    println!("run {run}, store: {choice}");
+
     let stock = [("mug", 10), ("tea", 20), ("lamp", 1)].map(|(sku, n)| (sku.to_owned(), n));
     let service = Arc::new(CheckoutService {
+        run: run.clone(),
         inventory: Inventory {
             stock: Mutex::new(stock.into()),
             ..Inventory::default()
         },
-        payments: PaymentGateway::default(),
+        payments: PaymentGateway {
+            run,
+            charges: Mutex::default(),
+        },
         orders: Orders::default(),
         requests: AtomicU64::default(),
         executions: AtomicU64::default(),
@@ -339,7 +499,7 @@ async fn main() {
         request("A-1001", "ada", &[("mug", 2)], 2_400),
         request("A-1002", "brian", &[("tea", 5), ("mug", 1)], 3_150),
         request("A-1003", "chen", &[("lamp", 1)], 8_900),
-        request("A-1004", "dana", &[("lamp", 1)], 8_900), // the only lamp is gone by then
+        request("A-1004", "dana", &[("lamp", 2)], 17_800), // the shop only ever has one lamp
     ];
     let mut client = Client {
         service: Arc::clone(&service),
@@ -359,7 +519,7 @@ async fn main() {
     for click in clicks {
         match click.await.expect("a checkout task panicked") {
             (request_number, Ok(receipt)) => {
-                executed += usize::from(receipt.executed_by_request == request_number);
+                executed += usize::from(receipt.how(&service.run, request_number) == "executed");
                 seen.push(receipt);
             }
             (_, Err(error)) => problems.push(format!("a click on A-1005 failed: {error}")),
@@ -414,7 +574,7 @@ fn ledger(
     let reserved = lock(&service.inventory.reservations);
     let count =
         |journal: &[String], order_id: &str| journal.iter().filter(|id| *id == order_id).count();
-    let mut charged_twice = 0;
+    let (mut charged_twice, mut earlier_runs) = (0, 0);
     for order_id in ORDER_IDS {
         let charge_ids: Vec<&str> = charges
             .iter()
@@ -422,8 +582,17 @@ fn ledger(
             .map(|c| c.id.as_str())
             .collect();
         charged_twice += usize::from(charge_ids.len() > 1);
-        // Every order happens exactly once, except the one that never could.
-        let want = usize::from(order_id != OUT_OF_STOCK);
+        let receipt = receipts.get(order_id);
+        // A receipt for a charge this run never made, for an order it never charged, was
+        // recorded by an earlier run in a durable store: that run did the work, so this one
+        // must not have.
+        let earlier = order_id != OUT_OF_STOCK
+            && charge_ids.is_empty()
+            && receipt.is_some_and(|r| charges.iter().all(|c| c.id != r.charge_id));
+        earlier_runs += usize::from(earlier);
+        // Every order happens exactly once, here or in an earlier run, except the one that
+        // never could.
+        let want = usize::from(order_id != OUT_OF_STOCK && !earlier);
         let done = [
             ("charged", charge_ids.len()),
             ("created", count(&created, order_id)),
@@ -434,11 +603,11 @@ fn ledger(
                 problems.push(format!("order {order_id} was {what} {n} times, not {want}"));
             }
         }
-        match receipts.get(order_id) {
-            None if want == 1 => problems.push(format!(
+        match receipt {
+            None if order_id != OUT_OF_STOCK => problems.push(format!(
                 "order {order_id} is missing: its client got no receipt"
             )),
-            Some(r) if charge_ids != [r.charge_id.as_str()] => problems.push(format!(
+            Some(r) if !earlier && charge_ids != [r.charge_id.as_str()] => problems.push(format!(
                 "order {order_id}: the client holds {} but the payments say {charge_ids:?}",
                 r.charge_id
             )),
@@ -459,19 +628,27 @@ fn ledger(
     println!("  refused, order id reused:         {keys_reused}");
     println!("  answered with a recorded receipt: {prevented}");
     println!("orders charged more than once:      {charged_twice}");
+    println!("orders replayed from earlier runs:  {earlier_runs}");
     let cents: u64 = charges.iter().map(|c| c.amount_cents).sum();
     println!(
-        "charged in total:                   {}.{:02}",
+        "charged in this run:                {}.{:02}",
         cents / 100,
         cents % 100
     );
     println!(
-        "orders: {}, charges: {}, duplicate executions prevented: {prevented}",
+        "orders: {}, charges: {}, replayed from an earlier run: {earlier_runs}, \
+         duplicate executions prevented: {prevented}",
         created.len(),
         charges.len()
     );
     if problems.is_empty() {
-        println!("OK: every order was charged exactly once, and its client holds the receipt");
+        let earlier = match earlier_runs {
+            0 => String::new(),
+            n => format!(" ({n} of them by an earlier run)"),
+        };
+        println!(
+            "OK: every order was charged exactly once{earlier}, and its client holds the receipt"
+        );
     } else {
         for problem in &problems {
             println!("WRONG: {problem}");
