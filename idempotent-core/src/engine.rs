@@ -3,12 +3,13 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::default_store::default_store;
-use crate::error::Error;
+use crate::error::{Error, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::holder::Holder;
 use crate::key::StorageKey;
@@ -414,10 +415,7 @@ where
             return Err(error.into());
         }
     };
-    let write = holder
-        .store()
-        .complete(holder.key(), holder.fence(), bytes, options.get_ttl())
-        .await;
+    let write = complete_with_retries(&holder, bytes, options).await;
     // Whatever `complete` said, the claim is settled: released on a store error would let a
     // quick retry run the body again while this caller still reports success.
     holder.disarm();
@@ -438,6 +436,39 @@ where
     };
     trace.emit(outcome);
     result.map(Outcome::Unrecorded)
+}
+
+/// Records the result, trying again while the store is unreachable and the lease has time
+/// left: the body has run, and an unrecorded result is one a retry would run again. A second
+/// attempt is safe; if the first one was applied after all, the second is fenced and changes
+/// nothing.
+async fn complete_with_retries(
+    holder: &Holder,
+    bytes: Vec<u8>,
+    options: &Options,
+) -> Result<FencedWrite, StoreError> {
+    let give_up = tokio::time::Instant::now() + options.get_lease() / 2;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let write = holder
+            .store()
+            .complete(
+                holder.key(),
+                holder.fence(),
+                bytes.clone(),
+                options.get_ttl(),
+            )
+            .await;
+        match write {
+            Err(StoreError::Unavailable { .. })
+                if tokio::time::Instant::now() + pause < give_up =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// What to record for a body's result.

@@ -476,3 +476,39 @@ async fn without_a_key_the_fingerprint_is_the_key() {
     );
     assert_eq!(runs.count(), 2);
 }
+
+#[tokio::test]
+async fn a_complete_lost_to_a_dropped_connection_is_tried_again() {
+    let store = Arc::new(support::FlakyComplete {
+        inner: MemoryStore::new(),
+        failures: std::sync::atomic::AtomicU32::new(2),
+    });
+    let engine = engine(store.clone());
+    let runs = Runs::default();
+    assert_eq!(
+        engine.run(call("k"), charge(&runs, "kept")).await.unwrap(),
+        Outcome::Executed("kept".into()),
+        "recorded on the third attempt"
+    );
+    assert_eq!(
+        engine.run(call("k"), charge(&runs, "x")).await.unwrap(),
+        Outcome::Replayed("kept".into())
+    );
+    assert_eq!(runs.count(), 1);
+}
+
+#[tokio::test]
+async fn a_store_that_stays_down_after_the_body_ran_gives_the_value_unrecorded() {
+    let store = Arc::new(support::FlakyComplete {
+        inner: MemoryStore::new(),
+        failures: std::sync::atomic::AtomicU32::new(u32::MAX),
+    });
+    let engine = engine(store).with_options(Options::new().lease(Duration::from_millis(200)));
+    let runs = Runs::default();
+    assert_eq!(
+        engine.run(call("k"), charge(&runs, "done")).await.unwrap(),
+        Outcome::Unrecorded("done".into()),
+        "the body ran: its value is returned, marked as not recorded"
+    );
+    assert_eq!(runs.count(), 1);
+}

@@ -139,3 +139,62 @@ impl fmt::Debug for Unserializable {
         f.write_str("Unserializable")
     }
 }
+
+/// A memory store whose first `failures` completes fail as if the connection dropped.
+#[derive(Debug)]
+pub struct FlakyComplete {
+    pub inner: idempotent_core::MemoryStore,
+    pub failures: AtomicU32,
+}
+
+impl Store for FlakyComplete {
+    fn claim<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fingerprint: &'a Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        self.inner.claim(key, fingerprint, lease)
+    }
+    fn complete<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        output: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        let fail = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return down();
+        }
+        self.inner.complete(key, fence, output, ttl)
+    }
+    fn release<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        self.inner.release(key, fence)
+    }
+    fn extend<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        self.inner.extend(key, fence, lease)
+    }
+    fn wait<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        max: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.wait(key, max)
+    }
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.inner.purge_expired()
+    }
+}
