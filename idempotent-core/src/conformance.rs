@@ -611,11 +611,27 @@ pub async fn stale_fence_is_fenced(h: &Harness) {
             FencedWrite::Fenced,
             &format!("complete with {what} ({fence}) after the current holder completed"),
         );
+        expect_write(
+            h.release(&key, *fence).await,
+            FencedWrite::Fenced,
+            &format!("release with {what} ({fence}) after the current holder completed"),
+        );
+        expect_write(
+            h.extend(&key, *fence, LONG).await,
+            FencedWrite::Fenced,
+            &format!("extend with {what} ({fence}) after the current holder completed"),
+        );
     }
+    // Nor may the current holder's own fence touch its completed record.
+    expect_write(
+        h.release(&key, current).await,
+        FencedWrite::Fenced,
+        "release by the holder after it completed",
+    );
     expect_replay(
         &h.claim(&key, &fp, LONG).await,
         b"current",
-        "a claim after stale completes of a completed key",
+        "a claim after stale completes, releases and extends of a completed key",
     );
 }
 
