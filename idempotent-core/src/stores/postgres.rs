@@ -175,7 +175,13 @@ fn fence_param(fence: Fence) -> i64 {
 }
 
 pub(super) fn from_pg(message: &str, error: tokio_postgres::Error) -> StoreError {
-    if error.is_closed() || error.as_db_error().is_none() {
+    // Connection exceptions (08), operator intervention such as a terminated backend or a
+    // shutdown (57) and exhausted resources (53) pass; anything else is a real failure.
+    let passing = error.as_db_error().is_some_and(|db| {
+        let class = &db.code().code()[..2];
+        matches!(class, "08" | "53" | "57")
+    });
+    if passing || error.is_closed() || error.as_db_error().is_none() {
         StoreError::Unavailable {
             message: format!("{message}: {error}"),
             source: Some(Box::new(error)),
