@@ -493,11 +493,19 @@ pub(crate) fn encode_result<R: Recording<T, E>, T, E>(
         },
     };
     match encoded {
-        Ok(bytes) if bytes.len() <= options.get_max_output_bytes() => Encoded::Record(bytes),
-        Ok(bytes) => Encoded::Refused(Error::OutputTooLarge {
-            size: bytes.len(),
-            limit: options.get_max_output_bytes(),
-        }),
+        Ok(bytes) if bytes.len() > options.get_max_output_bytes() => {
+            Encoded::Refused(Error::OutputTooLarge {
+                size: bytes.len(),
+                limit: options.get_max_output_bytes(),
+            })
+        }
+        // What is recorded must replay: serde_json writes NaN and infinities as `null`, which
+        // no float decodes from, and a hand-written impl can be lopsided. Finding out now
+        // releases the key; finding out on replay would fail every retry for the whole ttl.
+        Ok(bytes) => match R::decode(&bytes) {
+            Ok(_) => Encoded::Record(bytes),
+            Err(error) => Encoded::Refused(Error::Encode(error)),
+        },
         Err(error) => Encoded::Refused(Error::Encode(error)),
     }
 }

@@ -52,9 +52,10 @@ pub enum Error {
     /// [`Outcome::Unrecorded`](crate::Outcome::Unrecorded)).
     #[error("the idempotency store failed, so the call was not run: {0}")]
     Store(#[from] StoreError),
-    /// The body's output could not be serialized as JSON; the key was released.
+    /// The body's output could not be serialized as JSON, or its JSON does not decode back
+    /// (NaN or an infinity, which JSON writes as `null`); the key was released.
     #[error(
-        "the output could not be serialized as JSON, so it was not recorded and the key was released: {0}"
+        "the output could not be recorded as JSON that decodes back to it (NaN and infinities cannot), so the key was released: {0}"
     )]
     Encode(#[source] serde_json::Error),
     /// The body's output is larger than the configured limit; the key was released.

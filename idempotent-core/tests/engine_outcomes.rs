@@ -512,3 +512,44 @@ async fn a_store_that_stays_down_after_the_body_ran_gives_the_value_unrecorded()
     );
     assert_eq!(runs.count(), 1);
 }
+
+#[tokio::test]
+async fn outputs_json_cannot_hold_are_refused_and_the_key_released() {
+    let engine = engine(Arc::new(MemoryStore::new())).with_options(reject());
+    let runs = Runs::default();
+    for (key, value) in [("nan", f64::NAN), ("inf", f64::INFINITY), ("-inf", f64::NEG_INFINITY)] {
+        let error = engine
+            .run(call(key), async {
+                runs.hit();
+                Ok::<_, AppError>(vec![1.0, value])
+            })
+            .await
+            .unwrap_err();
+        assert!(error.idempotency().starts_with("Encode"), "{key}: {error:?}");
+        let retry = engine.run(call(key), async { Ok::<_, AppError>(vec![1.0]) }).await;
+        assert_eq!(retry.unwrap(), Outcome::Executed(vec![1.0]), "{key}: the key was released");
+    }
+    assert_eq!(runs.count(), 3);
+}
+
+#[tokio::test]
+async fn empty_outputs_are_recorded_and_replayed() {
+    let engine = engine(Arc::new(MemoryStore::new()));
+    let runs = Runs::default();
+    let unit = || async {
+        runs.hit();
+        Ok::<(), AppError>(())
+    };
+    assert_eq!(engine.run(call("unit"), unit()).await.unwrap(), Outcome::Executed(()));
+    assert_eq!(engine.run(call("unit"), unit()).await.unwrap(), Outcome::Replayed(()));
+    let empty = || async {
+        runs.hit();
+        Ok::<_, AppError>((String::new(), Vec::<u8>::new()))
+    };
+    assert!(!engine.run(call("empty"), empty()).await.unwrap().is_replayed());
+    assert_eq!(
+        engine.run(call("empty"), empty()).await.unwrap(),
+        Outcome::Replayed((String::new(), Vec::new()))
+    );
+    assert_eq!(runs.count(), 2);
+}
