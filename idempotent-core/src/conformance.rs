@@ -1335,6 +1335,70 @@ pub async fn purge_removes_only_expired(h: &Harness) {
 }
 
 /// Every property in turn, on one harness.
+/// `remove` deletes a record whatever its state and says whether there was one; the key is
+/// then claimable at once, and other keys are untouched.
+pub async fn remove_deletes_any_record(h: &Harness) {
+    let store = h.store();
+    let remove = |key: StorageKey| async move {
+        store
+            .remove(&key)
+            .await
+            .unwrap_or_else(|err| panic!("remove({key}) failed with a store error: {err}"))
+    };
+    let fp = fingerprint(1);
+    let (completed, in_progress, absent, bystander) = (
+        h.key("remove_completed"),
+        h.key("remove_in_progress"),
+        h.key("remove_absent"),
+        h.key("remove_bystander"),
+    );
+    let fence = h.acquire(&completed, &fp, LONG, "the first claim").await;
+    expect_write(
+        h.complete(&completed, fence, b"done", LONG).await,
+        FencedWrite::Applied,
+        "complete",
+    );
+    h.acquire(&in_progress, &fp, LONG, "the first claim").await;
+    let bystander_fence = h.acquire(&bystander, &fp, LONG, "the first claim").await;
+    expect_write(
+        h.complete(&bystander, bystander_fence, b"kept", LONG).await,
+        FencedWrite::Applied,
+        "complete",
+    );
+
+    assert!(
+        remove(completed).await,
+        "remove of a completed record: the protocol requires true"
+    );
+    assert!(
+        remove(in_progress).await,
+        "remove of an in-progress record: the protocol requires true"
+    );
+    assert!(
+        !remove(absent).await,
+        "remove of an absent key: the protocol requires false"
+    );
+    h.acquire(
+        &completed,
+        &fp,
+        LONG,
+        "a claim after the completed record was removed",
+    )
+    .await;
+    h.acquire(
+        &in_progress,
+        &fp,
+        LONG,
+        "a claim after the in-progress record was removed",
+    )
+    .await;
+    expect_replay(
+        &h.claim(&bystander, &fp, LONG).await,
+        b"kept",
+        "another key after removals",
+    );
+}
+
 pub async fn run_all(h: &Harness) {
     first_claim_acquires(h).await;
     second_claim_is_in_progress(h).await;
@@ -1355,6 +1419,7 @@ pub async fn run_all(h: &Harness) {
     keys_are_independent(h).await;
     fences_never_repeat(h).await;
     purge_removes_only_expired(h).await;
+    remove_deletes_any_record(h).await;
 }
 
 /// Runs the whole conformance suite against a store: one test per property, each named after
@@ -1404,6 +1469,7 @@ macro_rules! conformance_suite {
             keys_are_independent,
             fences_never_repeat,
             purge_removes_only_expired,
+            remove_deletes_any_record,
         }
     };
 }

@@ -260,6 +260,28 @@ impl Idempotency {
         &self.store
     }
 
+    /// Deletes the record of `call`'s key, whatever it holds; returns whether there was one.
+    /// For operators: a record that fails to decode (corrupt, or written when the return type
+    /// was another) is purged this way, and the next call runs. See [`Store::remove`].
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// use idempotent_core::{Call, Fingerprint, Idempotency, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_core::Error> {
+    /// let engine = Idempotency::new(Arc::new(MemoryStore::new()));
+    /// let call = Call::new("reports::build", Fingerprint::of(&7)?).key("report-7");
+    /// engine.run(call, async { Ok::<_, idempotent_core::Error>(1u32) }).await?;
+    /// assert!(engine.forget(call).await?);
+    /// let again = engine.run(call, async { Ok::<_, idempotent_core::Error>(2u32) }).await?;
+    /// assert_eq!(again.into_value(), 2, "forgotten: the body ran again");
+    /// # Ok(()) }
+    /// ```
+    pub async fn forget(&self, call: Call<'_>) -> Result<bool, Error> {
+        let key = call.storage_key()?;
+        Ok(self.store.remove(&key).await?)
+    }
+
     /// Runs `body` under `call`'s key unless a result is recorded; `Err` results are not
     /// recorded (the key is released, so a retry runs again).
     ///

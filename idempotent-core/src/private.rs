@@ -158,6 +158,25 @@ impl<T, E> IsResult for Result<T, E> {
     type Err = E;
 }
 
+/// Decodes a completed record's output as a replay does: `OkAndErr` with `cache_errors`,
+/// `OkOnly` without. For the fuzz targets in `fuzz/`.
+#[doc(hidden)]
+pub fn decode_recorded_output<T, E>(
+    bytes: &[u8],
+    cache_errors: bool,
+) -> serde_json::Result<Result<T, E>>
+where
+    T: Serialize + DeserializeOwned,
+    E: Serialize + DeserializeOwned,
+{
+    use crate::recorded::Recording;
+    if cache_errors {
+        <OkAndErr as Recording<T, E>>::decode(bytes)
+    } else {
+        <OkOnly as Recording<T, E>>::decode(bytes)
+    }
+}
+
 #[cfg(feature = "postgres")]
 pub use postgres_mode::*;
 

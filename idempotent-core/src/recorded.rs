@@ -116,4 +116,24 @@ mod tests {
         assert!(<OkOnly as Recording<u32, ()>>::decode(&bytes).is_err());
         assert!(<OkOnly as Recording<u32, ()>>::decode(b"garbage").is_err());
     }
+
+    #[test]
+    fn floats_replay_bit_for_bit() {
+        // Found by the stored_record fuzz target: without serde_json's float_roundtrip this
+        // came back one ULP off.
+        for x in [
+            1.2345678901234567e-11_f64,
+            0.1,
+            1e300,
+            5e-324,
+            -0.0,
+            123456789012345678e-40,
+        ] {
+            let bytes = <OkOnly as Recording<f64, ()>>::encode_ok(&x).unwrap();
+            let back = <OkOnly as Recording<f64, ()>>::decode(&bytes)
+                .unwrap()
+                .unwrap();
+            assert_eq!(back.to_bits(), x.to_bits(), "{x:e} came back as {back:e}");
+        }
+    }
 }

@@ -210,4 +210,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Deletes records whose lease or expiry has passed; returns how many. Housekeeping for
     /// stores without native expiry: correctness never depends on it.
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// Deletes `key`'s record whatever its state and fence; returns whether there was one.
+    /// For operators: a record that cannot be read (corrupt, or of a changed type) is purged
+    /// with it, and the next call runs. Deleting a live claim lets a second caller run while
+    /// the first still does, so use it on records known to be dead or wrong.
+    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>>;
 }

@@ -517,7 +517,11 @@ async fn a_store_that_stays_down_after_the_body_ran_gives_the_value_unrecorded()
 async fn outputs_json_cannot_hold_are_refused_and_the_key_released() {
     let engine = engine(Arc::new(MemoryStore::new())).with_options(reject());
     let runs = Runs::default();
-    for (key, value) in [("nan", f64::NAN), ("inf", f64::INFINITY), ("-inf", f64::NEG_INFINITY)] {
+    for (key, value) in [
+        ("nan", f64::NAN),
+        ("inf", f64::INFINITY),
+        ("-inf", f64::NEG_INFINITY),
+    ] {
         let error = engine
             .run(call(key), async {
                 runs.hit();
@@ -525,9 +529,18 @@ async fn outputs_json_cannot_hold_are_refused_and_the_key_released() {
             })
             .await
             .unwrap_err();
-        assert!(error.idempotency().starts_with("Encode"), "{key}: {error:?}");
-        let retry = engine.run(call(key), async { Ok::<_, AppError>(vec![1.0]) }).await;
-        assert_eq!(retry.unwrap(), Outcome::Executed(vec![1.0]), "{key}: the key was released");
+        assert!(
+            error.idempotency().starts_with("Encode"),
+            "{key}: {error:?}"
+        );
+        let retry = engine
+            .run(call(key), async { Ok::<_, AppError>(vec![1.0]) })
+            .await;
+        assert_eq!(
+            retry.unwrap(),
+            Outcome::Executed(vec![1.0]),
+            "{key}: the key was released"
+        );
     }
     assert_eq!(runs.count(), 3);
 }
@@ -540,16 +553,79 @@ async fn empty_outputs_are_recorded_and_replayed() {
         runs.hit();
         Ok::<(), AppError>(())
     };
-    assert_eq!(engine.run(call("unit"), unit()).await.unwrap(), Outcome::Executed(()));
-    assert_eq!(engine.run(call("unit"), unit()).await.unwrap(), Outcome::Replayed(()));
+    assert_eq!(
+        engine.run(call("unit"), unit()).await.unwrap(),
+        Outcome::Executed(())
+    );
+    assert_eq!(
+        engine.run(call("unit"), unit()).await.unwrap(),
+        Outcome::Replayed(())
+    );
     let empty = || async {
         runs.hit();
         Ok::<_, AppError>((String::new(), Vec::<u8>::new()))
     };
-    assert!(!engine.run(call("empty"), empty()).await.unwrap().is_replayed());
+    assert!(
+        !engine
+            .run(call("empty"), empty())
+            .await
+            .unwrap()
+            .is_replayed()
+    );
     assert_eq!(
         engine.run(call("empty"), empty()).await.unwrap(),
         Outcome::Replayed((String::new(), Vec::new()))
     );
     assert_eq!(runs.count(), 2);
+}
+
+#[tokio::test]
+async fn corrupt_recorded_output_is_a_decode_error_until_an_operator_forgets_it() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let engine = engine(store.clone());
+    let key = call("k").storage_key().unwrap();
+    let fingerprint = Fingerprint::of(&("cart", 4200)).unwrap();
+    let runs = Runs::default();
+    for garbage in [
+        &b"\xff\x00garbage"[..],
+        br#"{"ok": "trunc"#,
+        br#"{"ok": 42}"#,
+        br#"{"something": "else"}"#,
+    ] {
+        engine.forget(call("k")).await.unwrap();
+        let Claim::Acquired { fence } = store
+            .claim(&key, &fingerprint, Duration::from_secs(30))
+            .await
+            .unwrap()
+        else {
+            panic!("the key was forgotten");
+        };
+        store
+            .complete(&key, fence, garbage.to_vec(), Duration::from_secs(3600))
+            .await
+            .unwrap();
+        let error = engine.run(call("k"), charge(&runs, "x")).await.unwrap_err();
+        assert!(
+            error.idempotency().starts_with("Decode"),
+            "{garbage:?}: {error:?}"
+        );
+        assert!(
+            error.idempotency().contains("Decode"),
+            "no re-execution, a typed error"
+        );
+    }
+    assert_eq!(
+        runs.count(),
+        0,
+        "a record that does not decode never runs the body again"
+    );
+    assert!(
+        engine.forget(call("k")).await.unwrap(),
+        "the operator's purge"
+    );
+    assert_eq!(
+        engine.run(call("k"), charge(&runs, "fresh")).await.unwrap(),
+        Outcome::Executed("fresh".into())
+    );
+    assert!(!engine.forget(call("never")).await.unwrap());
 }

@@ -68,6 +68,9 @@ impl Store for InTempDir {
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         self.store.purge_expired()
     }
+    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.store.remove(key)
+    }
 }
 
 fn conformance_harness() -> Harness {

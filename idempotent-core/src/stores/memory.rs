@@ -271,7 +271,7 @@ impl MemoryStore {
         purged
     }
 
-    fn remove(&self, shard: &mut Shard, key: &StorageKey) {
+    fn remove_record(&self, shard: &mut Shard, key: &StorageKey) {
         if let Some(record) = shard.remove(key) {
             record.wake_waiters();
             self.len.fetch_sub(1, Ordering::AcqRel);
@@ -356,7 +356,7 @@ impl Store for MemoryStore {
         let mut shard = self.shard(key);
         let write = match shard.get(key) {
             Some(record) if record.held_by(fence, now) => {
-                self.remove(&mut shard, key);
+                self.remove_record(&mut shard, key);
                 FencedWrite::Applied
             }
             _ => FencedWrite::Fenced,
@@ -419,6 +419,14 @@ impl Store for MemoryStore {
 
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(std::future::ready(Ok(self.purge_now())))
+    }
+
+    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let mut shard = self.shard(key);
+        let existed = shard.contains_key(key);
+        self.remove_record(&mut shard, key);
+        drop(shard);
+        Box::pin(std::future::ready(Ok(existed)))
     }
 }
 

@@ -517,6 +517,16 @@ impl Store for PostgresStore {
         })
     }
 
+    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let key = key.as_bytes().as_slice();
+            Ok(!self
+                .query(&self.statements.remove, &[&key])
+                .await?
+                .is_empty())
+        })
+    }
+
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
             let work = async {

@@ -408,6 +408,18 @@ impl Store for RedisStore {
         })
     }
 
+    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut connection = self.manager.clone();
+            let deleted: i64 = redis::cmd("DEL")
+                .arg(self.record_key(key))
+                .query_async(&mut connection)
+                .await
+                .map_err(|error| from_redis("could not delete a record", error))?;
+            Ok(deleted > 0)
+        })
+    }
+
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         // Redis expires records by itself (PEXPIRE): nothing is left to purge.
         Box::pin(std::future::ready(Ok(0)))

@@ -299,4 +299,11 @@ impl Store for SqliteStore {
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(self.run(Access::Write, ops::purge))
     }
+
+    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let key = *key.as_bytes();
+        Box::pin(self.run(Access::Write, move |connection| {
+            ops::remove(connection, &key)
+        }))
+    }
 }

@@ -117,6 +117,9 @@ impl Store for DownStore {
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         down()
     }
+    fn remove<'a>(&'a self, _: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        down()
+    }
 }
 
 /// A value whose serialization always fails, as serde_json does for maps with non-string keys.
@@ -196,5 +199,8 @@ impl Store for FlakyComplete {
     }
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         self.inner.purge_expired()
+    }
+    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.remove(key)
     }
 }

@@ -16,6 +16,7 @@ pub(super) struct Statements {
     pub(super) extend: String,
     pub(super) lease_left: String,
     pub(super) purge: String,
+    pub(super) remove: String,
     pub(super) listen: String,
 }
 
@@ -88,6 +89,7 @@ impl Statements {
                  WHERE key = $1 AND state = 0 AND until > now()"
             ),
             purge: format!("DELETE FROM {table} WHERE until <= now()"),
+            remove: format!("DELETE FROM {table} WHERE key = $1 RETURNING key"),
             listen: format!("LISTEN {channel}"),
         }
     }

@@ -221,6 +221,18 @@ pub(super) fn lease_left(
 
 /// Deletes the records whose lease or expiry has passed. Rows of a format or state this release
 /// does not know are left for an operator to look at.
+pub(super) fn remove(connection: &mut Connection, key: &[u8; 32]) -> OpResult<bool> {
+    let transaction = begin(connection)?;
+    let removed = transaction
+        .execute(
+            "DELETE FROM idempotent_records WHERE key = ?1",
+            params![key.as_slice()],
+        )
+        .map_err(fail("could not delete a record"))?;
+    commit(transaction)?;
+    Ok(Ok(removed > 0))
+}
+
 pub(super) fn purge(connection: &mut Connection) -> OpResult<u64> {
     let transaction = begin(connection)?;
     let purged = transaction
