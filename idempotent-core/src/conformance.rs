@@ -1334,7 +1334,6 @@ pub async fn purge_removes_only_expired(h: &Harness) {
     );
 }
 
-/// Every property in turn, on one harness.
 /// `remove` deletes a record whatever its state and says whether there was one; the key is
 /// then claimable at once, and other keys are untouched.
 pub async fn remove_deletes_any_record(h: &Harness) {
@@ -1399,6 +1398,7 @@ pub async fn remove_deletes_any_record(h: &Harness) {
     );
 }
 
+/// Every property in turn, on one harness.
 pub async fn run_all(h: &Harness) {
     first_claim_acquires(h).await;
     second_claim_is_in_progress(h).await;

@@ -127,7 +127,7 @@ mod tests {
             1e300,
             5e-324,
             -0.0,
-            123456789012345678e-40,
+            1.2345678901234568e-23,
         ] {
             let bytes = <OkOnly as Recording<f64, ()>>::encode_ok(&x).unwrap();
             let back = <OkOnly as Recording<f64, ()>>::decode(&bytes)
