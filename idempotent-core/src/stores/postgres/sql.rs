@@ -40,13 +40,21 @@ impl Statements {
                  CREATE INDEX IF NOT EXISTS {table}_until ON {table} (until);"
             ),
             // The claim inserts, or takes over a dead record, in one statement; when neither
-            // happens, the same statement reads the live record (the replay). `extract` turns
-            // the lease left into whole milliseconds.
+            // happens, the same statement reads the live record (the replay). The live record
+            // is read first and the insert runs only without one, so a replay is a plain read:
+            // no row lock, no transaction id, no WAL, no fence taken from the sequence.
+            // `extract` turns the lease left into whole milliseconds.
             claim: format!(
-                "WITH claimed AS (
+                "WITH live AS (
+                     SELECT r.fence, r.fingerprint, r.state, r.output, r.until, r.format
+                     FROM {table} r
+                     WHERE r.key = $1 AND r.until > now()
+                 ),
+                 claimed AS (
                      INSERT INTO {table} AS r (key, fingerprint, fence, state, until, output, format)
-                     VALUES ($1, $2, nextval('{table}_fences'), 0,
-                             now() + $3::bigint * interval '1 millisecond', NULL, {FORMAT})
+                     SELECT $1, $2, nextval('{table}_fences'), 0,
+                            now() + $3::bigint * interval '1 millisecond', NULL, {FORMAT}
+                     WHERE NOT EXISTS (SELECT 1 FROM live)
                      ON CONFLICT (key) DO UPDATE
                          SET fingerprint = EXCLUDED.fingerprint, fence = EXCLUDED.fence, state = 0,
                              until = EXCLUDED.until, output = NULL, format = {FORMAT}
@@ -57,11 +65,10 @@ impl Statements {
                         NULL::bytea AS output, NULL::bigint AS left_ms, NULL::smallint AS format
                  FROM claimed
                  UNION ALL
-                 SELECT false, r.fence, r.fingerprint, r.state,
-                        CASE WHEN r.fingerprint = $2 AND r.state = 1 THEN r.output END,
-                        ceil(extract(epoch FROM (r.until - now())) * 1000)::bigint, r.format
-                 FROM {table} r
-                 WHERE r.key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)"
+                 SELECT false, l.fence, l.fingerprint, l.state,
+                        CASE WHEN l.fingerprint = $2 AND l.state = 1 THEN l.output END,
+                        ceil(extract(epoch FROM (l.until - now())) * 1000)::bigint, l.format
+                 FROM live l"
             ),
             complete: format!(
                 "WITH done AS (
