@@ -131,7 +131,7 @@ impl StorageKey {
     /// assert_eq!(StorageKey::from_bytes([0xab; 32]).to_hex(), "ab".repeat(32));
     /// ```
     pub fn to_hex(&self) -> String {
-        to_hex(&self.0)
+        self.to_string()
     }
 }
 
@@ -143,10 +143,15 @@ impl fmt::Debug for StorageKey {
 
 impl fmt::Display for StorageKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for byte in self.0 {
-            write!(f, "{byte:02x}")?;
+        // One write of a stack buffer: stores format keys on every call, and a formatter
+        // call per byte costs more than the SHA-256 that made the key.
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = [0u8; 64];
+        for (pair, byte) in hex.chunks_exact_mut(2).zip(self.0) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0x0f)];
         }
-        Ok(())
+        f.write_str(std::str::from_utf8(&hex).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -164,16 +169,6 @@ fn check_len(part: &'static str, bytes: &[u8]) -> Result<(), KeyError> {
 fn frame(hasher: &mut Sha256, part: &[u8]) {
     hasher.update((part.len() as u64).to_be_bytes());
     hasher.update(part);
-}
-
-pub(crate) fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        hex.push(DIGITS[usize::from(byte >> 4)] as char);
-        hex.push(DIGITS[usize::from(byte & 0x0f)] as char);
-    }
-    hex
 }
 
 #[cfg(test)]
