@@ -1,0 +1,289 @@
+//! What every store's bench shares: the function under test's argument and output types, the
+//! hand-written baselines' fingerprint, the runtime, fresh keys, and the same-key race's
+//! recorder (how long after the completion the last waiter returned).
+
+#![allow(dead_code)] // Each bench binary uses a part of this module.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Tasks in the same-key race.
+pub const RACE_TASKS: usize = 64;
+/// How long the raced body runs: long enough that every task is waiting when it ends.
+pub const RACE_BODY: Duration = Duration::from_millis(2);
+/// How often the hand-written race baselines look again (they have no notification).
+pub const POLL: Duration = Duration::from_millis(1);
+
+/// A realistic argument: an order request with five fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderRequest {
+    pub order_id: String,
+    pub customer_id: String,
+    pub sku: String,
+    pub quantity: u32,
+    pub amount_cents: u64,
+}
+
+/// What the function returns, recorded and replayed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub order_id: String,
+    pub charge_id: String,
+    pub amount_cents: u64,
+    pub status: String,
+}
+
+#[derive(Debug)]
+pub enum ShopError {
+    Idempotency(idempotent_core::Error),
+    Other(String),
+}
+
+impl From<idempotent_core::Error> for ShopError {
+    fn from(error: idempotent_core::Error) -> Self {
+        ShopError::Idempotency(error)
+    }
+}
+
+pub fn order(order_id: String) -> OrderRequest {
+    OrderRequest {
+        order_id,
+        customer_id: "customer-4711".to_string(),
+        sku: "SKU-CHAIR-OAK-42".to_string(),
+        quantity: 2,
+        amount_cents: 25_980,
+    }
+}
+
+/// The body every variant runs: what a payment call would return.
+pub fn receipt(request: &OrderRequest) -> Receipt {
+    Receipt {
+        order_id: request.order_id.clone(),
+        charge_id: "ch_3PqLk2Jd8sX0aB1c".to_string(),
+        amount_cents: request.amount_cents,
+        status: "succeeded".to_string(),
+    }
+}
+
+/// The hand-written fingerprint: SHA-256 over the arguments' JSON.
+pub fn json_fingerprint(request: &OrderRequest) -> [u8; 32] {
+    let json = serde_json::to_vec(request).expect("an order serializes");
+    Sha256::digest(&json).into()
+}
+
+/// Order ids never used before in this process, so a first call is always a first call (the
+/// run id keeps them apart from an earlier run's records in a durable store).
+pub fn fresh_id(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static RUN: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    let run = RUN.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    });
+    format!("{prefix}-{run:x}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The runtime every bench runs on: two workers, as many as the machine has cores.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime")
+}
+
+/// `cargo bench` passes `--bench`; `cargo test --benches` runs each bench once without it.
+pub fn measuring() -> bool {
+    std::env::args().any(|arg| arg == "--bench")
+}
+
+/// Where the race timings go: `$IDEMPOTENT_BENCH_OUT`, or `<target dir>/bench` (found from
+/// this binary's path, `<target>/release/deps/<bench>`).
+pub fn out_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("IDEMPOTENT_BENCH_OUT") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("the bench's own path");
+    exe.ancestors()
+        .nth(3)
+        .map_or_else(|| PathBuf::from("target"), PathBuf::from)
+        .join("bench")
+}
+
+/// One round of the same-key race, as the tasks see it.
+pub struct Round {
+    /// How many times the body ran.
+    pub executions: AtomicUsize,
+    /// The task whose call ran the body.
+    pub executor: AtomicUsize,
+}
+
+impl Round {
+    pub fn new() -> Self {
+        Round {
+            executions: AtomicUsize::new(0),
+            executor: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// Called by the body: counts the execution, notes who ran it.
+    pub fn executed_by(&self, task: usize) {
+        self.executions.fetch_add(1, Ordering::SeqCst);
+        self.executor.store(task, Ordering::SeqCst);
+    }
+}
+
+/// The timings of every race round of one case.
+pub struct RaceRecorder {
+    case: String,
+    rounds: Mutex<Vec<RoundResult>>,
+}
+
+#[derive(Clone, Copy)]
+struct RoundResult {
+    executions: usize,
+    /// Last waiter returned − the executing call returned (its `complete` was applied), µs;
+    /// negative when every waiter returned before the executing call did.
+    lag_us: f64,
+    /// The whole round: first task spawned → last task returned, µs.
+    round_us: f64,
+}
+
+impl RaceRecorder {
+    pub fn new(case: &str) -> Self {
+        RaceRecorder {
+            case: case.to_string(),
+            rounds: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records a round from the instant each task returned; panics if the body did not run
+    /// exactly once (that is a bug, not a timing).
+    pub fn record(&self, round: &Round, started: Instant, returned: &[Instant]) {
+        let executions = round.executions.load(Ordering::SeqCst);
+        assert_eq!(
+            executions, 1,
+            "{}: the body ran {executions} times in one race round",
+            self.case
+        );
+        let executor = round.executor.load(Ordering::SeqCst);
+        let completed = returned[executor];
+        let last = returned
+            .iter()
+            .enumerate()
+            .filter(|(task, _)| *task != executor)
+            .map(|(_, at)| *at)
+            .max()
+            .expect("the race has waiters");
+        let lag_us = if last >= completed {
+            (last - completed).as_secs_f64() * 1e6
+        } else {
+            -((completed - last).as_secs_f64() * 1e6)
+        };
+        let end = returned.iter().max().copied().unwrap_or(started);
+        let round_us = (end - started).as_secs_f64() * 1e6;
+        self.rounds.lock().unwrap().push(RoundResult {
+            executions,
+            lag_us,
+            round_us,
+        });
+    }
+
+    /// Writes `<out>/race/<case>.json` when measuring (not in `cargo test`'s single pass).
+    pub fn write(&self) {
+        let rounds = self.rounds.lock().unwrap();
+        // `--profile-time` runs no rounds through `iter_custom`'s recorder: keep the last file.
+        if !measuring() || rounds.is_empty() {
+            return;
+        }
+        let dir = out_dir().join("race");
+        std::fs::create_dir_all(&dir).expect("create the race output folder");
+        let json = serde_json::json!({
+            "case": self.case,
+            "tasks": RACE_TASKS,
+            "body_us": RACE_BODY.as_micros() as u64,
+            "rounds": rounds.len(),
+            "executions": rounds.iter().map(|r| r.executions).sum::<usize>(),
+            "lag_us": rounds.iter().map(|r| r.lag_us).collect::<Vec<_>>(),
+            "round_us": rounds.iter().map(|r| r.round_us).collect::<Vec<_>>(),
+        });
+        let path = dir.join(format!("{}.json", self.case.replace('/', "_")));
+        std::fs::write(&path, serde_json::to_vec_pretty(&json).unwrap())
+            .unwrap_or_else(|error| panic!("write {}: {error}", path.display()));
+    }
+}
+
+/// Runs one race round: `RACE_TASKS` tasks call `call(task, round)` at once with the same key;
+/// returns when all have returned, having recorded the round.
+pub async fn race_round<F, Fut>(recorder: &RaceRecorder, call: F)
+where
+    F: Fn(usize, std::sync::Arc<Round>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let round = std::sync::Arc::new(Round::new());
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..RACE_TASKS)
+        .map(|task| {
+            let future = call(task, std::sync::Arc::clone(&round));
+            tokio::spawn(async move {
+                future.await;
+                Instant::now()
+            })
+        })
+        .collect();
+    let mut returned = Vec::with_capacity(RACE_TASKS);
+    for task in tasks {
+        returned.push(task.await.expect("a race task panicked"));
+    }
+    recorder.record(&round, started, &returned);
+}
+
+/// The total time of `iters` race rounds, for `iter_custom`.
+pub async fn race_rounds<F, Fut>(recorder: &RaceRecorder, iters: u64, call: F) -> Duration
+where
+    F: Fn(usize, std::sync::Arc<Round>, &str) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let key = fresh_id("race");
+        let started = Instant::now();
+        race_round(recorder, |task, round| call(task, round, &key)).await;
+        total += started.elapsed();
+    }
+    total
+}
+
+/// Runs `tasks` concurrent tasks, each calling `op(task, i)` for `i in 0..iters`; returns the
+/// wall time. One criterion iteration is then `tasks` operations, one per task.
+pub async fn concurrent<F, Fut>(tasks: usize, iters: u64, op: F) -> Duration
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(tasks + 1));
+    let handles: Vec<_> = (0..tasks)
+        .map(|task| {
+            let op = op.clone();
+            let barrier = std::sync::Arc::clone(&barrier);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                for i in 0..iters {
+                    op(task, i).await;
+                }
+            })
+        })
+        .collect();
+    barrier.wait().await;
+    let started = Instant::now();
+    for handle in handles {
+        handle.await.expect("a benchmark task panicked");
+    }
+    started.elapsed()
+}

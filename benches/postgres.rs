@@ -1,0 +1,372 @@
+//! The PostgreSQL store against the raw `tokio-postgres` driver running equivalent statements
+//! on a table of the same shape: a `SELECT` for a replay; an `INSERT` then an `UPDATE` for a
+//! first call.
+//!
+//! Cases (group `postgres`): `replay-1conn` and `first_call-1conn` (one caller; a store with
+//! one pooled connection against one raw connection), `replay-8conn` and `first_call-8conn`
+//! (8 concurrent tasks; a store with 8 pooled connections against 8 raw connections, task `i`
+//! on connection `i`; one iteration is one call by each task), and `race` (64 tasks call one
+//! fresh key at once on the 8-connection store; the baseline polls its `SELECT` every
+//! millisecond). The bench starts its own PostgreSQL server (idempotent-test-support).
+
+mod common;
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use idempotent_core::idempotent;
+use idempotent_core::stores::postgres::PostgresStore;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use common::{OrderRequest, Receipt, Round, ShopError};
+
+const TASKS: usize = 8;
+const LEASE_MS: i64 = 30_000;
+const TTL_MS: i64 = 120_000;
+
+struct Shop {
+    store: Arc<PostgresStore>,
+}
+
+impl Shop {
+    #[idempotent(key = request.order_id, store = self.store, ttl = "2m")]
+    async fn place_order(&self, request: &OrderRequest) -> Result<Receipt, ShopError> {
+        Ok(common::receipt(request))
+    }
+
+    #[idempotent(key = request.order_id, store = self.store, ttl = "2m", skip(task, round))]
+    async fn race_order(
+        &self,
+        request: &OrderRequest,
+        task: usize,
+        round: &Round,
+    ) -> Result<Receipt, ShopError> {
+        round.executed_by(task);
+        tokio::time::sleep(common::RACE_BODY).await;
+        Ok(common::receipt(request))
+    }
+}
+
+const SCHEMA: &str = "
+CREATE SEQUENCE IF NOT EXISTS raw_fences;
+CREATE TABLE IF NOT EXISTS raw_records (
+    key bytea PRIMARY KEY,
+    fingerprint bytea NOT NULL,
+    fence bigint NOT NULL,
+    state smallint NOT NULL,
+    until timestamptz NOT NULL,
+    output bytea,
+    format smallint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS raw_records_until ON raw_records (until);";
+
+/// One raw connection with its prepared statements.
+struct RawConnection {
+    client: Client,
+    select: Statement,
+    insert: Statement,
+    insert_if_absent: Statement,
+    update: Statement,
+}
+
+/// The raw driver: `connections[i]` serves task `i`.
+struct Raw {
+    connections: Vec<RawConnection>,
+}
+
+fn failed(error: tokio_postgres::Error) -> ShopError {
+    ShopError::Other(error.to_string())
+}
+
+impl RawConnection {
+    async fn connect(url: &str) -> RawConnection {
+        let (client, connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .expect("connect to PostgreSQL");
+        tokio::spawn(connection);
+        client.batch_execute(SCHEMA).await.expect("the raw table");
+        let insert_values = "INSERT INTO raw_records (key, fingerprint, fence, state, until, output, format)
+             VALUES ($1, $2, nextval('raw_fences'), 0, now() + $3::bigint * interval '1 millisecond', NULL, 1)";
+        RawConnection {
+            select: client
+                .prepare(
+                    "SELECT fingerprint, state, output FROM raw_records WHERE key = $1 AND until > now()",
+                )
+                .await
+                .unwrap(),
+            insert: client
+                .prepare(&format!("{insert_values} RETURNING fence"))
+                .await
+                .unwrap(),
+            insert_if_absent: client
+                .prepare(&format!(
+                    "{insert_values} ON CONFLICT (key) DO NOTHING RETURNING fence"
+                ))
+                .await
+                .unwrap(),
+            update: client
+                .prepare(
+                    "UPDATE raw_records SET state = 1, output = $3, until = now() + $4::bigint * interval '1 millisecond'
+                     WHERE key = $1 AND fence = $2",
+                )
+                .await
+                .unwrap(),
+            client,
+        }
+    }
+
+    /// The recorded receipt, if the record is done.
+    async fn read(&self, key: &[u8], fingerprint: &[u8; 32]) -> Result<Option<Receipt>, ShopError> {
+        let row = self
+            .client
+            .query_opt(&self.select, &[&key])
+            .await
+            .map_err(failed)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let recorded: &[u8] = row.get(0);
+        if recorded != fingerprint.as_slice() {
+            return Err(ShopError::Other("key reused".into()));
+        }
+        if row.get::<_, i16>(1) != 1 {
+            return Ok(None);
+        }
+        let output: &[u8] = row.get(2);
+        serde_json::from_slice(output)
+            .map(Some)
+            .map_err(|error| ShopError::Other(error.to_string()))
+    }
+
+    async fn record(&self, key: &[u8], fence: i64, receipt: &Receipt) -> Result<(), ShopError> {
+        let output = serde_json::to_vec(receipt).expect("a receipt serializes");
+        let updated = self
+            .client
+            .execute(&self.update, &[&key, &fence, &output, &TTL_MS])
+            .await
+            .map_err(failed)?;
+        assert_eq!(updated, 1, "the raw record was updated");
+        Ok(())
+    }
+
+    async fn replay(&self, request: &OrderRequest) -> Result<Receipt, ShopError> {
+        let fingerprint = common::json_fingerprint(request);
+        self.read(request.order_id.as_bytes(), &fingerprint)
+            .await?
+            .ok_or_else(|| ShopError::Other("not recorded".into()))
+    }
+
+    async fn first_call(&self, request: &OrderRequest) -> Result<Receipt, ShopError> {
+        let fingerprint = common::json_fingerprint(request);
+        let key = request.order_id.as_bytes();
+        let row = self
+            .client
+            .query_one(&self.insert, &[&key, &fingerprint.as_slice(), &LEASE_MS])
+            .await
+            .map_err(failed)?;
+        let receipt = common::receipt(request);
+        self.record(key, row.get(0), &receipt).await?;
+        Ok(receipt)
+    }
+
+    async fn race_order(
+        &self,
+        request: &OrderRequest,
+        task: usize,
+        round: &Round,
+    ) -> Result<Receipt, ShopError> {
+        let fingerprint = common::json_fingerprint(request);
+        let key = request.order_id.as_bytes();
+        let claimed = self
+            .client
+            .query_opt(
+                &self.insert_if_absent,
+                &[&key, &fingerprint.as_slice(), &LEASE_MS],
+            )
+            .await
+            .map_err(failed)?;
+        if let Some(row) = claimed {
+            round.executed_by(task);
+            tokio::time::sleep(common::RACE_BODY).await;
+            let receipt = common::receipt(request);
+            self.record(key, row.get(0), &receipt).await?;
+            return Ok(receipt);
+        }
+        loop {
+            if let Some(receipt) = self.read(key, &fingerprint).await? {
+                return Ok(receipt);
+            }
+            tokio::time::sleep(common::POLL).await;
+        }
+    }
+}
+
+async fn shop(url: &str, connections: usize) -> Arc<Shop> {
+    Arc::new(Shop {
+        store: Arc::new(
+            PostgresStore::builder(url)
+                .max_connections(connections)
+                .build()
+                .await
+                .expect("connect to PostgreSQL"),
+        ),
+    })
+}
+
+fn bench(c: &mut Criterion) {
+    let runtime = common::runtime();
+    let server = idempotent_test_support::PostgresServer::start();
+    let url = server.create_database("bench");
+    let (shop_1, shop_8, raw) = runtime.block_on(async {
+        let mut connections = Vec::new();
+        for _ in 0..TASKS {
+            connections.push(RawConnection::connect(&url).await);
+        }
+        (
+            shop(&url, 1).await,
+            shop(&url, TASKS).await,
+            Arc::new(Raw { connections }),
+        )
+    });
+    let request = Arc::new(common::order("order-1001".to_string()));
+    runtime.block_on(async {
+        shop_1.place_order(&request).await.unwrap();
+        raw.connections[0].first_call(&request).await.unwrap();
+    });
+
+    let mut group = c.benchmark_group("postgres");
+    // One caller: a task on a worker, as a request handler would be (not the bench's own
+    // thread, whose every round trip would cost two extra cross-thread wake-ups).
+    group.bench_function("replay-1conn/idempotent", |b| {
+        b.to_async(&runtime).iter_custom(|iters| {
+            let (shop, request) = (Arc::clone(&shop_1), Arc::clone(&request));
+            common::concurrent(1, iters, move |_, _| {
+                let (shop, request) = (Arc::clone(&shop), Arc::clone(&request));
+                async move {
+                    black_box(shop.place_order(&request).await.unwrap());
+                }
+            })
+        })
+    });
+    group.bench_function("replay-1conn/baseline", |b| {
+        b.to_async(&runtime).iter_custom(|iters| {
+            let (raw, request) = (Arc::clone(&raw), Arc::clone(&request));
+            common::concurrent(1, iters, move |_, _| {
+                let (raw, request) = (Arc::clone(&raw), Arc::clone(&request));
+                async move {
+                    black_box(raw.connections[0].replay(&request).await.unwrap());
+                }
+            })
+        })
+    });
+    group.bench_function("first_call-1conn/idempotent", |b| {
+        b.to_async(&runtime).iter_custom(|iters| {
+            let shop = Arc::clone(&shop_1);
+            common::concurrent(1, iters, move |_, _| {
+                let shop = Arc::clone(&shop);
+                async move {
+                    let request = common::order(common::fresh_id("first"));
+                    black_box(shop.place_order(&request).await.unwrap());
+                }
+            })
+        })
+    });
+    group.bench_function("first_call-1conn/baseline", |b| {
+        b.to_async(&runtime).iter_custom(|iters| {
+            let raw = Arc::clone(&raw);
+            common::concurrent(1, iters, move |_, _| {
+                let raw = Arc::clone(&raw);
+                async move {
+                    let request = common::order(common::fresh_id("first"));
+                    black_box(raw.connections[0].first_call(&request).await.unwrap());
+                }
+            })
+        })
+    });
+
+    group.throughput(Throughput::Elements(TASKS as u64));
+    group.bench_function("replay-8conn/idempotent", |b| {
+        b.to_async(&runtime).iter_custom(|iters| {
+            let (shop, request) = (Arc::clone(&shop_8), Arc::clone(&request));
+            common::concurrent(TASKS, iters, move |_, _| {
+                let (shop, request) = (Arc::clone(&shop), Arc::clone(&request));
+                async move {
+                    black_box(shop.place_order(&request).await.unwrap());
+                }
+            })
+        })
+    });
+    group.bench_function("replay-8conn/baseline", |b| {
+        b.to_async(&runtime).iter_custom(|iters| {
+            let (raw, request) = (Arc::clone(&raw), Arc::clone(&request));
+            common::concurrent(TASKS, iters, move |task, _| {
+                let (raw, request) = (Arc::clone(&raw), Arc::clone(&request));
+                async move {
+                    black_box(raw.connections[task].replay(&request).await.unwrap());
+                }
+            })
+        })
+    });
+    group.bench_function("first_call-8conn/idempotent", |b| {
+        b.to_async(&runtime).iter_custom(|iters| {
+            let shop = Arc::clone(&shop_8);
+            common::concurrent(TASKS, iters, move |_, _| {
+                let shop = Arc::clone(&shop);
+                async move {
+                    let request = common::order(common::fresh_id("first"));
+                    black_box(shop.place_order(&request).await.unwrap());
+                }
+            })
+        })
+    });
+    group.bench_function("first_call-8conn/baseline", |b| {
+        b.to_async(&runtime).iter_custom(|iters| {
+            let raw = Arc::clone(&raw);
+            common::concurrent(TASKS, iters, move |task, _| {
+                let raw = Arc::clone(&raw);
+                async move {
+                    let request = common::order(common::fresh_id("first"));
+                    black_box(raw.connections[task].first_call(&request).await.unwrap());
+                }
+            })
+        })
+    });
+
+    group.throughput(Throughput::Elements(1));
+    group.sampling_mode(SamplingMode::Flat).sample_size(20);
+    let recorder = common::RaceRecorder::new("postgres/race/idempotent");
+    group.bench_function("race/idempotent", |b| {
+        b.to_async(&runtime).iter_custom(|iters| {
+            common::race_rounds(&recorder, iters, |task, round, key| {
+                let (shop, request) = (Arc::clone(&shop_8), common::order(key.to_string()));
+                async move {
+                    shop.race_order(&request, task, &round).await.unwrap();
+                }
+            })
+        })
+    });
+    recorder.write();
+    let recorder = common::RaceRecorder::new("postgres/race/baseline");
+    group.bench_function("race/baseline", |b| {
+        b.to_async(&runtime).iter_custom(|iters| {
+            common::race_rounds(&recorder, iters, |task, round, key| {
+                let (raw, request) = (Arc::clone(&raw), common::order(key.to_string()));
+                async move {
+                    raw.connections[task % TASKS]
+                        .race_order(&request, task, &round)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+    });
+    recorder.write();
+    group.finish();
+    drop((shop_1, shop_8, raw));
+    drop(runtime);
+    drop(server);
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
