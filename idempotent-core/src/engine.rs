@@ -344,70 +344,109 @@ where
     E: From<Error>,
     F: Future<Output = Result<T, E>>,
 {
-    let mut trace = CallTrace::start(call.name);
-    let (key, fingerprint) = match options.validate().and(call.target) {
-        Ok(target) => target,
-        Err(error) => {
-            trace.emit(CallOutcome::InvalidInput);
-            return Err(error.into());
-        }
+    let (mut trace, key, fingerprint) = match start_call(call, options) {
+        Ok(started) => started,
+        Err(error) => return Err(error.into()),
     };
-    trace.set_key(key);
-    let lease = options.get_lease();
     let mut wait_deadline = None;
     loop {
-        let claim = match store.claim(&key, &fingerprint, lease).await {
+        let claim = match store.claim(&key, &fingerprint, options.get_lease()).await {
             Ok(claim) => claim,
             Err(error) => {
                 trace.emit(CallOutcome::StoreError);
                 return Err(Error::Store(error).into());
             }
         };
-        match claim {
-            Claim::Acquired { fence } => {
-                let holder = Holder::new(Arc::clone(store), key, fence, trace.clone());
-                return run_body::<R, T, E, F>(holder, options, trace, body).await;
-            }
-            Claim::Completed { output } => {
-                return match R::decode(&output) {
-                    Ok(result) => {
-                        trace.emit(if trace.waited {
-                            CallOutcome::Waited
-                        } else {
-                            CallOutcome::Replayed
-                        });
-                        result.map(Outcome::Replayed)
-                    }
-                    Err(error) => {
-                        trace.emit(CallOutcome::DecodeError);
-                        Err(Error::Decode(error).into())
-                    }
-                };
-            }
-            Claim::Mismatch => {
-                trace.emit(CallOutcome::Mismatch);
-                return Err(Error::KeyReused.into());
-            }
-            Claim::InProgress { retry_after } => {
-                let OnConflict::Wait { timeout } = options.get_on_conflict() else {
-                    trace.emit(CallOutcome::Conflict);
-                    return Err(Error::Conflict { retry_after }.into());
-                };
-                let deadline =
-                    *wait_deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                if left.is_zero() {
-                    trace.emit(CallOutcome::Conflict);
-                    return Err(Error::Conflict { retry_after }.into());
-                }
-                trace.waited = true;
-                if let Err(error) = store.wait(&key, left).await {
-                    trace.emit(CallOutcome::StoreError);
-                    return Err(Error::Store(error).into());
-                }
-            }
+        if let Claim::Acquired { fence } = claim {
+            let holder = Holder::new(Arc::clone(store), key, fence, trace.clone());
+            return run_body::<R, T, E, F>(holder, options, trace, body).await;
+        }
+        let step = not_acquired::<R, T, E>(
+            claim,
+            &**store,
+            &key,
+            options,
+            &mut trace,
+            &mut wait_deadline,
+        );
+        if let Some(done) = step.await {
+            return done;
         }
     }
+}
+
+/// Validates the call and starts its trace; an invalid call is traced and refused.
+pub(crate) fn start_call(
+    call: Prepared,
+    options: &Options,
+) -> Result<(CallTrace, StorageKey, Fingerprint), Error> {
+    let mut trace = CallTrace::start(call.name);
+    match options.validate().and(call.target) {
+        Ok((key, fingerprint)) => {
+            trace.set_key(key);
+            Ok((trace, key, fingerprint))
+        }
+        Err(error) => {
+            trace.emit(CallOutcome::InvalidInput);
+            Err(error)
+        }
+    }
+}
+
+/// What a claim that did not acquire the key means for the call: the replay, a refusal, or
+/// (`None`) a wait for the holder, after which the caller claims again.
+pub(crate) async fn not_acquired<R, T, E>(
+    claim: Claim,
+    store: &dyn Store,
+    key: &StorageKey,
+    options: &Options,
+    trace: &mut CallTrace,
+    wait_deadline: &mut Option<tokio::time::Instant>,
+) -> Option<Result<Outcome<T>, E>>
+where
+    R: Recording<T, E>,
+    E: From<Error>,
+{
+    let retry_after = match claim {
+        Claim::Completed { output } => {
+            return Some(match R::decode(&output) {
+                Ok(result) => {
+                    trace.emit(if trace.waited {
+                        CallOutcome::Waited
+                    } else {
+                        CallOutcome::Replayed
+                    });
+                    result.map(Outcome::Replayed)
+                }
+                Err(error) => {
+                    trace.emit(CallOutcome::DecodeError);
+                    Err(Error::Decode(error).into())
+                }
+            });
+        }
+        Claim::Mismatch => {
+            trace.emit(CallOutcome::Mismatch);
+            return Some(Err(Error::KeyReused.into()));
+        }
+        Claim::InProgress { retry_after } => retry_after,
+        Claim::Acquired { .. } => unreachable!("acquired claims are the caller's to run"),
+    };
+    let OnConflict::Wait { timeout } = options.get_on_conflict() else {
+        trace.emit(CallOutcome::Conflict);
+        return Some(Err(Error::Conflict { retry_after }.into()));
+    };
+    let deadline = *wait_deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if left.is_zero() {
+        trace.emit(CallOutcome::Conflict);
+        return Some(Err(Error::Conflict { retry_after }.into()));
+    }
+    trace.waited = true;
+    if let Err(error) = store.wait(key, left).await {
+        trace.emit(CallOutcome::StoreError);
+        return Some(Err(Error::Store(error).into()));
+    }
+    None
 }
 
 /// The key is ours: run the body and settle the claim whatever happens.

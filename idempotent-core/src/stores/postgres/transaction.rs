@@ -14,13 +14,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{CLAIM_ATTEMPTS, PostgresStore, from_pg, judge_claim, millis};
-use crate::engine::{Call, Encoded, Outcome, Prepared, encode_result};
+use crate::engine::{Call, Encoded, Outcome, Prepared, encode_result, not_acquired, start_call};
 use crate::error::{Error, StoreError};
 use crate::key::StorageKey;
-use crate::options::{OnConflict, Options};
+use crate::options::Options;
 use crate::recorded::{OkOnly, Recording};
-use crate::store::{Claim, Fence, Store};
-use crate::telemetry::{CallOutcome, CallTrace};
+use crate::store::{Claim, Fence};
+use crate::telemetry::CallOutcome;
 
 /// A transaction the transactional mode can write in: `tokio_postgres`'s or
 /// `deadpool_postgres`'s, or a reference to one.
@@ -122,15 +122,10 @@ impl PostgresStore {
         E: From<Error>,
         F: Future<Output = Result<T, E>>,
     {
-        let mut trace = CallTrace::start(call.name);
-        let (key, fingerprint) = match options.validate().and(call.target) {
-            Ok(target) => target,
-            Err(error) => {
-                trace.emit(CallOutcome::InvalidInput);
-                return Err(error.into());
-            }
+        let (mut trace, key, fingerprint) = match start_call(call, options) {
+            Ok(started) => started,
+            Err(error) => return Err(error.into()),
         };
-        trace.set_key(key);
         let mut wait_deadline = None;
         let fence = loop {
             let claim = match self.claim_in(tx, &key, &fingerprint, options).await {
@@ -140,47 +135,15 @@ impl PostgresStore {
                     return Err(Error::Store(error).into());
                 }
             };
-            match claim {
-                Claim::Acquired { fence } => break fence,
-                Claim::Completed { output } => {
-                    return match R::decode(&output) {
-                        Ok(result) => {
-                            trace.emit(if trace.waited {
-                                CallOutcome::Waited
-                            } else {
-                                CallOutcome::Replayed
-                            });
-                            result.map(Outcome::Replayed)
-                        }
-                        Err(error) => {
-                            trace.emit(CallOutcome::DecodeError);
-                            Err(Error::Decode(error).into())
-                        }
-                    };
-                }
-                Claim::Mismatch => {
-                    trace.emit(CallOutcome::Mismatch);
-                    return Err(Error::KeyReused.into());
-                }
-                // Held by a call outside any transaction of ours (the non-transactional mode).
-                Claim::InProgress { retry_after } => {
-                    let OnConflict::Wait { timeout } = options.get_on_conflict() else {
-                        trace.emit(CallOutcome::Conflict);
-                        return Err(Error::Conflict { retry_after }.into());
-                    };
-                    let deadline =
-                        *wait_deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
-                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    if left.is_zero() {
-                        trace.emit(CallOutcome::Conflict);
-                        return Err(Error::Conflict { retry_after }.into());
-                    }
-                    trace.waited = true;
-                    if let Err(error) = self.wait(&key, left).await {
-                        trace.emit(CallOutcome::StoreError);
-                        return Err(Error::Store(error).into());
-                    }
-                }
+            if let Claim::Acquired { fence } = claim {
+                break fence;
+            }
+            // In progress means held by a call outside any transaction of ours (the
+            // non-transactional mode); a transaction's own claims block instead.
+            let step =
+                not_acquired::<R, T, E>(claim, self, &key, options, &mut trace, &mut wait_deadline);
+            if let Some(done) = step.await {
+                return done;
             }
         };
 
