@@ -18,7 +18,10 @@ if record and record.fence >= fence then
 end
 local fence_text = ms(fence)
 local lease = tonumber(ARGV[2])
-redis.call('DEL', KEYS[1])
+-- A dead record's fields (its output among them) go; a fresh key has none to clear.
+if record then
+  redis.call('DEL', KEYS[1])
+end
 redis.call('HSET', KEYS[1], 'v', '1', 'st', 'p', 'fp', ARGV[1], 'fence', fence_text, 'until', ms(now_ms + lease))
 redis.call('PEXPIRE', KEYS[1], lease + tonumber(ARGV[3]))
 return { 'a', fence_text }
