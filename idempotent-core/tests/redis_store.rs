@@ -318,3 +318,28 @@ fn a_malformed_url_is_a_clear_error() {
     let error = RedisStore::builder("not a url").build().unwrap_err();
     assert!(error.to_string().contains("invalid Redis URL"), "{error}");
 }
+
+#[tokio::test]
+async fn scripts_are_loaded_again_after_the_server_forgets_them() {
+    let server = RedisServer::start();
+    let engine = Idempotency::new(store_at(&server.url()));
+    let runs = Runs::default();
+    let body = || async {
+        runs.hit();
+        Ok::<_, AppError>(7u32)
+    };
+    let call =
+        |key: &'static str| Call::new("redis::noscript", Fingerprint::of(&key).unwrap()).key(key);
+    engine.run(call("a"), body()).await.unwrap();
+    // As after a failover to a replica, or a restart without persistence of scripts.
+    server.command(&["SCRIPT", "FLUSH"]);
+    server.reset_stats();
+    assert!(engine.run(call("a"), body()).await.unwrap().is_replayed());
+    assert!(!engine.run(call("b"), body()).await.unwrap().is_replayed());
+    let stats = server.command_stats();
+    assert!(
+        stats.get("script|load").is_some_and(|&n| n >= 1),
+        "reloaded after NOSCRIPT: {stats:?}"
+    );
+    assert_eq!(runs.count(), 2);
+}
