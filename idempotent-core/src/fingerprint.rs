@@ -1,8 +1,9 @@
 //! Canonical SHA-256 fingerprints of a call's arguments.
 //!
 //! A [`Fingerprint`] identifies "the same call" across retries, processes and
-//! machines. Values are hashed through a custom serde `Serializer` that writes
-//! straight into SHA-256: no JSON text or `serde_json::Value` is built.
+//! machines. Each argument goes through a custom serde `Serializer` that writes
+//! a compact tagged encoding (see `canonical.rs`) into a reused buffer, hashed
+//! with SHA-256 in one pass: no JSON text or `serde_json::Value` is built.
 //!
 //! # What counts as equal
 //!
@@ -28,8 +29,8 @@
 //!   with the same string keys and values. The struct's name is ignored.
 //!   Fields skipped by `skip_serializing_if` are simply absent. Newtype
 //!   structs are their inner value; tuples and tuple structs are sequences.
-//! - **Maps** are order-independent: each entry is hashed on its own, and the
-//!   sorted entry digests are hashed. Non-string keys are allowed (unlike
+//! - **Maps** are order-independent: each entry is encoded on its own, and the
+//!   entries are hashed sorted by their bytes. Non-string keys are allowed (unlike
 //!   JSON); duplicate keys count as two entries.
 //! - **Sequences** are ordered (`[1, 2]` differs from `[2, 1]`), except hash
 //!   sets, see below.
@@ -42,7 +43,7 @@
 //! keys and values, `Some`, newtype structs and variants, and
 //! [`Fingerprinter::push`] itself). After stripping `&`, `&mut`, `Box`, `Arc`
 //! and `Rc`, a `std::collections::HashSet` or `hashbrown::HashSet` is hashed as
-//! a multiset: its elements are digested separately and sorted.
+//! a multiset: its elements are encoded separately and sorted.
 //!
 //! - **A hash set never equals a sequence**, not even a `Vec` or `BTreeSet`
 //!   with the same elements in the same order, although JSON writes them the
@@ -77,7 +78,7 @@
 //! # Stability
 //!
 //! The encoding is part of stored data: records keep fingerprints. It is
-//! versioned by the domain tag `idempotent.fingerprint.v1`; any change to the
+//! versioned by the domain tag `idempotent.fingerprint.v2`; any change to the
 //! encoding must bump that tag, and a test pins a known fingerprint.
 
 mod canonical;
@@ -91,7 +92,7 @@ use canonical::tag;
 
 /// Separates these hashes from any other SHA-256 use and versions the
 /// encoding: bump it whenever the encoding changes.
-const DOMAIN: &[u8] = b"idempotent.fingerprint.v1\0";
+const DOMAIN: &[u8] = b"idempotent.fingerprint.v2\0";
 
 const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
@@ -229,6 +230,8 @@ impl fmt::Display for Fingerprint {
 #[derive(Clone)]
 pub struct Fingerprinter {
     hasher: Sha256,
+    /// Each argument's canonical bytes, reused from push to push.
+    encoded: Vec<u8>,
     arguments: usize,
     poisoned: bool,
 }
@@ -256,6 +259,7 @@ impl Fingerprinter {
         hasher.update(DOMAIN);
         Self {
             hasher,
+            encoded: Vec::new(),
             arguments: 0,
             poisoned: false,
         }
@@ -287,15 +291,17 @@ impl Fingerprinter {
                 "an earlier argument already failed".to_owned(),
             ));
         }
-        self.hasher.update([tag::ARG]);
-        match canonical::write_value(&mut self.hasher, argument) {
+        self.encoded.clear();
+        self.encoded.push(tag::ARG);
+        match canonical::write_value(&mut self.encoded, argument) {
             Ok(()) => {
+                self.hasher.update(&self.encoded);
                 self.arguments = self.arguments.saturating_add(1);
                 Ok(self)
             }
             Err(error) => {
                 self.poisoned = true;
-                self.hasher.update([tag::POISON]);
+                self.hasher.update([tag::ARG, tag::POISON]);
                 Err(error)
             }
         }
@@ -316,7 +322,9 @@ impl Fingerprinter {
     /// ```
     pub fn finish(&self) -> Fingerprint {
         let mut hasher = self.hasher.clone();
-        canonical::write_header(&mut hasher, tag::ARGS_END, self.arguments);
+        let mut end = Vec::with_capacity(9);
+        canonical::write_header(&mut end, tag::ARGS_END, self.arguments);
+        hasher.update(&end);
         Fingerprint(hasher.finalize().into())
     }
 }
