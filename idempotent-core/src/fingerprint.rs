@@ -259,7 +259,8 @@ impl Fingerprinter {
         hasher.update(DOMAIN);
         Self {
             hasher,
-            encoded: Vec::new(),
+            // Enough for a typical request, so pushing one rarely grows the buffer.
+            encoded: Vec::with_capacity(256),
             arguments: 0,
             poisoned: false,
         }

@@ -8,12 +8,12 @@
 //! |-----------------|---------------------------------------------------------------|
 //! | null            | `NULL`                                                        |
 //! | bool            | `FALSE` / `TRUE`                                              |
-//! | integer         | `INT`, sign byte (0 = non-negative, 1 = negative), magnitude as `u128` LE |
+//! | integer         | `INT`, sign byte (0 = non-negative, 1 = negative), magnitude as LEB128 |
 //! | float           | `FLOAT`, `f64` bits LE (NaN canonicalised)                    |
-//! | string          | `STR`, byte length as `u64` LE, UTF-8 bytes                   |
+//! | string          | `STR`, byte length as LEB128, UTF-8 bytes                     |
 //! | ordered seq     | `SEQ`, items…, `SEQ_END`                                      |
-//! | map             | `MAP`, entry count as `u64` LE, entries sorted by their bytes |
-//! | unordered set   | `SET`, element count as `u64` LE, elements sorted by their bytes |
+//! | map             | `MAP`, entry count as LEB128, entries sorted by their bytes   |
+//! | unordered set   | `SET`, element count as LEB128, elements sorted by their bytes |
 //!
 //! An entry is `key item ‖ value item`. Items are self-delimiting, so sorted
 //! entries concatenate without ambiguity, and sorting their bytes (rather than
@@ -67,14 +67,24 @@ pub(super) fn write_value<T: Serialize + ?Sized>(
     })
 }
 
-/// Writes a tag followed by a `u64` count in one `update`, because many tiny
-/// updates cost more than the copy.
+/// LEB128, minimal: lengths, counts and most integers take one byte, which
+/// keeps the buffer (and so the SHA-256 work) small. Self-delimiting.
+fn write_varint(out: &mut Vec<u8>, mut value: u128) {
+    loop {
+        let low = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(low);
+            return;
+        }
+        out.push(low | 0x80);
+    }
+}
+
+/// Writes a tag followed by a count.
 pub(super) fn write_header(out: &mut Vec<u8>, tag: u8, count: usize) {
-    let mut buf = [0u8; 9];
-    buf[0] = tag;
-    // usize is at most 64 bits on every platform Rust supports.
-    buf[1..].copy_from_slice(&(count as u64).to_le_bytes());
-    out.extend_from_slice(&buf);
+    out.push(tag);
+    write_varint(out, count as u128);
 }
 
 fn write_str(out: &mut Vec<u8>, value: &str) {
@@ -83,11 +93,9 @@ fn write_str(out: &mut Vec<u8>, value: &str) {
 }
 
 fn write_int(out: &mut Vec<u8>, negative: bool, magnitude: u128) {
-    let mut buf = [0u8; 18];
-    buf[0] = tag::INT;
-    buf[1] = u8::from(negative);
-    buf[2..].copy_from_slice(&magnitude.to_le_bytes());
-    out.extend_from_slice(&buf);
+    out.push(tag::INT);
+    out.push(u8::from(negative));
+    write_varint(out, magnitude);
 }
 
 fn write_i128(out: &mut Vec<u8>, value: i128) {
@@ -153,9 +161,11 @@ struct Entries {
 
 impl Entries {
     fn with_capacity(len: Option<usize>) -> Self {
+        let len = len.unwrap_or(0).min(MAX_RESERVED);
+        // About what a small field takes, so most maps never grow their buffer.
         Self {
-            bytes: Vec::new(),
-            ends: Vec::with_capacity(len.unwrap_or(0).min(MAX_RESERVED)),
+            bytes: Vec::with_capacity(len * 24),
+            ends: Vec::with_capacity(len),
         }
     }
 
