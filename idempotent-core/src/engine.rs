@@ -476,7 +476,13 @@ where
             return Err(error.into());
         }
     };
-    let write = complete_with_retries(&holder, bytes, options).await;
+    // A retry encodes the result again rather than keeping a copy of the bytes on every
+    // first call; encoding is deterministic, so the bytes are the same.
+    let encode_again = || match encode_result::<R, T, E>(&result, options) {
+        Encoded::Record(bytes) => Some(bytes),
+        Encoded::NotRecorded | Encoded::Refused(_) => None,
+    };
+    let write = complete_with_retries(&holder, bytes, encode_again, options).await;
     // Whatever `complete` said, the claim is settled: released on a store error would let a
     // quick retry run the body again while this caller still reports success.
     holder.disarm();
@@ -505,7 +511,8 @@ where
 /// nothing.
 async fn complete_with_retries(
     holder: &Holder,
-    bytes: Vec<u8>,
+    mut bytes: Vec<u8>,
+    encode_again: impl Fn() -> Option<Vec<u8>>,
     options: &Options,
 ) -> Result<FencedWrite, StoreError> {
     let give_up = tokio::time::Instant::now() + options.get_lease() / 2;
@@ -516,7 +523,7 @@ async fn complete_with_retries(
             .complete(
                 holder.key(),
                 holder.fence(),
-                bytes.clone(),
+                std::mem::take(&mut bytes),
                 options.get_ttl(),
             )
             .await;
@@ -526,6 +533,10 @@ async fn complete_with_retries(
             {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(200));
+                match encode_again() {
+                    Some(again) => bytes = again,
+                    None => return write,
+                }
             }
             other => return other,
         }
