@@ -307,7 +307,7 @@ fn expect_write(got: FencedWrite, want: FencedWrite, why: &str) {
 /// Checks that a claim replays exactly `output`.
 fn expect_replay(got: &Claim, output: &[u8], why: &str) {
     match got {
-        Claim::Completed { output: replayed } if replayed.as_slice() == output => {}
+        Claim::Completed { output: replayed } if replayed[..] == *output => {}
         Claim::Completed { output: replayed } => {
             let first_difference = replayed
                 .iter()

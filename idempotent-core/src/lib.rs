@@ -49,7 +49,7 @@ pub use fingerprint::{Fingerprint, FingerprintError, Fingerprinter};
 pub use key::{KeyError, MAX_KEY_BYTES, StorageKey};
 pub use key_source::IdempotencyKey;
 pub use options::{OnConflict, Options};
-pub use store::{BoxFuture, Claim, Fence, FencedWrite, Store};
+pub use store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 pub use stores::memory::{MemoryStore, MemoryStoreBuilder};
 
 #[cfg(feature = "conformance")]

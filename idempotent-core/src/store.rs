@@ -18,6 +18,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+pub use bytes::Bytes;
+
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
@@ -92,8 +94,11 @@ pub enum Claim {
     },
     /// A live completed record with the same fingerprint: the recorded output, byte for byte.
     Completed {
-        /// The bytes passed to [`Store::complete`].
-        output: Vec<u8>,
+        /// The bytes passed to [`Store::complete`]. [`Bytes`] so that a store holding the
+        /// record in memory hands out a reference-counted view instead of a copy on every
+        /// replay; a store that reads the bytes off the wire converts its `Vec<u8>` with
+        /// `.into()`, which does not copy.
+        output: Bytes,
     },
     /// A live record (in progress or completed) with another fingerprint: the key was reused
     /// with other arguments.
@@ -140,7 +145,7 @@ impl FencedWrite {
 /// ```
 /// use std::sync::Arc;
 /// use std::time::Duration;
-/// use idempotent_core::{Claim, Fingerprint, MemoryStore, StorageKey, Store, FencedWrite};
+/// use idempotent_core::{Bytes, Claim, Fingerprint, MemoryStore, StorageKey, Store, FencedWrite};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
@@ -154,7 +159,7 @@ impl FencedWrite {
 /// assert_eq!(write, FencedWrite::Applied);
 /// assert_eq!(
 ///     store.claim(&key, &fingerprint, Duration::from_secs(30)).await?,
-///     Claim::Completed { output: b"\"receipt\"".to_vec() }
+///     Claim::Completed { output: Bytes::from_static(b"\"receipt\"") }
 /// );
 /// # Ok(()) }
 /// ```

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idempotent_core::{
-    Call, Claim, Fingerprint, Idempotency, ManualClock, MemoryStore, OnConflict, Options, Outcome,
-    Store,
+    Bytes, Call, Claim, Fingerprint, Idempotency, ManualClock, MemoryStore, OnConflict, Options,
+    Outcome, Store,
 };
 use support::{AppError, DownStore, Runs, TokioClock, Unserializable};
 use tokio::sync::oneshot;
@@ -48,7 +48,7 @@ async fn executed_runs_the_body_once_and_records() {
             .await
             .unwrap(),
         Claim::Completed {
-            output: br#"{"ok":"r1"}"#.to_vec()
+            output: Bytes::from_static(br#"{"ok":"r1"}"#)
         },
         "the recorded bytes are the tagged JSON of the Ok value"
     );

@@ -115,7 +115,7 @@ async fn full_store_refuses_new_keys_and_never_evicts_live_records() {
         assert_eq!(
             store.claim(key, &fp(1), HOUR).await.unwrap(),
             Claim::Completed {
-                output: output.clone()
+                output: output.clone().into()
             },
             "a live completed record must survive a refused claim"
         );

@@ -116,7 +116,7 @@ impl Model {
                         retry_after: *lease_until - now,
                     },
                     ModelState::Completed { output, .. } => Claim::Completed {
-                        output: output.clone(),
+                        output: output.clone().into(),
                     },
                 }
             }),

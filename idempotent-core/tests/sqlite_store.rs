@@ -129,7 +129,9 @@ async fn completed_records_survive_a_restart() {
             .claim(&key("restart"), &fingerprint, HOUR)
             .await
             .unwrap(),
-        Claim::Completed { output },
+        Claim::Completed {
+            output: output.into()
+        },
         "the record and its exact bytes are read back from the file"
     );
     let journal: String = raw(&path)

@@ -18,7 +18,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
-use crate::store::{BoxFuture, Claim, Fence, FencedWrite, Store};
+use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 
 /// How many records a [`MemoryStore`] holds by default before it refuses new keys.
 pub const DEFAULT_CAPACITY: usize = 1_000_000;
@@ -60,7 +60,8 @@ enum State {
         waiters: Option<Arc<Notify>>,
     },
     Completed {
-        output: Vec<u8>,
+        // Shared, so a replay hands out a reference instead of copying the output.
+        output: Bytes,
         expires_at: Duration,
     },
 }
@@ -336,7 +337,7 @@ impl Store for MemoryStore {
             Some(record) if record.held_by(fence, now) => {
                 record.wake_waiters();
                 record.state = State::Completed {
-                    output,
+                    output: Bytes::from(output),
                     expires_at: now.saturating_add(ttl),
                 };
                 FencedWrite::Applied

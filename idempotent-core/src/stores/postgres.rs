@@ -261,7 +261,11 @@ pub(super) fn judge_claim(
                 .try_get(4)
                 .map_err(|_| corrupt("unexpected output column"))?;
             output
-                .map(|output| Some(Claim::Completed { output }))
+                .map(|output| {
+                    Some(Claim::Completed {
+                        output: output.into(),
+                    })
+                })
                 .ok_or_else(|| corrupt("a completed record without output"))
         }
         other => Err(corrupt(&format!("unknown state {other:?}"))),

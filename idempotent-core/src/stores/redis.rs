@@ -338,7 +338,9 @@ impl Store for RedisStore {
             match self.invoke(&self.scripts.claim, key, &args).await? {
                 Reply::Acquired(fence) => Ok(Claim::Acquired { fence }),
                 Reply::InProgress(retry_after) => Ok(Claim::InProgress { retry_after }),
-                Reply::Completed(output) => Ok(Claim::Completed { output }),
+                Reply::Completed(output) => Ok(Claim::Completed {
+                    output: output.into(),
+                }),
                 Reply::Mismatch => Ok(Claim::Mismatch),
                 other => Err(other.unexpected(key)),
             }

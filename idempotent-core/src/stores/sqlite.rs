@@ -79,7 +79,7 @@ pub use builder::{
 /// use std::sync::Arc;
 /// use std::time::Duration;
 /// use idempotent_core::stores::sqlite::SqliteStore;
-/// use idempotent_core::{Claim, Fingerprint, StorageKey, Store};
+/// use idempotent_core::{Bytes, Claim, Fingerprint, StorageKey, Store};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let path = std::env::temp_dir().join(format!("idempotent-store-{}.sqlite3", std::process::id()));
@@ -97,7 +97,7 @@ pub use builder::{
 /// let store = SqliteStore::open(&path)?;
 /// assert_eq!(
 ///     store.claim(&key, &fingerprint, Duration::from_secs(30)).await?,
-///     Claim::Completed { output: b"\"receipt\"".to_vec() }
+///     Claim::Completed { output: Bytes::from_static(b"\"receipt\"") }
 /// );
 /// # drop(store);
 /// # let _ = std::fs::remove_file(&path);

@@ -102,7 +102,7 @@ pub(super) fn claim(
                 retry_after: record::until_from(now, record.until),
             },
             State::Completed(output) => Claim::Completed {
-                output: output.clone().unwrap_or_default(),
+                output: output.clone().unwrap_or_default().into(),
             },
         }));
     }
