@@ -83,6 +83,7 @@
 
 mod canonical;
 
+use std::cell::Cell;
 use std::fmt;
 
 use serde::Serialize;
@@ -230,8 +231,6 @@ impl fmt::Display for Fingerprint {
 #[derive(Clone)]
 pub struct Fingerprinter {
     hasher: Sha256,
-    /// Each argument's canonical bytes, reused from push to push.
-    encoded: Vec<u8>,
     arguments: usize,
     poisoned: bool,
 }
@@ -259,8 +258,6 @@ impl Fingerprinter {
         hasher.update(DOMAIN);
         Self {
             hasher,
-            // Enough for a typical request, so pushing one rarely grows the buffer.
-            encoded: Vec::with_capacity(256),
             arguments: 0,
             poisoned: false,
         }
@@ -292,11 +289,14 @@ impl Fingerprinter {
                 "an earlier argument already failed".to_owned(),
             ));
         }
-        self.encoded.clear();
-        self.encoded.push(tag::ARG);
-        match canonical::write_value(&mut self.encoded, argument) {
+        let written = with_buffer(|encoded| {
+            encoded.push(tag::ARG);
+            canonical::write_value(encoded, argument)?;
+            self.hasher.update(&*encoded);
+            Ok(())
+        });
+        match written {
             Ok(()) => {
-                self.hasher.update(&self.encoded);
                 self.arguments = self.arguments.saturating_add(1);
                 Ok(self)
             }
@@ -323,11 +323,32 @@ impl Fingerprinter {
     /// ```
     pub fn finish(&self) -> Fingerprint {
         let mut hasher = self.hasher.clone();
-        let mut end = Vec::with_capacity(9);
-        canonical::write_header(&mut end, tag::ARGS_END, self.arguments);
-        hasher.update(&end);
+        let mut end = [0u8; 11];
+        let len = canonical::write_header_into(&mut end, tag::ARGS_END, self.arguments);
+        hasher.update(&end[..len]);
         Fingerprint(hasher.finalize().into())
     }
+}
+
+thread_local! {
+    /// The encoding buffer of this thread's pushes: fingerprints are taken on every call, and
+    /// a reused buffer saves an allocation each time.
+    static BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// Buffers larger than this are dropped after use rather than kept for the thread's lifetime.
+const MAX_KEPT_BUFFER: usize = 64 * 1024;
+
+/// Runs `write` with an empty buffer: this thread's reused one, or a new one if it is in use
+/// (an argument's `Serialize` impl that fingerprints something itself) or gone (thread exit).
+fn with_buffer<R>(write: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    let mut buffer = BUFFER.try_with(Cell::take).unwrap_or_default();
+    buffer.clear();
+    let result = write(&mut buffer);
+    if buffer.capacity() <= MAX_KEPT_BUFFER {
+        let _ = BUFFER.try_with(|kept| kept.set(buffer));
+    }
+    result
 }
 
 /// An argument could not be fingerprinted: its `Serialize` impl failed (it

@@ -52,10 +52,6 @@ pub(super) mod tag {
 /// JSON cannot express anyway) never split fingerprints.
 const CANONICAL_NAN_BITS: u64 = 0x7ff8_0000_0000_0000;
 
-/// Length hints come from arbitrary `Serialize` impls; trusting a huge one
-/// would abort on allocation, so only this much is reserved up front.
-const MAX_RESERVED: usize = 1024;
-
 /// Writes the canonical item for `value` into `out`.
 pub(super) fn write_value<T: Serialize + ?Sized>(
     out: &mut Vec<u8>,
@@ -85,6 +81,24 @@ fn write_varint(out: &mut Vec<u8>, mut value: u128) {
 pub(super) fn write_header(out: &mut Vec<u8>, tag: u8, count: usize) {
     out.push(tag);
     write_varint(out, count as u128);
+}
+
+/// [`write_header`] into a stack buffer (a tag and at most 10 LEB128 bytes of a `usize`);
+/// returns how many bytes it wrote.
+pub(super) fn write_header_into(buf: &mut [u8; 11], tag: u8, count: usize) -> usize {
+    buf[0] = tag;
+    let mut value = count as u64;
+    let mut len = 1;
+    loop {
+        let low = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            buf[len] = low;
+            return len + 1;
+        }
+        buf[len] = low | 0x80;
+        len += 1;
+    }
 }
 
 fn write_str(out: &mut Vec<u8>, value: &str) {
@@ -143,6 +157,11 @@ fn is_unordered_type_name(name: &str) -> bool {
         "hashbrown::set::HashSet<",
     ];
 
+    // Most names (`u32`, `alloc::string::String`, a user's struct) are settled by their
+    // first byte; this runs for every value serialized.
+    if !matches!(name.as_bytes().first(), Some(b'&' | b'a' | b's' | b'h')) {
+        return false;
+    }
     let mut rest = name;
     // `&mut ` is listed before `&` so it is stripped whole.
     while let Some(inner) = TRANSPARENT.iter().find_map(|p| rest.strip_prefix(p)) {
@@ -153,57 +172,108 @@ fn is_unordered_type_name(name: &str) -> bool {
 
 /// Entries or elements, each encoded on its own and sorted by their bytes at
 /// the end, so iteration order is irrelevant.
+///
+/// The entries are written in place at the end of the output buffer, and
+/// `finish` appends them in sorted order behind the header and removes the
+/// unsorted run: a map costs no buffer of its own, which matters because most
+/// fingerprinted arguments are structs and fingerprints are taken on every call.
 struct Entries {
-    bytes: Vec<u8>,
-    /// Where each entry ends in `bytes`.
-    ends: Vec<usize>,
+    /// Where the first entry starts in the output buffer.
+    start: usize,
+    /// Where the entry being written starts.
+    entry_start: usize,
+    ranges: Ranges,
 }
 
-impl Entries {
-    fn with_capacity(len: Option<usize>) -> Self {
-        let len = len.unwrap_or(0).min(MAX_RESERVED);
-        // About what a small field takes, so most maps never grow their buffer.
+/// The `(start, end)` of each entry: inline up to `INLINE_RANGES` entries, then on the heap.
+struct Ranges {
+    inline: [(usize, usize); INLINE_RANGES],
+    len: usize,
+    spilled: Vec<(usize, usize)>,
+}
+
+/// More fields than most structs have, few enough to keep on the stack.
+const INLINE_RANGES: usize = 16;
+
+impl Ranges {
+    fn new() -> Self {
         Self {
-            bytes: Vec::with_capacity(len * 24),
-            ends: Vec::with_capacity(len),
+            inline: [(0, 0); INLINE_RANGES],
+            len: 0,
+            spilled: Vec::new(),
         }
     }
 
-    fn close_entry(&mut self) {
-        self.ends.push(self.bytes.len());
+    fn push(&mut self, range: (usize, usize)) {
+        if self.len < INLINE_RANGES {
+            self.inline[self.len] = range;
+            self.len += 1;
+        } else {
+            if self.spilled.is_empty() {
+                self.spilled.reserve(2 * INLINE_RANGES);
+                self.spilled.extend_from_slice(&self.inline);
+            }
+            self.spilled.push(range);
+        }
     }
 
-    fn push_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), FingerprintError> {
-        write_value(&mut self.bytes, value)?;
-        self.close_entry();
+    fn as_mut_slice(&mut self) -> &mut [(usize, usize)] {
+        if self.spilled.is_empty() {
+            &mut self.inline[..self.len]
+        } else {
+            &mut self.spilled
+        }
+    }
+}
+
+impl Entries {
+    fn begin(out: &[u8]) -> Self {
+        Self {
+            start: out.len(),
+            entry_start: out.len(),
+            ranges: Ranges::new(),
+        }
+    }
+
+    fn close_entry(&mut self, out: &[u8]) {
+        self.ranges.push((self.entry_start, out.len()));
+        self.entry_start = out.len();
+    }
+
+    fn push_value<T: Serialize + ?Sized>(
+        &mut self,
+        out: &mut Vec<u8>,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        write_value(out, value)?;
+        self.close_entry(out);
         Ok(())
     }
 
     fn push_field<T: Serialize + ?Sized>(
         &mut self,
+        out: &mut Vec<u8>,
         key: &str,
         value: &T,
     ) -> Result<(), FingerprintError> {
-        write_str(&mut self.bytes, key);
-        self.push_value(value)
+        write_str(out, key);
+        self.push_value(out, value)
     }
 
-    fn finish(self, tag: u8, out: &mut Vec<u8>) {
-        let mut start = 0;
-        let mut entries: Vec<&[u8]> = self
-            .ends
-            .iter()
-            .map(|&end| {
-                let entry = &self.bytes[start..end];
-                start = end;
-                entry
-            })
-            .collect();
-        entries.sort_unstable();
-        write_header(out, tag, entries.len());
-        for entry in entries {
-            out.extend_from_slice(entry);
+    /// Replaces the unsorted entries with `variant`'s single-entry prefix (for a
+    /// struct variant), the header, and the entries sorted by their bytes.
+    fn finish(mut self, tag: u8, variant: Option<&str>, out: &mut Vec<u8>) {
+        let unsorted_end = out.len();
+        let ranges = self.ranges.as_mut_slice();
+        ranges.sort_unstable_by(|a, b| out[a.0..a.1].cmp(&out[b.0..b.1]));
+        if let Some(variant) = variant {
+            begin_single_entry(out, variant);
         }
+        write_header(out, tag, ranges.len());
+        for &(start, end) in ranges.iter() {
+            out.extend_from_within(start..end);
+        }
+        out.drain(self.start..unsorted_end);
     }
 }
 
@@ -350,11 +420,11 @@ impl<'a> ser::Serializer for Canonical<'a> {
         write_value(self.out, value)
     }
 
-    fn serialize_seq(self, len: Option<usize>) -> Result<Seq<'a>, FingerprintError> {
+    fn serialize_seq(self, _len: Option<usize>) -> Result<Seq<'a>, FingerprintError> {
         if self.unordered {
             Ok(Seq::Unordered {
+                elements: Box::new(Entries::begin(self.out)),
                 out: self.out,
-                elements: Entries::with_capacity(len),
             })
         } else {
             Ok(Seq::Ordered(Ordered::begin(self.out)))
@@ -385,10 +455,10 @@ impl<'a> ser::Serializer for Canonical<'a> {
         Ok(TupleVariant { out: self.out })
     }
 
-    fn serialize_map(self, len: Option<usize>) -> Result<Map<'a>, FingerprintError> {
+    fn serialize_map(self, _len: Option<usize>) -> Result<Map<'a>, FingerprintError> {
         Ok(Map {
+            entries: Entries::begin(self.out),
             out: self.out,
-            entries: Entries::with_capacity(len),
             key_pending: false,
         })
     }
@@ -406,12 +476,12 @@ impl<'a> ser::Serializer for Canonical<'a> {
         _name: &'static str,
         _index: u32,
         variant: &'static str,
-        len: usize,
+        _len: usize,
     ) -> Result<StructVariant<'a>, FingerprintError> {
         Ok(StructVariant {
+            fields: Entries::begin(self.out),
             out: self.out,
             variant,
-            fields: Entries::with_capacity(Some(len)),
         })
     }
 }
@@ -475,7 +545,8 @@ enum Seq<'a> {
     /// hash), under the `SET` tag so it never equals an ordered sequence.
     Unordered {
         out: &'a mut Vec<u8>,
-        elements: Entries,
+        // Boxed: hash sets are rare, and the inline ranges would bloat every `Seq`.
+        elements: Box<Entries>,
     },
 }
 
@@ -489,7 +560,7 @@ impl ser::SerializeSeq for Seq<'_> {
     ) -> Result<(), FingerprintError> {
         match self {
             Seq::Ordered(ordered) => ordered.element(value),
-            Seq::Unordered { elements, .. } => elements.push_value(value),
+            Seq::Unordered { out, elements } => elements.push_value(out, value),
         }
     }
 
@@ -497,7 +568,7 @@ impl ser::SerializeSeq for Seq<'_> {
         match self {
             Seq::Ordered(ordered) => ordered.end(),
             Seq::Unordered { out, elements } => {
-                elements.finish(tag::SET, out);
+                elements.finish(tag::SET, None, out);
                 Ok(())
             }
         }
@@ -528,7 +599,7 @@ impl ser::SerializeMap for Map<'_> {
         if self.key_pending {
             return Err(Self::misuse("serialized two map keys in a row"));
         }
-        write_value(&mut self.entries.bytes, key)?;
+        write_value(self.out, key)?;
         self.key_pending = true;
         Ok(())
     }
@@ -541,14 +612,14 @@ impl ser::SerializeMap for Map<'_> {
             return Err(Self::misuse("serialized a map value without a key"));
         }
         self.key_pending = false;
-        self.entries.push_value(value)
+        self.entries.push_value(self.out, value)
     }
 
     fn end(self) -> Result<(), FingerprintError> {
         if self.key_pending {
             return Err(Self::misuse("ended a map after a key without its value"));
         }
-        self.entries.finish(tag::MAP, self.out);
+        self.entries.finish(tag::MAP, None, self.out);
         Ok(())
     }
 }
@@ -562,7 +633,7 @@ impl ser::SerializeStruct for Map<'_> {
         key: &'static str,
         value: &T,
     ) -> Result<(), FingerprintError> {
-        self.entries.push_field(key, value)
+        self.entries.push_field(self.out, key, value)
     }
 
     fn end(self) -> Result<(), FingerprintError> {
@@ -610,12 +681,11 @@ impl ser::SerializeStructVariant for StructVariant<'_> {
         key: &'static str,
         value: &T,
     ) -> Result<(), FingerprintError> {
-        self.fields.push_field(key, value)
+        self.fields.push_field(self.out, key, value)
     }
 
     fn end(self) -> Result<(), FingerprintError> {
-        begin_single_entry(self.out, self.variant);
-        self.fields.finish(tag::MAP, self.out);
+        self.fields.finish(tag::MAP, Some(self.variant), self.out);
         Ok(())
     }
 }
