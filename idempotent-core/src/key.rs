@@ -145,14 +145,20 @@ impl fmt::Display for StorageKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // One write of a stack buffer: stores format keys on every call, and a formatter
         // call per byte costs more than the SHA-256 that made the key.
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut hex = [0u8; 64];
-        for (pair, byte) in hex.chunks_exact_mut(2).zip(self.0) {
-            pair[0] = DIGITS[usize::from(byte >> 4)];
-            pair[1] = DIGITS[usize::from(byte & 0x0f)];
-        }
+        let hex = hex32(&self.0);
         f.write_str(std::str::from_utf8(&hex).map_err(|_| fmt::Error)?)
     }
+}
+
+/// Lowercase hex of 32 bytes, on the stack: stores write keys and fingerprints on every call.
+pub(crate) fn hex32(bytes: &[u8; 32]) -> [u8; 64] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [0u8; 64];
+    for (pair, byte) in hex.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0x0f)];
+    }
+    hex
 }
 
 fn check_len(part: &'static str, bytes: &[u8]) -> Result<(), KeyError> {

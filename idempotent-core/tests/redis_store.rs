@@ -57,6 +57,11 @@ async fn a_replay_is_one_round_trip_and_a_first_call_two() {
         Some(&2),
         "claim and complete: {first_call:?}"
     );
+    assert_eq!(
+        first_call.get("publish"),
+        None,
+        "nobody waited, so nothing is published: {first_call:?}"
+    );
 
     server.reset_stats();
     assert!(engine.run(call, body()).await.unwrap().is_replayed());
@@ -66,7 +71,13 @@ async fn a_replay_is_one_round_trip_and_a_first_call_two() {
         Some(&1),
         "one claim answers the replay: {replay:?}"
     );
-    for command in ["eval", "script", "get", "hgetall", "subscribe"] {
+    // Commands a script runs count too: the claim's one read of the record is its only GET.
+    assert_eq!(
+        replay.get("get"),
+        Some(&1),
+        "the claim script reads the record once: {replay:?}"
+    );
+    for command in ["eval", "script", "mget", "subscribe", "publish"] {
         assert_eq!(
             replay.get(command),
             None,

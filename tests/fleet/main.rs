@@ -79,8 +79,21 @@ pub const PROCESSES: usize = 4;
 pub const TASKS: usize = 32;
 pub const KEYS: u32 = 200;
 
-fn spawn_child(role: &str, kind: stores::Kind, url: &str, dir: &Path, id: usize) -> Child {
-    Command::new(std::env::current_exe().expect("the test binary's path"))
+/// A child process that is killed when dropped: a failing assertion in the parent must not
+/// leave a child running (it would hold the test runner's output open, and its claim).
+struct ChildProcess(Child);
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn_child(role: &str, kind: stores::Kind, url: &str, dir: &Path, id: usize) -> ChildProcess {
+    let child = Command::new(std::env::current_exe().expect("the test binary's path"))
         .args([
             "--exact",
             "fleet_child",
@@ -96,7 +109,8 @@ fn spawn_child(role: &str, kind: stores::Kind, url: &str, dir: &Path, id: usize)
         // The children's own test-runner output would read as more tests of this run.
         .stdout(std::fs::File::create(dir.join(format!("{role}-{id}.out"))).expect("a log file"))
         .spawn()
-        .expect("spawn a child process")
+        .expect("spawn a child process");
+    ChildProcess(child)
 }
 
 fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
@@ -115,11 +129,11 @@ fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
 
 fn exactly_once_across_processes(kind: stores::Kind, url: &str) {
     let dir = tempfile::tempdir().expect("a temporary folder");
-    let mut children: Vec<Child> = (0..PROCESSES)
+    let mut children: Vec<ChildProcess> = (0..PROCESSES)
         .map(|id| spawn_child("caller", kind, url, dir.path(), id))
         .collect();
     for child in &mut children {
-        let status = wait_for(child, Duration::from_secs(300));
+        let status = wait_for(&mut child.0, Duration::from_secs(300));
         assert!(status.success(), "a caller process failed: {status}");
     }
     let ledger = ledger::Ledger::read(dir.path());
@@ -137,7 +151,7 @@ fn crash_recovery(kind: stores::Kind, url: &str) {
             "the holder never started its body"
         );
         assert!(
-            holder.try_wait().unwrap().is_none(),
+            holder.0.try_wait().unwrap().is_none(),
             "the holder exited early"
         );
         std::thread::sleep(Duration::from_millis(10));
@@ -148,8 +162,8 @@ fn crash_recovery(kind: stores::Kind, url: &str) {
         .build()
         .unwrap();
     let old_fence = runtime.block_on(stores::current_fence(kind, url, child::CRASH_KEY));
-    holder.kill().expect("SIGKILL the holder");
-    holder.wait().unwrap();
+    holder.0.kill().expect("SIGKILL the holder");
+    holder.0.wait().unwrap();
     runtime.block_on(child::take_over_after_crash(
         kind,
         url,

@@ -95,13 +95,20 @@ pub async fn current_fence(kind: Kind, url: &str, key: &str) -> u64 {
                 .get_multiplexed_async_connection()
                 .await
                 .expect("connect");
-            let fence: String = redis::cmd("HGET")
+            // The record is `2<state><fingerprint>|<fence>|<output>` (redis/prelude.lua).
+            let record: Vec<u8> = redis::cmd("GET")
                 .arg(store.record_key(&storage_key))
-                .arg("fence")
                 .query_async(&mut connection)
                 .await
-                .expect("the record has a fence");
-            fence.parse().expect("a numeric fence")
+                .expect("the record exists");
+            let fence = record
+                .split(|&byte| byte == b'|')
+                .nth(1)
+                .expect("a record with a fence");
+            std::str::from_utf8(fence)
+                .expect("an ASCII fence")
+                .parse()
+                .expect("a numeric fence")
         }
         #[cfg(feature = "sqlite")]
         Kind::Sqlite => {

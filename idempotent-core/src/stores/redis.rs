@@ -1,16 +1,18 @@
 //! The Redis store: a fleet of application servers sharing one Redis (or Redis Cluster).
 //!
-//! Each record is one Redis hash, and each operation one Lua script run with `EVALSHA` (loaded
-//! again after a `NOSCRIPT`), touching only that key: every script is atomic, and Redis
-//! Cluster routes it by its single key. Leases and expiry are measured on the server's clock
-//! (`TIME` inside the scripts, `PEXPIRE` for storage), never the application's, so clock skew
-//! between application servers cannot break a lease. A replay is one round trip; a first call
-//! two (claim, complete).
+//! Each record is one Redis string, and each operation one Lua script run with `EVALSHA`
+//! (loaded again after a `NOSCRIPT`), touching only that key: every script is atomic, and
+//! Redis Cluster routes it by its single key. The key's `PX` is the record's life (the lease,
+//! then the ttl), so leases and expiry are measured on the server's clock, never the
+//! application's, and clock skew between application servers cannot break a lease. A replay
+//! is one round trip; a first call two (claim, complete). The record layout is described in
+//! `redis/prelude.lua`; it needs Redis 6.0 or later (`SET .. KEEPTTL`).
 //!
-//! Waiting uses pub/sub: `complete` and `release` publish on a channel per key, and waiters
-//! subscribe to it over one shared connection before they look at the record, so no
-//! completion can slip between the look and the wait. If the subscription cannot be made, a
-//! waiter falls back to sleeping for a short poll interval.
+//! Waiting uses pub/sub: waiters subscribe to a channel per key over one shared connection,
+//! then look at the record, and the look marks it; `complete` and `release` publish on the
+//! channel when the record is marked, so no completion can slip between the look and the wait,
+//! and a call nobody waits for publishes nothing. If the subscription cannot be made, a waiter
+//! falls back to sleeping for a short poll interval.
 
 mod scripts;
 mod waiters;
@@ -20,18 +22,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Value};
+use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
-use crate::key::StorageKey;
+use crate::key::{StorageKey, hex32};
 use crate::store::{BoxFuture, Claim, Fence, FencedWrite, Store};
 use scripts::Scripts;
 use waiters::Waiters;
 
-/// How long an in-progress record is kept past its lease: a dead claim stays readable a
-/// little while for operators; it is claimable all the same.
-const LEASE_GRACE: Duration = Duration::from_secs(1);
 /// How long a released record is kept as a tombstone carrying its fence.
 const TOMBSTONE: Duration = Duration::from_secs(1);
 
@@ -184,29 +183,52 @@ impl RedisStore {
     /// # }
     /// ```
     pub fn record_key(&self, key: &StorageKey) -> String {
-        format!("{}{}", self.key_prefix, key)
+        let mut record_key = String::with_capacity(self.key_prefix.len() + 64);
+        record_key.push_str(&self.key_prefix);
+        push_hex(&mut record_key, key.as_bytes());
+        record_key
     }
 
     /// The pub/sub channel on which `complete` and `release` of `key` are announced.
     fn channel(&self, key: &StorageKey) -> String {
-        format!("{}done:{}", self.key_prefix, key)
+        let mut channel = String::with_capacity(self.key_prefix.len() + 5 + 64);
+        channel.push_str(&self.key_prefix);
+        channel.push_str("done:");
+        push_hex(&mut channel, key.as_bytes());
+        channel
     }
 
+    /// Runs `script` on `key`'s record with `args`.
+    ///
+    /// The `EVALSHA` is built here rather than through `redis::ScriptInvocation`, which copies
+    /// every argument twice; a replay is one script call, so its client cost is the store's.
     async fn invoke(
         &self,
         script: &redis::Script,
         key: &StorageKey,
         args: &[&[u8]],
     ) -> Result<Reply, StoreError> {
-        let mut invocation = script.key(self.record_key(key));
+        let mut command = redis::cmd("EVALSHA");
+        command
+            .arg(script.get_hash())
+            .arg(1)
+            .arg(self.record_key(key));
         for arg in args {
-            invocation.arg(*arg);
+            command.arg(*arg);
         }
         let mut connection = self.manager.clone();
-        let value: Value = invocation
-            .invoke_async(&mut connection)
-            .await
-            .map_err(|error| from_redis("a script call failed", error))?;
+        let value = match command.query_async::<Value>(&mut connection).await {
+            // The server has lost its script cache (a restart, `SCRIPT FLUSH`): load, run again.
+            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                script
+                    .load_async(&mut connection)
+                    .await
+                    .map_err(|error| from_redis("could not load a store script", error))?;
+                command.query_async::<Value>(&mut connection).await
+            }
+            result => result,
+        }
+        .map_err(|error| from_redis("a script call failed", error))?;
         Reply::parse(value, key)
     }
 
@@ -231,6 +253,12 @@ impl RedisStore {
             other => Err(other.unexpected(key)),
         }
     }
+}
+
+fn push_hex(out: &mut String, bytes: &[u8; 32]) {
+    let hex = hex32(bytes);
+    // hex32 writes ASCII digits only.
+    out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
 }
 
 fn millis(duration: Duration) -> Vec<u8> {
@@ -333,8 +361,8 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         Box::pin(async move {
-            let fingerprint = fingerprint.to_hex();
-            let args: [&[u8]; 3] = [fingerprint.as_bytes(), &millis(lease), &millis(LEASE_GRACE)];
+            let fingerprint = hex32(fingerprint.as_bytes());
+            let args: [&[u8]; 2] = [&fingerprint, &millis(lease)];
             match self.invoke(&self.scripts.claim, key, &args).await? {
                 Reply::Acquired(fence) => Ok(Claim::Acquired { fence }),
                 Reply::InProgress(retry_after) => Ok(Claim::InProgress { retry_after }),
@@ -383,7 +411,7 @@ impl Store for RedisStore {
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         Box::pin(async move {
             let fence = fence.to_string();
-            let args: [&[u8]; 3] = [fence.as_bytes(), &millis(lease), &millis(LEASE_GRACE)];
+            let args: [&[u8]; 2] = [fence.as_bytes(), &millis(lease)];
             self.fenced_write(&self.scripts.extend, key, &args).await
         })
     }

@@ -1,27 +1,24 @@
--- KEYS[1] record; ARGV[1] fingerprint (hex), ARGV[2] lease ms, ARGV[3] grace ms.
-local record, problem = read(KEYS[1])
+-- KEYS[1] record; ARGV[1] fingerprint (hex), ARGV[2] lease ms.
+local stored = redis.pcall('GET', KEYS[1])
+local record, problem = parse(KEYS[1], stored)
 if record == nil then
   return { 'x', problem }
 end
-if record and record.st ~= 'r' and record.until_ms > now_ms then
+if record and record.st ~= 'r' then
   if record.fp ~= ARGV[1] then
     return { 'm' }
   end
-  if record.st == 'p' then
-    return { 'p', record.until_ms - now_ms }
+  if record.st == 'c' then
+    return { 'c', string.sub(stored, record.out_at) }
   end
-  return { 'c', redis.call('HGET', KEYS[1], 'out') }
+  return { 'p', redis.call('PTTL', KEYS[1]) }
 end
-local fence = now_us
+-- Absent, or a tombstone: acquire, with a fence above the tombstone's.
+local time = redis.call('TIME')
+local fence = tonumber(time[1]) * 1000000 + tonumber(time[2])
 if record and record.fence >= fence then
   fence = record.fence + 1
 end
-local fence_text = ms(fence)
-local lease = tonumber(ARGV[2])
--- A dead record's fields (its output among them) go; a fresh key has none to clear.
-if record then
-  redis.call('DEL', KEYS[1])
-end
-redis.call('HSET', KEYS[1], 'v', '1', 'st', 'p', 'fp', ARGV[1], 'fence', fence_text, 'until', ms(now_ms + lease))
-redis.call('PEXPIRE', KEYS[1], lease + tonumber(ARGV[3]))
+local fence_text = string.format('%.0f', fence)
+redis.call('SET', KEYS[1], '2p' .. ARGV[1] .. '|' .. fence_text .. '|', 'PX', ARGV[2])
 return { 'a', fence_text }

@@ -3,11 +3,12 @@ local record, problem = read(KEYS[1])
 if record == nil then
   return { 'x', problem }
 end
-if not held(record, ARGV[1]) then
+if not holding(record, ARGV[1]) then
   return { 'f' }
 end
-local ttl = tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'st', 'c', 'out', ARGV[2], 'until', ms(now_ms + ttl))
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PUBLISH', ARGV[4], 'c')
+redis.call('SET', KEYS[1], '2c' .. record.fp .. '|' .. ARGV[1] .. '|' .. ARGV[2], 'PX', ARGV[3])
+-- Published only when a waiter marked the record: an uncontended call pays nothing for it.
+if record.st == 'w' then
+  redis.call('PUBLISH', ARGV[4], 'c')
+end
 return { 'ok' }

@@ -1,9 +1,15 @@
--- KEYS[1] record. How long the key's lease still runs, if it is in progress.
-local record, problem = read(KEYS[1])
+-- KEYS[1] record. A waiter's look, made after it subscribed to the key's channel: how long
+-- the lease still runs, if the key is in progress. It marks the record ('w'), so that its
+-- completion or release is published; a record nobody waits for is never published.
+local stored = redis.pcall('GET', KEYS[1])
+local record, problem = parse(KEYS[1], stored)
 if record == nil then
   return { 'x', problem }
 end
-if record and record.st == 'p' and record.until_ms > now_ms then
-  return { 'p', record.until_ms - now_ms }
+if record and (record.st == 'p' or record.st == 'w') then
+  if record.st == 'p' then
+    redis.call('SET', KEYS[1], '2w' .. string.sub(stored, 3), 'KEEPTTL')
+  end
+  return { 'p', redis.call('PTTL', KEYS[1]) }
 end
 return { 'n' }

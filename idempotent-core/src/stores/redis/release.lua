@@ -5,11 +5,11 @@ local record, problem = read(KEYS[1])
 if record == nil then
   return { 'x', problem }
 end
-if not held(record, ARGV[1]) then
+if not holding(record, ARGV[1]) then
   return { 'f' }
 end
-redis.call('HSET', KEYS[1], 'st', 'r', 'until', ms(now_ms))
-redis.call('HDEL', KEYS[1], 'fp', 'out')
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-redis.call('PUBLISH', ARGV[2], 'r')
+redis.call('SET', KEYS[1], '2r|' .. ARGV[1] .. '|', 'PX', ARGV[3])
+if record.st == 'w' then
+  redis.call('PUBLISH', ARGV[2], 'r')
+end
 return { 'ok' }
