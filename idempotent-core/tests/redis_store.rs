@@ -252,6 +252,9 @@ async fn foreign_data_under_a_key_is_a_typed_error_and_can_be_purged() {
     let lease = Duration::from_secs(30);
     for foreign in [
         vec!["SET", &record_key, "garbage"],
+        // A later format, and this format cut short.
+        vec!["SET", &record_key, "3c|1|"],
+        vec!["SET", &record_key, "2c0123|x"],
         vec!["HSET", &record_key, "v", "99", "st", "c"],
         vec!["HSET", &record_key, "st", "c"],
         vec![

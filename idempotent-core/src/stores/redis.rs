@@ -189,7 +189,8 @@ impl RedisStore {
         record_key
     }
 
-    /// The pub/sub channel on which `complete` and `release` of `key` are announced.
+    /// The pub/sub channel on which `complete` and `release` of `key` are announced (the
+    /// scripts derive the same name from the record key: `redis/prelude.lua`, `channel`).
     fn channel(&self, key: &StorageKey) -> String {
         let mut channel = String::with_capacity(self.key_prefix.len() + 5 + 64);
         channel.push_str(&self.key_prefix);
@@ -198,7 +199,7 @@ impl RedisStore {
         channel
     }
 
-    /// Runs `script` on `key`'s record with `args`.
+    /// Runs `script` on `key`'s record with the arguments `args` adds.
     ///
     /// The `EVALSHA` is built here rather than through `redis::ScriptInvocation`, which copies
     /// every argument twice; a replay is one script call, so its client cost is the store's.
@@ -206,16 +207,14 @@ impl RedisStore {
         &self,
         script: &redis::Script,
         key: &StorageKey,
-        args: &[&[u8]],
+        args: impl FnOnce(&mut redis::Cmd),
     ) -> Result<Reply, StoreError> {
         let mut command = redis::cmd("EVALSHA");
         command
             .arg(script.get_hash())
             .arg(1)
             .arg(self.record_key(key));
-        for arg in args {
-            command.arg(*arg);
-        }
+        args(&mut command);
         let mut connection = self.manager.clone();
         let value = match command.query_async::<Value>(&mut connection).await {
             // The server has lost its script cache (a restart, `SCRIPT FLUSH`): load, run again.
@@ -236,7 +235,7 @@ impl RedisStore {
         &self,
         script: &redis::Script,
         key: &StorageKey,
-        args: &[&[u8]],
+        args: impl FnOnce(&mut redis::Cmd),
     ) -> Result<FencedWrite, StoreError> {
         match self.invoke(script, key, args).await? {
             Reply::Ok => Ok(FencedWrite::Applied),
@@ -247,7 +246,7 @@ impl RedisStore {
 
     /// How long `key`'s lease still runs, if it is in progress.
     async fn lease_left(&self, key: &StorageKey) -> Result<Option<Duration>, StoreError> {
-        match self.invoke(&self.scripts.in_progress, key, &[]).await? {
+        match self.invoke(&self.scripts.in_progress, key, |_| {}).await? {
             Reply::InProgress(left) => Ok(Some(left)),
             Reply::NotInProgress => Ok(None),
             other => Err(other.unexpected(key)),
@@ -261,13 +260,11 @@ fn push_hex(out: &mut String, bytes: &[u8; 32]) {
     out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
 }
 
-fn millis(duration: Duration) -> Vec<u8> {
+fn millis(duration: Duration) -> u64 {
     // At least 1 ms: Redis refuses a zero expiry, and a zero lease would protect nothing.
-    duration
-        .as_millis()
-        .clamp(1, u128::from(u64::MAX))
-        .to_string()
-        .into_bytes()
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// A script's answer.
@@ -362,8 +359,10 @@ impl Store for RedisStore {
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         Box::pin(async move {
             let fingerprint = hex32(fingerprint.as_bytes());
-            let args: [&[u8]; 2] = [&fingerprint, &millis(lease)];
-            match self.invoke(&self.scripts.claim, key, &args).await? {
+            let args = |command: &mut redis::Cmd| {
+                command.arg(&fingerprint[..]).arg(millis(lease));
+            };
+            match self.invoke(&self.scripts.claim, key, args).await? {
                 Reply::Acquired(fence) => Ok(Claim::Acquired { fence }),
                 Reply::InProgress(retry_after) => Ok(Claim::InProgress { retry_after }),
                 Reply::Completed(output) => Ok(Claim::Completed {
@@ -383,10 +382,10 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         Box::pin(async move {
-            let fence = fence.to_string();
-            let channel = self.channel(key);
-            let args: [&[u8]; 4] = [fence.as_bytes(), &output, &millis(ttl), channel.as_bytes()];
-            self.fenced_write(&self.scripts.complete, key, &args).await
+            let args = |command: &mut redis::Cmd| {
+                command.arg(fence.get()).arg(&output).arg(millis(ttl));
+            };
+            self.fenced_write(&self.scripts.complete, key, args).await
         })
     }
 
@@ -396,10 +395,10 @@ impl Store for RedisStore {
         fence: Fence,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         Box::pin(async move {
-            let fence = fence.to_string();
-            let channel = self.channel(key);
-            let args: [&[u8]; 3] = [fence.as_bytes(), channel.as_bytes(), &millis(TOMBSTONE)];
-            self.fenced_write(&self.scripts.release, key, &args).await
+            let args = |command: &mut redis::Cmd| {
+                command.arg(fence.get()).arg(millis(TOMBSTONE));
+            };
+            self.fenced_write(&self.scripts.release, key, args).await
         })
     }
 
@@ -410,9 +409,10 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         Box::pin(async move {
-            let fence = fence.to_string();
-            let args: [&[u8]; 2] = [fence.as_bytes(), &millis(lease)];
-            self.fenced_write(&self.scripts.extend, key, &args).await
+            let args = |command: &mut redis::Cmd| {
+                command.arg(fence.get()).arg(millis(lease));
+            };
+            self.fenced_write(&self.scripts.extend, key, args).await
         })
     }
 

@@ -1,24 +1,24 @@
 -- KEYS[1] record; ARGV[1] fingerprint (hex), ARGV[2] lease ms.
 local stored = redis.pcall('GET', KEYS[1])
-local record, problem = parse(KEYS[1], stored)
-if record == nil then
-  return { 'x', problem }
+local state, fp, fence, _, out_at = parse(KEYS[1], stored)
+if state == nil then
+  return { 'x', fp }
 end
-if record and record.st ~= 'r' then
-  if record.fp ~= ARGV[1] then
+if state and state ~= 'r' then
+  if fp ~= ARGV[1] then
     return { 'm' }
   end
-  if record.st == 'c' then
-    return { 'c', string.sub(stored, record.out_at) }
+  if state == 'c' then
+    return { 'c', string.sub(stored, out_at) }
   end
   return { 'p', redis.call('PTTL', KEYS[1]) }
 end
--- Absent, or a tombstone: acquire, with a fence above the tombstone's.
+-- Absent, or a tombstone: acquire, with a fence above the tombstone's. The fence is the
+-- server's time in µs, written as text from TIME's two parts (string.format is slower).
 local time = redis.call('TIME')
-local fence = tonumber(time[1]) * 1000000 + tonumber(time[2])
-if record and record.fence >= fence then
-  fence = record.fence + 1
+local fence_text = time[1] .. string.sub('00000' .. time[2], -6)
+if state and fence >= tonumber(fence_text) then
+  fence_text = string.format('%.0f', fence + 1)
 end
-local fence_text = string.format('%.0f', fence)
 redis.call('SET', KEYS[1], '2p' .. ARGV[1] .. '|' .. fence_text .. '|', 'PX', ARGV[2])
 return { 'a', fence_text }

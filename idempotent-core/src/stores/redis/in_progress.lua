@@ -2,12 +2,12 @@
 -- the lease still runs, if the key is in progress. It marks the record ('w'), so that its
 -- completion or release is published; a record nobody waits for is never published.
 local stored = redis.pcall('GET', KEYS[1])
-local record, problem = parse(KEYS[1], stored)
-if record == nil then
+local state, problem = parse(KEYS[1], stored)
+if state == nil then
   return { 'x', problem }
 end
-if record and (record.st == 'p' or record.st == 'w') then
-  if record.st == 'p' then
+if state == 'p' or state == 'w' then
+  if state == 'p' then
     redis.call('SET', KEYS[1], '2w' .. string.sub(stored, 3), 'KEEPTTL')
   end
   return { 'p', redis.call('PTTL', KEYS[1]) }

@@ -1,15 +1,15 @@
--- KEYS[1] record; ARGV[1] fence, ARGV[2] channel to notify, ARGV[3] tombstone ms.
+-- KEYS[1] record; ARGV[1] fence, ARGV[2] tombstone ms.
 -- The record stays as a short-lived tombstone: claimable at once, but still holding the fence,
 -- so the next claim's fence is larger even within the same microsecond.
-local record, problem = read(KEYS[1])
-if record == nil then
+local state, problem, _, fence_text = read(KEYS[1])
+if state == nil then
   return { 'x', problem }
 end
-if not holding(record, ARGV[1]) then
+if not (state == 'p' or state == 'w') or fence_text ~= ARGV[1] then
   return { 'f' }
 end
-redis.call('SET', KEYS[1], '2r|' .. ARGV[1] .. '|', 'PX', ARGV[3])
-if record.st == 'w' then
-  redis.call('PUBLISH', ARGV[2], 'r')
+redis.call('SET', KEYS[1], '2r|' .. fence_text .. '|', 'PX', ARGV[2])
+if state == 'w' then
+  redis.call('PUBLISH', channel(KEYS[1]), 'r')
 end
 return { 'ok' }
