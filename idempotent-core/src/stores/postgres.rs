@@ -268,6 +268,19 @@ pub(super) fn judge_claim(
     }
 }
 
+/// The schema, claim and complete statement texts the store uses for `table`, for the
+/// benches' raw-driver baseline (through `__private`).
+pub(crate) fn statement_texts(table: &str) -> Result<(String, String, String), String> {
+    sql::check_table_name(table)?;
+    let Statements {
+        schema,
+        claim,
+        complete,
+        ..
+    } = Statements::new(table);
+    Ok((schema, claim, complete))
+}
+
 /// How many times a claim statement is run again when a concurrent insert hid the record.
 pub(super) const CLAIM_ATTEMPTS: usize = 5;
 
