@@ -16,9 +16,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use deadpool::Runtime;
+use deadpool::managed::{self, Metrics, RecycleResult};
+use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, RecyclingMethod};
 use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Statement};
 
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
@@ -101,7 +103,7 @@ impl PostgresStoreBuilder {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
-        let pool = Pool::builder(manager)
+        let pool = Pool::builder(ConnectionManager(manager))
             .max_size(self.max_connections)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(self.timeout))
@@ -126,6 +128,91 @@ impl PostgresStoreBuilder {
         Ok(store)
     }
 }
+
+/// The statements run on pooled connections, each prepared once per connection, on first use.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Claim,
+    Complete,
+    Release,
+    Extend,
+    LeaseLeft,
+    Remove,
+}
+
+impl Kind {
+    const COUNT: usize = 6;
+
+    fn text(self, statements: &Statements) -> &str {
+        match self {
+            Kind::Claim => &statements.claim,
+            Kind::Complete => &statements.complete,
+            Kind::Release => &statements.release,
+            Kind::Extend => &statements.extend,
+            Kind::LeaseLeft => &statements.lease_left,
+            Kind::Remove => &statements.remove,
+        }
+    }
+}
+
+/// A pooled connection and its prepared statements, found by [`Kind`]: a lookup by the SQL
+/// text (deadpool's statement cache) hashes the whole text on every statement.
+struct Connection {
+    client: ClientWrapper,
+    prepared: [Option<Statement>; Kind::COUNT],
+}
+
+impl Connection {
+    /// The client and its prepared `kind`, prepared on this connection the first time.
+    async fn prepared(
+        &mut self,
+        kind: Kind,
+        statements: &Statements,
+    ) -> Result<(&ClientWrapper, &Statement), StoreError> {
+        let Connection { client, prepared } = self;
+        let slot = &mut prepared[kind as usize];
+        let statement = match slot {
+            Some(statement) => statement,
+            None => slot.insert(
+                client
+                    .prepare(kind.text(statements))
+                    .await
+                    .map_err(|error| from_pg("could not prepare a statement", error))?,
+            ),
+        };
+        Ok((client, statement))
+    }
+}
+
+/// deadpool-postgres' manager (connecting, recycling), for connections that carry their
+/// prepared statements.
+struct ConnectionManager(Manager);
+
+impl managed::Manager for ConnectionManager {
+    type Type = Connection;
+    type Error = tokio_postgres::Error;
+
+    async fn create(&self) -> Result<Connection, tokio_postgres::Error> {
+        Ok(Connection {
+            client: self.0.create().await?,
+            prepared: Default::default(),
+        })
+    }
+
+    async fn recycle(
+        &self,
+        connection: &mut Connection,
+        metrics: &Metrics,
+    ) -> RecycleResult<tokio_postgres::Error> {
+        self.0.recycle(&mut connection.client, metrics).await
+    }
+
+    fn detach(&self, connection: &mut Connection) {
+        self.0.detach(&mut connection.client);
+    }
+}
+
+type Pool = managed::Pool<ConnectionManager>;
 
 /// A [`Store`] in PostgreSQL.
 ///
@@ -313,7 +400,7 @@ impl PostgresStore {
         &self.table
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+    async fn client(&self) -> Result<managed::Object<ConnectionManager>, StoreError> {
         self.pool
             .get()
             .await
@@ -326,17 +413,14 @@ impl PostgresStore {
     /// Runs one prepared statement on a pooled connection, within the timeout.
     async fn query(
         &self,
-        statement: &str,
+        kind: Kind,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         let work = async {
-            let client = self.client().await?;
-            let prepared = client
-                .prepare_cached(statement)
-                .await
-                .map_err(|error| from_pg("could not prepare a statement", error))?;
+            let mut pooled = self.client().await?;
+            let (client, prepared) = pooled.prepared(kind, &self.statements).await?;
             client
-                .query(&prepared, params)
+                .query(prepared, params)
                 .await
                 .map_err(|error| from_pg("a statement failed", error))
         };
@@ -347,8 +431,9 @@ impl PostgresStore {
 
     async fn migrate(&self) -> Result<(), StoreError> {
         let work = async {
-            let mut client = self.client().await?;
-            let transaction = client
+            let mut pooled = self.client().await?;
+            let transaction = pooled
+                .client
                 .transaction()
                 .await
                 .map_err(|error| from_pg("could not begin the schema transaction", error))?;
@@ -399,10 +484,10 @@ impl PostgresStore {
 
     async fn fenced_write(
         &self,
-        statement: &str,
+        kind: Kind,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<FencedWrite, StoreError> {
-        let rows = self.query(statement, params).await?;
+        let rows = self.query(kind, params).await?;
         Ok(if rows.is_empty() {
             FencedWrite::Fenced
         } else {
@@ -412,7 +497,7 @@ impl PostgresStore {
 
     async fn lease_left(&self, key: &StorageKey) -> Result<Option<Duration>, StoreError> {
         let key = key.as_bytes().as_slice();
-        let rows = self.query(&self.statements.lease_left, &[&key]).await?;
+        let rows = self.query(Kind::LeaseLeft, &[&key]).await?;
         Ok(rows.first().map(|row| {
             let left: Option<i64> = row.try_get(0).unwrap_or(None);
             Duration::from_millis(left.and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0))
@@ -433,10 +518,7 @@ impl Store for PostgresStore {
             let lease = millis(lease);
             for _ in 0..CLAIM_ATTEMPTS {
                 let rows = self
-                    .query(
-                        &self.statements.claim,
-                        &[&key_param, &fingerprint_param, &lease],
-                    )
+                    .query(Kind::Claim, &[&key_param, &fingerprint_param, &lease])
                     .await?;
                 if let Some(claim) = judge_claim(&rows, key, fingerprint)? {
                     return Ok(claim);
@@ -459,7 +541,7 @@ impl Store for PostgresStore {
         Box::pin(async move {
             let key = key.as_bytes().as_slice();
             let (fence, ttl) = (fence_param(fence), millis(ttl));
-            self.fenced_write(&self.statements.complete, &[&key, &fence, &output, &ttl])
+            self.fenced_write(Kind::Complete, &[&key, &fence, &output, &ttl])
                 .await
         })
     }
@@ -472,8 +554,7 @@ impl Store for PostgresStore {
         Box::pin(async move {
             let key = key.as_bytes().as_slice();
             let fence = fence_param(fence);
-            self.fenced_write(&self.statements.release, &[&key, &fence])
-                .await
+            self.fenced_write(Kind::Release, &[&key, &fence]).await
         })
     }
 
@@ -487,13 +568,10 @@ impl Store for PostgresStore {
             let key = key.as_bytes().as_slice();
             let (fence, lease) = (fence_param(fence), millis(lease));
             let work = async {
-                let client = self.client().await?;
-                let prepared = client
-                    .prepare_cached(&self.statements.extend)
-                    .await
-                    .map_err(|error| from_pg("could not prepare a statement", error))?;
+                let mut pooled = self.client().await?;
+                let (client, prepared) = pooled.prepared(Kind::Extend, &self.statements).await?;
                 client
-                    .execute(&prepared, &[&key, &fence, &lease])
+                    .execute(prepared, &[&key, &fence, &lease])
                     .await
                     .map_err(|error| from_pg("a statement failed", error))
             };
@@ -533,18 +611,16 @@ impl Store for PostgresStore {
     fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let key = key.as_bytes().as_slice();
-            Ok(!self
-                .query(&self.statements.remove, &[&key])
-                .await?
-                .is_empty())
+            Ok(!self.query(Kind::Remove, &[&key]).await?.is_empty())
         })
     }
 
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
             let work = async {
-                let client = self.client().await?;
-                client
+                let pooled = self.client().await?;
+                pooled
+                    .client
                     .execute(&self.statements.purge, &[])
                     .await
                     .map_err(|error| from_pg("could not purge", error))
