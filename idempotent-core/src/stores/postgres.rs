@@ -326,13 +326,14 @@ pub(super) fn judge_claim(
             sql::FORMAT
         )));
     }
-    let stored: Option<Vec<u8>> = row
+    // Borrowed from the row: the comparison needs no copy.
+    let stored: Option<&[u8]> = row
         .try_get(2)
         .map_err(|_| corrupt("unexpected fingerprint column"))?;
-    if stored.as_deref().map(<[u8]>::len) != Some(32) {
+    if stored.map(<[u8]>::len) != Some(32) {
         return Err(corrupt("the fingerprint is not 32 bytes"));
     }
-    if stored.as_deref() != Some(fingerprint.as_bytes().as_slice()) {
+    if stored != Some(fingerprint.as_bytes().as_slice()) {
         return Ok(Some(Claim::Mismatch));
     }
     let state: Option<i16> = row
