@@ -185,29 +185,30 @@ impl Connection {
 }
 
 /// deadpool-postgres' manager (connecting, recycling), for connections that carry their
-/// prepared statements.
+/// prepared statements. Boxed: the pool moves its objects on every checkout and return, and a
+/// connection is a few hundred bytes.
 struct ConnectionManager(Manager);
 
 impl managed::Manager for ConnectionManager {
-    type Type = Connection;
+    type Type = Box<Connection>;
     type Error = tokio_postgres::Error;
 
-    async fn create(&self) -> Result<Connection, tokio_postgres::Error> {
-        Ok(Connection {
+    async fn create(&self) -> Result<Box<Connection>, tokio_postgres::Error> {
+        Ok(Box::new(Connection {
             client: self.0.create().await?,
             prepared: Default::default(),
-        })
+        }))
     }
 
     async fn recycle(
         &self,
-        connection: &mut Connection,
+        connection: &mut Box<Connection>,
         metrics: &Metrics,
     ) -> RecycleResult<tokio_postgres::Error> {
         self.0.recycle(&mut connection.client, metrics).await
     }
 
-    fn detach(&self, connection: &mut Connection) {
+    fn detach(&self, connection: &mut Box<Connection>) {
         self.0.detach(&mut connection.client);
     }
 }
