@@ -212,6 +212,29 @@ mod postgres_mode {
         }
     }
 
+    /// The SQL the PostgreSQL store runs for a table: the schema it creates, its claim
+    /// statement (`$1` key, `$2` fingerprint, `$3` lease in ms) and its complete statement
+    /// (`$1` key, `$2` fence, `$3` output, `$4` ttl in ms).
+    #[doc(hidden)]
+    #[derive(Debug, Clone)]
+    pub struct PostgresStatementTexts {
+        pub schema: String,
+        pub claim: String,
+        pub complete: String,
+    }
+
+    /// The statement texts the store uses for `table`, so the benches can run the same
+    /// statements on the raw driver. Fails on a table name the store would refuse.
+    #[doc(hidden)]
+    pub fn postgres_statement_texts(table: &str) -> Result<PostgresStatementTexts, String> {
+        let (schema, claim, complete) = crate::stores::postgres::statement_texts(table)?;
+        Ok(PostgresStatementTexts {
+            schema,
+            claim,
+            complete,
+        })
+    }
+
     pub fn postgres_store<S: PostgresStoreHandle + ?Sized>(store: &S) -> &PostgresStore {
         store.postgres_store()
     }

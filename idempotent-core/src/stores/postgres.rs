@@ -16,9 +16,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use deadpool::Runtime;
+use deadpool::managed::{self, Metrics, RecycleResult};
+use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, RecyclingMethod};
 use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Statement};
 
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
@@ -101,12 +103,14 @@ impl PostgresStoreBuilder {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
-        let pool = Pool::builder(manager)
+        let pool = Pool::builder(ConnectionManager(manager))
             .max_size(self.max_connections)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(self.timeout))
             .create_timeout(Some(self.timeout))
-            .recycle_timeout(Some(self.timeout))
+            // No recycle timeout: fast recycling only checks that the connection is open, with
+            // no round trip, so a timeout could never fire; it cost a clock read and a timer
+            // set up on every checkout. (Verified recycling would need one again.)
             .build()
             .map_err(|error| StoreError::Backend {
                 message: format!("could not build the connection pool: {error}"),
@@ -126,6 +130,92 @@ impl PostgresStoreBuilder {
         Ok(store)
     }
 }
+
+/// The statements run on pooled connections, each prepared once per connection, on first use.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Claim,
+    Complete,
+    Release,
+    Extend,
+    LeaseLeft,
+    Remove,
+}
+
+impl Kind {
+    const COUNT: usize = 6;
+
+    fn text(self, statements: &Statements) -> &str {
+        match self {
+            Kind::Claim => &statements.claim,
+            Kind::Complete => &statements.complete,
+            Kind::Release => &statements.release,
+            Kind::Extend => &statements.extend,
+            Kind::LeaseLeft => &statements.lease_left,
+            Kind::Remove => &statements.remove,
+        }
+    }
+}
+
+/// A pooled connection and its prepared statements, found by [`Kind`]: a lookup by the SQL
+/// text (deadpool's statement cache) hashes the whole text on every statement.
+struct Connection {
+    client: ClientWrapper,
+    prepared: [Option<Statement>; Kind::COUNT],
+}
+
+impl Connection {
+    /// The client and its prepared `kind`, prepared on this connection the first time.
+    async fn prepared(
+        &mut self,
+        kind: Kind,
+        statements: &Statements,
+    ) -> Result<(&ClientWrapper, &Statement), StoreError> {
+        let Connection { client, prepared } = self;
+        let slot = &mut prepared[kind as usize];
+        let statement = match slot {
+            Some(statement) => statement,
+            None => slot.insert(
+                client
+                    .prepare(kind.text(statements))
+                    .await
+                    .map_err(|error| from_pg("could not prepare a statement", error))?,
+            ),
+        };
+        Ok((client, statement))
+    }
+}
+
+/// deadpool-postgres' manager (connecting, recycling), for connections that carry their
+/// prepared statements. Boxed: the pool moves its objects on every checkout and return, and a
+/// connection is a few hundred bytes.
+struct ConnectionManager(Manager);
+
+impl managed::Manager for ConnectionManager {
+    type Type = Box<Connection>;
+    type Error = tokio_postgres::Error;
+
+    async fn create(&self) -> Result<Box<Connection>, tokio_postgres::Error> {
+        Ok(Box::new(Connection {
+            client: self.0.create().await?,
+            prepared: Default::default(),
+        }))
+    }
+
+    async fn recycle(
+        &self,
+        connection: &mut Box<Connection>,
+        metrics: &Metrics,
+    ) -> RecycleResult<tokio_postgres::Error> {
+        self.0.recycle(&mut connection.client, metrics).await
+    }
+
+    fn detach(&self, connection: &mut Box<Connection>) {
+        self.0.detach(&mut connection.client);
+    }
+}
+
+type Pool = managed::Pool<ConnectionManager>;
 
 /// A [`Store`] in PostgreSQL.
 ///
@@ -239,13 +329,14 @@ pub(super) fn judge_claim(
             sql::FORMAT
         )));
     }
-    let stored: Option<Vec<u8>> = row
+    // Borrowed from the row: the comparison needs no copy.
+    let stored: Option<&[u8]> = row
         .try_get(2)
         .map_err(|_| corrupt("unexpected fingerprint column"))?;
-    if stored.as_deref().map(<[u8]>::len) != Some(32) {
+    if stored.map(<[u8]>::len) != Some(32) {
         return Err(corrupt("the fingerprint is not 32 bytes"));
     }
-    if stored.as_deref() != Some(fingerprint.as_bytes().as_slice()) {
+    if stored != Some(fingerprint.as_bytes().as_slice()) {
         return Ok(Some(Claim::Mismatch));
     }
     let state: Option<i16> = row
@@ -270,6 +361,19 @@ pub(super) fn judge_claim(
         }
         other => Err(corrupt(&format!("unknown state {other:?}"))),
     }
+}
+
+/// The schema, claim and complete statement texts the store uses for `table`, for the
+/// benches' raw-driver baseline (through `__private`).
+pub(crate) fn statement_texts(table: &str) -> Result<(String, String, String), String> {
+    sql::check_table_name(table)?;
+    let Statements {
+        schema,
+        claim,
+        complete,
+        ..
+    } = Statements::new(table);
+    Ok((schema, claim, complete))
 }
 
 /// How many times a claim statement is run again when a concurrent insert hid the record.
@@ -304,7 +408,7 @@ impl PostgresStore {
         &self.table
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+    async fn client(&self) -> Result<managed::Object<ConnectionManager>, StoreError> {
         self.pool
             .get()
             .await
@@ -317,17 +421,14 @@ impl PostgresStore {
     /// Runs one prepared statement on a pooled connection, within the timeout.
     async fn query(
         &self,
-        statement: &str,
+        kind: Kind,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         let work = async {
-            let client = self.client().await?;
-            let prepared = client
-                .prepare_cached(statement)
-                .await
-                .map_err(|error| from_pg("could not prepare a statement", error))?;
+            let mut pooled = self.client().await?;
+            let (client, prepared) = pooled.prepared(kind, &self.statements).await?;
             client
-                .query(&prepared, params)
+                .query(prepared, params)
                 .await
                 .map_err(|error| from_pg("a statement failed", error))
         };
@@ -338,8 +439,9 @@ impl PostgresStore {
 
     async fn migrate(&self) -> Result<(), StoreError> {
         let work = async {
-            let mut client = self.client().await?;
-            let transaction = client
+            let mut pooled = self.client().await?;
+            let transaction = pooled
+                .client
                 .transaction()
                 .await
                 .map_err(|error| from_pg("could not begin the schema transaction", error))?;
@@ -390,10 +492,10 @@ impl PostgresStore {
 
     async fn fenced_write(
         &self,
-        statement: &str,
+        kind: Kind,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<FencedWrite, StoreError> {
-        let rows = self.query(statement, params).await?;
+        let rows = self.query(kind, params).await?;
         Ok(if rows.is_empty() {
             FencedWrite::Fenced
         } else {
@@ -403,7 +505,7 @@ impl PostgresStore {
 
     async fn lease_left(&self, key: &StorageKey) -> Result<Option<Duration>, StoreError> {
         let key = key.as_bytes().as_slice();
-        let rows = self.query(&self.statements.lease_left, &[&key]).await?;
+        let rows = self.query(Kind::LeaseLeft, &[&key]).await?;
         Ok(rows.first().map(|row| {
             let left: Option<i64> = row.try_get(0).unwrap_or(None);
             Duration::from_millis(left.and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0))
@@ -424,10 +526,7 @@ impl Store for PostgresStore {
             let lease = millis(lease);
             for _ in 0..CLAIM_ATTEMPTS {
                 let rows = self
-                    .query(
-                        &self.statements.claim,
-                        &[&key_param, &fingerprint_param, &lease],
-                    )
+                    .query(Kind::Claim, &[&key_param, &fingerprint_param, &lease])
                     .await?;
                 if let Some(claim) = judge_claim(&rows, key, fingerprint)? {
                     return Ok(claim);
@@ -450,7 +549,7 @@ impl Store for PostgresStore {
         Box::pin(async move {
             let key = key.as_bytes().as_slice();
             let (fence, ttl) = (fence_param(fence), millis(ttl));
-            self.fenced_write(&self.statements.complete, &[&key, &fence, &output, &ttl])
+            self.fenced_write(Kind::Complete, &[&key, &fence, &output, &ttl])
                 .await
         })
     }
@@ -463,8 +562,7 @@ impl Store for PostgresStore {
         Box::pin(async move {
             let key = key.as_bytes().as_slice();
             let fence = fence_param(fence);
-            self.fenced_write(&self.statements.release, &[&key, &fence])
-                .await
+            self.fenced_write(Kind::Release, &[&key, &fence]).await
         })
     }
 
@@ -478,13 +576,10 @@ impl Store for PostgresStore {
             let key = key.as_bytes().as_slice();
             let (fence, lease) = (fence_param(fence), millis(lease));
             let work = async {
-                let client = self.client().await?;
-                let prepared = client
-                    .prepare_cached(&self.statements.extend)
-                    .await
-                    .map_err(|error| from_pg("could not prepare a statement", error))?;
+                let mut pooled = self.client().await?;
+                let (client, prepared) = pooled.prepared(Kind::Extend, &self.statements).await?;
                 client
-                    .execute(&prepared, &[&key, &fence, &lease])
+                    .execute(prepared, &[&key, &fence, &lease])
                     .await
                     .map_err(|error| from_pg("a statement failed", error))
             };
@@ -524,18 +619,16 @@ impl Store for PostgresStore {
     fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let key = key.as_bytes().as_slice();
-            Ok(!self
-                .query(&self.statements.remove, &[&key])
-                .await?
-                .is_empty())
+            Ok(!self.query(Kind::Remove, &[&key]).await?.is_empty())
         })
     }
 
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
             let work = async {
-                let client = self.client().await?;
-                client
+                let pooled = self.client().await?;
+                pooled
+                    .client
                     .execute(&self.statements.purge, &[])
                     .await
                     .map_err(|error| from_pg("could not purge", error))
