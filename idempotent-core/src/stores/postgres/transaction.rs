@@ -7,11 +7,16 @@
 //! heartbeat; a panic, a cancelled call or a lost connection roll the transaction back, which
 //! takes the claim with it. Use READ COMMITTED (PostgreSQL's default): each claim statement
 //! then sees what committed before it.
+//!
+//! Statements run with `query_typed`, their parameter types given: `query` with SQL text would
+//! prepare the statement first, a round trip of its own on every call, as the caller's
+//! connection keeps no prepared statements of ours.
 
 use std::future::Future;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio_postgres::types::Type;
 
 use super::{CLAIM_ATTEMPTS, PostgresStore, from_pg, judge_claim, millis};
 use crate::engine::{Call, Encoded, Outcome, Prepared, encode_result, not_acquired, start_call};
@@ -162,13 +167,13 @@ impl PostgresStore {
             }
         };
         let completed = tx
-            .query(
+            .query_typed(
                 &self.statements.complete,
                 &[
-                    &key.as_bytes().as_slice(),
-                    &super::fence_param(fence),
-                    &bytes,
-                    &millis(options.get_ttl()),
+                    (&key.as_bytes().as_slice(), Type::BYTEA),
+                    (&super::fence_param(fence), Type::INT8),
+                    (&bytes, Type::BYTEA),
+                    (&millis(options.get_ttl()), Type::INT8),
                 ],
             )
             .await;
@@ -206,9 +211,13 @@ impl PostgresStore {
         let lease = millis(options.get_lease());
         for _ in 0..CLAIM_ATTEMPTS {
             let rows = tx
-                .query(
+                .query_typed(
                     &self.statements.claim,
-                    &[&key_param, &fingerprint_param, &lease],
+                    &[
+                        (&key_param, Type::BYTEA),
+                        (&fingerprint_param, Type::BYTEA),
+                        (&lease, Type::INT8),
+                    ],
                 )
                 .await
                 .map_err(|error| from_pg("the claim failed in the transaction", error))?;
@@ -230,9 +239,12 @@ impl PostgresStore {
         fence: Fence,
     ) {
         let released = tx
-            .query(
+            .query_typed(
                 &self.statements.release,
-                &[&key.as_bytes().as_slice(), &super::fence_param(fence)],
+                &[
+                    (&key.as_bytes().as_slice(), Type::BYTEA),
+                    (&super::fence_param(fence), Type::INT8),
+                ],
             )
             .await;
         if let Err(error) = released {
