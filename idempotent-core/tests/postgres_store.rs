@@ -127,7 +127,7 @@ async fn the_schema_is_versioned_and_a_newer_one_is_refused() {
         server
             .psql_in(database, "SELECT version FROM idempotent_records_schema")
             .trim(),
-        "1"
+        "2"
     );
     drop(store);
     // A second store on the same tables (another process, or a restart) accepts them.
@@ -142,6 +142,147 @@ async fn the_schema_is_versioned_and_a_newer_one_is_refused() {
     );
     let error = PostgresStore::builder(&url).build().await.unwrap_err();
     assert!(error.to_string().contains("schema version 99"), "{error}");
+}
+
+#[tokio::test]
+async fn a_version_1_table_is_brought_up_to_version_2() {
+    let server = shared_postgres();
+    let url = server.create_unique_database("schema_v1");
+    let database = database_of(&url);
+    // The tables as the first release created them.
+    server.psql_in(
+        database,
+        "CREATE TABLE idempotent_records_schema (version integer NOT NULL);
+         INSERT INTO idempotent_records_schema VALUES (1);
+         CREATE SEQUENCE idempotent_records_fences;
+         CREATE TABLE idempotent_records (
+             key bytea PRIMARY KEY, fingerprint bytea NOT NULL, fence bigint NOT NULL,
+             state smallint NOT NULL, until timestamptz NOT NULL, output bytea,
+             format smallint NOT NULL);
+         INSERT INTO idempotent_records
+             VALUES ('\\x01', '\\x02', 1, 0, now() + interval '1 hour', NULL, 1);",
+    );
+    let store = PostgresStore::builder(&url)
+        .build()
+        .await
+        .expect("a version 1 table is upgraded");
+    assert_eq!(
+        server
+            .psql_in(
+                database,
+                "SELECT max(version) FROM idempotent_records_schema"
+            )
+            .trim(),
+        "2"
+    );
+    assert_eq!(
+        server
+            .psql_in(database, "SELECT waiting FROM idempotent_records")
+            .trim(),
+        "f",
+        "the existing row keeps its data and gets the new column"
+    );
+    let key = StorageKey::derive("pg::upgraded", None, b"k").unwrap();
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let Claim::Acquired { fence } = store
+        .claim(&key, &fingerprint, Duration::from_secs(30))
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key is free");
+    };
+    assert!(
+        store
+            .complete(&key, fence, b"{}".to_vec(), Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_applied()
+    );
+}
+
+/// The payloads of notifications on `channel`, from a connection of the test's own.
+async fn notifications(
+    url: &str,
+    channel: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(notification))) => {
+                    let _ = sender.send(notification.payload().to_owned());
+                }
+                Some(Ok(_)) => {}
+                _ => return,
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .expect("LISTEN");
+    (client, receiver)
+}
+
+#[tokio::test]
+async fn completions_and_releases_notify_only_when_a_waiter_marked_the_record() {
+    let (store, url) = fresh_store("notify").await;
+    let (_client, mut notified) = notifications(&url, "idempotent_records_done").await;
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let hour = Duration::from_secs(3600);
+    let claim = async |key: &StorageKey| match store.claim(key, &fingerprint, hour).await {
+        Ok(Claim::Acquired { fence }) => fence,
+        other => panic!("a fresh key is free: {other:?}"),
+    };
+    let quiet = Duration::from_millis(300);
+
+    // Nobody waits: nothing is published, for a completion or a release.
+    let alone = StorageKey::derive("pg::notify", None, b"alone").unwrap();
+    let fence = claim(&alone).await;
+    assert!(
+        store
+            .complete(&alone, fence, b"{}".to_vec(), hour)
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    let released = StorageKey::derive("pg::notify", None, b"released alone").unwrap();
+    let fence = claim(&released).await;
+    assert!(store.release(&released, fence).await.unwrap().is_applied());
+    let heard = tokio::time::timeout(quiet, notified.recv()).await;
+    assert!(heard.is_err(), "no waiter, no notification: {heard:?}");
+
+    // A waiter marks the record; the completion, and a release, then notify it.
+    for (name, complete) in [("waited", true), ("waited release", false)] {
+        let key = StorageKey::derive("pg::notify", None, name.as_bytes()).unwrap();
+        let fence = claim(&key).await;
+        let waiter = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.wait(&key, Duration::from_secs(30)).await })
+        };
+        tokio::time::sleep(quiet).await;
+        assert!(!waiter.is_finished(), "{name}: the holder is alive");
+        let write = if complete {
+            store.complete(&key, fence, b"{}".to_vec(), hour).await
+        } else {
+            store.release(&key, fence).await
+        };
+        assert!(write.unwrap().is_applied());
+        let heard = tokio::time::timeout(Duration::from_secs(5), notified.recv()).await;
+        assert_eq!(
+            heard.expect("a notification").as_deref(),
+            Some(key.to_hex().as_str()),
+            "{name}"
+        );
+        let woken = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+        assert!(woken.is_ok(), "{name}: the notification wakes the waiter");
+    }
 }
 
 #[tokio::test]

@@ -461,7 +461,8 @@ impl PostgresStore {
                 .and_then(|row| row.try_get(0))
                 .map_err(|error| from_pg("could not read the schema version", error))?;
             match version {
-                None => {
+                // New tables, or older ones the schema statements just brought up to date.
+                None | Some(..sql::SCHEMA_VERSION) => {
                     let insert = format!("INSERT INTO {}_schema (version) VALUES ($1)", self.table);
                     transaction
                         .execute(&insert, &[&sql::SCHEMA_VERSION])

@@ -5,8 +5,9 @@
 
 /// The record format this release writes and reads.
 pub(super) const FORMAT: i16 = 1;
-/// The schema version this release creates and knows.
-pub(super) const SCHEMA_VERSION: i32 = 1;
+/// The schema version this release creates and knows. Version 2 added `waiting`; a version 1
+/// table gains the column when a store of this release opens it.
+pub(super) const SCHEMA_VERSION: i32 = 2;
 
 pub(super) struct Statements {
     pub(super) schema: String,
@@ -35,8 +36,10 @@ impl Statements {
                      state smallint NOT NULL,
                      until timestamptz NOT NULL,
                      output bytea,
-                     format smallint NOT NULL
+                     format smallint NOT NULL,
+                     waiting boolean NOT NULL DEFAULT false
                  );
+                 ALTER TABLE {table} ADD COLUMN IF NOT EXISTS waiting boolean NOT NULL DEFAULT false;
                  CREATE INDEX IF NOT EXISTS {table}_until ON {table} (until);"
             ),
             // The claim inserts, or takes over a dead record, in one statement; when neither
@@ -57,7 +60,8 @@ impl Statements {
                      WHERE NOT EXISTS (SELECT 1 FROM live)
                      ON CONFLICT (key) DO UPDATE
                          SET fingerprint = EXCLUDED.fingerprint, fence = EXCLUDED.fence, state = 0,
-                             until = EXCLUDED.until, output = NULL, format = {FORMAT}
+                             until = EXCLUDED.until, output = NULL, format = {FORMAT},
+                             waiting = false
                          WHERE r.until <= now()
                      RETURNING r.fence
                  )
@@ -70,30 +74,51 @@ impl Statements {
                         ceil(extract(epoch FROM (l.until - now())) * 1000)::bigint, l.format
                  FROM live l"
             ),
+            // A row when the write applied; a notification only when a waiter marked the
+            // record (`lease_left`). A notifying transaction takes a database-wide lock at
+            // commit, so notifying on every completion serialized the commits of first calls.
             complete: format!(
                 "WITH done AS (
                      UPDATE {table} SET state = 1, output = $3,
                                         until = now() + $4::bigint * interval '1 millisecond'
                      WHERE key = $1 AND fence = $2 AND state = 0 AND until > now()
-                     RETURNING key
+                     RETURNING key, waiting
                  )
-                 SELECT pg_notify('{channel}', encode(key, 'hex')) FROM done"
+                 SELECT CASE WHEN waiting THEN pg_notify('{channel}', encode(key, 'hex')) END
+                 FROM done"
             ),
             release: format!(
                 "WITH gone AS (
                      DELETE FROM {table}
                      WHERE key = $1 AND fence = $2 AND state = 0 AND until > now()
-                     RETURNING key
+                     RETURNING key, waiting
                  )
-                 SELECT pg_notify('{channel}', encode(key, 'hex')) FROM gone"
+                 SELECT CASE WHEN waiting THEN pg_notify('{channel}', encode(key, 'hex')) END
+                 FROM gone"
             ),
             extend: format!(
                 "UPDATE {table} SET until = now() + $3::bigint * interval '1 millisecond'
                  WHERE key = $1 AND fence = $2 AND state = 0 AND until > now()"
             ),
+            // A waiter's look, after it listens: the lease left, if the key is in progress,
+            // and the record marked `waiting` so its completion or release notifies. A record
+            // already marked (in this statement's snapshot) is not written again. When the
+            // mark finds the row changed since the snapshot (completed, released or taken
+            // over), no row comes back and the waiter claims again at once.
             lease_left: format!(
-                "SELECT ceil(extract(epoch FROM (until - now())) * 1000)::bigint FROM {table}
-                 WHERE key = $1 AND state = 0 AND until > now()"
+                "WITH live AS (
+                     SELECT waiting, until FROM {table}
+                     WHERE key = $1 AND state = 0 AND until > now()
+                 ),
+                 marked AS (
+                     UPDATE {table} SET waiting = true
+                     WHERE key = $1 AND state = 0 AND until > now() AND NOT waiting
+                     RETURNING until
+                 )
+                 SELECT ceil(extract(epoch FROM (until - now())) * 1000)::bigint FROM marked
+                 UNION ALL
+                 SELECT ceil(extract(epoch FROM (until - now())) * 1000)::bigint FROM live
+                 WHERE live.waiting"
             ),
             purge: format!("DELETE FROM {table} WHERE until <= now()"),
             remove: format!("DELETE FROM {table} WHERE key = $1 RETURNING key"),
