@@ -209,8 +209,11 @@ impl RedisStore {
         key: &StorageKey,
         args: impl FnOnce(&mut redis::Cmd),
     ) -> Result<Reply, StoreError> {
-        let mut command = redis::cmd("EVALSHA");
+        // Sized for the usual arguments (sha, key, fingerprint or fence, milliseconds), so
+        // building the command does not grow its buffer; an output grows it once.
+        let mut command = redis::Cmd::with_capacity(8, 192 + self.key_prefix.len());
         command
+            .arg("EVALSHA")
             .arg(script.get_hash())
             .arg(1)
             .arg(self.record_key(key));
@@ -238,8 +241,8 @@ impl RedisStore {
         args: impl FnOnce(&mut redis::Cmd),
     ) -> Result<FencedWrite, StoreError> {
         match self.invoke(script, key, args).await? {
-            Reply::Ok => Ok(FencedWrite::Applied),
-            Reply::Fenced => Ok(FencedWrite::Fenced),
+            Reply::Int(1) => Ok(FencedWrite::Applied),
+            Reply::Int(0) => Ok(FencedWrite::Fenced),
             other => Err(other.unexpected(key)),
         }
     }
@@ -267,14 +270,14 @@ fn millis(duration: Duration) -> u64 {
         .max(1)
 }
 
-/// A script's answer.
+/// A script's answer. The common answers are scalars (see `redis/claim.lua`): what an
+/// integer means depends on the script.
 enum Reply {
-    Acquired(Fence),
+    /// A claim's new fence; a fenced write's 1 (applied) or 0 (fenced).
+    Int(i64),
     InProgress(Duration),
     Completed(Vec<u8>),
     Mismatch,
-    Ok,
-    Fenced,
     NotInProgress,
 }
 
@@ -284,8 +287,13 @@ impl Reply {
             message: format!("unexpected reply from a store script for key {key}: {what}"),
             source: None,
         };
-        let Value::Array(items) = value else {
-            return Err(malformed("not an array"));
+        let items = match value {
+            Value::Array(items) => items,
+            // The claim answers a replay with the bare output: no array and tag to build on
+            // the server or to allocate on the client, for the most common answer.
+            Value::BulkString(output) => return Ok(Reply::Completed(output)),
+            Value::Int(number) => return Ok(Reply::Int(number)),
+            _ => return Err(malformed("neither an array, an output nor a number")),
         };
         let mut items = items.into_iter();
         let tag = match items.next() {
@@ -294,21 +302,10 @@ impl Reply {
         };
         let arg = items.next();
         Ok(match (tag.as_slice(), arg) {
-            (b"a", Some(Value::BulkString(fence))) => Reply::Acquired(Fence::new(
-                std::str::from_utf8(&fence)
-                    .ok()
-                    .and_then(|fence| fence.parse().ok())
-                    .ok_or_else(|| malformed("fence is not a number"))?,
-            )),
             (b"p", Some(Value::Int(left))) => {
                 Reply::InProgress(Duration::from_millis(u64::try_from(left).unwrap_or(0)))
             }
-            (b"c", Some(Value::BulkString(output))) => Reply::Completed(output),
-            // An empty output is stored as an empty string, which Redis may hand back as nil.
-            (b"c", Some(Value::Nil) | None) => Reply::Completed(Vec::new()),
             (b"m", _) => Reply::Mismatch,
-            (b"ok", _) => Reply::Ok,
-            (b"f", _) => Reply::Fenced,
             (b"n", _) => Reply::NotInProgress,
             (b"x", Some(Value::BulkString(problem))) => {
                 return Err(StoreError::Corrupt {
@@ -363,7 +360,12 @@ impl Store for RedisStore {
                 command.arg(&fingerprint[..]).arg(millis(lease));
             };
             match self.invoke(&self.scripts.claim, key, args).await? {
-                Reply::Acquired(fence) => Ok(Claim::Acquired { fence }),
+                Reply::Int(fence) => match u64::try_from(fence) {
+                    Ok(fence) if fence > 0 => Ok(Claim::Acquired {
+                        fence: Fence::new(fence),
+                    }),
+                    _ => Err(Reply::Int(fence).unexpected(key)),
+                },
                 Reply::InProgress(retry_after) => Ok(Claim::InProgress { retry_after }),
                 Reply::Completed(output) => Ok(Claim::Completed {
                     output: output.into(),

@@ -1,6 +1,8 @@
 -- KEYS[1] record; ARGV[1] fingerprint (hex), ARGV[2] lease ms.
+-- Answers: the output (a bulk string) for a replay, the new fence (an integer) when acquired;
+-- the rarer answers are tagged arrays. Scalars cost neither side an array to build.
 local stored = redis.pcall('GET', KEYS[1])
-local state, fp, fence, _, out_at = parse(KEYS[1], stored)
+local state, fp, last_fence, _, out_at = parse(KEYS[1], stored)
 if state == nil then
   return { 'x', fp }
 end
@@ -9,7 +11,7 @@ if state and state ~= 'r' then
     return { 'm' }
   end
   if state == 'c' then
-    return { 'c', string.sub(stored, out_at) }
+    return string.sub(stored, out_at)
   end
   return { 'p', redis.call('PTTL', KEYS[1]) }
 end
@@ -17,8 +19,10 @@ end
 -- server's time in µs, written as text from TIME's two parts (string.format is slower).
 local time = redis.call('TIME')
 local fence_text = time[1] .. string.sub('00000' .. time[2], -6)
-if state and fence >= tonumber(fence_text) then
-  fence_text = string.format('%.0f', fence + 1)
+local fence = tonumber(fence_text)
+if state and last_fence >= fence then
+  fence = last_fence + 1
+  fence_text = string.format('%.0f', fence)
 end
 redis.call('SET', KEYS[1], '2p' .. ARGV[1] .. '|' .. fence_text .. '|', 'PX', ARGV[2])
-return { 'a', fence_text }
+return fence

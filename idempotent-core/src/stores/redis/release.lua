@@ -1,4 +1,5 @@
 -- KEYS[1] record; ARGV[1] fence, ARGV[2] tombstone ms.
+-- Answers 1 when applied, 0 when fenced (an integer: no array to build), or { 'x', problem }.
 -- The record stays as a short-lived tombstone: claimable at once, but still holding the fence,
 -- so the next claim's fence is larger even within the same microsecond.
 local state, problem, _, fence_text = read(KEYS[1])
@@ -6,10 +7,10 @@ if state == nil then
   return { 'x', problem }
 end
 if not (state == 'p' or state == 'w') or fence_text ~= ARGV[1] then
-  return { 'f' }
+  return 0
 end
 redis.call('SET', KEYS[1], '2r|' .. fence_text .. '|', 'PX', ARGV[2])
 if state == 'w' then
   redis.call('PUBLISH', channel(KEYS[1]), 'r')
 end
-return { 'ok' }
+return 1
