@@ -6,11 +6,12 @@
 //!   connection) on a table made with the store's own schema SQL, with the parameters the
 //!   store passes (32-byte key and fingerprint, lease and TTL in ms, the JSON output under
 //!   `{"ok": ..}`), the replayed output decoded with serde_json. The difference to
-//!   `idempotent` is the library's own cost over the driver; issue 6's target is judged on it.
+//!   `idempotent` is the library's own cost over the driver; the throughput target
+//!   (BENCHMARKS.md) is judged on it.
 //! - `<case>/baseline`: the raw driver running simpler statements on a table of the same
 //!   shape: a `SELECT` for a replay; an `INSERT` then an `UPDATE` for a first call. The
-//!   difference to `same_statements` is the cost of the store's SQL design (the claim's CTE,
-//!   the complete's `pg_notify`).
+//!   difference to `same_statements` is the cost of the store's SQL design (the claim's CTE
+//!   that reads the live row before it may insert, the fence sequence, the `waiting` check).
 //!
 //! Cases (group `postgres`): `replay-1conn` and `first_call-1conn` (one caller; a store with
 //! one pooled connection against one raw connection), `replay-8conn` and `first_call-8conn`

@@ -6,7 +6,7 @@ Reads, for every benchmark under --criterion, `new/benchmark.json` (its id and t
 which the p99 is computed: each sample's total time divided by its iteration count), pairs each
 `<case>/idempotent` with `<case>/baseline` and, where a bench has one (PostgreSQL),
 `<case>/same_statements` (the raw driver running the store's own statements), and checks the
-targets of issue 6: a target with a reference variant is judged against that variant (the
+targets listed in BENCHMARKS.md: a target with a reference variant is judged against that variant (the
 PostgreSQL targets against `same_statements`), the others against `baseline`. Reads the
 same-key race's per-round timings from --races (written by the benches). Writes report.json
 and report.md in --out. Standard library only.
@@ -23,8 +23,8 @@ from pathlib import Path
 # Targets, by case id (`group/case`). kind "ratio_max": idempotent median / baseline median at
 # most the value; "median_max_ns": the idempotent median under the value; "throughput_min":
 # baseline median / idempotent median (throughput relative to the baseline) at least the value.
-# The PostgreSQL targets compare with the raw driver running the same statements (issue 6:
-# "the raw driver running the same statements"), so their reference is `same_statements`.
+# The PostgreSQL targets compare with "the raw driver running the same statements" (the
+# target's own wording), so their reference is `same_statements`.
 TARGETS = {
     "memory/replay": ("ratio_max", 1.5, "at most 1.5x the hand-written baseline"),
     "memory/first_call": ("median_max_ns", 2000.0, "median under 2 µs"),
