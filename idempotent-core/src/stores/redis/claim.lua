@@ -12,6 +12,7 @@ if type(stored) == 'string' and string.sub(stored, 1, 2) == '2c' and string.sub(
 end
 local state, fp, last_fence, _, out_at = parse(KEYS[1], stored)
 if state == nil then
+  -- parse answers nil and the problem when the record is not readable
   return { 'x', fp }
 end
 if state and state ~= 'r' then

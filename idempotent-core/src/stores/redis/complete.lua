@@ -2,6 +2,7 @@
 -- Answers 1 when applied, 0 when fenced (an integer: no array to build), or { 'x', problem }.
 local state, fp, _, fence_text = read(KEYS[1])
 if state == nil then
+  -- parse answers nil and the problem when the record is not readable
   return { 'x', fp }
 end
 if not (state == 'p' or state == 'w') or fence_text ~= ARGV[1] then
