@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
-use idempotent_core::{MemoryStore, idempotent};
+use idempotent_core::MemoryStore;
 use tokio::sync::Notify;
 
 use common::{OrderRequest, Receipt, Round, ShopError};
@@ -23,32 +23,11 @@ use common::{OrderRequest, Receipt, Round, ShopError};
 /// one (the default capacity is a million records); making and dropping it is not timed.
 const CHUNK: u64 = 1 << 16;
 
-struct Shop {
-    store: Arc<MemoryStore>,
-}
+type Shop = common::Shop<MemoryStore>;
 
-impl Shop {
-    fn new() -> Self {
-        Shop {
-            store: Arc::new(MemoryStore::new()),
-        }
-    }
-
-    #[idempotent(key = request.order_id, store = self.store, ttl = "1h")]
-    async fn place_order(&self, request: &OrderRequest) -> Result<Receipt, ShopError> {
-        Ok(common::receipt(request))
-    }
-
-    #[idempotent(key = request.order_id, store = self.store, ttl = "1h", skip(task, round))]
-    async fn race_order(
-        &self,
-        request: &OrderRequest,
-        task: usize,
-        round: &Round,
-    ) -> Result<Receipt, ShopError> {
-        round.executed_by(task);
-        tokio::time::sleep(common::RACE_BODY).await;
-        Ok(common::receipt(request))
+fn new_shop() -> Shop {
+    Shop {
+        store: Arc::new(MemoryStore::new()),
     }
 }
 
@@ -161,7 +140,7 @@ fn memory(c: &mut Criterion) {
     let runtime = common::runtime();
     let mut group = c.benchmark_group("memory");
 
-    let shop = Shop::new();
+    let shop = new_shop();
     let hand = HandWritten::default();
     let request = common::order("order-1001".to_string());
     runtime.block_on(async {
@@ -179,7 +158,7 @@ fn memory(c: &mut Criterion) {
 
     group.bench_function("first_call/idempotent", |b| {
         b.to_async(&runtime).iter_custom(|iters| {
-            first_calls(iters, Shop::new, async |shop: &Shop, request| {
+            first_calls(iters, new_shop, async |shop: &Shop, request| {
                 shop.place_order(request).await
             })
         })
@@ -195,7 +174,7 @@ fn memory(c: &mut Criterion) {
     });
 
     group.sampling_mode(SamplingMode::Flat).sample_size(20);
-    let shop = Arc::new(Shop::new());
+    let shop = Arc::new(new_shop());
     let recorder = common::RaceRecorder::new("memory/race/idempotent");
     group.bench_function("race/idempotent", |b| {
         b.to_async(&runtime).iter_custom(|iters| {

@@ -28,7 +28,6 @@ use std::sync::Arc;
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use idempotent_core::__private::{PostgresStatementTexts, postgres_statement_texts};
-use idempotent_core::idempotent;
 use idempotent_core::stores::postgres::PostgresStore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -40,28 +39,7 @@ const TASKS: usize = 8;
 const LEASE_MS: i64 = 30_000;
 const TTL_MS: i64 = 120_000;
 
-struct Shop {
-    store: Arc<PostgresStore>,
-}
-
-impl Shop {
-    #[idempotent(key = request.order_id, store = self.store, ttl = "2m")]
-    async fn place_order(&self, request: &OrderRequest) -> Result<Receipt, ShopError> {
-        Ok(common::receipt(request))
-    }
-
-    #[idempotent(key = request.order_id, store = self.store, ttl = "2m", skip(task, round))]
-    async fn race_order(
-        &self,
-        request: &OrderRequest,
-        task: usize,
-        round: &Round,
-    ) -> Result<Receipt, ShopError> {
-        round.executed_by(task);
-        tokio::time::sleep(common::RACE_BODY).await;
-        Ok(common::receipt(request))
-    }
-}
+type Shop = common::Shop<PostgresStore>;
 
 const SCHEMA: &str = "
 CREATE SEQUENCE IF NOT EXISTS raw_fences;

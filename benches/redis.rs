@@ -13,7 +13,6 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use idempotent_core::idempotent;
 use idempotent_core::stores::redis::RedisStore;
 use redis::aio::MultiplexedConnection;
 
@@ -24,28 +23,7 @@ const TASKS: usize = 64;
 const LEASE_MS: u64 = 30_000;
 const TTL_MS: u64 = 120_000;
 
-struct Shop {
-    store: Arc<RedisStore>,
-}
-
-impl Shop {
-    #[idempotent(key = request.order_id, store = self.store, ttl = "2m")]
-    async fn place_order(&self, request: &OrderRequest) -> Result<Receipt, ShopError> {
-        Ok(common::receipt(request))
-    }
-
-    #[idempotent(key = request.order_id, store = self.store, ttl = "2m", skip(task, round))]
-    async fn race_order(
-        &self,
-        request: &OrderRequest,
-        task: usize,
-        round: &Round,
-    ) -> Result<Receipt, ShopError> {
-        round.executed_by(task);
-        tokio::time::sleep(common::RACE_BODY).await;
-        Ok(common::receipt(request))
-    }
-}
+type Shop = common::Shop<RedisStore>;
 
 /// The raw client: the record is the fingerprint (32 bytes) while in progress, the
 /// fingerprint and the receipt's JSON once done.

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
-use idempotent_core::idempotent;
 use idempotent_core::stores::sqlite::SqliteStore;
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -23,28 +22,7 @@ use common::{OrderRequest, Receipt, Round, ShopError};
 const LEASE_MS: i64 = 30_000;
 const TTL_MS: i64 = 120_000;
 
-struct Shop {
-    store: Arc<SqliteStore>,
-}
-
-impl Shop {
-    #[idempotent(key = request.order_id, store = self.store, ttl = "2m")]
-    async fn place_order(&self, request: &OrderRequest) -> Result<Receipt, ShopError> {
-        Ok(common::receipt(request))
-    }
-
-    #[idempotent(key = request.order_id, store = self.store, ttl = "2m", skip(task, round))]
-    async fn race_order(
-        &self,
-        request: &OrderRequest,
-        task: usize,
-        round: &Round,
-    ) -> Result<Receipt, ShopError> {
-        round.executed_by(task);
-        tokio::time::sleep(common::RACE_BODY).await;
-        Ok(common::receipt(request))
-    }
-}
+type Shop = common::Shop<SqliteStore>;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS raw_records (

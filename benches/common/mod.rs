@@ -1,14 +1,15 @@
-//! What every store's bench shares: the function under test's argument and output types, the
-//! hand-written baselines' fingerprint, the runtime, fresh keys, and the same-key race's
+//! What every store's bench shares: the function under test (`Shop`), its argument and output
+//! types, the hand-written baselines' fingerprint, the runtime, fresh keys, and the same-key race's
 //! recorder (how long after the completion the last waiter returned).
 
 #![allow(dead_code)] // Each bench binary uses a part of this module.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use idempotent_core::{Store, idempotent};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -18,6 +19,31 @@ pub const RACE_TASKS: usize = 64;
 pub const RACE_BODY: Duration = Duration::from_millis(2);
 /// How often the hand-written race baselines look again (they have no notification).
 pub const POLL: Duration = Duration::from_millis(1);
+
+/// The function under test, through `#[idempotent]` on a store of type `S`: `place_order`
+/// returns the receipt; `race_order` also notes which task ran it and takes `RACE_BODY`.
+pub struct Shop<S> {
+    pub store: Arc<S>,
+}
+
+impl<S: Store + 'static> Shop<S> {
+    #[idempotent(key = request.order_id, store = self.store, ttl = "2m")]
+    pub async fn place_order(&self, request: &OrderRequest) -> Result<Receipt, ShopError> {
+        Ok(receipt(request))
+    }
+
+    #[idempotent(key = request.order_id, store = self.store, ttl = "2m", skip(task, round))]
+    pub async fn race_order(
+        &self,
+        request: &OrderRequest,
+        task: usize,
+        round: &Round,
+    ) -> Result<Receipt, ShopError> {
+        round.executed_by(task);
+        tokio::time::sleep(RACE_BODY).await;
+        Ok(receipt(request))
+    }
+}
 
 /// A realistic argument: an order request with five fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
