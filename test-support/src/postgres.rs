@@ -8,15 +8,10 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
-use std::time::Instant;
 
 use tempfile::TempDir;
 
-use crate::ports::free_port;
-use crate::process::{
-    Log, POLL, READY_TIMEOUT, STOP_TIMEOUT, ServerProcess, Watchdog, effective_uid, server_dir,
-    tail,
-};
+use crate::process::{Failure, Log, Supervisor, Watchdog, effective_uid, server_dir, tail};
 
 /// The environment variable that names the folder of PostgreSQL's binaries (`initdb`,
 /// `postgres`, `pg_isready`, `psql`); default [`DEFAULT_PG_BINDIR`].
@@ -24,9 +19,6 @@ pub const PG_BINDIR_ENV: &str = "IDEMPOTENT_PG_BINDIR";
 
 /// Where Debian's `postgresql-15` package puts the server's binaries.
 pub const DEFAULT_PG_BINDIR: &str = "/usr/lib/postgresql/15/bin";
-
-/// How many times a start is tried on a new port when the port was taken meanwhile.
-const PORT_TRIES: usize = 5;
 
 /// The user the server runs as and tests connect as (trust authentication: no password).
 const USER: &str = "postgres";
@@ -62,9 +54,8 @@ pub struct PostgresServer {
     bindir: PathBuf,
     /// `(uid, gid)` of the `postgres` user when this process is root.
     run_as: Option<(u32, u32)>,
-    process: Option<ServerProcess>,
     log: Log,
-    watchdog: Watchdog,
+    supervisor: Supervisor,
     // Last: removed after the server is stopped and the watchdog told.
     dir: TempDir,
 }
@@ -108,24 +99,16 @@ impl PostgresServer {
             port: 0,
             bindir,
             run_as,
-            process: None,
             log,
-            watchdog,
+            supervisor: Supervisor::new("postgres", watchdog),
             dir,
         };
         server.initdb();
-        for _ in 0..PORT_TRIES {
-            server.port = free_port();
-            match server.launch() {
-                Ok(()) => return server,
-                Err(Failure::PortInUse) => continue,
-                Err(Failure::Other(message)) => panic!("{message}"),
-            }
-        }
-        panic!(
-            "postgres found its port taken {PORT_TRIES} times in a row; last log:\n{}",
-            tail(&server.log.all(), 40)
-        )
+        Supervisor::on_a_free_port("postgres", |port| {
+            server.port = port;
+            server.launch()
+        });
+        server
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/postgres`: the default database, for a connection
@@ -161,7 +144,7 @@ impl PostgresServer {
 
     /// The postmaster's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.process.as_ref().map(ServerProcess::id)
+        self.supervisor.pid()
     }
 
     /// Creates the database `name` (`CREATE DATABASE`, via `psql`) and returns its URL, so that
@@ -239,20 +222,14 @@ impl PostgresServer {
     /// written), waits for it to exit, and kills it if that takes over 10 s. Does nothing if it
     /// is not running. The folder stays, for [`PostgresServer::restart`].
     pub fn stop(&mut self) {
-        if let Some(process) = self.process.take() {
-            process.stop(Some(libc::SIGINT), STOP_TIMEOUT);
-            self.watchdog.watch(None);
-        }
+        self.supervisor.stop(|_| Some(libc::SIGINT));
     }
 
     /// Kills the postmaster and every process of the server (SIGKILL: a crash) and waits until
     /// they are gone. Does nothing if it is not running. [`PostgresServer::restart`] then
     /// recovers from the WAL, as after a real crash.
     pub fn kill(&mut self) {
-        if let Some(process) = self.process.take() {
-            process.kill();
-            self.watchdog.watch(None);
-        }
+        self.supervisor.kill();
     }
 
     /// Starts the server again, on the same port with the same data, and waits until it accepts
@@ -263,28 +240,13 @@ impl PostgresServer {
     /// while it was stopped.
     pub fn restart(&mut self) {
         self.stop();
-        match self.launch() {
-            Ok(()) => {}
-            Err(Failure::PortInUse) => panic!(
-                "postgres could not restart: port {} was taken while it was stopped\n{}",
-                self.port,
-                tail(&self.log.all(), 40)
-            ),
-            Err(Failure::Other(message)) => panic!("{message}"),
-        }
+        let result = self.launch();
+        self.supervisor.restarted(self.port, result);
     }
 
     /// Whether the postmaster is running (it may have exited by itself, or been stopped).
     pub fn is_running(&mut self) -> bool {
-        let exited = match &mut self.process {
-            Some(process) => process.exited().is_some(),
-            None => return false,
-        };
-        if exited {
-            self.process = None;
-            self.watchdog.watch(None);
-        }
-        !exited
+        self.supervisor.is_running()
     }
 
     fn url_of(&self, database: &str) -> String {
@@ -364,7 +326,6 @@ impl PostgresServer {
 
     /// Starts the postmaster on `self.port` and waits until it accepts connections.
     fn launch(&mut self) -> Result<(), Failure> {
-        self.log.skip_to_end();
         let mut command = self.command("postgres");
         command
             .arg("-D")
@@ -377,49 +338,25 @@ impl PostgresServer {
             .args(["-c", "max_connections=100"])
             // Lets tests count the statements a store runs (`CREATE EXTENSION pg_stat_statements`).
             .args(["-c", "shared_preload_libraries=pg_stat_statements"]);
-        let mut process = ServerProcess::spawn(&mut command, self.log.path());
-        self.watchdog.watch(Some(process.id()));
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = process.exited() {
-                self.watchdog.watch(None);
-                let log = self.log.unread();
-                if log.contains("Address already in use") {
-                    return Err(Failure::PortInUse);
-                }
-                return Err(Failure::Other(format!(
-                    "postgres on port {} exited ({status}) before it was ready; its log:\n{}",
-                    self.port,
-                    tail(&log, 40)
-                )));
-            }
-            if self.is_ready() {
-                self.process = Some(process);
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                process.kill();
-                self.watchdog.watch(None);
-                return Err(Failure::Other(format!(
-                    "postgres on port {} was not ready within {READY_TIMEOUT:?}; its log:\n{}",
-                    self.port,
-                    tail(&self.log.unread(), 40)
-                )));
-            }
-            thread::sleep(POLL);
-        }
+        let mut probe = self.readiness_probe();
+        let port = self.port;
+        self.supervisor
+            .launch(&mut command, port, &mut self.log, "was not ready", |_| {
+                probe.status().is_ok_and(|status| status.success())
+            })
     }
 
-    fn is_ready(&self) -> bool {
-        self.command("pg_isready")
+    /// `pg_isready` for this server: it succeeds once the server accepts connections.
+    fn readiness_probe(&self) -> Command {
+        let mut probe = self.command("pg_isready");
+        probe
             .arg("-q")
             .args(self.connection_args("postgres"))
             .args(["-t", "1"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success())
+            .stderr(Stdio::null());
+        probe
     }
 
     /// After a kill, the server's System V shared memory segment (a few bytes; its id is in the
@@ -452,14 +389,6 @@ impl Drop for PostgresServer {
         self.stop();
         self.remove_stale_shared_memory();
     }
-}
-
-/// Why a start failed.
-enum Failure {
-    /// Another process took the port: worth trying another.
-    PortInUse,
-    /// Anything else, with the message to panic with.
-    Other(String),
 }
 
 /// `(uid, gid)` of the `postgres` user, from /etc/passwd.

@@ -1,5 +1,6 @@
-//! What the two servers share: spawning, stopping within a bound, and the watchdog that cleans up
-//! after a test process that died without dropping its servers.
+//! What the two servers share: spawning, starting on a free port and waiting until ready, and
+//! stopping within a bound (`Supervisor`), and the watchdog that cleans up after a test process
+//! that died without dropping its servers.
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -61,11 +62,11 @@ fn free_bytes(path: &Path) -> Option<u64> {
 }
 
 /// How often a server is polled for readiness or exit.
-pub(crate) const POLL: Duration = Duration::from_millis(20);
+const POLL: Duration = Duration::from_millis(20);
 /// How long a server may take to become ready.
-pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a graceful stop may take before the server is killed.
-pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The watchdog's script. It reads its orders from stdin, a pipe whose only writer is the test
 /// process (Rust opens its pipes close-on-exec, so no other child inherits the writer):
@@ -360,4 +361,151 @@ impl Log {
 pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// How many times a start is tried on a new port when the port was taken meanwhile.
+const PORT_TRIES: usize = 5;
+
+/// Why a start failed.
+pub(crate) enum Failure {
+    /// Another process took the port (its log says so): worth trying another.
+    PortInUse { log: String },
+    /// Anything else, with the message to panic with.
+    Other(String),
+}
+
+/// The process of a server a test owns, and the watchdog that cleans up after it: how
+/// [`crate::RedisServer`] and [`crate::PostgresServer`] start (and wait for), stop, kill and
+/// watch their server. `name` is the server's name in messages.
+#[derive(Debug)]
+pub(crate) struct Supervisor {
+    name: &'static str,
+    watchdog: Watchdog,
+    process: Option<ServerProcess>,
+}
+
+impl Supervisor {
+    pub(crate) fn new(name: &'static str, watchdog: Watchdog) -> Supervisor {
+        Supervisor {
+            name,
+            watchdog,
+            process: None,
+        }
+    }
+
+    /// The server's process id while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(ServerProcess::id)
+    }
+
+    /// Spawns `command` (its output appended to `log`), for a server on `port`, and waits until
+    /// `ready` (given the process id) says it is ready. `not_ready` ends the message when it is
+    /// not ready in time ("did not answer PING").
+    pub(crate) fn launch(
+        &mut self,
+        command: &mut Command,
+        port: u16,
+        log: &mut Log,
+        not_ready: &str,
+        mut ready: impl FnMut(u32) -> bool,
+    ) -> Result<(), Failure> {
+        let name = self.name;
+        log.skip_to_end();
+        let mut process = ServerProcess::spawn(command, log.path());
+        self.watchdog.watch(Some(process.id()));
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = process.exited() {
+                self.watchdog.watch(None);
+                let log = log.unread();
+                if log.contains("Address already in use") {
+                    return Err(Failure::PortInUse { log });
+                }
+                return Err(Failure::Other(format!(
+                    "{name} on port {port} exited ({status}) before it was ready; its log:\n{}",
+                    tail(&log, 40)
+                )));
+            }
+            if ready(process.id()) {
+                self.process = Some(process);
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                process.kill();
+                self.watchdog.watch(None);
+                return Err(Failure::Other(format!(
+                    "{name} on port {port} {not_ready} within {READY_TIMEOUT:?}; its log:\n{}",
+                    tail(&log.unread(), 40)
+                )));
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// Stops the server, if it runs: `graceful` (given the running process) sends what asks it
+    /// to stop, and answers the signal to send as well (if any); after [`STOP_TIMEOUT`] it is
+    /// killed.
+    pub(crate) fn stop(
+        &mut self,
+        graceful: impl FnOnce(&mut ServerProcess) -> Option<libc::c_int>,
+    ) {
+        if let Some(mut process) = self.process.take() {
+            let signal = graceful(&mut process);
+            process.stop(signal, STOP_TIMEOUT);
+            self.watchdog.watch(None);
+        }
+    }
+
+    /// SIGKILL for the server and its processes, if it runs; returns once they are gone.
+    pub(crate) fn kill(&mut self) {
+        if let Some(process) = self.process.take() {
+            process.kill();
+            self.watchdog.watch(None);
+        }
+    }
+
+    /// Whether the server is running (it may have exited by itself, or been stopped).
+    pub(crate) fn is_running(&mut self) -> bool {
+        let exited = match &mut self.process {
+            Some(process) => process.exited().is_some(),
+            None => return false,
+        };
+        if exited {
+            self.process = None;
+            self.watchdog.watch(None);
+        }
+        !exited
+    }
+
+    /// Runs `launch` on a free port, and on another while the port was taken meanwhile.
+    ///
+    /// # Panics
+    /// If the start fails otherwise, or the port was taken [`PORT_TRIES`] times in a row.
+    pub(crate) fn on_a_free_port(name: &str, mut launch: impl FnMut(u16) -> Result<(), Failure>) {
+        let mut last_log = String::new();
+        for _ in 0..PORT_TRIES {
+            match launch(crate::ports::free_port()) {
+                Ok(()) => return,
+                Err(Failure::PortInUse { log }) => last_log = log,
+                Err(Failure::Other(message)) => panic!("{message}"),
+            }
+        }
+        panic!(
+            "{name} found its port taken {PORT_TRIES} times in a row; last log:\n{}",
+            tail(&last_log, 40)
+        )
+    }
+
+    /// Panics with why a restart on the same `port` failed, if it did.
+    pub(crate) fn restarted(&self, port: u16, result: Result<(), Failure>) {
+        match result {
+            Ok(()) => {}
+            Err(Failure::PortInUse { log }) => panic!(
+                "{} could not restart: port {port} was taken while it was stopped\n{}",
+                self.name,
+                tail(&log, 40)
+            ),
+            Err(Failure::Other(message)) => panic!("{message}"),
+        }
+    }
 }

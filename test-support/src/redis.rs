@@ -6,23 +6,16 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::ports::free_port;
-use crate::process::{
-    Log, POLL, READY_TIMEOUT, STOP_TIMEOUT, ServerProcess, Watchdog, server_dir, tail,
-};
+use crate::process::{Failure, Log, Supervisor, Watchdog, server_dir};
 use crate::resp::Connection;
 
 /// The environment variable that names the `redis-server` binary (default: `redis-server`
 /// found on `PATH`).
 pub const REDIS_SERVER_ENV: &str = "IDEMPOTENT_REDIS_SERVER";
-
-/// How many times a start is tried on a new port when the port was taken meanwhile.
-const PORT_TRIES: usize = 5;
 
 /// How a [`RedisServer`] is configured beyond the defaults.
 ///
@@ -71,9 +64,8 @@ pub struct RedisServer {
     port: u16,
     options: RedisOptions,
     binary: PathBuf,
-    process: Option<ServerProcess>,
     log: Log,
-    watchdog: Watchdog,
+    supervisor: Supervisor,
     // Last: removed after the watchdog is told the server is gone.
     dir: TempDir,
 }
@@ -99,23 +91,15 @@ impl RedisServer {
             port: 0,
             options,
             binary,
-            process: None,
             log,
-            watchdog,
+            supervisor: Supervisor::new("redis-server", watchdog),
             dir,
         };
-        for _ in 0..PORT_TRIES {
-            server.port = free_port();
-            match server.launch() {
-                Ok(()) => return server,
-                Err(Failure::PortInUse) => continue,
-                Err(Failure::Other(message)) => panic!("{message}"),
-            }
-        }
-        panic!(
-            "redis-server found its port taken {PORT_TRIES} times in a row; last log:\n{}",
-            tail(&server.log.all(), 40)
-        )
+        Supervisor::on_a_free_port("redis-server", |port| {
+            server.port = port;
+            server.launch()
+        });
+        server
     }
 
     /// `redis://127.0.0.1:PORT/`.
@@ -140,7 +124,7 @@ impl RedisServer {
 
     /// The server's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.process.as_ref().map(ServerProcess::id)
+        self.supervisor.pid()
     }
 
     /// Stops the server gracefully and waits for it to exit; kills it if that takes over 10 s.
@@ -150,30 +134,28 @@ impl RedisServer {
     /// the AOF, if on, is flushed to disk, and an RDB snapshot is written only if `extra_args`
     /// configured save points.
     pub fn stop(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            let mut signal = Some(libc::SIGTERM);
-            if process.exited().is_none() {
-                // The process runs, so the port is still its own. A SHUTDOWN that works answers
-                // nothing: the server closes the connection as it exits (faster than SIGTERM, which
-                // Redis handles at its next cron tick, up to 100 ms later).
-                let shutdown = Connection::open(self.port, Duration::from_secs(2))
-                    .map(|mut connection| connection.call(&["SHUTDOWN"]));
-                if matches!(shutdown, Ok(Err(_))) {
-                    signal = None;
-                }
+        let port = self.port;
+        self.supervisor.stop(|process| {
+            if process.exited().is_some() {
+                return Some(libc::SIGTERM);
             }
-            process.stop(signal, STOP_TIMEOUT);
-            self.watchdog.watch(None);
-        }
+            // The process runs, so the port is still its own. A SHUTDOWN that works answers
+            // nothing: the server closes the connection as it exits (faster than SIGTERM, which
+            // Redis handles at its next cron tick, up to 100 ms later).
+            let shutdown = Connection::open(port, Duration::from_secs(2))
+                .map(|mut connection| connection.call(&["SHUTDOWN"]));
+            if matches!(shutdown, Ok(Err(_))) {
+                None
+            } else {
+                Some(libc::SIGTERM)
+            }
+        });
     }
 
     /// Kills the server (SIGKILL: a crash) and waits for it to exit. Does nothing if it is not
     /// running.
     pub fn kill(&mut self) {
-        if let Some(process) = self.process.take() {
-            process.kill();
-            self.watchdog.watch(None);
-        }
+        self.supervisor.kill();
     }
 
     /// Starts the server again, on the same port and in the same folder (with
@@ -185,28 +167,13 @@ impl RedisServer {
     /// while it was stopped.
     pub fn restart(&mut self) {
         self.stop();
-        match self.launch() {
-            Ok(()) => {}
-            Err(Failure::PortInUse) => panic!(
-                "redis-server could not restart: port {} was taken while it was stopped\n{}",
-                self.port,
-                tail(&self.log.all(), 40)
-            ),
-            Err(Failure::Other(message)) => panic!("{message}"),
-        }
+        let result = self.launch();
+        self.supervisor.restarted(self.port, result);
     }
 
     /// Whether the server process is running (it may have exited by itself, or been stopped).
     pub fn is_running(&mut self) -> bool {
-        let exited = match &mut self.process {
-            Some(process) => process.exited().is_some(),
-            None => return false,
-        };
-        if exited {
-            self.process = None;
-            self.watchdog.watch(None);
-        }
-        !exited
+        self.supervisor.is_running()
     }
 
     /// Runs one command on a new connection and returns the reply as text.
@@ -290,40 +257,16 @@ impl RedisServer {
 
     /// Starts the process on `self.port` and waits until it is ready.
     fn launch(&mut self) -> Result<(), Failure> {
-        self.log.skip_to_end();
         let mut command = Command::new(&self.binary);
         command.args(self.arguments()).current_dir(self.dir.path());
-        let mut process = ServerProcess::spawn(&mut command, self.log.path());
-        self.watchdog.watch(Some(process.id()));
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = process.exited() {
-                self.watchdog.watch(None);
-                let log = self.log.unread();
-                if log.contains("Address already in use") {
-                    return Err(Failure::PortInUse);
-                }
-                return Err(Failure::Other(format!(
-                    "redis-server on port {} exited ({status}) before it was ready; its log:\n{}",
-                    self.port,
-                    tail(&log, 40)
-                )));
-            }
-            if answers_as(self.port, process.id()) {
-                self.process = Some(process);
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                process.kill();
-                self.watchdog.watch(None);
-                return Err(Failure::Other(format!(
-                    "redis-server on port {} did not answer PING within {READY_TIMEOUT:?}; its log:\n{}",
-                    self.port,
-                    tail(&self.log.unread(), 40)
-                )));
-            }
-            thread::sleep(POLL);
-        }
+        let port = self.port;
+        self.supervisor.launch(
+            &mut command,
+            port,
+            &mut self.log,
+            "did not answer PING",
+            |pid| answers_as(port, pid),
+        )
     }
 }
 
@@ -331,14 +274,6 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// Why a start failed.
-enum Failure {
-    /// Another process took the port: worth trying another.
-    PortInUse,
-    /// Anything else, with the message to panic with.
-    Other(String),
 }
 
 /// Whether the server on `port` answers `PING` and is the process `pid` (not another test's
