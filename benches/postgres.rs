@@ -23,7 +23,7 @@
 
 mod common;
 
-use std::hint::black_box;
+use std::future::Future;
 use std::sync::Arc;
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use common::{OrderRequest, Receipt, Round, ShopError};
+use common::{Call, OrderRequest, Receipt, Round, ShopError};
 
 const TASKS: usize = 8;
 const LEASE_MS: i64 = 30_000;
@@ -66,6 +66,24 @@ struct RawConnection {
 /// The raw driver: `connections[i]` serves task `i`.
 struct Raw {
     connections: Vec<RawConnection>,
+}
+
+impl common::Caller for Raw {
+    fn replay(
+        &self,
+        task: usize,
+        request: &OrderRequest,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
+        self.connections[task].replay(request)
+    }
+
+    fn first_call(
+        &self,
+        task: usize,
+        request: &OrderRequest,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
+        self.connections[task].first_call(request)
+    }
 }
 
 fn failed(error: tokio_postgres::Error) -> ShopError {
@@ -220,6 +238,24 @@ struct Same {
     connections: Vec<SameConnection>,
 }
 
+impl common::Caller for Same {
+    fn replay(
+        &self,
+        task: usize,
+        request: &OrderRequest,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
+        self.connections[task].replay(request)
+    }
+
+    fn first_call(
+        &self,
+        task: usize,
+        request: &OrderRequest,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
+        self.connections[task].first_call(request)
+    }
+}
+
 impl SameConnection {
     async fn connect(url: &str, texts: &PostgresStatementTexts) -> SameConnection {
         let (client, connection) = tokio_postgres::connect(url, NoTls)
@@ -345,147 +381,42 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("postgres");
     // One caller: a task on a worker, as a request handler would be (not the bench's own
-    // thread, whose every round trip would cost two extra cross-thread wake-ups).
-    group.bench_function("replay-1conn/idempotent", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let (shop, request) = (Arc::clone(&shop_1), Arc::clone(&request));
-            common::concurrent(1, iters, move |_, _| {
-                let (shop, request) = (Arc::clone(&shop), Arc::clone(&request));
-                async move {
-                    black_box(shop.place_order(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("replay-1conn/same_statements", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let (same, request) = (Arc::clone(&same), Arc::clone(&request));
-            common::concurrent(1, iters, move |_, _| {
-                let (same, request) = (Arc::clone(&same), Arc::clone(&request));
-                async move {
-                    black_box(same.connections[0].replay(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("replay-1conn/baseline", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let (raw, request) = (Arc::clone(&raw), Arc::clone(&request));
-            common::concurrent(1, iters, move |_, _| {
-                let (raw, request) = (Arc::clone(&raw), Arc::clone(&request));
-                async move {
-                    black_box(raw.connections[0].replay(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("first_call-1conn/idempotent", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let shop = Arc::clone(&shop_1);
-            common::concurrent(1, iters, move |_, _| {
-                let shop = Arc::clone(&shop);
-                async move {
-                    let request = common::order(common::fresh_id("first"));
-                    black_box(shop.place_order(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("first_call-1conn/same_statements", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let same = Arc::clone(&same);
-            common::concurrent(1, iters, move |_, _| {
-                let same = Arc::clone(&same);
-                async move {
-                    let request = common::order(common::fresh_id("first"));
-                    black_box(same.connections[0].first_call(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("first_call-1conn/baseline", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let raw = Arc::clone(&raw);
-            common::concurrent(1, iters, move |_, _| {
-                let raw = Arc::clone(&raw);
-                async move {
-                    let request = common::order(common::fresh_id("first"));
-                    black_box(raw.connections[0].first_call(&request).await.unwrap());
-                }
-            })
-        })
-    });
-
-    group.throughput(Throughput::Elements(TASKS as u64));
-    group.bench_function("replay-8conn/idempotent", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let (shop, request) = (Arc::clone(&shop_8), Arc::clone(&request));
-            common::concurrent(TASKS, iters, move |_, _| {
-                let (shop, request) = (Arc::clone(&shop), Arc::clone(&request));
-                async move {
-                    black_box(shop.place_order(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("replay-8conn/same_statements", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let (same, request) = (Arc::clone(&same), Arc::clone(&request));
-            common::concurrent(TASKS, iters, move |task, _| {
-                let (same, request) = (Arc::clone(&same), Arc::clone(&request));
-                async move {
-                    black_box(same.connections[task].replay(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("replay-8conn/baseline", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let (raw, request) = (Arc::clone(&raw), Arc::clone(&request));
-            common::concurrent(TASKS, iters, move |task, _| {
-                let (raw, request) = (Arc::clone(&raw), Arc::clone(&request));
-                async move {
-                    black_box(raw.connections[task].replay(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("first_call-8conn/idempotent", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let shop = Arc::clone(&shop_8);
-            common::concurrent(TASKS, iters, move |_, _| {
-                let shop = Arc::clone(&shop);
-                async move {
-                    let request = common::order(common::fresh_id("first"));
-                    black_box(shop.place_order(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("first_call-8conn/same_statements", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let same = Arc::clone(&same);
-            common::concurrent(TASKS, iters, move |task, _| {
-                let same = Arc::clone(&same);
-                async move {
-                    let request = common::order(common::fresh_id("first"));
-                    black_box(same.connections[task].first_call(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("first_call-8conn/baseline", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let raw = Arc::clone(&raw);
-            common::concurrent(TASKS, iters, move |task, _| {
-                let raw = Arc::clone(&raw);
-                async move {
-                    let request = common::order(common::fresh_id("first"));
-                    black_box(raw.connections[task].first_call(&request).await.unwrap());
-                }
-            })
-        })
-    });
+    // thread, whose every round trip would cost two extra cross-thread wake-ups); then TASKS
+    // concurrent tasks, task `i` on raw connection `i`.
+    for (conn, tasks, shop) in [("1conn", 1, &shop_1), ("8conn", TASKS, &shop_8)] {
+        group.throughput(Throughput::Elements(tasks as u64));
+        for (case, call) in [("replay", Call::Replay), ("first_call", Call::FirstCall)] {
+            let case = format!("{case}-{conn}");
+            let id = |variant: &str| format!("{case}/{variant}");
+            common::bench_calls(
+                &mut group,
+                &runtime,
+                &id("idempotent"),
+                tasks,
+                call,
+                shop,
+                &request,
+            );
+            common::bench_calls(
+                &mut group,
+                &runtime,
+                &id("same_statements"),
+                tasks,
+                call,
+                &same,
+                &request,
+            );
+            common::bench_calls(
+                &mut group,
+                &runtime,
+                &id("baseline"),
+                tasks,
+                call,
+                &raw,
+                &request,
+            );
+        }
+    }
 
     group.throughput(Throughput::Elements(1));
     group.sampling_mode(SamplingMode::Flat).sample_size(20);

@@ -9,14 +9,14 @@
 
 mod common;
 
-use std::hint::black_box;
+use std::future::Future;
 use std::sync::Arc;
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use idempotent_core::stores::redis::RedisStore;
 use redis::aio::MultiplexedConnection;
 
-use common::{OrderRequest, Receipt, Round, ShopError};
+use common::{Call, OrderRequest, Receipt, Round, ShopError};
 
 /// Concurrent tasks over the one connection.
 const TASKS: usize = 64;
@@ -48,6 +48,24 @@ fn done(record: &[u8], fingerprint: &[u8; 32]) -> Option<Result<Receipt, ShopErr
 
 fn failed(error: redis::RedisError) -> ShopError {
     ShopError::Other(error.to_string())
+}
+
+impl common::Caller for Raw {
+    fn replay(
+        &self,
+        _: usize,
+        request: &OrderRequest,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
+        Raw::replay(self, request)
+    }
+
+    fn first_call(
+        &self,
+        _: usize,
+        request: &OrderRequest,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
+        Raw::first_call(self, request)
+    }
 }
 
 impl Raw {
@@ -166,101 +184,33 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("redis");
     // One caller: a task on a worker, as a request handler would be (not the bench's own
-    // thread, whose every round trip would cost two extra cross-thread wake-ups).
-    group.bench_function("replay-1/idempotent", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let (shop, request) = (Arc::clone(&shop), Arc::clone(&request));
-            common::concurrent(1, iters, move |_, _| {
-                let (shop, request) = (Arc::clone(&shop), Arc::clone(&request));
-                async move {
-                    black_box(shop.place_order(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("replay-1/baseline", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let (raw, request) = (Arc::clone(&raw), Arc::clone(&request));
-            common::concurrent(1, iters, move |_, _| {
-                let (raw, request) = (Arc::clone(&raw), Arc::clone(&request));
-                async move {
-                    black_box(raw.replay(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("first_call-1/idempotent", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let shop = Arc::clone(&shop);
-            common::concurrent(1, iters, move |_, _| {
-                let shop = Arc::clone(&shop);
-                async move {
-                    let request = common::order(common::fresh_id("first"));
-                    black_box(shop.place_order(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("first_call-1/baseline", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let raw = Arc::clone(&raw);
-            common::concurrent(1, iters, move |_, _| {
-                let raw = Arc::clone(&raw);
-                async move {
-                    let request = common::order(common::fresh_id("first"));
-                    black_box(raw.first_call(&request).await.unwrap());
-                }
-            })
-        })
-    });
-
-    group.throughput(Throughput::Elements(TASKS as u64));
-    group.bench_function("replay-64/idempotent", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let (shop, request) = (Arc::clone(&shop), Arc::clone(&request));
-            common::concurrent(TASKS, iters, move |_, _| {
-                let (shop, request) = (Arc::clone(&shop), Arc::clone(&request));
-                async move {
-                    black_box(shop.place_order(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("replay-64/baseline", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let (raw, request) = (Arc::clone(&raw), Arc::clone(&request));
-            common::concurrent(TASKS, iters, move |_, _| {
-                let (raw, request) = (Arc::clone(&raw), Arc::clone(&request));
-                async move {
-                    black_box(raw.replay(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("first_call-64/idempotent", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let shop = Arc::clone(&shop);
-            common::concurrent(TASKS, iters, move |_, _| {
-                let shop = Arc::clone(&shop);
-                async move {
-                    let request = common::order(common::fresh_id("first"));
-                    black_box(shop.place_order(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("first_call-64/baseline", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let raw = Arc::clone(&raw);
-            common::concurrent(TASKS, iters, move |_, _| {
-                let raw = Arc::clone(&raw);
-                async move {
-                    let request = common::order(common::fresh_id("first"));
-                    black_box(raw.first_call(&request).await.unwrap());
-                }
-            })
-        })
-    });
+    // thread, whose every round trip would cost two extra cross-thread wake-ups); then TASKS
+    // concurrent tasks over the one multiplexed connection.
+    for tasks in [1, TASKS] {
+        group.throughput(Throughput::Elements(tasks as u64));
+        for (case, call) in [("replay", Call::Replay), ("first_call", Call::FirstCall)] {
+            let case = format!("{case}-{tasks}");
+            let id = |variant: &str| format!("{case}/{variant}");
+            common::bench_calls(
+                &mut group,
+                &runtime,
+                &id("idempotent"),
+                tasks,
+                call,
+                &shop,
+                &request,
+            );
+            common::bench_calls(
+                &mut group,
+                &runtime,
+                &id("baseline"),
+                tasks,
+                call,
+                &raw,
+                &request,
+            );
+        }
+    }
 
     group.throughput(Throughput::Elements(1));
     group.sampling_mode(SamplingMode::Flat).sample_size(20);

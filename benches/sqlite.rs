@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::hint::black_box;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -17,7 +17,7 @@ use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use idempotent_core::stores::sqlite::SqliteStore;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use common::{OrderRequest, Receipt, Round, ShopError};
+use common::{Call, OrderRequest, Receipt, Round, ShopError};
 
 const LEASE_MS: i64 = 30_000;
 const TTL_MS: i64 = 120_000;
@@ -59,6 +59,24 @@ struct Raw {
 }
 
 type Row = (Vec<u8>, String, Option<Vec<u8>>);
+
+impl common::Caller for Raw {
+    fn replay(
+        &self,
+        _: usize,
+        request: &OrderRequest,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
+        Raw::replay(self, request)
+    }
+
+    fn first_call(
+        &self,
+        _: usize,
+        request: &OrderRequest,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
+        Raw::first_call(self, request)
+    }
+}
 
 impl Raw {
     fn open(path: &std::path::Path) -> Raw {
@@ -203,52 +221,27 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("sqlite");
     // One caller: a task on a worker, as a request handler would be.
-    group.bench_function("replay/idempotent", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let (shop, request) = (Arc::clone(&shop), Arc::clone(&request));
-            common::concurrent(1, iters, move |_, _| {
-                let (shop, request) = (Arc::clone(&shop), Arc::clone(&request));
-                async move {
-                    black_box(shop.place_order(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("replay/baseline", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let (raw, request) = (Arc::clone(&raw), Arc::clone(&request));
-            common::concurrent(1, iters, move |_, _| {
-                let (raw, request) = (Arc::clone(&raw), Arc::clone(&request));
-                async move {
-                    black_box(raw.replay(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("first_call/idempotent", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let shop = Arc::clone(&shop);
-            common::concurrent(1, iters, move |_, _| {
-                let shop = Arc::clone(&shop);
-                async move {
-                    let request = common::order(common::fresh_id("first"));
-                    black_box(shop.place_order(&request).await.unwrap());
-                }
-            })
-        })
-    });
-    group.bench_function("first_call/baseline", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let raw = Arc::clone(&raw);
-            common::concurrent(1, iters, move |_, _| {
-                let raw = Arc::clone(&raw);
-                async move {
-                    let request = common::order(common::fresh_id("first"));
-                    black_box(raw.first_call(&request).await.unwrap());
-                }
-            })
-        })
-    });
+    for (case, call) in [("replay", Call::Replay), ("first_call", Call::FirstCall)] {
+        let id = |variant: &str| format!("{case}/{variant}");
+        common::bench_calls(
+            &mut group,
+            &runtime,
+            &id("idempotent"),
+            1,
+            call,
+            &shop,
+            &request,
+        );
+        common::bench_calls(
+            &mut group,
+            &runtime,
+            &id("baseline"),
+            1,
+            call,
+            &raw,
+            &request,
+        );
+    }
 
     group.sampling_mode(SamplingMode::Flat).sample_size(20);
     let recorder = common::RaceRecorder::new("sqlite/race/idempotent");

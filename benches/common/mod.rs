@@ -4,11 +4,15 @@
 
 #![allow(dead_code)] // Each bench binary uses a part of this module.
 
+use std::future::Future;
+use std::hint::black_box;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use criterion::BenchmarkGroup;
+use criterion::measurement::WallTime;
 use idempotent_core::{Store, idempotent};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -43,6 +47,83 @@ impl<S: Store + 'static> Shop<S> {
         tokio::time::sleep(RACE_BODY).await;
         Ok(receipt(request))
     }
+}
+
+/// A variant the replay and first-call cases time: the store through `#[idempotent]`, or a
+/// hand-written baseline. `task` is the calling task's number, for baselines that give each
+/// task a connection of its own.
+pub trait Caller: Send + Sync + 'static {
+    /// A call whose key is recorded.
+    fn replay(
+        &self,
+        task: usize,
+        request: &OrderRequest,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send;
+
+    /// A call with a fresh key.
+    fn first_call(
+        &self,
+        task: usize,
+        request: &OrderRequest,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send;
+}
+
+impl<S: Store + 'static> Caller for Shop<S> {
+    fn replay(
+        &self,
+        _: usize,
+        request: &OrderRequest,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
+        self.place_order(request)
+    }
+
+    fn first_call(
+        &self,
+        _: usize,
+        request: &OrderRequest,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
+        self.place_order(request)
+    }
+}
+
+/// Which call a case times.
+#[derive(Debug, Clone, Copy)]
+pub enum Call {
+    /// `Caller::replay` of `request`, recorded beforehand.
+    Replay,
+    /// `Caller::first_call` of a fresh order, made inside the timed task.
+    FirstCall,
+}
+
+/// Benches `id`: `tasks` concurrent tasks (see [`concurrent`]), each making `call` through
+/// `caller` once per iteration.
+pub fn bench_calls<C: Caller>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    runtime: &tokio::runtime::Runtime,
+    id: &str,
+    tasks: usize,
+    call: Call,
+    caller: &Arc<C>,
+    request: &Arc<OrderRequest>,
+) {
+    group.bench_function(id, |b| {
+        b.to_async(runtime).iter_custom(|iters| {
+            let (caller, request) = (Arc::clone(caller), Arc::clone(request));
+            concurrent(tasks, iters, move |task, _| {
+                let (caller, request) = (Arc::clone(&caller), Arc::clone(&request));
+                async move {
+                    let receipt = match call {
+                        Call::Replay => caller.replay(task, &request).await,
+                        Call::FirstCall => {
+                            let request = order(fresh_id("first"));
+                            caller.first_call(task, &request).await
+                        }
+                    };
+                    black_box(receipt.unwrap());
+                }
+            })
+        })
+    });
 }
 
 /// A realistic argument: an order request with five fields.
