@@ -227,12 +227,7 @@ mod postgres_mode {
     /// statements on the raw driver. Fails on a table name the store would refuse.
     #[doc(hidden)]
     pub fn postgres_statement_texts(table: &str) -> Result<PostgresStatementTexts, String> {
-        let (schema, claim, complete) = crate::stores::postgres::statement_texts(table)?;
-        Ok(PostgresStatementTexts {
-            schema,
-            claim,
-            complete,
-        })
+        crate::stores::postgres::statement_texts(table)
     }
 
     pub fn postgres_store<S: PostgresStoreHandle + ?Sized>(store: &S) -> &PostgresStore {

@@ -365,7 +365,9 @@ pub(super) fn judge_claim(
 
 /// The schema, claim and complete statement texts the store uses for `table`, for the
 /// benches' raw-driver baseline (through `__private`).
-pub(crate) fn statement_texts(table: &str) -> Result<(String, String, String), String> {
+pub(crate) fn statement_texts(
+    table: &str,
+) -> Result<crate::private::PostgresStatementTexts, String> {
     sql::check_table_name(table)?;
     let Statements {
         schema,
@@ -373,7 +375,11 @@ pub(crate) fn statement_texts(table: &str) -> Result<(String, String, String), S
         complete,
         ..
     } = Statements::new(table);
-    Ok((schema, claim, complete))
+    Ok(crate::private::PostgresStatementTexts {
+        schema,
+        claim,
+        complete,
+    })
 }
 
 /// How many times a claim statement is run again when a concurrent insert hid the record.
@@ -576,22 +582,8 @@ impl Store for PostgresStore {
         Box::pin(async move {
             let key = key.as_bytes().as_slice();
             let (fence, lease) = (fence_param(fence), millis(lease));
-            let work = async {
-                let mut pooled = self.client().await?;
-                let (client, prepared) = pooled.prepared(Kind::Extend, &self.statements).await?;
-                client
-                    .execute(prepared, &[&key, &fence, &lease])
-                    .await
-                    .map_err(|error| from_pg("a statement failed", error))
-            };
-            let changed = tokio::time::timeout(self.timeout, work)
+            self.fenced_write(Kind::Extend, &[&key, &fence, &lease])
                 .await
-                .map_err(|_| timed_out("a statement", self.timeout))??;
-            Ok(if changed == 0 {
-                FencedWrite::Fenced
-            } else {
-                FencedWrite::Applied
-            })
         })
     }
 

@@ -96,9 +96,11 @@ impl Statements {
                  SELECT CASE WHEN waiting THEN pg_notify('{channel}', encode(key, 'hex')) END
                  FROM gone"
             ),
+            // A row when the write applied, like `complete` and `release`.
             extend: format!(
                 "UPDATE {table} SET until = now() + $3::bigint * interval '1 millisecond'
-                 WHERE key = $1 AND fence = $2 AND state = 0 AND until > now()"
+                 WHERE key = $1 AND fence = $2 AND state = 0 AND until > now()
+                 RETURNING key"
             ),
             // A waiter's look, after it listens: the lease left, if the key is in progress,
             // and the record marked `waiting` so its completion or release notifies. A record
