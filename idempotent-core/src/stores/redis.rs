@@ -17,7 +17,7 @@
 mod scripts;
 mod waiters;
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -184,8 +184,7 @@ impl RedisStore {
     /// ```
     pub fn record_key(&self, key: &StorageKey) -> String {
         let mut record_key = String::with_capacity(self.key_prefix.len() + 64);
-        record_key.push_str(&self.key_prefix);
-        push_hex(&mut record_key, key.as_bytes());
+        let _ = write!(record_key, "{}{key}", self.key_prefix);
         record_key
     }
 
@@ -193,9 +192,7 @@ impl RedisStore {
     /// scripts derive the same name from the record key: `redis/prelude.lua`, `channel`).
     fn channel(&self, key: &StorageKey) -> String {
         let mut channel = String::with_capacity(self.key_prefix.len() + 5 + 64);
-        channel.push_str(&self.key_prefix);
-        channel.push_str("done:");
-        push_hex(&mut channel, key.as_bytes());
+        let _ = write!(channel, "{}done:{key}", self.key_prefix);
         channel
     }
 
@@ -255,12 +252,6 @@ impl RedisStore {
             other => Err(other.unexpected(key)),
         }
     }
-}
-
-fn push_hex(out: &mut String, bytes: &[u8; 32]) {
-    let hex = hex32(bytes);
-    // hex32 writes ASCII digits only.
-    out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
 }
 
 fn millis(duration: Duration) -> u64 {
