@@ -323,9 +323,10 @@ impl Fingerprinter {
     /// ```
     pub fn finish(&self) -> Fingerprint {
         let mut hasher = self.hasher.clone();
-        let mut end = [0u8; 11];
-        let len = canonical::write_header_into(&mut end, tag::ARGS_END, self.arguments);
-        hasher.update(&end[..len]);
+        with_buffer(|end| {
+            canonical::write_header(end, tag::ARGS_END, self.arguments);
+            hasher.update(&*end);
+        });
         Fingerprint(hasher.finalize().into())
     }
 }

@@ -83,24 +83,6 @@ pub(super) fn write_header(out: &mut Vec<u8>, tag: u8, count: usize) {
     write_varint(out, count as u128);
 }
 
-/// [`write_header`] into a stack buffer (a tag and at most 10 LEB128 bytes of a `usize`);
-/// returns how many bytes it wrote.
-pub(super) fn write_header_into(buf: &mut [u8; 11], tag: u8, count: usize) -> usize {
-    buf[0] = tag;
-    let mut value = count as u64;
-    let mut len = 1;
-    loop {
-        let low = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            buf[len] = low;
-            return len + 1;
-        }
-        buf[len] = low | 0x80;
-        len += 1;
-    }
-}
-
 fn write_str(out: &mut Vec<u8>, value: &str) {
     write_header(out, tag::STR, value.len());
     out.extend_from_slice(value.as_bytes());
