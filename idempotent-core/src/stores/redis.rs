@@ -6,7 +6,7 @@
 //! then the ttl), so leases and expiry are measured on the server's clock, never the
 //! application's, and clock skew between application servers cannot break a lease. A replay
 //! is one round trip; a first call two (claim, complete). The record layout is described in
-//! `redis/prelude.lua`; it needs Redis 6.0 or later (`SET .. KEEPTTL`).
+//! `redis/prelude.lua`; the scripts use `SET .. KEEPTTL`, which Redis added in 6.0.
 //!
 //! Waiting uses pub/sub: waiters subscribe to a channel per key over one shared connection,
 //! then look at the record, and the look marks it; `complete` and `release` publish on the
