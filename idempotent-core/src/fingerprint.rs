@@ -89,7 +89,7 @@ use std::fmt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use canonical::tag;
+use canonical::{Buffer, tag};
 
 /// Separates these hashes from any other SHA-256 use and versions the
 /// encoding: bump it whenever the encoding changes.
@@ -290,9 +290,9 @@ impl Fingerprinter {
             ));
         }
         let written = with_buffer(|encoded| {
-            encoded.push(tag::ARG);
+            encoded.bytes.push(tag::ARG);
             canonical::write_value(encoded, argument)?;
-            self.hasher.update(&*encoded);
+            self.hasher.update(&encoded.bytes);
             Ok(())
         });
         match written {
@@ -324,8 +324,8 @@ impl Fingerprinter {
     pub fn finish(&self) -> Fingerprint {
         let mut hasher = self.hasher.clone();
         with_buffer(|end| {
-            canonical::write_header(end, tag::ARGS_END, self.arguments);
-            hasher.update(&*end);
+            canonical::write_header(&mut end.bytes, tag::ARGS_END, self.arguments);
+            hasher.update(&end.bytes);
         });
         Fingerprint(hasher.finalize().into())
     }
@@ -334,7 +334,7 @@ impl Fingerprinter {
 thread_local! {
     /// The encoding buffer of this thread's pushes: fingerprints are taken on every call, and
     /// a reused buffer saves an allocation each time.
-    static BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    static BUFFER: Cell<Buffer> = const { Cell::new(Buffer::new()) };
 }
 
 /// Buffers larger than this are dropped after use rather than kept for the thread's lifetime.
@@ -342,7 +342,7 @@ const MAX_KEPT_BUFFER: usize = 64 * 1024;
 
 /// Runs `write` with an empty buffer: this thread's reused one, or a new one if it is in use
 /// (an argument's `Serialize` impl that fingerprints something itself) or gone (thread exit).
-fn with_buffer<R>(write: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+fn with_buffer<R>(write: impl FnOnce(&mut Buffer) -> R) -> R {
     let mut buffer = BUFFER.try_with(Cell::take).unwrap_or_default();
     buffer.clear();
     let result = write(&mut buffer);

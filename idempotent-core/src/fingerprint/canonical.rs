@@ -54,7 +54,7 @@ const CANONICAL_NAN_BITS: u64 = 0x7ff8_0000_0000_0000;
 
 /// Writes the canonical item for `value` into `out`.
 pub(super) fn write_value<T: Serialize + ?Sized>(
-    out: &mut Vec<u8>,
+    out: &mut Buffer,
     value: &T,
 ) -> Result<(), FingerprintError> {
     value.serialize(Canonical {
@@ -139,9 +139,12 @@ fn is_unordered_type_name(name: &str) -> bool {
         "hashbrown::set::HashSet<",
     ];
 
-    // Most names (`u32`, `alloc::string::String`, a user's struct) are settled by their
-    // first byte; this runs for every value serialized.
-    if !matches!(name.as_bytes().first(), Some(b'&' | b'a' | b's' | b'h')) {
+    // This runs for every value serialized, and most names (`u32`, `alloc::string::String`,
+    // `&my_crate::Order`) are settled without a comparison: a hash set's name is generic, so
+    // it ends with `>`, and starts with one of the bytes below.
+    if name.as_bytes().last() != Some(&b'>')
+        || !matches!(name.as_bytes().first(), Some(b'&' | b'a' | b's' | b'h'))
+    {
         return false;
     }
     let mut rest = name;
@@ -152,6 +155,35 @@ fn is_unordered_type_name(name: &str) -> bool {
     SETS.iter().any(|set| rest.starts_with(set))
 }
 
+/// The encoding being written, and the entries of the maps and hash sets still open in it.
+#[derive(Default)]
+pub(super) struct Buffer {
+    pub(super) bytes: Vec<u8>,
+    /// The `(start, end)` in `bytes` of each entry of every open map or set, innermost last:
+    /// one stack for all of them, so a map is a few indices rather than a buffer of its own.
+    ranges: Vec<(usize, usize)>,
+}
+
+impl Buffer {
+    pub(super) const fn new() -> Self {
+        Self {
+            bytes: Vec::new(),
+            ranges: Vec::new(),
+        }
+    }
+
+    /// Empties it, keeping its capacity; also what an encoding cut short by an error left.
+    pub(super) fn clear(&mut self) {
+        self.bytes.clear();
+        self.ranges.clear();
+    }
+
+    /// Bytes held for reuse.
+    pub(super) fn capacity(&self) -> usize {
+        self.bytes.capacity() + self.ranges.capacity() * size_of::<(usize, usize)>()
+    }
+}
+
 /// Entries or elements, each encoded on its own and sorted by their bytes at
 /// the end, so iteration order is irrelevant.
 ///
@@ -160,71 +192,32 @@ fn is_unordered_type_name(name: &str) -> bool {
 /// unsorted run: a map costs no buffer of its own, which matters because most
 /// fingerprinted arguments are structs and fingerprints are taken on every call.
 struct Entries {
-    /// Where the first entry starts in the output buffer.
+    /// Where the first entry starts in the output bytes.
     start: usize,
     /// Where the entry being written starts.
     entry_start: usize,
-    ranges: Ranges,
-}
-
-/// The `(start, end)` of each entry: inline up to `INLINE_RANGES` entries, then on the heap.
-struct Ranges {
-    inline: [(usize, usize); INLINE_RANGES],
-    len: usize,
-    spilled: Vec<(usize, usize)>,
-}
-
-/// More fields than most structs have, few enough to keep on the stack.
-const INLINE_RANGES: usize = 16;
-
-impl Ranges {
-    fn new() -> Self {
-        Self {
-            inline: [(0, 0); INLINE_RANGES],
-            len: 0,
-            spilled: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, range: (usize, usize)) {
-        if self.len < INLINE_RANGES {
-            self.inline[self.len] = range;
-            self.len += 1;
-        } else {
-            if self.spilled.is_empty() {
-                self.spilled.reserve(2 * INLINE_RANGES);
-                self.spilled.extend_from_slice(&self.inline);
-            }
-            self.spilled.push(range);
-        }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [(usize, usize)] {
-        if self.spilled.is_empty() {
-            &mut self.inline[..self.len]
-        } else {
-            &mut self.spilled
-        }
-    }
+    /// Where this map's ranges start on the buffer's stack of ranges.
+    first_range: usize,
 }
 
 impl Entries {
-    fn begin(out: &[u8]) -> Self {
+    fn begin(out: &Buffer) -> Self {
         Self {
-            start: out.len(),
-            entry_start: out.len(),
-            ranges: Ranges::new(),
+            start: out.bytes.len(),
+            entry_start: out.bytes.len(),
+            first_range: out.ranges.len(),
         }
     }
 
-    fn close_entry(&mut self, out: &[u8]) {
-        self.ranges.push((self.entry_start, out.len()));
-        self.entry_start = out.len();
+    fn close_entry(&mut self, out: &mut Buffer) {
+        let end = out.bytes.len();
+        out.ranges.push((self.entry_start, end));
+        self.entry_start = end;
     }
 
     fn push_value<T: Serialize + ?Sized>(
         &mut self,
-        out: &mut Vec<u8>,
+        out: &mut Buffer,
         value: &T,
     ) -> Result<(), FingerprintError> {
         write_value(out, value)?;
@@ -234,33 +227,35 @@ impl Entries {
 
     fn push_field<T: Serialize + ?Sized>(
         &mut self,
-        out: &mut Vec<u8>,
+        out: &mut Buffer,
         key: &str,
         value: &T,
     ) -> Result<(), FingerprintError> {
-        write_str(out, key);
+        write_str(&mut out.bytes, key);
         self.push_value(out, value)
     }
 
     /// Replaces the unsorted entries with `variant`'s single-entry prefix (for a
     /// struct variant), the header, and the entries sorted by their bytes.
-    fn finish(mut self, tag: u8, variant: Option<&str>, out: &mut Vec<u8>) {
-        let unsorted_end = out.len();
-        let ranges = self.ranges.as_mut_slice();
-        ranges.sort_unstable_by(|a, b| out[a.0..a.1].cmp(&out[b.0..b.1]));
+    fn finish(self, tag: u8, variant: Option<&str>, out: &mut Buffer) {
+        let Buffer { bytes, ranges } = out;
+        let unsorted_end = bytes.len();
+        let entries = &mut ranges[self.first_range..];
+        entries.sort_unstable_by(|a, b| bytes[a.0..a.1].cmp(&bytes[b.0..b.1]));
         if let Some(variant) = variant {
-            begin_single_entry(out, variant);
+            begin_single_entry(bytes, variant);
         }
-        write_header(out, tag, ranges.len());
-        for &(start, end) in ranges.iter() {
-            out.extend_from_within(start..end);
+        write_header(bytes, tag, entries.len());
+        for &(start, end) in entries.iter() {
+            bytes.extend_from_within(start..end);
         }
-        out.drain(self.start..unsorted_end);
+        bytes.drain(self.start..unsorted_end);
+        ranges.truncate(self.first_range);
     }
 }
 
 struct Canonical<'a> {
-    out: &'a mut Vec<u8>,
+    out: &'a mut Buffer,
     /// Set when the value being serialized is a hash set; only its own
     /// `serialize_seq` call looks at it, nested values get a fresh decision.
     unordered: bool,
@@ -279,6 +274,7 @@ impl<'a> ser::Serializer for Canonical<'a> {
 
     fn serialize_bool(self, v: bool) -> Result<(), FingerprintError> {
         self.out
+            .bytes
             .extend_from_slice(&[if v { tag::TRUE } else { tag::FALSE }]);
         Ok(())
     }
@@ -300,7 +296,7 @@ impl<'a> ser::Serializer for Canonical<'a> {
     }
 
     fn serialize_i128(self, v: i128) -> Result<(), FingerprintError> {
-        write_i128(self.out, v);
+        write_i128(&mut self.out.bytes, v);
         Ok(())
     }
 
@@ -321,7 +317,7 @@ impl<'a> ser::Serializer for Canonical<'a> {
     }
 
     fn serialize_u128(self, v: u128) -> Result<(), FingerprintError> {
-        write_int(self.out, false, v);
+        write_int(&mut self.out.bytes, false, v);
         Ok(())
     }
 
@@ -330,29 +326,29 @@ impl<'a> ser::Serializer for Canonical<'a> {
     }
 
     fn serialize_f64(self, v: f64) -> Result<(), FingerprintError> {
-        write_f64(self.out, v);
+        write_f64(&mut self.out.bytes, v);
         Ok(())
     }
 
     fn serialize_char(self, v: char) -> Result<(), FingerprintError> {
         let mut buf = [0u8; 4];
-        write_str(self.out, v.encode_utf8(&mut buf));
+        write_str(&mut self.out.bytes, v.encode_utf8(&mut buf));
         Ok(())
     }
 
     fn serialize_str(self, v: &str) -> Result<(), FingerprintError> {
-        write_str(self.out, v);
+        write_str(&mut self.out.bytes, v);
         Ok(())
     }
 
     fn serialize_bytes(self, v: &[u8]) -> Result<(), FingerprintError> {
         // serde_json writes bytes as an array of numbers, so hash exactly
         // what a `Vec<u8>` would.
-        self.out.extend_from_slice(&[tag::SEQ]);
+        self.out.bytes.extend_from_slice(&[tag::SEQ]);
         for &byte in v {
-            write_int(self.out, false, byte.into());
+            write_int(&mut self.out.bytes, false, byte.into());
         }
-        self.out.extend_from_slice(&[tag::SEQ_END]);
+        self.out.bytes.extend_from_slice(&[tag::SEQ_END]);
         Ok(())
     }
 
@@ -365,7 +361,7 @@ impl<'a> ser::Serializer for Canonical<'a> {
     }
 
     fn serialize_unit(self) -> Result<(), FingerprintError> {
-        self.out.extend_from_slice(&[tag::NULL]);
+        self.out.bytes.extend_from_slice(&[tag::NULL]);
         Ok(())
     }
 
@@ -379,7 +375,7 @@ impl<'a> ser::Serializer for Canonical<'a> {
         _index: u32,
         variant: &'static str,
     ) -> Result<(), FingerprintError> {
-        write_str(self.out, variant);
+        write_str(&mut self.out.bytes, variant);
         Ok(())
     }
 
@@ -398,14 +394,14 @@ impl<'a> ser::Serializer for Canonical<'a> {
         variant: &'static str,
         value: &T,
     ) -> Result<(), FingerprintError> {
-        begin_single_entry(self.out, variant);
+        begin_single_entry(&mut self.out.bytes, variant);
         write_value(self.out, value)
     }
 
     fn serialize_seq(self, _len: Option<usize>) -> Result<Seq<'a>, FingerprintError> {
         if self.unordered {
             Ok(Seq::Unordered {
-                elements: Box::new(Entries::begin(self.out)),
+                elements: Entries::begin(self.out),
                 out: self.out,
             })
         } else {
@@ -432,8 +428,8 @@ impl<'a> ser::Serializer for Canonical<'a> {
         variant: &'static str,
         _len: usize,
     ) -> Result<TupleVariant<'a>, FingerprintError> {
-        begin_single_entry(self.out, variant);
-        self.out.push(tag::SEQ);
+        begin_single_entry(&mut self.out.bytes, variant);
+        self.out.bytes.push(tag::SEQ);
         Ok(TupleVariant { out: self.out })
     }
 
@@ -470,12 +466,12 @@ impl<'a> ser::Serializer for Canonical<'a> {
 
 /// Sequences, tuples and tuple structs: order matters, as in JSON arrays.
 struct Ordered<'a> {
-    out: &'a mut Vec<u8>,
+    out: &'a mut Buffer,
 }
 
 impl<'a> Ordered<'a> {
-    fn begin(out: &'a mut Vec<u8>) -> Self {
-        out.extend_from_slice(&[tag::SEQ]);
+    fn begin(out: &'a mut Buffer) -> Self {
+        out.bytes.extend_from_slice(&[tag::SEQ]);
         Self { out }
     }
 
@@ -484,7 +480,7 @@ impl<'a> Ordered<'a> {
     }
 
     fn end(self) -> Result<(), FingerprintError> {
-        self.out.extend_from_slice(&[tag::SEQ_END]);
+        self.out.bytes.extend_from_slice(&[tag::SEQ_END]);
         Ok(())
     }
 }
@@ -526,9 +522,8 @@ enum Seq<'a> {
     /// A hash set: elements are digested one by one and sorted (a multiset
     /// hash), under the `SET` tag so it never equals an ordered sequence.
     Unordered {
-        out: &'a mut Vec<u8>,
-        // Boxed: hash sets are rare, and the inline ranges would bloat every `Seq`.
-        elements: Box<Entries>,
+        out: &'a mut Buffer,
+        elements: Entries,
     },
 }
 
@@ -560,7 +555,7 @@ impl ser::SerializeSeq for Seq<'_> {
 /// Maps and structs: a struct is the map of its field names to values, as
 /// in JSON.
 struct Map<'a> {
-    out: &'a mut Vec<u8>,
+    out: &'a mut Buffer,
     entries: Entries,
     /// Guards against `Serialize` impls that break the key/value alternation,
     /// which would otherwise silently merge two entries into one.
@@ -627,7 +622,7 @@ impl ser::SerializeStruct for Map<'_> {
 struct TupleVariant<'a> {
     /// Already holds the one-entry map's header, the variant name and the
     /// opening `SEQ`.
-    out: &'a mut Vec<u8>,
+    out: &'a mut Buffer,
 }
 
 impl ser::SerializeTupleVariant for TupleVariant<'_> {
@@ -642,14 +637,14 @@ impl ser::SerializeTupleVariant for TupleVariant<'_> {
     }
 
     fn end(self) -> Result<(), FingerprintError> {
-        self.out.push(tag::SEQ_END);
+        self.out.bytes.push(tag::SEQ_END);
         Ok(())
     }
 }
 
 /// `Variant { a, b }` hashes as `{"Variant": {"a": a, "b": b}}`.
 struct StructVariant<'a> {
-    out: &'a mut Vec<u8>,
+    out: &'a mut Buffer,
     variant: &'static str,
     fields: Entries,
 }
@@ -749,7 +744,7 @@ mod tests {
     #[test]
     fn broken_key_value_alternation_is_an_error() {
         for case in ["value-first", "two-keys", "dangling-key"] {
-            let mut out = Vec::new();
+            let mut out = Buffer::new();
             let result = write_value(&mut out, &BrokenMap(case));
             assert!(result.is_err(), "{case} was accepted");
         }
@@ -764,7 +759,7 @@ mod tests {
                 serializer.serialize_map(Some(usize::MAX))?.end()
             }
         }
-        let mut out = Vec::new();
+        let mut out = Buffer::new();
         assert!(write_value(&mut out, &Liar).is_ok());
     }
 }
