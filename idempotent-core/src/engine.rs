@@ -12,7 +12,7 @@ use crate::default_store::default_store;
 use crate::error::{Error, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::holder::Holder;
-use crate::key::StorageKey;
+use crate::key::{Namespace, StorageKey};
 use crate::options::{OnConflict, Options};
 use crate::recorded::{OkAndErr, OkOnly, Recording};
 use crate::store::{Claim, FencedWrite, Store};
@@ -31,6 +31,8 @@ use crate::telemetry::{CallOutcome, CallTrace};
 #[derive(Debug, Clone, Copy)]
 pub struct Call<'a> {
     name: &'static str,
+    /// The name with its key prefix hashed once, when the caller keeps one (`#[idempotent]`).
+    namespace: Option<&'static Namespace>,
     scope: Option<&'a [u8]>,
     key: Option<&'a [u8]>,
     fingerprint: Fingerprint,
@@ -50,9 +52,18 @@ impl<'a> Call<'a> {
     pub fn new(name: &'static str, fingerprint: Fingerprint) -> Self {
         Self {
             name,
+            namespace: None,
             scope: None,
             key: None,
             fingerprint,
+        }
+    }
+
+    /// A call in `namespace`: the same as [`Call::new`] with its name, hashing less per call.
+    pub(crate) fn in_namespace(namespace: &'static Namespace, fingerprint: Fingerprint) -> Self {
+        Self {
+            namespace: Some(namespace),
+            ..Self::new(namespace.name(), fingerprint)
         }
     }
 
@@ -91,7 +102,10 @@ impl<'a> Call<'a> {
     /// ```
     pub fn storage_key(&self) -> Result<StorageKey, crate::KeyError> {
         let key = self.key.unwrap_or(self.fingerprint.as_bytes());
-        StorageKey::derive(self.name, self.scope, key)
+        match self.namespace {
+            Some(namespace) => namespace.storage_key(self.scope, key),
+            None => StorageKey::derive(self.name, self.scope, key),
+        }
     }
 
     /// Everything the engine needs, owning nothing borrowed from the caller's arguments, so

@@ -3,8 +3,12 @@
 //! The raw idempotency key is never stored. The storage key is SHA-256 over the namespace (which
 //! function), the scope (which tenant) and the key, each framed with its length, so that
 //! keys of different functions or tenants can never meet and every store key is 32 bytes.
-
+//!
+//! The namespace comes first, zero-padded to whole 64-byte SHA-256 blocks: a [`Namespace`]
+//! compresses those blocks once and every call clones the state, so deriving a key hashes only
+//! the block(s) of its scope and key (one when they total at most 52 bytes).
 use std::fmt;
+use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 
@@ -15,7 +19,10 @@ use sha2::{Digest, Sha256};
 pub const MAX_KEY_BYTES: usize = 255;
 
 /// Domain tag: a later key derivation can change it without colliding with this one.
-const DERIVATION_TAG: &[u8] = b"idempotent.storage-key.v1\0";
+const DERIVATION_TAG: &[u8] = b"idempotent.storage-key.v2\0";
+
+/// SHA-256's block size: the namespace's part of the message is padded to a multiple of it.
+const BLOCK: usize = 64;
 
 /// Why an idempotency key or scope was refused.
 ///
@@ -77,24 +84,28 @@ impl StorageKey {
     /// # Ok::<(), idempotent_core::KeyError>(())
     /// ```
     pub fn derive(namespace: &str, scope: Option<&[u8]>, key: &[u8]) -> Result<Self, KeyError> {
+        Self::derive_after(namespace_prefix(namespace), scope, key)
+    }
+
+    /// [`StorageKey::derive`] from a namespace's hashed prefix.
+    pub(crate) fn derive_after(
+        mut hasher: Sha256,
+        scope: Option<&[u8]>,
+        key: &[u8],
+    ) -> Result<Self, KeyError> {
         if key.is_empty() {
             return Err(KeyError::Empty);
         }
-        check_len("key", key)?;
-        if let Some(scope) = scope {
-            check_len("scope", scope)?;
-        }
-        let mut hasher = Sha256::new();
-        hasher.update(DERIVATION_TAG);
-        frame(&mut hasher, namespace.as_bytes());
+        let key_len = short_len("key", key)?;
         match scope {
             None => hasher.update([0u8]),
             Some(scope) => {
-                hasher.update([1u8]);
-                frame(&mut hasher, scope);
+                hasher.update([1u8, short_len("scope", scope)?]);
+                hasher.update(scope);
             }
         }
-        frame(&mut hasher, key);
+        hasher.update([key_len]);
+        hasher.update(key);
         Ok(Self(hasher.finalize().into()))
     }
 
@@ -161,20 +172,70 @@ pub(crate) fn hex32(bytes: &[u8; 32]) -> [u8; 64] {
     hex
 }
 
-fn check_len(part: &'static str, bytes: &[u8]) -> Result<(), KeyError> {
-    if bytes.len() > MAX_KEY_BYTES {
-        return Err(KeyError::TooLong {
+/// The length of a key or scope as its one-byte frame, or why it is too long.
+fn short_len(part: &'static str, bytes: &[u8]) -> Result<u8, KeyError> {
+    match u8::try_from(bytes.len()) {
+        Ok(len) if usize::from(len) <= MAX_KEY_BYTES => Ok(len),
+        _ => Err(KeyError::TooLong {
             part,
             len: bytes.len(),
             max: MAX_KEY_BYTES,
-        });
+        }),
     }
-    Ok(())
 }
 
-fn frame(hasher: &mut Sha256, part: &[u8]) {
-    hasher.update((part.len() as u64).to_be_bytes());
-    hasher.update(part);
+/// The hasher after the tag and the length-framed namespace, zero-padded to whole blocks.
+fn namespace_prefix(namespace: &str) -> Sha256 {
+    let mut hasher = Sha256::new();
+    hasher.update(DERIVATION_TAG);
+    hasher.update((namespace.len() as u64).to_be_bytes());
+    hasher.update(namespace);
+    let written = DERIVATION_TAG.len() + 8 + namespace.len();
+    hasher.update(&[0u8; BLOCK][..(BLOCK - written % BLOCK) % BLOCK]);
+    hasher
+}
+
+/// A function's namespace, with the hash of its part of every storage key computed once.
+///
+/// `#[idempotent]` keeps one in a `static` per function; [`Call::new`](crate::Call::new)
+/// derives the same keys from the bare name, hashing the prefix on every call.
+///
+/// ```
+/// use idempotent_core::StorageKey;
+/// use idempotent_core::__private::Namespace;
+///
+/// static CHECKOUT: Namespace = Namespace::new("shop::checkout");
+/// assert_eq!(
+///     CHECKOUT.storage_key(Some(b"tenant-1"), b"order-42")?,
+///     StorageKey::derive("shop::checkout", Some(b"tenant-1"), b"order-42")?,
+/// );
+/// # Ok::<(), idempotent_core::KeyError>(())
+/// ```
+#[derive(Debug)]
+pub struct Namespace {
+    name: &'static str,
+    prefix: OnceLock<Sha256>,
+}
+
+impl Namespace {
+    /// The namespace `name`; nothing is hashed until its first key.
+    pub const fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            prefix: OnceLock::new(),
+        }
+    }
+
+    /// Its name, as [`Call::new`](crate::Call::new) takes it.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The storage key of `key` within `scope` in this namespace: [`StorageKey::derive`].
+    pub fn storage_key(&self, scope: Option<&[u8]>, key: &[u8]) -> Result<StorageKey, KeyError> {
+        let prefix = self.prefix.get_or_init(|| namespace_prefix(self.name));
+        StorageKey::derive_after(prefix.clone(), scope, key)
+    }
 }
 
 #[cfg(test)]
@@ -241,8 +302,39 @@ mod tests {
         assert_eq!(key.to_hex(), PINNED);
     }
 
-    // Computed independently: Python hashlib over the same framing.
-    const PINNED: &str = "068bbc28b12b18d6e5209ebcde8e7f1c6ffbd01a0c9d9de0c0b991f026b3fc80";
+    // Computed independently: Python hashlib over the same framing (which also reproduces
+    // version 1's pinned key).
+    const PINNED: &str = "eb4c5b03a4fde8028e55cf67e3c2ea960fffde2c4143d851f1adf89272de516d";
+
+    #[test]
+    fn pinned_derivation_of_a_namespace_longer_than_a_block() {
+        let key = StorageKey::derive(&"a".repeat(100), None, b"k").unwrap();
+        assert_eq!(
+            key.to_hex(),
+            "2056107e9aa24aa1217659bd3af0bb0b9e9541dda0a6284bf1d1c2b580268233"
+        );
+    }
+
+    #[test]
+    fn a_namespace_derives_what_its_name_derives() {
+        static NAMESPACE: Namespace = Namespace::new("shop::checkout");
+        let scopes: [Option<&[u8]>; 3] = [None, Some(b""), Some(b"tenant")];
+        for scope in scopes {
+            for key in [&b"k"[..], &[b'x'; 52], &[b'y'; 53], &[b'z'; MAX_KEY_BYTES]] {
+                assert_eq!(
+                    NAMESPACE.storage_key(scope, key),
+                    StorageKey::derive("shop::checkout", scope, key),
+                    "{scope:?} {}",
+                    key.len()
+                );
+            }
+        }
+        assert_eq!(
+            NAMESPACE.storage_key(None, b""),
+            Err(KeyError::Empty),
+            "a namespace checks keys too"
+        );
+    }
 
     #[test]
     fn errors_say_what_to_do() {

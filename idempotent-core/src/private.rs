@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use crate::default_store::default_store;
+pub use crate::key::Namespace;
 pub use crate::key_source::IdempotencyKey;
 pub use crate::options::{OnConflict, Options};
 pub use core::time::Duration;
@@ -51,14 +52,14 @@ pub fn finish(hasher: ArgumentHasher) -> Result<Fingerprint, FingerprintError> {
 }
 
 pub fn prepare(
-    name: &'static str,
+    namespace: &'static Namespace,
     fingerprint: Result<Fingerprint, FingerprintError>,
     key: Option<&[u8]>,
     scope: Option<&[u8]>,
 ) -> Prepared {
     match fingerprint {
         Ok(fingerprint) => {
-            let mut call = Call::new(name, fingerprint);
+            let mut call = Call::in_namespace(namespace, fingerprint);
             if let Some(key) = key {
                 call = call.key(key);
             }
@@ -68,7 +69,7 @@ pub fn prepare(
             call.prepare()
         }
         Err(error) => Prepared {
-            name,
+            name: namespace.name(),
             target: Err(Error::Fingerprint(error)),
         },
     }

@@ -27,6 +27,7 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
     let store = generated("__idempotent_store");
     let options = generated("__idempotent_options");
     let fake_return = generated("__idempotent_fake_return");
+    let namespace = generated("__IDEMPOTENT_NAMESPACE");
 
     let assertions = assertions(attr, checked, &private);
 
@@ -138,11 +139,13 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
         {
             #assertions
             let #prepared = {
+                // The function's namespace hashes its part of every storage key once.
+                static #namespace: #private::Namespace = #private::Namespace::new(#name);
                 let mut #fingerprinter = #private::ArgumentHasher::new();
                 #(#pushes)*
                 match (#key, #scope) {
                     (#key_bytes, #scope_bytes) => #private::prepare(
-                        #name,
+                        &#namespace,
                         #private::finish(#fingerprinter),
                         #key_bytes.as_deref(),
                         #scope_bytes.as_deref(),
