@@ -307,11 +307,36 @@ mod tests {
     const PINNED: &str = "eb4c5b03a4fde8028e55cf67e3c2ea960fffde2c4143d851f1adf89272de516d";
 
     #[test]
-    fn pinned_derivation_of_a_namespace_longer_than_a_block() {
-        let key = StorageKey::derive(&"a".repeat(100), None, b"k").unwrap();
-        assert_eq!(
-            key.to_hex(),
-            "2056107e9aa24aa1217659bd3af0bb0b9e9541dda0a6284bf1d1c2b580268233"
+    fn pinned_derivations_around_block_boundaries() {
+        // The prefix (26-byte tag, 8-byte length, namespace) is padded to whole blocks: 100
+        // bytes of namespace need a second block; 30 and 94 fill one and two exactly (no
+        // padding); a 53-byte key is the longest that fits one block after the prefix.
+        let check = |expected: &str, namespace: &str, scope: Option<&[u8]>, key: &[u8]| {
+            let derived = StorageKey::derive(namespace, scope, key).unwrap();
+            assert_eq!(
+                derived.to_hex(),
+                expected,
+                "a {}-byte namespace",
+                namespace.len()
+            );
+        };
+        check(
+            "2056107e9aa24aa1217659bd3af0bb0b9e9541dda0a6284bf1d1c2b580268233",
+            &"a".repeat(100),
+            None,
+            b"k",
+        );
+        check(
+            "3157951c04e2dad2016385107bec2fcfa6a2f54025bcb339e1279c4b01791b78",
+            &"n".repeat(30),
+            Some(b"t"),
+            b"k",
+        );
+        check(
+            "1edee2fbef8e7a1dfe530c8aa38e6481607039feaa50626575e7853cffe8815e",
+            &"n".repeat(94),
+            None,
+            &[b'k'; 53],
         );
     }
 
