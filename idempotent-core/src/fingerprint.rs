@@ -94,6 +94,8 @@ use sha2::{Digest, Sha256};
 
 use canonical::{Buffer, tag};
 
+use crate::hex::write_hex32;
+
 /// Separates these hashes from any other SHA-256 use and versions the
 /// encoding: bump it whenever the encoding changes. Zero-padded to one
 /// SHA-256 block, so every fingerprint starts from [`AFTER_DOMAIN`].
@@ -113,20 +115,6 @@ const fn pad_to_block(tag: &[u8]) -> [u8; 64] {
         i += 1;
     }
     block
-}
-
-const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
-
-fn hex_digit(nibble: u8) -> char {
-    char::from(HEX_DIGITS[usize::from(nibble & 0x0f)])
-}
-
-fn write_hex(out: &mut impl fmt::Write, bytes: &[u8]) -> fmt::Result {
-    for &byte in bytes {
-        out.write_char(hex_digit(byte >> 4))?;
-        out.write_char(hex_digit(byte))?;
-    }
-    Ok(())
 }
 
 /// SHA-256 fingerprint of a call's arguments.
@@ -184,12 +172,7 @@ impl Fingerprint {
     /// assert_eq!(fingerprint.to_string(), fingerprint.to_hex());
     /// ```
     pub fn to_hex(&self) -> String {
-        let mut hex = String::with_capacity(64);
-        for &byte in &self.0 {
-            hex.push(hex_digit(byte >> 4));
-            hex.push(hex_digit(byte));
-        }
-        hex
+        self.to_string()
     }
 
     /// Fingerprints a single value as a one-argument call; the same as
@@ -219,14 +202,14 @@ impl fmt::Debug for Fingerprint {
     /// Abbreviated, because full digests drown log lines.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Fingerprint(")?;
-        write_hex(f, &self.0[..8])?;
+        write_hex32(f, &self.0, 16)?;
         f.write_str("…)")
     }
 }
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_hex(f, &self.0)
+        write_hex32(f, &self.0, 64)
     }
 }
 

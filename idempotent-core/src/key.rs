@@ -12,6 +12,8 @@ use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 
+use crate::hex::write_hex32;
+
 /// The longest idempotency key (and scope) accepted, in bytes.
 ///
 /// Keys are identifiers (an order id, a UUID, a client-sent `Idempotency-Key` header), not
@@ -154,22 +156,8 @@ impl fmt::Debug for StorageKey {
 
 impl fmt::Display for StorageKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // One write of a stack buffer: stores format keys on every call, and a formatter
-        // call per byte costs more than the SHA-256 that made the key.
-        let hex = hex32(&self.0);
-        f.write_str(std::str::from_utf8(&hex).map_err(|_| fmt::Error)?)
+        write_hex32(f, &self.0, 64)
     }
-}
-
-/// Lowercase hex of 32 bytes, on the stack: stores write keys and fingerprints on every call.
-pub(crate) fn hex32(bytes: &[u8; 32]) -> [u8; 64] {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = [0u8; 64];
-    for (pair, byte) in hex.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = DIGITS[usize::from(byte >> 4)];
-        pair[1] = DIGITS[usize::from(byte & 0x0f)];
-    }
-    hex
 }
 
 /// The length of a key or scope as its one-byte frame, or why it is too long.

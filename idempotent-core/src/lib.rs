@@ -23,6 +23,7 @@ mod default_store;
 mod engine;
 mod error;
 mod fingerprint;
+mod hex;
 mod holder;
 mod key;
 mod key_source;

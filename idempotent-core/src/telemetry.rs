@@ -9,6 +9,7 @@
 use std::fmt;
 use std::time::Instant;
 
+use crate::hex::write_hex32;
 use crate::key::StorageKey;
 
 /// How a call ended, as its event's `outcome` field says.
@@ -79,9 +80,7 @@ struct ShortKey(Option<StorageKey>);
 impl fmt::Display for ShortKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
-            Some(key) => key.as_bytes()[..8]
-                .iter()
-                .try_for_each(|byte| write!(f, "{byte:02x}")),
+            Some(key) => write_hex32(f, key.as_bytes(), 16),
             None => f.write_str("-"),
         }
     }

@@ -26,7 +26,8 @@ use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
-use crate::key::{StorageKey, hex32};
+use crate::hex::hex32;
+use crate::key::StorageKey;
 use crate::store::{BoxFuture, Claim, Fence, FencedWrite, Store};
 use scripts::Scripts;
 use waiters::Waiters;
