@@ -240,8 +240,10 @@ async fn corrupt_rows_are_typed_errors_until_deleted() {
     let fingerprint = Fingerprint::from_bytes([3; 32]);
     let connection = raw(&path);
     let cases = [
-        ("an unknown format version", "format = 99"),
-        ("an unknown state", "state = 'paused'"),
+        // Expired too (`until = 0`), so housekeeping would delete them if it did not check
+        // the format and the state.
+        ("an unknown format version", "format = 99, until = 0"),
+        ("an unknown state", "state = 'paused', until = 0"),
         ("a short fingerprint", "fingerprint = X'0102'"),
         ("a NULL fence", "fence = NULL"),
         ("a NULL lease end", "until = NULL"),
@@ -283,7 +285,8 @@ async fn corrupt_rows_are_typed_errors_until_deleted() {
                 .map(|w| format!("{w:?}")),
         );
         corrupt("wait", store.wait(&key, HOUR).await.map(|()| String::new()));
-        // Housekeeping does not remove (or choke on) what it cannot read.
+        // Housekeeping does not choke on what it cannot read, and does not remove a row of
+        // a format or state it does not know.
         store.purge_expired().await.unwrap();
         corrupt("claim after purge_expired", claim().await);
 
