@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
-use super::record::{self, COLUMNS, COMPLETED, FORMAT, IN_PROGRESS, Record, State};
+use super::record::{self, COMPLETED, FORMAT, IN_PROGRESS, Record, SELECT_RECORD, State};
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
@@ -39,9 +39,7 @@ fn commit(transaction: Transaction<'_>) -> Result<(), Failed> {
 /// The record under `key`, if any; a row that does not fit is `Corrupt`.
 fn read(connection: &Connection, key: &StorageKey, want_output: bool) -> OpResult<Option<Record>> {
     let mut statement = connection
-        .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM idempotent_records WHERE key = ?1"
-        ))
+        .prepare_cached(SELECT_RECORD)
         .map_err(fail("could not prepare a read"))?;
     let record = statement
         .query_row([key.as_bytes().as_slice()], |row| {
@@ -55,12 +53,8 @@ fn read(connection: &Connection, key: &StorageKey, want_output: bool) -> OpResul
 /// A fence larger than every fence handed out from this database, and than `old`.
 fn next_fence(transaction: &Transaction<'_>, old: Option<i64>) -> OpResult<i64> {
     let last: Option<i64> = transaction
-        .query_row(
-            "SELECT last FROM idempotent_fence WHERE id = 1",
-            [],
-            |row| row.get(0),
-        )
-        .optional()
+        .prepare_cached("SELECT last FROM idempotent_fence WHERE id = 1")
+        .and_then(|mut statement| statement.query_row([], |row| row.get(0)).optional())
         .map_err(fail("could not read the fence counter"))?;
     let Some(fence) = last.unwrap_or(0).max(old.unwrap_or(0)).checked_add(1) else {
         return Ok(Err(StoreError::Backend {
@@ -90,23 +84,25 @@ pub(super) fn claim(
         Ok(existing) => existing,
         Err(corrupt) => return Ok(Err(corrupt)),
     };
-    if let Some(record) = &existing
+    let old_fence = existing.as_ref().map(|record| record.fence);
+    if let Some(record) = existing
         && record.is_live(now)
     {
         // Nothing to write: dropping the transaction ends it.
         if record.fingerprint != *fingerprint.as_bytes() {
             return Ok(Ok(Claim::Mismatch));
         }
-        return Ok(Ok(match &record.state {
+        return Ok(Ok(match record.state {
             State::InProgress => Claim::InProgress {
                 retry_after: record::until_from(now, record.until),
             },
+            // The read's copy of the output, handed over without another.
             State::Completed(output) => Claim::Completed {
-                output: output.clone().unwrap_or_default().into(),
+                output: output.unwrap_or_default().into(),
             },
         }));
     }
-    let fence = match next_fence(&transaction, existing.map(|record| record.fence))? {
+    let fence = match next_fence(&transaction, old_fence)? {
         Ok(fence) => fence,
         Err(error) => return Ok(Err(error)),
     };
@@ -219,8 +215,7 @@ pub(super) fn lease_left(
     })))
 }
 
-/// Deletes the records whose lease or expiry has passed. Rows of a format or state this release
-/// does not know are left for an operator to look at.
+/// Deletes `key`'s record whatever it holds; whether there was one.
 pub(super) fn remove(connection: &mut Connection, key: &[u8; 32]) -> OpResult<bool> {
     let transaction = begin(connection)?;
     let removed = transaction
@@ -233,6 +228,8 @@ pub(super) fn remove(connection: &mut Connection, key: &[u8; 32]) -> OpResult<bo
     Ok(Ok(removed > 0))
 }
 
+/// Deletes the records whose lease or expiry has passed. Rows of a format or state this release
+/// does not know are left for an operator to look at.
 pub(super) fn purge(connection: &mut Connection) -> OpResult<u64> {
     let transaction = begin(connection)?;
     let purged = transaction

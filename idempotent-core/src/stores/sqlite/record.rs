@@ -15,8 +15,9 @@ pub(super) const IN_PROGRESS: &str = "in_progress";
 /// The `state` of a record holding an output.
 pub(super) const COMPLETED: &str = "completed";
 
-/// The columns [`Record::from_row`] expects, in order.
-pub(super) const COLUMNS: &str = "format, state, fingerprint, fence, until, output";
+/// The read of one record, with the columns [`Record::from_row`] expects, in order.
+pub(super) const SELECT_RECORD: &str = "SELECT format, state, fingerprint, fence, until, output
+     FROM idempotent_records WHERE key = ?1";
 
 /// A well-formed record.
 pub(super) struct Record {
@@ -34,7 +35,7 @@ pub(super) enum State {
 }
 
 impl Record {
-    /// Parses a row selected with [`COLUMNS`]; copies the output only if `want_output`.
+    /// Parses a row selected with [`SELECT_RECORD`]; copies the output only if `want_output`.
     pub(super) fn from_row(
         row: &rusqlite::Row<'_>,
         key: &StorageKey,
