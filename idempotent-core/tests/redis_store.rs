@@ -250,11 +250,16 @@ async fn foreign_data_under_a_key_is_a_typed_error_and_can_be_purged() {
     let record_key = store.record_key(&key);
     let fingerprint = Fingerprint::from_bytes([1; 32]);
     let lease = Duration::from_secs(30);
+    // Completed records with the caller's fingerprint but no readable fence: not replays.
+    let no_fence = format!("2c{}||out", fingerprint.to_hex());
+    let text_fence = format!("2c{}|x1|out", fingerprint.to_hex());
     for foreign in [
         vec!["SET", &record_key, "garbage"],
         // A later format, and this format cut short.
         vec!["SET", &record_key, "3c|1|"],
         vec!["SET", &record_key, "2c0123|x"],
+        vec!["SET", &record_key, &no_fence],
+        vec!["SET", &record_key, &text_fence],
         vec!["HSET", &record_key, "v", "99", "st", "c"],
         vec!["HSET", &record_key, "st", "c"],
         vec![

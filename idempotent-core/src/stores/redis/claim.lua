@@ -2,15 +2,11 @@
 -- Answers: the output (a bulk string) for a replay, the new fence (an integer) when acquired;
 -- the rarer answers are tagged arrays. Scalars cost neither side an array to build.
 local stored = redis.pcall('GET', KEYS[1])
--- A replay first, read without `parse`: a completed record of this format whose fingerprint is
--- the caller's. Anything else goes through `parse` and its checks.
-if type(stored) == 'string' and string.sub(stored, 1, 2) == '2c' and string.sub(stored, 3, 66) == ARGV[1] then
-  local fence_end = string.sub(stored, 67, 67) == '|' and string.find(stored, '|', 68, true)
-  if fence_end then
-    return string.sub(stored, fence_end + 1)
-  end
+local output = replay(stored, ARGV[1])
+if output then
+  return output
 end
-local state, fp, last_fence, _, out_at = parse(KEYS[1], stored)
+local state, fp, last_fence = parse(KEYS[1], stored)
 if state == nil then
   -- parse answers nil and the problem when the record is not readable
   return { 'x', fp }
@@ -19,9 +15,7 @@ if state and state ~= 'r' then
   if fp ~= ARGV[1] then
     return { 'm' }
   end
-  if state == 'c' then
-    return string.sub(stored, out_at)
-  end
+  -- In progress: a completed record with this fingerprint was a replay above.
   return { 'p', redis.call('PTTL', KEYS[1]) }
 end
 -- Absent, or a tombstone: acquire, with a fence above the tombstone's. The fence is the

@@ -5,7 +5,7 @@ if state == nil then
   -- parse answers nil and the problem when the record is not readable
   return { 'x', fp }
 end
-if not (state == 'p' or state == 'w') or fence_text ~= ARGV[1] then
+if not held(state, fence_text, ARGV[1]) then
   return 0
 end
 redis.call('SET', KEYS[1], '2c' .. fp .. '|' .. fence_text .. '|' .. ARGV[2], 'PX', ARGV[3])

@@ -4,7 +4,7 @@ local state, problem, _, fence_text = read(KEYS[1])
 if state == nil then
   return { 'x', problem }
 end
-if not (state == 'p' or state == 'w') or fence_text ~= ARGV[1] then
+if not held(state, fence_text, ARGV[1]) then
   return 0
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])

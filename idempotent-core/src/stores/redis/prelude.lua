@@ -12,6 +12,10 @@
 -- Fields sit at fixed places and are cut out with string.sub: a pattern with captures, or a
 -- table per record, costs the server more than the Redis commands of a replay.
 
+-- Where the fence starts in a record with a fingerprint (after '2', the state, 64 hex digits
+-- and '|').
+local FENCE_AT = 68
+
 -- `stored`: the reply of GET through pcall (a table if the key holds another type).
 -- Returns the state, fingerprint, fence (number), fence (text) and where the output starts;
 -- false if there is no record; nil and a description if the record is not readable.
@@ -33,7 +37,7 @@ local function parse(key, stored)
   local state = string.sub(stored, 2, 2)
   local fp, fence_at = '', 4
   if state == 'p' or state == 'w' or state == 'c' then
-    fp, fence_at = string.sub(stored, 3, 66), 68
+    fp, fence_at = string.sub(stored, 3, 66), FENCE_AT
   elseif state ~= 'r' then
     return nil, 'malformed record: unknown state'
   end
@@ -44,6 +48,23 @@ local function parse(key, stored)
     return nil, 'malformed record: no fence'
   end
   return state, fp, fence, fence_text, fence_end + 1
+end
+
+-- The output of `stored` if it is a completed record that `parse` would accept, with the
+-- fingerprint `fp`; false otherwise. A replay's whole check, made without `parse`'s general
+-- steps because replays are most of the calls.
+local function replay(stored, fp)
+  if type(stored) ~= 'string' or string.sub(stored, 1, 2) ~= '2c' or string.sub(stored, 3, 66) ~= fp
+    or string.sub(stored, FENCE_AT - 1, FENCE_AT - 1) ~= '|' then
+    return false
+  end
+  local _, fence_end = string.find(stored, '^%d+|', FENCE_AT)
+  return fence_end and string.sub(stored, fence_end + 1)
+end
+
+-- Whether a record in `state` with `fence_text` is held by the fence `fence` (ARGV text).
+local function held(state, fence_text, fence)
+  return (state == 'p' or state == 'w') and fence_text == fence
 end
 
 local function read(key)
