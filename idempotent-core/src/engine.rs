@@ -358,10 +358,7 @@ where
     E: From<Error>,
     F: Future<Output = Result<T, E>>,
 {
-    let (mut trace, key, fingerprint) = match start_call(call, options) {
-        Ok(started) => started,
-        Err(error) => return Err(error.into()),
-    };
+    let (mut trace, key, fingerprint) = start_call(call, options)?;
     let mut wait_deadline = None;
     loop {
         let claim = match store.claim(&key, &fingerprint, options.get_lease()).await {

@@ -272,11 +272,14 @@ impl MemoryStore {
         purged
     }
 
-    fn remove_record(&self, shard: &mut Shard, key: &StorageKey) {
-        if let Some(record) = shard.remove(key) {
-            record.wake_waiters();
-            self.len.fetch_sub(1, Ordering::AcqRel);
-        }
+    /// Removes `key`'s record, waking its waiters; whether there was one.
+    fn remove_record(&self, shard: &mut Shard, key: &StorageKey) -> bool {
+        let Some(record) = shard.remove(key) else {
+            return false;
+        };
+        record.wake_waiters();
+        self.len.fetch_sub(1, Ordering::AcqRel);
+        true
     }
 }
 
@@ -423,10 +426,7 @@ impl Store for MemoryStore {
     }
 
     fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
-        let mut shard = self.shard(key);
-        let existed = shard.contains_key(key);
-        self.remove_record(&mut shard, key);
-        drop(shard);
+        let existed = self.remove_record(&mut self.shard(key), key);
         Box::pin(std::future::ready(Ok(existed)))
     }
 }
