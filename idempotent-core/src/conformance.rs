@@ -622,7 +622,13 @@ pub async fn stale_fence_is_fenced(h: &Harness) {
             &format!("extend with {what} ({fence}) after the current holder completed"),
         );
     }
-    // Nor may the current holder's own fence touch its completed record.
+    // Nor may the current holder's own fence touch its completed record: a second complete
+    // (the engine retries one whose answer was lost) changes nothing, nor does a release.
+    expect_write(
+        h.complete(&key, current, b"again", LONG).await,
+        FencedWrite::Fenced,
+        "a second complete by the holder after it completed",
+    );
     expect_write(
         h.release(&key, current).await,
         FencedWrite::Fenced,

@@ -143,11 +143,13 @@ impl fmt::Debug for Unserializable {
     }
 }
 
-/// A memory store whose first `failures` completes fail as if the connection dropped.
+/// A memory store whose first `failures` completes fail as if the connection dropped: before
+/// the write, or, with `lost_after_write`, after it was applied (only the answer is lost).
 #[derive(Debug)]
 pub struct FlakyComplete {
     pub inner: idempotent_core::MemoryStore,
     pub failures: AtomicU32,
+    pub lost_after_write: bool,
 }
 
 impl Store for FlakyComplete {
@@ -170,6 +172,12 @@ impl Store for FlakyComplete {
             .failures
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
+        if fail && self.lost_after_write {
+            return Box::pin(async move {
+                self.inner.complete(key, fence, output, ttl).await?;
+                down().await
+            });
+        }
         if fail {
             return down();
         }
