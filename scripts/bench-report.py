@@ -8,8 +8,9 @@ which the p99 is computed: each sample's total time divided by its iteration cou
 `<case>/same_statements` (the raw driver running the store's own statements), and checks the
 targets listed in BENCHMARKS.md: a target with a reference variant is judged against that variant (the
 PostgreSQL targets against `same_statements`), the others against `baseline`. Reads the
-same-key race's per-round timings from --races (written by the benches). Writes report.json
-and report.md in --out. Standard library only.
+same-key race's per-round timings from --races (written by the benches). With --benches, only
+those groups' results are read (the benches just run; results left by earlier runs of the others
+are not reported). Writes report.json and report.md in --out. Standard library only.
 """
 
 import argparse
@@ -81,11 +82,12 @@ def read_benchmark(directory):
     }
 
 
-def collect(criterion):
+def collect(criterion, groups=None):
+    """Every benchmark's numbers by id; with `groups`, only those groups' benchmarks."""
     found = {}
     for benchmark_json in sorted(Path(criterion).glob("**/new/benchmark.json")):
         result = read_benchmark(benchmark_json.parent)
-        if result:
+        if result and (groups is None or result["id"].partition("/")[0] in groups):
             found[result["id"]] = result
     return found
 
@@ -143,15 +145,18 @@ def cases(benchmarks):
     return out
 
 
-def races(directory):
+def races(directory, groups=None):
+    """Every race case's timings; with `groups`, only those groups' cases."""
     out = []
     for path in sorted(Path(directory).glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        lags, rounds = data.get("lag_us", []), data.get("round_us", [])
         group, _, variant = data["case"].partition("/race/")
+        if groups is not None and group not in groups:
+            continue
+        lags, rounds = data.get("lag_us", []), data.get("round_us", [])
         limit = RACE_TARGET_US.get(group)
         p99 = percentile(lags, 0.99)
         entry = {
@@ -346,16 +351,24 @@ def main():
     parser.add_argument("--mode", default="full")
     parser.add_argument("--load-before", default=None)
     parser.add_argument("--load-after", default=None)
+    parser.add_argument(
+        "--benches",
+        nargs="+",
+        choices=GROUP_ORDER,
+        help="the benches run: only their groups are reported (default: every group found)",
+    )
     args = parser.parse_args()
 
-    benchmarks = collect(args.criterion)
+    groups = set(args.benches) if args.benches else None
+    benchmarks = collect(args.criterion, groups)
     if not benchmarks:
-        sys.exit(f"bench-report: no criterion results under {args.criterion}")
+        which = f" for {', '.join(args.benches)}" if args.benches else ""
+        sys.exit(f"bench-report: no criterion results{which} under {args.criterion}")
     report = {
         "mode": args.mode,
         "machine": machine(args.load_before, args.load_after),
         "cases": cases(benchmarks),
-        "races": races(args.races),
+        "races": races(args.races, groups),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
