@@ -9,11 +9,12 @@
 mod common;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hint::black_box;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group, criterion_main};
 use idempotent_core::MemoryStore;
 use tokio::sync::Notify;
 
@@ -43,6 +44,17 @@ enum Slot {
         fingerprint: [u8; 32],
         output: Vec<u8>,
     },
+}
+
+impl common::Racer for HandWritten {
+    fn race(
+        &self,
+        task: usize,
+        request: &OrderRequest,
+        round: &Round,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
+        self.race_order(request, task, round)
+    }
 }
 
 impl HandWritten {
@@ -173,33 +185,13 @@ fn memory(c: &mut Criterion) {
         })
     });
 
-    group.sampling_mode(SamplingMode::Flat).sample_size(20);
-    let shop = Arc::new(new_shop());
-    let recorder = common::RaceRecorder::new("memory/race/idempotent");
-    group.bench_function("race/idempotent", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            common::race_rounds(&recorder, iters, |task, round, key| {
-                let (shop, request) = (Arc::clone(&shop), common::order(key.to_string()));
-                async move {
-                    shop.race_order(&request, task, &round).await.unwrap();
-                }
-            })
-        })
-    });
-    recorder.write();
-    let hand = Arc::new(HandWritten::default());
-    let recorder = common::RaceRecorder::new("memory/race/baseline");
-    group.bench_function("race/baseline", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            common::race_rounds(&recorder, iters, |task, round, key| {
-                let (hand, request) = (Arc::clone(&hand), common::order(key.to_string()));
-                async move {
-                    hand.race_order(&request, task, &round).await.unwrap();
-                }
-            })
-        })
-    });
-    recorder.write();
+    common::bench_races(
+        &mut group,
+        &runtime,
+        "memory",
+        &Arc::new(new_shop()),
+        &Arc::new(HandWritten::default()),
+    );
     group.finish();
 }
 

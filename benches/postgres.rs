@@ -26,7 +26,7 @@ mod common;
 use std::future::Future;
 use std::sync::Arc;
 
-use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use idempotent_core::__private::{PostgresStatementTexts, postgres_statement_texts};
 use idempotent_core::stores::postgres::PostgresStore;
 use serde::{Deserialize, Serialize};
@@ -83,6 +83,18 @@ impl common::Caller for Raw {
         request: &OrderRequest,
     ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
         self.connections[task].first_call(request)
+    }
+}
+
+/// The race's 64 tasks share the connections: task `i` on connection `i % TASKS`.
+impl common::Racer for Raw {
+    fn race(
+        &self,
+        task: usize,
+        request: &OrderRequest,
+        round: &Round,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
+        self.connections[task % TASKS].race_order(request, task, round)
     }
 }
 
@@ -419,34 +431,7 @@ fn bench(c: &mut Criterion) {
     }
 
     group.throughput(Throughput::Elements(1));
-    group.sampling_mode(SamplingMode::Flat).sample_size(20);
-    let recorder = common::RaceRecorder::new("postgres/race/idempotent");
-    group.bench_function("race/idempotent", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            common::race_rounds(&recorder, iters, |task, round, key| {
-                let (shop, request) = (Arc::clone(&shop_8), common::order(key.to_string()));
-                async move {
-                    shop.race_order(&request, task, &round).await.unwrap();
-                }
-            })
-        })
-    });
-    recorder.write();
-    let recorder = common::RaceRecorder::new("postgres/race/baseline");
-    group.bench_function("race/baseline", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            common::race_rounds(&recorder, iters, |task, round, key| {
-                let (raw, request) = (Arc::clone(&raw), common::order(key.to_string()));
-                async move {
-                    raw.connections[task % TASKS]
-                        .race_order(&request, task, &round)
-                        .await
-                        .unwrap();
-                }
-            })
-        })
-    });
-    recorder.write();
+    common::bench_races(&mut group, &runtime, "postgres", &shop_8, &raw);
     group.finish();
     drop((shop_1, shop_8, raw, same));
     drop(runtime);

@@ -12,7 +12,7 @@ mod common;
 use std::future::Future;
 use std::sync::Arc;
 
-use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use idempotent_core::stores::redis::RedisStore;
 use redis::aio::MultiplexedConnection;
 
@@ -65,6 +65,17 @@ impl common::Caller for Raw {
         request: &OrderRequest,
     ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
         Raw::first_call(self, request)
+    }
+}
+
+impl common::Racer for Raw {
+    fn race(
+        &self,
+        task: usize,
+        request: &OrderRequest,
+        round: &Round,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
+        self.race_order(request, task, round)
     }
 }
 
@@ -213,31 +224,7 @@ fn bench(c: &mut Criterion) {
     }
 
     group.throughput(Throughput::Elements(1));
-    group.sampling_mode(SamplingMode::Flat).sample_size(20);
-    let recorder = common::RaceRecorder::new("redis/race/idempotent");
-    group.bench_function("race/idempotent", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            common::race_rounds(&recorder, iters, |task, round, key| {
-                let (shop, request) = (Arc::clone(&shop), common::order(key.to_string()));
-                async move {
-                    shop.race_order(&request, task, &round).await.unwrap();
-                }
-            })
-        })
-    });
-    recorder.write();
-    let recorder = common::RaceRecorder::new("redis/race/baseline");
-    group.bench_function("race/baseline", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            common::race_rounds(&recorder, iters, |task, round, key| {
-                let (raw, request) = (Arc::clone(&raw), common::order(key.to_string()));
-                async move {
-                    raw.race_order(&request, task, &round).await.unwrap();
-                }
-            })
-        })
-    });
-    recorder.write();
+    common::bench_races(&mut group, &runtime, "redis", &shop, &raw);
     group.finish();
     drop(runtime);
     drop(server);

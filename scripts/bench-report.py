@@ -8,8 +8,9 @@ which the p99 is computed: each sample's total time divided by its iteration cou
 `<case>/same_statements` (the raw driver running the store's own statements), and checks the
 targets listed in BENCHMARKS.md: a target with a reference variant is judged against that variant (the
 PostgreSQL targets against `same_statements`), the others against `baseline`. Reads the
-same-key race's per-round timings from --races (written by the benches). Writes report.json
-and report.md in --out. Standard library only.
+same-key race's per-round timings from --races (written by the benches). With --benches, only
+those groups' results are read (the benches just run; results left by earlier runs of the others
+are not reported). Writes report.json and report.md in --out. Standard library only.
 """
 
 import argparse
@@ -20,29 +21,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Targets, by case id (`group/case`). kind "ratio_max": idempotent median / baseline median at
-# most the value; "median_max_ns": the idempotent median under the value; "throughput_min":
-# baseline median / idempotent median (throughput relative to the baseline) at least the value.
-# The PostgreSQL targets compare with "the raw driver running the same statements" (the
-# target's own wording), so their reference is `same_statements`.
+# Targets, by case id (`group/case`): (kind, value, text, reference), judged against the
+# `reference` variant's median. kind "ratio_max": idempotent median / reference median at most
+# the value; "median_max_ns": the idempotent median under the value (no reference needed);
+# "throughput_min": reference median / idempotent median (throughput relative to the reference)
+# at least the value. The PostgreSQL targets compare with "the raw driver running the same
+# statements" (the target's own wording), so their reference is `same_statements`.
 TARGETS = {
-    "memory/replay": ("ratio_max", 1.5, "at most 1.5x the hand-written baseline"),
-    "memory/first_call": ("median_max_ns", 2000.0, "median under 2 µs"),
-    "redis/replay-1": ("throughput_min", 0.8, "≥ 80% of the raw client's throughput"),
-    "redis/first_call-1": ("throughput_min", 0.8, "≥ 80% of the raw client's throughput"),
-    "redis/replay-64": ("throughput_min", 0.5, "≥ 50% of the raw client's throughput"),
-    "redis/first_call-64": ("throughput_min", 0.5, "≥ 50% of the raw client's throughput"),
-    "postgres/replay-1conn": ("throughput_min", 0.8, "≥ 80% of the raw driver's throughput on the same statements"),
-    "postgres/first_call-1conn": ("throughput_min", 0.8, "≥ 80% of the raw driver's throughput on the same statements"),
-    "postgres/replay-8conn": ("throughput_min", 0.8, "≥ 80% of the raw driver's throughput on the same statements"),
-    "postgres/first_call-8conn": ("throughput_min", 0.8, "≥ 80% of the raw driver's throughput on the same statements"),
-}
-# The variant a case's target is judged against, where it is not `baseline`.
-TARGET_REFERENCE = {
-    "postgres/replay-1conn": "same_statements",
-    "postgres/first_call-1conn": "same_statements",
-    "postgres/replay-8conn": "same_statements",
-    "postgres/first_call-8conn": "same_statements",
+    "memory/replay": ("ratio_max", 1.5, "at most 1.5x the hand-written baseline", "baseline"),
+    "memory/first_call": ("median_max_ns", 2000.0, "median under 2 µs", "baseline"),
+    "redis/replay-1": ("throughput_min", 0.8, "≥ 80% of the raw client's throughput", "baseline"),
+    "redis/first_call-1": ("throughput_min", 0.8, "≥ 80% of the raw client's throughput", "baseline"),
+    "redis/replay-64": ("throughput_min", 0.5, "≥ 50% of the raw client's throughput", "baseline"),
+    "redis/first_call-64": ("throughput_min", 0.5, "≥ 50% of the raw client's throughput", "baseline"),
+    "postgres/replay-1conn": ("throughput_min", 0.8, "≥ 80% of the raw driver's throughput on the same statements", "same_statements"),
+    "postgres/first_call-1conn": ("throughput_min", 0.8, "≥ 80% of the raw driver's throughput on the same statements", "same_statements"),
+    "postgres/replay-8conn": ("throughput_min", 0.8, "≥ 80% of the raw driver's throughput on the same statements", "same_statements"),
+    "postgres/first_call-8conn": ("throughput_min", 0.8, "≥ 80% of the raw driver's throughput on the same statements", "same_statements"),
 }
 # The race: the last waiter returns within this of the completion (judged on the p99 over
 # rounds; the max is reported beside it).
@@ -73,7 +68,7 @@ def read_benchmark(directory):
         return None
     per_iteration = [t / i for t, i in zip(sample["times"], sample["iters"]) if i > 0]
     throughput = meta.get("throughput") or {}
-    elements = throughput.get("Elements") or throughput.get("Bytes") or 1
+    elements = throughput.get("Elements") or 1
     return {
         "id": meta["full_id"],
         "elements": elements,
@@ -87,39 +82,36 @@ def read_benchmark(directory):
     }
 
 
-def collect(criterion):
+def collect(criterion, groups=None):
+    """Every benchmark's numbers by id; with `groups`, only those groups' benchmarks."""
     found = {}
     for benchmark_json in sorted(Path(criterion).glob("**/new/benchmark.json")):
         result = read_benchmark(benchmark_json.parent)
-        if result:
+        if result and (groups is None or result["id"].partition("/")[0] in groups):
             found[result["id"]] = result
     return found
 
 
-def judge(case_id, idempotent, baseline, reference="baseline"):
-    """`baseline` is the reference variant's result (named by `reference`)."""
+def judge(case_id, variants):
+    """The case's target judged on its variants' results (`variant` → result), or None."""
     target = TARGETS.get(case_id)
+    idempotent = variants.get("idempotent")
     if not target or idempotent is None:
         return None
-    kind, value, text = target
+    kind, value, text, reference = target
+    compared = variants.get(reference)
     if kind == "median_max_ns":
         actual = idempotent["median_ns"]
         met = actual < value
-    elif baseline is None:
-        unjudged = {"text": text, "met": None}
-        if reference != "baseline":
-            unjudged["reference"] = reference
-        return unjudged
+    elif compared is None:
+        return {"text": text, "met": None, "reference": reference}
     elif kind == "ratio_max":
-        actual = idempotent["median_ns"] / baseline["median_ns"]
+        actual = idempotent["median_ns"] / compared["median_ns"]
         met = actual <= value
     else:
-        actual = baseline["median_ns"] / idempotent["median_ns"]
+        actual = compared["median_ns"] / idempotent["median_ns"]
         met = actual >= value
-    judged = {"kind": kind, "value": value, "actual": actual, "text": text, "met": met}
-    if reference != "baseline":
-        judged["reference"] = reference
-    return judged
+    return {"kind": kind, "value": value, "actual": actual, "text": text, "met": met, "reference": reference}
 
 
 def cases(benchmarks):
@@ -148,21 +140,23 @@ def cases(benchmarks):
             if idempotent:
                 entry["ratio_vs_same_statements"] = idempotent["median_ns"] / same["median_ns"]
                 entry["throughput_vs_same_statements"] = same["median_ns"] / idempotent["median_ns"]
-        reference = TARGET_REFERENCE.get(case_id, "baseline")
-        entry["target"] = judge(case_id, idempotent, variants.get(reference), reference)
+        entry["target"] = judge(case_id, variants)
         out.append(entry)
     return out
 
 
-def races(directory):
+def races(directory, groups=None):
+    """Every race case's timings; with `groups`, only those groups' cases."""
     out = []
     for path in sorted(Path(directory).glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        lags, rounds = data.get("lag_us", []), data.get("round_us", [])
         group, _, variant = data["case"].partition("/race/")
+        if groups is not None and group not in groups:
+            continue
+        lags, rounds = data.get("lag_us", []), data.get("round_us", [])
         limit = RACE_TARGET_US.get(group)
         p99 = percentile(lags, 0.99)
         entry = {
@@ -245,8 +239,12 @@ def verdict(target):
 def target_text(target):
     if not target:
         return "–"
-    marked = "reference" in target and target["reference"] != "baseline"
-    return target["text"] + (" †" if marked else "")
+    return target["text"] + (" †" if target["reference"] != "baseline" else "")
+
+
+def per_call(result, key):
+    """`result[key]` per call: a concurrent case's iteration is one call by each task."""
+    return fmt_time(result[key] / result["elements"]) if result else "–"
 
 
 def markdown(report):
@@ -274,10 +272,6 @@ def markdown(report):
     ]
     for entry in report["cases"]:
         lib, base = entry["idempotent"], entry["baseline"]
-
-        def per_call(result, key):
-            return fmt_time(result[key] / result["elements"]) if result else "–"
-
         ratio = f"{entry['ratio']:.2f}x" if "ratio" in entry else "–"
         overhead = (
             fmt_time((lib["median_ns"] - base["median_ns"]) / lib["elements"])
@@ -310,10 +304,6 @@ def markdown(report):
         ]
         for entry in same_cases:
             lib, same, base = entry["idempotent"], entry["same_statements"], entry["baseline"]
-
-            def per_call(result, key):
-                return fmt_time(result[key] / result["elements"]) if result else "–"
-
             overhead = fmt_time((lib["median_ns"] - same["median_ns"]) / lib["elements"]) if lib else "–"
             ratio = f"{entry['ratio_vs_same_statements']:.2f}x" if "ratio_vs_same_statements" in entry else "–"
             vs_same = (
@@ -361,16 +351,24 @@ def main():
     parser.add_argument("--mode", default="full")
     parser.add_argument("--load-before", default=None)
     parser.add_argument("--load-after", default=None)
+    parser.add_argument(
+        "--benches",
+        nargs="+",
+        choices=GROUP_ORDER,
+        help="the benches run: only their groups are reported (default: every group found)",
+    )
     args = parser.parse_args()
 
-    benchmarks = collect(args.criterion)
+    groups = set(args.benches) if args.benches else None
+    benchmarks = collect(args.criterion, groups)
     if not benchmarks:
-        sys.exit(f"bench-report: no criterion results under {args.criterion}")
+        which = f" for {', '.join(args.benches)}" if args.benches else ""
+        sys.exit(f"bench-report: no criterion results{which} under {args.criterion}")
     report = {
         "mode": args.mode,
         "machine": machine(args.load_before, args.load_after),
         "cases": cases(benchmarks),
-        "races": races(args.races),
+        "races": races(args.races, groups),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 //! What every store's bench shares: the function under test (`Shop`), its argument and output
-//! types, the hand-written baselines' fingerprint, the runtime, fresh keys, and the same-key race's
-//! recorder (how long after the completion the last waiter returned).
+//! types, the hand-written baselines' fingerprint, the runtime, fresh keys, and the same-key race:
+//! its cases and its recorder (how long after the completion the last waiter returned).
 
 #![allow(dead_code)] // Each bench binary uses a part of this module.
 
@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use criterion::BenchmarkGroup;
 use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, SamplingMode};
 use idempotent_core::{Store, idempotent};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -86,6 +86,29 @@ impl<S: Store + 'static> Caller for Shop<S> {
     }
 }
 
+/// A variant the same-key race times: the store through `#[idempotent]`, or a hand-written
+/// baseline. The call runs `RACE_BODY` once per key, noting in `round` which task ran it.
+/// `task` is the calling task's number, for baselines that spread the tasks over connections.
+pub trait Racer: Send + Sync + 'static {
+    fn race(
+        &self,
+        task: usize,
+        request: &OrderRequest,
+        round: &Round,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send;
+}
+
+impl<S: Store + 'static> Racer for Shop<S> {
+    fn race(
+        &self,
+        task: usize,
+        request: &OrderRequest,
+        round: &Round,
+    ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
+        self.race_order(request, task, round)
+    }
+}
+
 /// Which call a case times.
 #[derive(Debug, Clone, Copy)]
 pub enum Call {
@@ -124,6 +147,43 @@ pub fn bench_calls<C: Caller>(
             })
         })
     });
+}
+
+/// Benches `race/idempotent` and `race/baseline`: rounds of `RACE_TASKS` tasks calling one
+/// fresh key at once through `idempotent`, then through `baseline`, in flat sampling of 20
+/// samples; each variant's rounds are written to `<out>/race/<store>_race_<variant>.json`.
+pub fn bench_races<I: Racer, B: Racer>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    runtime: &tokio::runtime::Runtime,
+    store: &str,
+    idempotent: &Arc<I>,
+    baseline: &Arc<B>,
+) {
+    group.sampling_mode(SamplingMode::Flat).sample_size(20);
+    bench_race(group, runtime, store, "idempotent", idempotent);
+    bench_race(group, runtime, store, "baseline", baseline);
+}
+
+/// Benches `race/<variant>` through `racer` and writes its rounds.
+fn bench_race<R: Racer>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    runtime: &tokio::runtime::Runtime,
+    store: &str,
+    variant: &str,
+    racer: &Arc<R>,
+) {
+    let recorder = RaceRecorder::new(&format!("{store}/race/{variant}"));
+    group.bench_function(format!("race/{variant}"), |b| {
+        b.to_async(runtime).iter_custom(|iters| {
+            race_rounds(&recorder, iters, |task, round, key| {
+                let (racer, request) = (Arc::clone(racer), order(key.to_string()));
+                async move {
+                    racer.race(task, &request, &round).await.unwrap();
+                }
+            })
+        })
+    });
+    recorder.write();
 }
 
 /// A realistic argument: an order request with five fields.
