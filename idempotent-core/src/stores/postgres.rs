@@ -5,8 +5,10 @@
 //! connection): the claim inserts or takes over a dead record with `INSERT .. ON CONFLICT ..
 //! DO UPDATE .. WHERE <dead> RETURNING`, and the same statement reads the live record when it
 //! cannot claim, so a replay is one round trip. `complete`, `release` and `extend` are guarded
-//! by the fence and a live lease. Times are the server's `now()`. Fences come from a sequence,
-//! so they only grow. Waiters LISTEN on the store's channel; `complete` and `release` NOTIFY it.
+//! by the fence and a live lease (in the transactional mode, by the fence alone). Times are the
+//! server's `statement_timestamp()` (not `now()`, which in the caller's transaction is when
+//! that began). Fences come from a sequence, so they only grow. Waiters LISTEN on the store's
+//! channel; `complete` and `release` NOTIFY it.
 
 mod listener;
 mod sql;

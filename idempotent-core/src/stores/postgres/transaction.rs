@@ -4,9 +4,10 @@
 //! Concurrent callers of one key block on the first one's uncommitted row (its unique key)
 //! instead of seeing it in progress; once it commits they replay its result, and if it rolls
 //! back one of them runs. No lease is needed while the row is uncommitted, so there is no
-//! heartbeat; a panic, a cancelled call or a lost connection roll the transaction back, which
-//! takes the claim with it. Use READ COMMITTED (PostgreSQL's default): each claim statement
-//! then sees what committed before it.
+//! heartbeat, and the result is recorded (or the claim deleted) however long the body ran; a
+//! panic, a cancelled call or a lost connection roll the transaction back, which takes the
+//! claim with it. Use READ COMMITTED (PostgreSQL's default): each claim statement then sees
+//! what committed before it.
 //!
 //! Statements run with `query_typed`, their parameter types given: `query` with SQL text would
 //! prepare the statement first, a round trip of its own on every call, as the caller's
@@ -168,7 +169,7 @@ impl PostgresStore {
         };
         let completed = tx
             .query_typed(
-                &self.statements.complete,
+                &self.statements.complete_in_transaction,
                 &[
                     (&key.as_bytes().as_slice(), Type::BYTEA),
                     (&super::fence_param(fence), Type::INT8),
@@ -240,7 +241,7 @@ impl PostgresStore {
     ) {
         let released = tx
             .query_typed(
-                &self.statements.release,
+                &self.statements.release_in_transaction,
                 &[
                     (&key.as_bytes().as_slice(), Type::BYTEA),
                     (&super::fence_param(fence), Type::INT8),
