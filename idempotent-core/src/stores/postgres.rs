@@ -293,8 +293,33 @@ fn timed_out(what: &str, timeout: Duration) -> StoreError {
     }
 }
 
+/// How many times a claim statement is run again when a concurrent insert hid the record.
+const CLAIM_ATTEMPTS: usize = 5;
+
+/// Runs a claim statement with `run` until its answer can be judged: a record a concurrent
+/// transaction inserted after the statement's snapshot hides from it, and the statement runs
+/// again with a new snapshot, at most [`CLAIM_ATTEMPTS`] times.
+pub(super) async fn claim_with<F>(
+    key: &StorageKey,
+    fingerprint: &Fingerprint,
+    mut run: impl FnMut() -> F,
+) -> Result<Claim, StoreError>
+where
+    F: Future<Output = Result<Vec<tokio_postgres::Row>, StoreError>>,
+{
+    for _ in 0..CLAIM_ATTEMPTS {
+        if let Some(claim) = judge_claim(&run().await?, key, fingerprint)? {
+            return Ok(claim);
+        }
+    }
+    Err(StoreError::Backend {
+        message: format!("the record under key {key} kept changing during the claim"),
+        source: None,
+    })
+}
+
 /// What a claim statement returned, before it is judged.
-pub(super) fn judge_claim(
+fn judge_claim(
     rows: &[tokio_postgres::Row],
     key: &StorageKey,
     fingerprint: &Fingerprint,
@@ -383,9 +408,6 @@ pub(crate) fn statement_texts(
         complete,
     })
 }
-
-/// How many times a claim statement is run again when a concurrent insert hid the record.
-pub(super) const CLAIM_ATTEMPTS: usize = 5;
 
 impl PostgresStore {
     /// A builder for the database at `url` (`postgres://user:password@host:port/database`).
@@ -533,18 +555,11 @@ impl Store for PostgresStore {
             let key_param = key.as_bytes().as_slice();
             let fingerprint_param = fingerprint.as_bytes().as_slice();
             let lease = millis(lease);
-            for _ in 0..CLAIM_ATTEMPTS {
-                let rows = self
-                    .query(Kind::Claim, &[&key_param, &fingerprint_param, &lease])
-                    .await?;
-                if let Some(claim) = judge_claim(&rows, key, fingerprint)? {
-                    return Ok(claim);
-                }
-            }
-            Err(StoreError::Backend {
-                message: format!("the record under key {key} kept changing during the claim"),
-                source: None,
+            claim_with(key, fingerprint, || async move {
+                self.query(Kind::Claim, &[&key_param, &fingerprint_param, &lease])
+                    .await
             })
+            .await
         })
     }
 

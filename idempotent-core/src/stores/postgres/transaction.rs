@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_postgres::types::Type;
 
-use super::{CLAIM_ATTEMPTS, PostgresStore, from_pg, judge_claim, millis};
+use super::{PostgresStore, claim_with, from_pg, millis};
 use crate::engine::{Call, Encoded, Outcome, Prepared, encode_result, not_acquired, start_call};
 use crate::error::{Error, StoreError};
 use crate::key::StorageKey;
@@ -210,26 +210,19 @@ impl PostgresStore {
         let key_param = key.as_bytes().as_slice();
         let fingerprint_param = fingerprint.as_bytes().as_slice();
         let lease = millis(options.get_lease());
-        for _ in 0..CLAIM_ATTEMPTS {
-            let rows = tx
-                .query_typed(
-                    &self.statements.claim,
-                    &[
-                        (&key_param, Type::BYTEA),
-                        (&fingerprint_param, Type::BYTEA),
-                        (&lease, Type::INT8),
-                    ],
-                )
-                .await
-                .map_err(|error| from_pg("the claim failed in the transaction", error))?;
-            if let Some(claim) = judge_claim(&rows, key, fingerprint)? {
-                return Ok(claim);
-            }
-        }
-        Err(StoreError::Backend {
-            message: format!("the record under key {key} kept changing during the claim"),
-            source: None,
+        claim_with(key, fingerprint, || async move {
+            tx.query_typed(
+                &self.statements.claim,
+                &[
+                    (&key_param, Type::BYTEA),
+                    (&fingerprint_param, Type::BYTEA),
+                    (&lease, Type::INT8),
+                ],
+            )
+            .await
+            .map_err(|error| from_pg("the claim failed in the transaction", error))
         })
+        .await
     }
 
     /// Deletes the claim again; should it fail, the caller's rollback removes it anyway.
