@@ -24,7 +24,7 @@ use crate::engine::{Call, Encoded, Outcome, Prepared, encode_result, not_acquire
 use crate::error::{Error, StoreError};
 use crate::key::StorageKey;
 use crate::options::Options;
-use crate::recorded::{OkOnly, Recording};
+use crate::recorded::OkOnly;
 use crate::store::{Claim, Fence};
 use crate::telemetry::CallOutcome;
 
@@ -112,11 +112,13 @@ impl PostgresStore {
         E: From<Error>,
         F: Future<Output = Result<T, E>>,
     {
-        self.execute_in::<OkOnly, T, E, F>(tx.transaction(), options, call.prepare(), body)
+        self.execute_in(tx.transaction(), options, call.prepare(), body)
             .await
     }
 
-    pub(crate) async fn execute_in<R, T, E, F>(
+    /// Records `Ok` values only: an `Err` releases the claim (the attribute refuses
+    /// `cache_errors` with `tx`).
+    pub(crate) async fn execute_in<T, E, F>(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         options: &Options,
@@ -124,14 +126,11 @@ impl PostgresStore {
         body: F,
     ) -> Result<Outcome<T>, E>
     where
-        R: Recording<T, E>,
+        T: Serialize + DeserializeOwned,
         E: From<Error>,
         F: Future<Output = Result<T, E>>,
     {
-        let (mut trace, key, fingerprint) = match start_call(call, options) {
-            Ok(started) => started,
-            Err(error) => return Err(error.into()),
-        };
+        let (mut trace, key, fingerprint) = start_call(call, options)?;
         let mut wait_deadline = None;
         let fence = loop {
             let claim = match self.claim_in(tx, &key, &fingerprint, options).await {
@@ -146,15 +145,21 @@ impl PostgresStore {
             }
             // In progress means held by a call outside any transaction of ours (the
             // non-transactional mode); a transaction's own claims block instead.
-            let step =
-                not_acquired::<R, T, E>(claim, self, &key, options, &mut trace, &mut wait_deadline);
+            let step = not_acquired::<OkOnly, T, E>(
+                claim,
+                self,
+                &key,
+                options,
+                &mut trace,
+                &mut wait_deadline,
+            );
             if let Some(done) = step.await {
                 return done;
             }
         };
 
         let result = body.await;
-        let bytes = match encode_result::<R, T, E>(&result, options) {
+        let bytes = match encode_result::<OkOnly, T, E>(&result, options) {
             Encoded::Record(bytes) => bytes,
             Encoded::NotRecorded => {
                 self.release_in(tx, &key, fence).await;
