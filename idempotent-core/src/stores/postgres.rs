@@ -267,13 +267,13 @@ fn fence_param(fence: Fence) -> i64 {
 }
 
 pub(super) fn from_pg(message: &str, error: tokio_postgres::Error) -> StoreError {
-    // Connection exceptions (08), operator intervention such as a terminated backend or a
-    // shutdown (57) and exhausted resources (53) pass; anything else is a real failure.
-    let passing = error.as_db_error().is_some_and(|db| {
-        let class = &db.code().code()[..2];
-        matches!(class, "08" | "53" | "57")
-    });
-    if passing || error.is_closed() || error.as_db_error().is_none() {
+    // An error the server did not send (a closed connection, I/O, a timeout) passes, as do
+    // connection exceptions (08), operator intervention such as a terminated backend or a
+    // shutdown (57) and exhausted resources (53); any other server error is a real failure.
+    let passing = error
+        .as_db_error()
+        .is_none_or(|db| matches!(&db.code().code()[..2], "08" | "53" | "57"));
+    if passing {
         StoreError::Unavailable {
             message: format!("{message}: {error}"),
             source: Some(Box::new(error)),
