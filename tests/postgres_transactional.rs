@@ -57,6 +57,26 @@ impl Shop {
         Ok(format!("order {order_id} for {amount}"))
     }
 
+    /// Like `create_order`, but a non-positive amount is declined before anything is written.
+    #[idempotent(key = order_id, store = self.store, tx = tx)]
+    async fn create_checked_order(
+        &self,
+        tx: &mut Transaction<'_>,
+        order_id: String,
+        amount: i64,
+    ) -> Result<String, ShopError> {
+        self.executions.fetch_add(1, Ordering::SeqCst);
+        if amount <= 0 {
+            return Err(ShopError::Declined);
+        }
+        tx.execute(
+            "INSERT INTO orders (id, amount) VALUES ($1, $2)",
+            &[&order_id, &amount],
+        )
+        .await?;
+        Ok(format!("order {order_id} for {amount}"))
+    }
+
     /// Like `create_order`, with a short lease and a body that outlasts it.
     #[idempotent(key = order_id, store = self.store, tx = tx, lease = "200ms")]
     async fn create_slow_order(
@@ -162,6 +182,32 @@ async fn a_body_that_fails_after_its_insert_leaves_neither_row_nor_record() {
     tx.commit().await.unwrap();
     assert_eq!(orders_and_records(&url).await, (1, 1));
     assert_eq!(shop.executions(), 2);
+}
+
+#[tokio::test]
+async fn a_failed_call_in_a_transaction_the_caller_commits_leaves_no_record() {
+    let (shop, url) = shop().await;
+    let mut client = connect(&url).await;
+    let mut tx = client.transaction().await.unwrap();
+    let declined = shop.create_checked_order(&mut tx, "G-1".into(), 0).await;
+    assert!(matches!(declined, Err(ShopError::Declined)), "{declined:?}");
+    // The caller commits anyway: the claim was deleted in the transaction, not rolled back.
+    tx.commit().await.unwrap();
+    assert_eq!(orders_and_records(&url).await, (0, 0));
+
+    // The key is free: the next call runs at once.
+    let mut tx = client.transaction().await.unwrap();
+    let receipt = tokio::time::timeout(
+        Duration::from_secs(10),
+        shop.create_checked_order(&mut tx, "G-1".into(), 100),
+    )
+    .await
+    .expect("the key is free")
+    .unwrap();
+    assert_eq!(receipt, "order G-1 for 100");
+    tx.commit().await.unwrap();
+    assert_eq!(shop.executions(), 2);
+    assert_eq!(orders_and_records(&url).await, (1, 1));
 }
 
 #[tokio::test]
