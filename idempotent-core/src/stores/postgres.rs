@@ -617,7 +617,7 @@ impl Store for PostgresStore {
             };
             let limit = max.min(left);
             match interest {
-                Some(interest) => {
+                Some(mut interest) => {
                     let _ = tokio::time::timeout(limit, interest.notified()).await;
                 }
                 None => tokio::time::sleep(limit.min(self.poll_interval)).await,
