@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use idempotent_core::stores::postgres::PostgresStore;
-use idempotent_core::{Error, idempotent};
+use idempotent_core::{Claim, Error, FencedWrite, Fingerprinter, StorageKey, Store, idempotent};
 use idempotent_test_support::shared_postgres;
 use tokio_postgres::{Client, NoTls, Transaction};
 
@@ -53,6 +54,44 @@ impl Shop {
         if decline {
             return Err(ShopError::Declined);
         }
+        Ok(format!("order {order_id} for {amount}"))
+    }
+
+    /// Like `create_order`, but a non-positive amount is declined before anything is written.
+    #[idempotent(key = order_id, store = self.store, tx = tx)]
+    async fn create_checked_order(
+        &self,
+        tx: &mut Transaction<'_>,
+        order_id: String,
+        amount: i64,
+    ) -> Result<String, ShopError> {
+        self.executions.fetch_add(1, Ordering::SeqCst);
+        if amount <= 0 {
+            return Err(ShopError::Declined);
+        }
+        tx.execute(
+            "INSERT INTO orders (id, amount) VALUES ($1, $2)",
+            &[&order_id, &amount],
+        )
+        .await?;
+        Ok(format!("order {order_id} for {amount}"))
+    }
+
+    /// Like `create_order`, with a short lease and a body that outlasts it.
+    #[idempotent(key = order_id, store = self.store, tx = tx, lease = "200ms")]
+    async fn create_slow_order(
+        &self,
+        tx: &mut Transaction<'_>,
+        order_id: String,
+        amount: i64,
+    ) -> Result<String, ShopError> {
+        self.executions.fetch_add(1, Ordering::SeqCst);
+        tx.execute(
+            "INSERT INTO orders (id, amount) VALUES ($1, $2)",
+            &[&order_id, &amount],
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(600)).await;
         Ok(format!("order {order_id} for {amount}"))
     }
 
@@ -146,6 +185,32 @@ async fn a_body_that_fails_after_its_insert_leaves_neither_row_nor_record() {
 }
 
 #[tokio::test]
+async fn a_failed_call_in_a_transaction_the_caller_commits_leaves_no_record() {
+    let (shop, url) = shop().await;
+    let mut client = connect(&url).await;
+    let mut tx = client.transaction().await.unwrap();
+    let declined = shop.create_checked_order(&mut tx, "G-1".into(), 0).await;
+    assert!(matches!(declined, Err(ShopError::Declined)), "{declined:?}");
+    // The caller commits anyway: the claim was deleted in the transaction, not rolled back.
+    tx.commit().await.unwrap();
+    assert_eq!(orders_and_records(&url).await, (0, 0));
+
+    // The key is free: the next call runs at once.
+    let mut tx = client.transaction().await.unwrap();
+    let receipt = tokio::time::timeout(
+        Duration::from_secs(10),
+        shop.create_checked_order(&mut tx, "G-1".into(), 100),
+    )
+    .await
+    .expect("the key is free")
+    .unwrap();
+    assert_eq!(receipt, "order G-1 for 100");
+    tx.commit().await.unwrap();
+    assert_eq!(shop.executions(), 2);
+    assert_eq!(orders_and_records(&url).await, (1, 1));
+}
+
+#[tokio::test]
 async fn sixteen_concurrent_transactions_with_one_key_make_one_order() {
     let (shop, url) = shop().await;
     let shop = Arc::new(shop);
@@ -209,5 +274,67 @@ async fn a_connection_lost_before_commit_leaves_nothing_and_the_retry_runs_once(
         2,
         "the lost attempt, then exactly one more"
     );
+    assert_eq!(orders_and_records(&url).await, (1, 1));
+}
+
+#[tokio::test]
+async fn a_lease_that_ran_out_after_the_transaction_began_is_taken_over() {
+    let (shop, url) = shop().await;
+    // A holder outside any transaction claims `create_order`'s key for "E-1" and dies.
+    let key = StorageKey::derive("postgres_transactional::create_order", None, b"E-1").unwrap();
+    let mut arguments = Fingerprinter::new();
+    arguments.push("E-1").unwrap().push(&100i64).unwrap();
+    let fingerprint = arguments.finish();
+    let lease = Duration::from_millis(300);
+    let Claim::Acquired { fence } = shop.store.claim(&key, &fingerprint, lease).await.unwrap()
+    else {
+        panic!("a fresh key is free");
+    };
+
+    // A transaction that began, and ran a statement, while the holder's lease was alive.
+    let mut client = connect(&url).await;
+    let mut tx = client.transaction().await.unwrap();
+    tx.execute("SELECT 1", &[]).await.unwrap();
+    tokio::time::sleep(lease * 2).await;
+
+    // The lease has run out: the call takes the key over and runs, rather than waiting for
+    // a holder that is gone.
+    let receipt = tokio::time::timeout(
+        Duration::from_secs(10),
+        shop.create_order(&mut tx, "E-1".into(), 100, false),
+    )
+    .await
+    .expect("the dead holder's key is taken over without waiting")
+    .unwrap();
+    assert_eq!(receipt, "order E-1 for 100");
+    tx.commit().await.unwrap();
+    assert_eq!(shop.executions(), 1);
+    assert_eq!(orders_and_records(&url).await, (1, 1));
+    assert_eq!(
+        shop.store
+            .complete(&key, fence, b"late".to_vec(), Duration::from_secs(60))
+            .await
+            .unwrap(),
+        FencedWrite::Fenced,
+        "the dead holder's late completion is refused"
+    );
+}
+
+#[tokio::test]
+async fn a_body_that_outlasts_its_lease_is_still_recorded_with_its_writes() {
+    let (shop, url) = shop().await;
+    let mut client = connect(&url).await;
+    for _ in 0..2 {
+        let mut tx = client.transaction().await.unwrap();
+        let receipt = shop
+            .create_slow_order(&mut tx, "F-1".into(), 100)
+            .await
+            .unwrap();
+        assert_eq!(receipt, "order F-1 for 100");
+        tx.commit().await.unwrap();
+    }
+    // The uncommitted claim needs no lease: the record commits with the order, and the
+    // second call replays it.
+    assert_eq!(shop.executions(), 1);
     assert_eq!(orders_and_records(&url).await, (1, 1));
 }

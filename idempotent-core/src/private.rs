@@ -248,7 +248,7 @@ mod postgres_mode {
         F: Future<Output = Result<T, E>>,
     {
         store
-            .execute_in::<OkOnly, T, E, F>(tx.transaction(), options, call, body)
+            .execute_in(tx.transaction(), options, call, body)
             .await
             .map(crate::Outcome::into_value)
     }

@@ -77,48 +77,6 @@ async fn a_replay_is_one_statement_and_a_first_call_two() {
 }
 
 #[tokio::test]
-async fn waiters_are_woken_by_notify_not_by_polling() {
-    let server = shared_postgres();
-    let (store, url) = fresh_store("listen").await;
-    let database = database_of(&url);
-    server.psql_in(
-        database,
-        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
-    );
-    let key = StorageKey::derive("pg::wait", None, b"k").unwrap();
-    let fingerprint = Fingerprint::from_bytes([1; 32]);
-    let hour = Duration::from_secs(3600);
-    let Claim::Acquired { fence } = store.claim(&key, &fingerprint, hour).await.unwrap() else {
-        panic!("a fresh key is free");
-    };
-    server.psql_in(database, "SELECT pg_stat_statements_reset()");
-    let waiter = {
-        let store = Arc::clone(&store);
-        tokio::spawn(async move { store.wait(&key, Duration::from_secs(30)).await })
-    };
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(
-        !waiter.is_finished(),
-        "the holder is alive and its lease is an hour"
-    );
-    let looks = statements_run(server, database);
-    assert!(
-        looks <= 2,
-        "LISTEN and one look at the record, no polling: {looks} statements"
-    );
-
-    store
-        .complete(&key, fence, b"{}".to_vec(), hour)
-        .await
-        .unwrap();
-    let woken = tokio::time::timeout(Duration::from_secs(5), waiter).await;
-    assert!(
-        woken.is_ok(),
-        "the completion's notification wakes the waiter"
-    );
-}
-
-#[tokio::test]
 async fn the_schema_is_versioned_and_a_newer_one_is_refused() {
     let server = shared_postgres();
     let (store, url) = fresh_store("schema").await;
@@ -232,7 +190,13 @@ async fn notifications(
 
 #[tokio::test]
 async fn completions_and_releases_notify_only_when_a_waiter_marked_the_record() {
+    let server = shared_postgres();
     let (store, url) = fresh_store("notify").await;
+    let database = database_of(&url);
+    server.psql_in(
+        database,
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+    );
     let (_client, mut notified) = notifications(&url, "idempotent_records_done").await;
     let fingerprint = Fingerprint::from_bytes([1; 32]);
     let hour = Duration::from_secs(3600);
@@ -240,7 +204,7 @@ async fn completions_and_releases_notify_only_when_a_waiter_marked_the_record() 
         Ok(Claim::Acquired { fence }) => fence,
         other => panic!("a fresh key is free: {other:?}"),
     };
-    let quiet = Duration::from_millis(300);
+    let quiet = Duration::from_millis(400);
 
     // Nobody waits: nothing is published, for a completion or a release.
     let alone = StorageKey::derive("pg::notify", None, b"alone").unwrap();
@@ -258,16 +222,23 @@ async fn completions_and_releases_notify_only_when_a_waiter_marked_the_record() 
     let heard = tokio::time::timeout(quiet, notified.recv()).await;
     assert!(heard.is_err(), "no waiter, no notification: {heard:?}");
 
-    // A waiter marks the record; the completion, and a release, then notify it.
+    // A waiter marks the record; the completion, and a release, then notify it. The waiter
+    // looks once and then waits for the notification: it does not poll.
     for (name, complete) in [("waited", true), ("waited release", false)] {
         let key = StorageKey::derive("pg::notify", None, name.as_bytes()).unwrap();
         let fence = claim(&key).await;
+        server.psql_in(database, "SELECT pg_stat_statements_reset()");
         let waiter = {
             let store = Arc::clone(&store);
             tokio::spawn(async move { store.wait(&key, Duration::from_secs(30)).await })
         };
         tokio::time::sleep(quiet).await;
         assert!(!waiter.is_finished(), "{name}: the holder is alive");
+        let looks = statements_run(server, database);
+        assert!(
+            looks <= 2,
+            "{name}: LISTEN and one look at the record, no polling: {looks} statements"
+        );
         let write = if complete {
             store.complete(&key, fence, b"{}".to_vec(), hour).await
         } else {

@@ -5,8 +5,10 @@
 //! connection): the claim inserts or takes over a dead record with `INSERT .. ON CONFLICT ..
 //! DO UPDATE .. WHERE <dead> RETURNING`, and the same statement reads the live record when it
 //! cannot claim, so a replay is one round trip. `complete`, `release` and `extend` are guarded
-//! by the fence and a live lease. Times are the server's `now()`. Fences come from a sequence,
-//! so they only grow. Waiters LISTEN on the store's channel; `complete` and `release` NOTIFY it.
+//! by the fence and a live lease (in the transactional mode, by the fence alone). Times are the
+//! server's `statement_timestamp()` (not `now()`, which in the caller's transaction is when
+//! that began). Fences come from a sequence, so they only grow. Waiters LISTEN on the store's
+//! channel; `complete` and `release` NOTIFY it.
 
 mod listener;
 mod sql;
@@ -265,13 +267,13 @@ fn fence_param(fence: Fence) -> i64 {
 }
 
 pub(super) fn from_pg(message: &str, error: tokio_postgres::Error) -> StoreError {
-    // Connection exceptions (08), operator intervention such as a terminated backend or a
-    // shutdown (57) and exhausted resources (53) pass; anything else is a real failure.
-    let passing = error.as_db_error().is_some_and(|db| {
-        let class = &db.code().code()[..2];
-        matches!(class, "08" | "53" | "57")
-    });
-    if passing || error.is_closed() || error.as_db_error().is_none() {
+    // An error the server did not send (a closed connection, I/O, a timeout) passes, as do
+    // connection exceptions (08), operator intervention such as a terminated backend or a
+    // shutdown (57) and exhausted resources (53); any other server error is a real failure.
+    let passing = error
+        .as_db_error()
+        .is_none_or(|db| matches!(&db.code().code()[..2], "08" | "53" | "57"));
+    if passing {
         StoreError::Unavailable {
             message: format!("{message}: {error}"),
             source: Some(Box::new(error)),
@@ -291,8 +293,33 @@ fn timed_out(what: &str, timeout: Duration) -> StoreError {
     }
 }
 
+/// How many times a claim statement is run again when a concurrent insert hid the record.
+const CLAIM_ATTEMPTS: usize = 5;
+
+/// Runs a claim statement with `run` until its answer can be judged: a record a concurrent
+/// transaction inserted after the statement's snapshot hides from it, and the statement runs
+/// again with a new snapshot, at most [`CLAIM_ATTEMPTS`] times.
+pub(super) async fn claim_with<F>(
+    key: &StorageKey,
+    fingerprint: &Fingerprint,
+    mut run: impl FnMut() -> F,
+) -> Result<Claim, StoreError>
+where
+    F: Future<Output = Result<Vec<tokio_postgres::Row>, StoreError>>,
+{
+    for _ in 0..CLAIM_ATTEMPTS {
+        if let Some(claim) = judge_claim(&run().await?, key, fingerprint)? {
+            return Ok(claim);
+        }
+    }
+    Err(StoreError::Backend {
+        message: format!("the record under key {key} kept changing during the claim"),
+        source: None,
+    })
+}
+
 /// What a claim statement returned, before it is judged.
-pub(super) fn judge_claim(
+fn judge_claim(
     rows: &[tokio_postgres::Row],
     key: &StorageKey,
     fingerprint: &Fingerprint,
@@ -381,9 +408,6 @@ pub(crate) fn statement_texts(
         complete,
     })
 }
-
-/// How many times a claim statement is run again when a concurrent insert hid the record.
-pub(super) const CLAIM_ATTEMPTS: usize = 5;
 
 impl PostgresStore {
     /// A builder for the database at `url` (`postgres://user:password@host:port/database`).
@@ -531,18 +555,11 @@ impl Store for PostgresStore {
             let key_param = key.as_bytes().as_slice();
             let fingerprint_param = fingerprint.as_bytes().as_slice();
             let lease = millis(lease);
-            for _ in 0..CLAIM_ATTEMPTS {
-                let rows = self
-                    .query(Kind::Claim, &[&key_param, &fingerprint_param, &lease])
-                    .await?;
-                if let Some(claim) = judge_claim(&rows, key, fingerprint)? {
-                    return Ok(claim);
-                }
-            }
-            Err(StoreError::Backend {
-                message: format!("the record under key {key} kept changing during the claim"),
-                source: None,
+            claim_with(key, fingerprint, || async move {
+                self.query(Kind::Claim, &[&key_param, &fingerprint_param, &lease])
+                    .await
             })
+            .await
         })
     }
 
@@ -600,7 +617,7 @@ impl Store for PostgresStore {
             };
             let limit = max.min(left);
             match interest {
-                Some(interest) => {
+                Some(mut interest) => {
                     let _ = tokio::time::timeout(limit, interest.notified()).await;
                 }
                 None => tokio::time::sleep(limit.min(self.poll_interval)).await,

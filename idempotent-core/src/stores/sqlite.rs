@@ -47,7 +47,6 @@ mod ops;
 mod pool;
 mod record;
 mod schema;
-mod waiters;
 
 use std::fmt;
 use std::path::Path;
@@ -60,9 +59,9 @@ use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Claim, Fence, FencedWrite, Store};
+use crate::stores::waiters::Waiters;
 use ops::{Failed, OpResult};
 use pool::{Access, Pool, from_sqlite};
-use waiters::Waiters;
 
 pub use builder::{
     DEFAULT_BUSY_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_POLL_INTERVAL, SqliteStoreBuilder,
@@ -106,7 +105,7 @@ pub use builder::{
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: Arc<Pool>,
-    waiters: Arc<Waiters>,
+    waiters: Arc<Waiters<StorageKey>>,
     synchronous: Synchronous,
     poll_interval: Duration,
 }
@@ -269,7 +268,7 @@ impl Store for SqliteStore {
         let key = *key;
         Box::pin(async move {
             let started = tokio::time::Instant::now();
-            let registration = self.waiters.register(key);
+            let mut registration = self.waiters.register(key);
             loop {
                 // Listen first, then look: a completion after the look is always heard.
                 let notified = registration.notified();

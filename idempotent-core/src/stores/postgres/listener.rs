@@ -1,17 +1,14 @@
 //! Waiting by LISTEN/NOTIFY: one connection listens on the store's channel; `complete` and
 //! `release` notify it with the key (at commit), and the waiters of that key are woken.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::Notify;
-use tokio::sync::futures::OwnedNotified;
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-type Waiting = Arc<Mutex<HashMap<String, (Arc<Notify>, usize)>>>;
+use crate::stores::waiters::{Registration, Waiters};
 
 struct Listening {
     // Kept alive: dropping the client would close the listening connection.
@@ -24,41 +21,8 @@ pub(super) struct Listener {
     listen: String,
     connect_timeout: Duration,
     connection: tokio::sync::Mutex<Option<Listening>>,
-    waiting: Waiting,
-}
-
-/// A waiter's interest in one key, woken by its next notification.
-pub(super) struct Interest {
-    notified: Option<OwnedNotified>,
-    key: String,
-    waiting: Waiting,
-}
-
-impl Interest {
-    pub(super) async fn notified(mut self) {
-        if let Some(notified) = self.notified.take() {
-            notified.await;
-        }
-    }
-}
-
-impl Drop for Interest {
-    fn drop(&mut self) {
-        let mut waiting = lock(&self.waiting);
-        if let Some((_, count)) = waiting.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                waiting.remove(&self.key);
-            }
-        }
-    }
-}
-
-fn lock(waiting: &Waiting) -> MutexGuard<'_, HashMap<String, (Arc<Notify>, usize)>> {
-    // Each update under this lock is one insert, change or removal: a panic cannot tear it.
-    waiting
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// By key in hex, the notifications' payload.
+    waiting: Arc<Waiters<String>>,
 }
 
 impl Listener {
@@ -76,26 +40,15 @@ impl Listener {
         }
     }
 
-    /// Registers interest in `key` on a connection that is listening; `None` if no such
-    /// connection can be had now (the caller polls instead).
-    pub(super) async fn interest(&self, key: String) -> Option<Interest> {
+    /// Registers interest in `key` (in hex) on a connection that is listening; `None` if no
+    /// such connection can be had now (the caller polls instead). Its first `notified()`
+    /// hears every notification from now on.
+    pub(super) async fn interest(&self, key: String) -> Option<Registration<String>> {
         let mut connection = self.connection.lock().await;
         if connection.as_ref().is_none_or(|c| c.task.is_finished()) {
             *connection = Some(self.connect().await?);
         }
-        let notified = {
-            let mut waiting = lock(&self.waiting);
-            let (notify, count) = waiting
-                .entry(key.clone())
-                .or_insert_with(|| (Arc::default(), 0));
-            *count += 1;
-            Arc::clone(notify).notified_owned()
-        };
-        Some(Interest {
-            notified: Some(notified),
-            key,
-            waiting: Arc::clone(&self.waiting),
-        })
+        Some(self.waiting.register(key))
     }
 
     async fn connect(&self) -> Option<Listening> {
@@ -108,16 +61,12 @@ impl Listener {
         let task = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(Ok(message)) = messages.next().await {
-                if let AsyncMessage::Notification(notification) = message
-                    && let Some((notify, _)) = lock(&waiting).get(notification.payload())
-                {
-                    notify.notify_waiters();
+                if let AsyncMessage::Notification(notification) = message {
+                    waiting.wake(notification.payload());
                 }
             }
             // The connection is gone: wake everyone, so they look at their keys again.
-            for (notify, _) in lock(&waiting).values() {
-                notify.notify_waiters();
-            }
+            waiting.wake_all();
         });
         let listening =
             tokio::time::timeout(self.connect_timeout, client.batch_execute(&self.listen)).await;

@@ -1,7 +1,10 @@
 //! The SQL of the PostgreSQL store, for one table name.
 //!
-//! Every operation is one statement. Times come from the server's `now()`. A record is one
-//! row: state 0 in progress, 1 completed; `until` is the lease end or the expiry.
+//! Every operation is one statement. Times come from the server's `statement_timestamp()`, the
+//! start of the statement: not `now()`, the start of the transaction, which in the
+//! transactional mode is the caller's transaction and can be long past (a lease that ran out
+//! after it began would look alive to it for good). A record is one row: state 0 in progress,
+//! 1 completed; `until` is the lease end or the expiry.
 
 /// The record format this release writes and reads.
 pub(super) const FORMAT: i16 = 1;
@@ -9,11 +12,16 @@ pub(super) const FORMAT: i16 = 1;
 /// table gains the column when a store of this release opens it.
 pub(super) const SCHEMA_VERSION: i32 = 2;
 
+/// The guard of a fenced write outside the transactional mode: the holder's lease is alive.
+const LIVE_LEASE: &str = " AND until > statement_timestamp()";
+
 pub(super) struct Statements {
     pub(super) schema: String,
     pub(super) claim: String,
     pub(super) complete: String,
     pub(super) release: String,
+    pub(super) complete_in_transaction: String,
+    pub(super) release_in_transaction: String,
     pub(super) extend: String,
     pub(super) lease_left: String,
     pub(super) purge: String,
@@ -25,6 +33,30 @@ impl Statements {
     /// `table` must already be a checked identifier.
     pub(super) fn new(table: &str) -> Self {
         let channel = format!("{table}_done");
+        // `complete` and `release`, with `guard` added to their fenced `WHERE`.
+        let complete = |guard: &str| {
+            format!(
+                "WITH done AS (
+                     UPDATE {table} SET state = 1, output = $3,
+                                        until = statement_timestamp() + $4::bigint * interval '1 millisecond'
+                     WHERE key = $1 AND fence = $2 AND state = 0{guard}
+                     RETURNING key, waiting
+                 )
+                 SELECT CASE WHEN waiting THEN pg_notify('{channel}', encode(key, 'hex')) END
+                 FROM done"
+            )
+        };
+        let release = |guard: &str| {
+            format!(
+                "WITH gone AS (
+                     DELETE FROM {table}
+                     WHERE key = $1 AND fence = $2 AND state = 0{guard}
+                     RETURNING key, waiting
+                 )
+                 SELECT CASE WHEN waiting THEN pg_notify('{channel}', encode(key, 'hex')) END
+                 FROM gone"
+            )
+        };
         Self {
             schema: format!(
                 "CREATE TABLE IF NOT EXISTS {table}_schema (version integer NOT NULL);
@@ -51,18 +83,18 @@ impl Statements {
                 "WITH live AS (
                      SELECT r.fence, r.fingerprint, r.state, r.output, r.until, r.format
                      FROM {table} r
-                     WHERE r.key = $1 AND r.until > now()
+                     WHERE r.key = $1 AND r.until > statement_timestamp()
                  ),
                  claimed AS (
                      INSERT INTO {table} AS r (key, fingerprint, fence, state, until, output, format)
                      SELECT $1, $2, nextval('{table}_fences'), 0,
-                            now() + $3::bigint * interval '1 millisecond', NULL, {FORMAT}
+                            statement_timestamp() + $3::bigint * interval '1 millisecond', NULL, {FORMAT}
                      WHERE NOT EXISTS (SELECT 1 FROM live)
                      ON CONFLICT (key) DO UPDATE
                          SET fingerprint = EXCLUDED.fingerprint, fence = EXCLUDED.fence, state = 0,
                              until = EXCLUDED.until, output = NULL, format = {FORMAT},
                              waiting = false
-                         WHERE r.until <= now()
+                         WHERE r.until <= statement_timestamp()
                      RETURNING r.fence
                  )
                  SELECT true AS acquired, fence, NULL::bytea AS fingerprint, NULL::smallint AS state,
@@ -71,35 +103,24 @@ impl Statements {
                  UNION ALL
                  SELECT false, l.fence, l.fingerprint, l.state,
                         CASE WHEN l.fingerprint = $2 AND l.state = 1 THEN l.output END,
-                        ceil(extract(epoch FROM (l.until - now())) * 1000)::bigint, l.format
+                        ceil(extract(epoch FROM (l.until - statement_timestamp())) * 1000)::bigint, l.format
                  FROM live l"
             ),
             // A row when the write applied; a notification only when a waiter marked the
             // record (`lease_left`). A notifying transaction takes a database-wide lock at
             // commit, so notifying on every completion serialized the commits of first calls.
-            complete: format!(
-                "WITH done AS (
-                     UPDATE {table} SET state = 1, output = $3,
-                                        until = now() + $4::bigint * interval '1 millisecond'
-                     WHERE key = $1 AND fence = $2 AND state = 0 AND until > now()
-                     RETURNING key, waiting
-                 )
-                 SELECT CASE WHEN waiting THEN pg_notify('{channel}', encode(key, 'hex')) END
-                 FROM done"
-            ),
-            release: format!(
-                "WITH gone AS (
-                     DELETE FROM {table}
-                     WHERE key = $1 AND fence = $2 AND state = 0 AND until > now()
-                     RETURNING key, waiting
-                 )
-                 SELECT CASE WHEN waiting THEN pg_notify('{channel}', encode(key, 'hex')) END
-                 FROM gone"
-            ),
+            complete: complete(LIVE_LEASE),
+            release: release(LIVE_LEASE),
+            // In the transactional mode the claim's row stays locked by the caller's
+            // transaction until it ends, so nobody else can take it over: the fence guards
+            // the write, and the lease, which only matters once the claim is committed,
+            // does not. A body may outlast it.
+            complete_in_transaction: complete(""),
+            release_in_transaction: release(""),
             // A row when the write applied, like `complete` and `release`.
             extend: format!(
-                "UPDATE {table} SET until = now() + $3::bigint * interval '1 millisecond'
-                 WHERE key = $1 AND fence = $2 AND state = 0 AND until > now()
+                "UPDATE {table} SET until = statement_timestamp() + $3::bigint * interval '1 millisecond'
+                 WHERE key = $1 AND fence = $2 AND state = 0 AND until > statement_timestamp()
                  RETURNING key"
             ),
             // A waiter's look, after it listens: the lease left, if the key is in progress,
@@ -110,19 +131,19 @@ impl Statements {
             lease_left: format!(
                 "WITH live AS (
                      SELECT waiting, until FROM {table}
-                     WHERE key = $1 AND state = 0 AND until > now()
+                     WHERE key = $1 AND state = 0 AND until > statement_timestamp()
                  ),
                  marked AS (
                      UPDATE {table} SET waiting = true
-                     WHERE key = $1 AND state = 0 AND until > now() AND NOT waiting
+                     WHERE key = $1 AND state = 0 AND until > statement_timestamp() AND NOT waiting
                      RETURNING until
                  )
-                 SELECT ceil(extract(epoch FROM (until - now())) * 1000)::bigint FROM marked
+                 SELECT ceil(extract(epoch FROM (until - statement_timestamp())) * 1000)::bigint FROM marked
                  UNION ALL
-                 SELECT ceil(extract(epoch FROM (until - now())) * 1000)::bigint FROM live
+                 SELECT ceil(extract(epoch FROM (until - statement_timestamp())) * 1000)::bigint FROM live
                  WHERE live.waiting"
             ),
-            purge: format!("DELETE FROM {table} WHERE until <= now()"),
+            purge: format!("DELETE FROM {table} WHERE until <= statement_timestamp()"),
             remove: format!("DELETE FROM {table} WHERE key = $1 RETURNING key"),
             listen: format!("LISTEN {channel}"),
         }

@@ -4,9 +4,10 @@
 //! Concurrent callers of one key block on the first one's uncommitted row (its unique key)
 //! instead of seeing it in progress; once it commits they replay its result, and if it rolls
 //! back one of them runs. No lease is needed while the row is uncommitted, so there is no
-//! heartbeat; a panic, a cancelled call or a lost connection roll the transaction back, which
-//! takes the claim with it. Use READ COMMITTED (PostgreSQL's default): each claim statement
-//! then sees what committed before it.
+//! heartbeat, and the result is recorded (or the claim deleted) however long the body ran; a
+//! panic, a cancelled call or a lost connection roll the transaction back, which takes the
+//! claim with it. Use READ COMMITTED (PostgreSQL's default): each claim statement then sees
+//! what committed before it.
 //!
 //! Statements run with `query_typed`, their parameter types given: `query` with SQL text would
 //! prepare the statement first, a round trip of its own on every call, as the caller's
@@ -18,12 +19,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_postgres::types::Type;
 
-use super::{CLAIM_ATTEMPTS, PostgresStore, from_pg, judge_claim, millis};
+use super::{PostgresStore, claim_with, from_pg, millis};
 use crate::engine::{Call, Encoded, Outcome, Prepared, encode_result, not_acquired, start_call};
 use crate::error::{Error, StoreError};
 use crate::key::StorageKey;
 use crate::options::Options;
-use crate::recorded::{OkOnly, Recording};
+use crate::recorded::OkOnly;
 use crate::store::{Claim, Fence};
 use crate::telemetry::CallOutcome;
 
@@ -111,11 +112,13 @@ impl PostgresStore {
         E: From<Error>,
         F: Future<Output = Result<T, E>>,
     {
-        self.execute_in::<OkOnly, T, E, F>(tx.transaction(), options, call.prepare(), body)
+        self.execute_in(tx.transaction(), options, call.prepare(), body)
             .await
     }
 
-    pub(crate) async fn execute_in<R, T, E, F>(
+    /// Records `Ok` values only: an `Err` releases the claim (the attribute refuses
+    /// `cache_errors` with `tx`).
+    pub(crate) async fn execute_in<T, E, F>(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         options: &Options,
@@ -123,14 +126,11 @@ impl PostgresStore {
         body: F,
     ) -> Result<Outcome<T>, E>
     where
-        R: Recording<T, E>,
+        T: Serialize + DeserializeOwned,
         E: From<Error>,
         F: Future<Output = Result<T, E>>,
     {
-        let (mut trace, key, fingerprint) = match start_call(call, options) {
-            Ok(started) => started,
-            Err(error) => return Err(error.into()),
-        };
+        let (mut trace, key, fingerprint) = start_call(call, options)?;
         let mut wait_deadline = None;
         let fence = loop {
             let claim = match self.claim_in(tx, &key, &fingerprint, options).await {
@@ -145,15 +145,21 @@ impl PostgresStore {
             }
             // In progress means held by a call outside any transaction of ours (the
             // non-transactional mode); a transaction's own claims block instead.
-            let step =
-                not_acquired::<R, T, E>(claim, self, &key, options, &mut trace, &mut wait_deadline);
+            let step = not_acquired::<OkOnly, T, E>(
+                claim,
+                self,
+                &key,
+                options,
+                &mut trace,
+                &mut wait_deadline,
+            );
             if let Some(done) = step.await {
                 return done;
             }
         };
 
         let result = body.await;
-        let bytes = match encode_result::<R, T, E>(&result, options) {
+        let bytes = match encode_result::<OkOnly, T, E>(&result, options) {
             Encoded::Record(bytes) => bytes,
             Encoded::NotRecorded => {
                 self.release_in(tx, &key, fence).await;
@@ -168,7 +174,7 @@ impl PostgresStore {
         };
         let completed = tx
             .query_typed(
-                &self.statements.complete,
+                &self.statements.complete_in_transaction,
                 &[
                     (&key.as_bytes().as_slice(), Type::BYTEA),
                     (&super::fence_param(fence), Type::INT8),
@@ -209,26 +215,19 @@ impl PostgresStore {
         let key_param = key.as_bytes().as_slice();
         let fingerprint_param = fingerprint.as_bytes().as_slice();
         let lease = millis(options.get_lease());
-        for _ in 0..CLAIM_ATTEMPTS {
-            let rows = tx
-                .query_typed(
-                    &self.statements.claim,
-                    &[
-                        (&key_param, Type::BYTEA),
-                        (&fingerprint_param, Type::BYTEA),
-                        (&lease, Type::INT8),
-                    ],
-                )
-                .await
-                .map_err(|error| from_pg("the claim failed in the transaction", error))?;
-            if let Some(claim) = judge_claim(&rows, key, fingerprint)? {
-                return Ok(claim);
-            }
-        }
-        Err(StoreError::Backend {
-            message: format!("the record under key {key} kept changing during the claim"),
-            source: None,
+        claim_with(key, fingerprint, || async move {
+            tx.query_typed(
+                &self.statements.claim,
+                &[
+                    (&key_param, Type::BYTEA),
+                    (&fingerprint_param, Type::BYTEA),
+                    (&lease, Type::INT8),
+                ],
+            )
+            .await
+            .map_err(|error| from_pg("the claim failed in the transaction", error))
         })
+        .await
     }
 
     /// Deletes the claim again; should it fail, the caller's rollback removes it anyway.
@@ -240,7 +239,7 @@ impl PostgresStore {
     ) {
         let released = tx
             .query_typed(
-                &self.statements.release,
+                &self.statements.release_in_transaction,
                 &[
                     (&key.as_bytes().as_slice(), Type::BYTEA),
                     (&super::fence_param(fence), Type::INT8),
