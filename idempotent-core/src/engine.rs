@@ -15,7 +15,7 @@ use crate::holder::Holder;
 use crate::key::{Namespace, StorageKey};
 use crate::options::{OnConflict, Options};
 use crate::recorded::{OkAndErr, OkOnly, Recording};
-use crate::store::{Claim, FencedWrite, Store};
+use crate::store::{Claim, Fence, FencedWrite, Store};
 use crate::telemetry::{CallOutcome, CallTrace};
 
 /// One call to make idempotent: which function, which key, which arguments.
@@ -359,31 +359,13 @@ where
     F: Future<Output = Result<T, E>>,
 {
     let (mut trace, key, fingerprint) = start_call(call, options)?;
-    let mut wait_deadline = None;
-    loop {
-        let claim = match store.claim(&key, &fingerprint, options.get_lease()).await {
-            Ok(claim) => claim,
-            Err(error) => {
-                trace.emit(CallOutcome::StoreError);
-                return Err(Error::Store(error).into());
-            }
-        };
-        if let Claim::Acquired { fence } = claim {
-            let holder = Holder::new(Arc::clone(store), key, fence, trace.clone());
-            return run_body::<R, T, E, F>(holder, options, trace, body).await;
-        }
-        let step = not_acquired::<R, T, E>(
-            claim,
-            &**store,
-            &key,
-            options,
-            &mut trace,
-            &mut wait_deadline,
-        );
-        if let Some(done) = step.await {
-            return done;
-        }
-    }
+    let claim = || store.claim(&key, &fingerprint, options.get_lease());
+    let fence = match acquire::<R, T, E, _>(claim, &**store, &key, options, &mut trace).await {
+        Ok(fence) => fence,
+        Err(done) => return done,
+    };
+    let holder = Holder::new(Arc::clone(store), key, fence, trace.clone());
+    run_body::<R, T, E, F>(holder, options, trace, body).await
 }
 
 /// Validates the call and starts its trace; an invalid call is traced and refused.
@@ -404,60 +386,67 @@ pub(crate) fn start_call(
     }
 }
 
-/// What a claim that did not acquire the key means for the call: the replay, a refusal, or
-/// (`None`) a wait for the holder, after which the caller claims again.
-pub(crate) async fn not_acquired<R, T, E>(
-    claim: Claim,
+/// Claims with `claim` until the key is this call's (its fence) or the call is answered
+/// without running (`Err`: the replay, or why not): waiting for a holder, while `on_conflict`
+/// allows, between claims.
+pub(crate) async fn acquire<R, T, E, C>(
+    mut claim: impl FnMut() -> C,
     store: &dyn Store,
     key: &StorageKey,
     options: &Options,
     trace: &mut CallTrace,
-    wait_deadline: &mut Option<tokio::time::Instant>,
-) -> Option<Result<Outcome<T>, E>>
+) -> Result<Fence, Result<Outcome<T>, E>>
 where
     R: Recording<T, E>,
     E: From<Error>,
+    C: Future<Output = Result<Claim, StoreError>>,
 {
-    let retry_after = match claim {
-        Claim::Completed { output } => {
-            return Some(match R::decode(&output) {
-                Ok(result) => {
-                    trace.emit(if trace.waited {
-                        CallOutcome::Waited
-                    } else {
-                        CallOutcome::Replayed
-                    });
-                    result.map(Outcome::Replayed)
-                }
-                Err(error) => {
-                    trace.emit(CallOutcome::DecodeError);
-                    Err(Error::Decode(error).into())
-                }
-            });
+    let mut wait_deadline = None;
+    loop {
+        let retry_after = match claim().await {
+            Ok(Claim::Acquired { fence }) => return Ok(fence),
+            Ok(Claim::Completed { output }) => {
+                return Err(match R::decode(&output) {
+                    Ok(result) => {
+                        trace.emit(if trace.waited {
+                            CallOutcome::Waited
+                        } else {
+                            CallOutcome::Replayed
+                        });
+                        result.map(Outcome::Replayed)
+                    }
+                    Err(error) => {
+                        trace.emit(CallOutcome::DecodeError);
+                        Err(Error::Decode(error).into())
+                    }
+                });
+            }
+            Ok(Claim::Mismatch) => {
+                trace.emit(CallOutcome::Mismatch);
+                return Err(Err(Error::KeyReused.into()));
+            }
+            Ok(Claim::InProgress { retry_after }) => retry_after,
+            Err(error) => {
+                trace.emit(CallOutcome::StoreError);
+                return Err(Err(Error::Store(error).into()));
+            }
+        };
+        let OnConflict::Wait { timeout } = options.get_on_conflict() else {
+            trace.emit(CallOutcome::Conflict);
+            return Err(Err(Error::Conflict { retry_after }.into()));
+        };
+        let deadline = *wait_deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            trace.emit(CallOutcome::Conflict);
+            return Err(Err(Error::Conflict { retry_after }.into()));
         }
-        Claim::Mismatch => {
-            trace.emit(CallOutcome::Mismatch);
-            return Some(Err(Error::KeyReused.into()));
+        trace.waited = true;
+        if let Err(error) = store.wait(key, left).await {
+            trace.emit(CallOutcome::StoreError);
+            return Err(Err(Error::Store(error).into()));
         }
-        Claim::InProgress { retry_after } => retry_after,
-        Claim::Acquired { .. } => unreachable!("acquired claims are the caller's to run"),
-    };
-    let OnConflict::Wait { timeout } = options.get_on_conflict() else {
-        trace.emit(CallOutcome::Conflict);
-        return Some(Err(Error::Conflict { retry_after }.into()));
-    };
-    let deadline = *wait_deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    if left.is_zero() {
-        trace.emit(CallOutcome::Conflict);
-        return Some(Err(Error::Conflict { retry_after }.into()));
     }
-    trace.waited = true;
-    if let Err(error) = store.wait(key, left).await {
-        trace.emit(CallOutcome::StoreError);
-        return Some(Err(Error::Store(error).into()));
-    }
-    None
 }
 
 /// The key is ours: run the body and settle the claim whatever happens.

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use tokio_postgres::types::Type;
 
 use super::{PostgresStore, claim_with, from_pg, millis};
-use crate::engine::{Call, Encoded, Outcome, Prepared, encode_result, not_acquired, start_call};
+use crate::engine::{Call, Encoded, Outcome, Prepared, acquire, encode_result, start_call};
 use crate::error::{Error, StoreError};
 use crate::key::StorageKey;
 use crate::options::Options;
@@ -131,31 +131,12 @@ impl PostgresStore {
         F: Future<Output = Result<T, E>>,
     {
         let (mut trace, key, fingerprint) = start_call(call, options)?;
-        let mut wait_deadline = None;
-        let fence = loop {
-            let claim = match self.claim_in(tx, &key, &fingerprint, options).await {
-                Ok(claim) => claim,
-                Err(error) => {
-                    trace.emit(CallOutcome::StoreError);
-                    return Err(Error::Store(error).into());
-                }
-            };
-            if let Claim::Acquired { fence } = claim {
-                break fence;
-            }
-            // In progress means held by a call outside any transaction of ours (the
-            // non-transactional mode); a transaction's own claims block instead.
-            let step = not_acquired::<OkOnly, T, E>(
-                claim,
-                self,
-                &key,
-                options,
-                &mut trace,
-                &mut wait_deadline,
-            );
-            if let Some(done) = step.await {
-                return done;
-            }
+        // In progress means held by a call outside any transaction of ours (the
+        // non-transactional mode); a transaction's own claims block instead.
+        let claim = || self.claim_in(tx, &key, &fingerprint, options);
+        let fence = match acquire::<OkOnly, T, E, _>(claim, self, &key, options, &mut trace).await {
+            Ok(fence) => fence,
+            Err(done) => return done,
         };
 
         let result = body.await;
