@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use idempotent_core::stores::postgres::PostgresStore;
-use idempotent_core::{Claim, Error, FencedWrite, Fingerprinter, StorageKey, Store, idempotent};
+use idempotent_core::{
+    Bytes, Claim, Error, FencedWrite, Fingerprinter, StorageKey, Store, idempotent,
+};
 use idempotent_test_support::shared_postgres;
 use tokio_postgres::{Client, NoTls, Transaction};
 
@@ -312,7 +314,12 @@ async fn a_lease_that_ran_out_after_the_transaction_began_is_taken_over() {
     assert_eq!(orders_and_records(&url).await, (1, 1));
     assert_eq!(
         shop.store
-            .complete(&key, fence, b"late".to_vec(), Duration::from_secs(60))
+            .complete(
+                &key,
+                fence,
+                Bytes::from_static(b"late"),
+                Duration::from_secs(60)
+            )
             .await
             .unwrap(),
         FencedWrite::Fenced,

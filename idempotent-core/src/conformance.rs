@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 use crate::clock::ManualClock;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
-use crate::store::{Claim, Fence, FencedWrite, Store};
+use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
 
 /// A lease or ttl long enough that it never runs out during a property.
 const LONG: Duration = Duration::from_secs(3600);
@@ -238,7 +238,7 @@ impl Harness {
         ttl: Duration,
     ) -> FencedWrite {
         self.store
-            .complete(key, fence, output.to_vec(), ttl)
+            .complete(key, fence, Bytes::copy_from_slice(output), ttl)
             .await
             .unwrap_or_else(|err| {
                 panic!("complete({key}, {fence}) failed with a store error: {err}")

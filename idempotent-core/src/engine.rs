@@ -15,7 +15,7 @@ use crate::holder::Holder;
 use crate::key::{Namespace, StorageKey};
 use crate::options::{OnConflict, Options};
 use crate::recorded::{OkAndErr, OkOnly, Recording};
-use crate::store::{Claim, Fence, FencedWrite, Store};
+use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
 use crate::telemetry::{CallOutcome, CallTrace};
 
 /// One call to make idempotent: which function, which key, which arguments.
@@ -463,7 +463,7 @@ where
 {
     let result = holder.run_with_heartbeat(options.get_lease(), body).await;
     let bytes = match encode_result::<R, T, E>(&result, options) {
-        Encoded::Record(bytes) => bytes,
+        Encoded::Record(bytes) => Bytes::from(bytes),
         Encoded::NotRecorded => {
             // An error we do not record: give the key back so a retry runs again.
             holder.release().await;
@@ -476,13 +476,7 @@ where
             return Err(error.into());
         }
     };
-    // A retry encodes the result again rather than keeping a copy of the bytes on every
-    // first call; encoding is deterministic, so the bytes are the same.
-    let encode_again = || match encode_result::<R, T, E>(&result, options) {
-        Encoded::Record(bytes) => Some(bytes),
-        Encoded::NotRecorded | Encoded::Refused(_) => None,
-    };
-    let write = complete_with_retries(&holder, bytes, encode_again, options).await;
+    let write = complete_with_retries(&holder, bytes, options).await;
     // Whatever `complete` said, the claim is settled: released on a store error would let a
     // quick retry run the body again while this caller still reports success.
     holder.disarm();
@@ -511,8 +505,7 @@ where
 /// nothing.
 async fn complete_with_retries(
     holder: &Holder,
-    mut bytes: Vec<u8>,
-    encode_again: impl Fn() -> Option<Vec<u8>>,
+    bytes: Bytes,
     options: &Options,
 ) -> Result<FencedWrite, StoreError> {
     let give_up = tokio::time::Instant::now() + options.get_lease() / 2;
@@ -523,7 +516,8 @@ async fn complete_with_retries(
             .complete(
                 holder.key(),
                 holder.fence(),
-                std::mem::take(&mut bytes),
+                // Shared, not copied: a retry sends the same bytes.
+                bytes.clone(),
                 options.get_ttl(),
             )
             .await;
@@ -533,10 +527,6 @@ async fn complete_with_retries(
             {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(200));
-                match encode_again() {
-                    Some(again) => bytes = again,
-                    None => return write,
-                }
             }
             other => return other,
         }

@@ -155,7 +155,7 @@ impl FencedWrite {
 /// let Claim::Acquired { fence } = store.claim(&key, &fingerprint, Duration::from_secs(30)).await? else {
 ///     unreachable!("a fresh key is free");
 /// };
-/// let write = store.complete(&key, fence, b"\"receipt\"".to_vec(), Duration::from_secs(3600)).await?;
+/// let write = store.complete(&key, fence, Bytes::from_static(b"\"receipt\""), Duration::from_secs(3600)).await?;
 /// assert_eq!(write, FencedWrite::Applied);
 /// assert_eq!(
 ///     store.claim(&key, &fingerprint, Duration::from_secs(30)).await?,
@@ -183,7 +183,7 @@ pub trait Store: Send + Sync + fmt::Debug {
         &'a self,
         key: &'a StorageKey,
         fence: Fence,
-        output: Vec<u8>,
+        output: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>>;
 

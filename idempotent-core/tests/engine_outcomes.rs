@@ -636,7 +636,12 @@ async fn corrupt_recorded_output_is_a_decode_error_until_an_operator_forgets_it(
             panic!("the key was forgotten");
         };
         store
-            .complete(&key, fence, garbage.to_vec(), Duration::from_secs(3600))
+            .complete(
+                &key,
+                fence,
+                Bytes::copy_from_slice(garbage),
+                Duration::from_secs(3600),
+            )
             .await
             .unwrap();
         let error = engine.run(call("k"), charge(&runs, "x")).await.unwrap_err();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use idempotent_core::conformance::Harness;
 use idempotent_core::{
-    Claim, FencedWrite, Fingerprint, ManualClock, MemoryStore, StorageKey, Store, StoreError,
+    Bytes, Claim, FencedWrite, Fingerprint, ManualClock, MemoryStore, StorageKey, Store, StoreError,
 };
 use tokio::task::JoinHandle;
 
@@ -81,7 +81,7 @@ async fn full_store_refuses_new_keys_and_never_evicts_live_records() {
         let fence = acquire(&store, &key, HOUR).await;
         let output = format!("output {i}").into_bytes();
         let write = store
-            .complete(&key, fence, output.clone(), ttl)
+            .complete(&key, fence, output.clone().into(), ttl)
             .await
             .unwrap();
         assert_eq!(write, FencedWrite::Applied);
@@ -197,7 +197,7 @@ async fn waiters_are_woken_when_the_holder_completes() {
     let waiters: Vec<_> = (0..10).map(|_| spawn_wait(&store, key)).collect();
     expect_waiting(&waiters).await;
     let write = store
-        .complete(&key, fence, b"done".to_vec(), HOUR)
+        .complete(&key, fence, Bytes::from_static(b"done"), HOUR)
         .await
         .unwrap();
     assert_eq!(write, FencedWrite::Applied);
@@ -266,7 +266,7 @@ async fn wait_returns_at_once_when_the_key_is_not_in_progress() {
     let completed = key("at-once", 1);
     let fence = acquire(&store, &completed, HOUR).await;
     store
-        .complete(&completed, fence, Vec::new(), HOUR)
+        .complete(&completed, fence, Bytes::new(), HOUR)
         .await
         .unwrap();
     at_once(&completed, "a completed key").await;

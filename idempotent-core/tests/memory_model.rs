@@ -273,7 +273,7 @@ fn check(ops: &[Op]) -> Result<(), TestCaseError> {
                 let mut output = vec![0xff];
                 output.extend_from_slice(&(step as u32).to_be_bytes());
                 let got = runtime
-                    .block_on(store.complete(&keys[*key], real, output.clone(), TTL))
+                    .block_on(store.complete(&keys[*key], real, output.clone().into(), TTL))
                     .expect("complete");
                 let want = model.complete(*key, id, output);
                 prop_assert_eq!(got, want, "step {}: {:?} with fence {}", step, op, real);

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use idempotent_core::conformance::Harness;
 use idempotent_core::stores::postgres::PostgresStore;
-use idempotent_core::{Call, Claim, Fingerprint, Idempotency, StorageKey, Store, StoreError};
+use idempotent_core::{
+    Bytes, Call, Claim, Fingerprint, Idempotency, StorageKey, Store, StoreError,
+};
 use idempotent_test_support::{PostgresServer, shared_postgres};
 use support::{AppError, Runs};
 
@@ -151,7 +153,12 @@ async fn a_version_1_table_is_brought_up_to_version_2() {
     };
     assert!(
         store
-            .complete(&key, fence, b"{}".to_vec(), Duration::from_secs(60))
+            .complete(
+                &key,
+                fence,
+                Bytes::from_static(b"{}"),
+                Duration::from_secs(60)
+            )
             .await
             .unwrap()
             .is_applied()
@@ -211,7 +218,7 @@ async fn completions_and_releases_notify_only_when_a_waiter_marked_the_record() 
     let fence = claim(&alone).await;
     assert!(
         store
-            .complete(&alone, fence, b"{}".to_vec(), hour)
+            .complete(&alone, fence, Bytes::from_static(b"{}"), hour)
             .await
             .unwrap()
             .is_applied()
@@ -240,7 +247,9 @@ async fn completions_and_releases_notify_only_when_a_waiter_marked_the_record() 
             "{name}: LISTEN and one look at the record, no polling: {looks} statements"
         );
         let write = if complete {
-            store.complete(&key, fence, b"{}".to_vec(), hour).await
+            store
+                .complete(&key, fence, Bytes::from_static(b"{}"), hour)
+                .await
         } else {
             store.release(&key, fence).await
         };

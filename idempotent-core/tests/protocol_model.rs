@@ -34,8 +34,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use idempotent_core::{
-    BoxFuture, Claim, Fence, FencedWrite, Fingerprint, ManualClock, MemoryStore, StorageKey, Store,
-    StoreError,
+    BoxFuture, Bytes, Claim, Fence, FencedWrite, Fingerprint, ManualClock, MemoryStore, StorageKey,
+    Store, StoreError,
 };
 use stateright::{Checker, Model, Property};
 
@@ -733,7 +733,7 @@ impl Real {
             Action::Complete(c) => Some(write(self.store.complete(
                 &self.key,
                 fence_of(state.clients[c]),
-                vec![c as u8],
+                Bytes::from(vec![c as u8]),
                 TICK * u32::from(TTL),
             ))),
             Action::Release(c) => Some(write(

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use idempotent_core::conformance::Harness;
 use idempotent_core::stores::redis::RedisStore;
 use idempotent_core::{
-    Call, Claim, Fingerprint, Idempotency, OnConflict, Options, StorageKey, Store, StoreError,
+    Bytes, Call, Claim, Fingerprint, Idempotency, OnConflict, Options, StorageKey, Store,
+    StoreError,
 };
 use idempotent_test_support::RedisServer;
 use support::{AppError, Runs};
@@ -123,7 +124,7 @@ async fn waiters_are_woken_by_pub_sub_not_by_polling() {
     );
 
     store
-        .complete(&key, fence, b"{}".to_vec(), hour)
+        .complete(&key, fence, Bytes::from_static(b"{}"), hour)
         .await
         .unwrap();
     let woken = tokio::time::timeout(Duration::from_secs(5), waiter).await;

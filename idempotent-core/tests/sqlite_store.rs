@@ -10,7 +10,7 @@ use std::time::Duration;
 use idempotent_core::conformance::Harness;
 use idempotent_core::stores::sqlite::SqliteStore;
 use idempotent_core::{
-    BoxFuture, Call, Claim, Fence, FencedWrite, Fingerprint, Idempotency, StorageKey, Store,
+    BoxFuture, Bytes, Call, Claim, Fence, FencedWrite, Fingerprint, Idempotency, StorageKey, Store,
     StoreError,
 };
 use support::{AppError, Runs};
@@ -38,7 +38,7 @@ impl Store for InTempDir {
         &'a self,
         key: &'a StorageKey,
         fence: Fence,
-        output: Vec<u8>,
+        output: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         self.store.complete(key, fence, output, ttl)
@@ -116,7 +116,7 @@ async fn completed_records_survive_a_restart() {
     let fence = acquire(&first, &key("restart"), &fingerprint).await;
     assert_eq!(
         first
-            .complete(&key("restart"), fence, output.clone(), HOUR)
+            .complete(&key("restart"), fence, output.clone().into(), HOUR)
             .await
             .unwrap(),
         FencedWrite::Applied
@@ -225,7 +225,7 @@ async fn fences_keep_growing_after_records_are_deleted() {
     assert!(second > first, "{second} after {first}");
     assert_eq!(
         store
-            .complete(&key("deleted"), first, b"stale".to_vec(), HOUR)
+            .complete(&key("deleted"), first, Bytes::from_static(b"stale"), HOUR)
             .await
             .unwrap(),
         FencedWrite::Fenced
@@ -271,7 +271,9 @@ async fn corrupt_rows_are_typed_errors_until_deleted() {
                 .map(|c| format!("{c:?}"))
         };
         corrupt("claim", claim().await);
-        let write = store.complete(&key, fence, b"x".to_vec(), HOUR).await;
+        let write = store
+            .complete(&key, fence, Bytes::from_static(b"x"), HOUR)
+            .await;
         corrupt("complete", write.map(|w| format!("{w:?}")));
         corrupt(
             "release",
@@ -356,7 +358,7 @@ async fn in_process_waiters_are_woken_by_notification_not_polling() {
         "the holder is alive with a 1 h lease"
     );
     store
-        .complete(&key, fence, b"{}".to_vec(), HOUR)
+        .complete(&key, fence, Bytes::from_static(b"{}"), HOUR)
         .await
         .unwrap();
     let woken = tokio::time::timeout(Duration::from_secs(5), waiter).await;

@@ -331,7 +331,7 @@ impl Store for MemoryStore {
         &'a self,
         key: &'a StorageKey,
         fence: Fence,
-        output: Vec<u8>,
+        output: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         let now = self.clock.now();
@@ -340,7 +340,7 @@ impl Store for MemoryStore {
             Some(record) if record.held_by(fence, now) => {
                 record.wake_waiters();
                 record.state = State::Completed {
-                    output: Bytes::from(output),
+                    output,
                     expires_at: now.saturating_add(ttl),
                 };
                 FencedWrite::Applied

@@ -27,7 +27,7 @@ use tokio_postgres::{NoTls, Statement};
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
-use crate::store::{BoxFuture, Claim, Fence, FencedWrite, Store};
+use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 use listener::Listener;
 use sql::Statements;
 
@@ -567,12 +567,12 @@ impl Store for PostgresStore {
         &'a self,
         key: &'a StorageKey,
         fence: Fence,
-        output: Vec<u8>,
+        output: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         Box::pin(async move {
             let key = key.as_bytes().as_slice();
-            let (fence, ttl) = (fence_param(fence), millis(ttl));
+            let (fence, output, ttl) = (fence_param(fence), &output[..], millis(ttl));
             self.fenced_write(Kind::Complete, &[&key, &fence, &output, &ttl])
                 .await
         })

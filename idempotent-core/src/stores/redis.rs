@@ -28,7 +28,7 @@ use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::hex::hex32;
 use crate::key::StorageKey;
-use crate::store::{BoxFuture, Claim, Fence, FencedWrite, Store};
+use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 use scripts::Scripts;
 use waiters::Waiters;
 
@@ -372,12 +372,12 @@ impl Store for RedisStore {
         &'a self,
         key: &'a StorageKey,
         fence: Fence,
-        output: Vec<u8>,
+        output: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         Box::pin(async move {
             let args = |command: &mut redis::Cmd| {
-                command.arg(fence.get()).arg(&output).arg(millis(ttl));
+                command.arg(fence.get()).arg(&output[..]).arg(millis(ttl));
             };
             self.fenced_write(&self.scripts.complete, key, args).await
         })

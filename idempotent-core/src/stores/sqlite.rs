@@ -58,7 +58,7 @@ use rusqlite::Connection;
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
-use crate::store::{BoxFuture, Claim, Fence, FencedWrite, Store};
+use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 use crate::stores::waiters::Waiters;
 use ops::{Failed, OpResult};
 use pool::{Access, Pool, from_sqlite};
@@ -89,7 +89,7 @@ pub use builder::{
 /// let Claim::Acquired { fence } = store.claim(&key, &fingerprint, Duration::from_secs(30)).await? else {
 ///     unreachable!("a fresh key is free");
 /// };
-/// store.complete(&key, fence, b"\"receipt\"".to_vec(), Duration::from_secs(3600)).await?;
+/// store.complete(&key, fence, Bytes::from_static(b"\"receipt\""), Duration::from_secs(3600)).await?;
 /// drop(store);
 ///
 /// // Another process, or this one after a restart, finds the record.
@@ -231,7 +231,7 @@ impl Store for SqliteStore {
         &'a self,
         key: &'a StorageKey,
         fence: Fence,
-        output: Vec<u8>,
+        output: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         Box::pin(self.fenced_write(*key, true, move |connection, key| {

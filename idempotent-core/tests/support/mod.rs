@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use idempotent_core::{
-    BoxFuture, Claim, Clock, Error, Fence, FencedWrite, Fingerprint, StorageKey, Store, StoreError,
+    BoxFuture, Bytes, Claim, Clock, Error, Fence, FencedWrite, Fingerprint, StorageKey, Store,
+    StoreError,
 };
 
 /// The error type of the functions under test.
@@ -91,7 +92,7 @@ impl Store for DownStore {
         &'a self,
         _: &'a StorageKey,
         _: Fence,
-        _: Vec<u8>,
+        _: Bytes,
         _: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         down()
@@ -165,7 +166,7 @@ impl Store for FlakyComplete {
         &'a self,
         key: &'a StorageKey,
         fence: Fence,
-        output: Vec<u8>,
+        output: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         let fail = self
