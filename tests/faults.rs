@@ -251,7 +251,7 @@ mod postgres {
     async fn backends_terminated_under_load_run_no_key_twice() {
         let server = idempotent_test_support::shared_postgres();
         let url = server.create_unique_database("faults");
-        let database = url.rsplit('/').next().unwrap().to_string();
+        let database = idempotent_test_support::database_of(&url).to_string();
         let store = store(&url).await;
         let failures = under_load(store, async || {
             for _ in 0..10 {

@@ -11,7 +11,7 @@ use idempotent_core::stores::postgres::PostgresStore;
 use idempotent_core::{
     Bytes, Call, Claim, Fingerprint, Idempotency, StorageKey, Store, StoreError,
 };
-use idempotent_test_support::{PostgresServer, shared_postgres};
+use idempotent_test_support::{PostgresServer, database_of, shared_postgres};
 use support::{AppError, Runs};
 
 /// A store on a database of its own in the shared server.
@@ -31,10 +31,6 @@ async fn conformance_harness() -> Harness {
 }
 
 idempotent_core::conformance_suite!(conformance_harness().await);
-
-fn database_of(url: &str) -> &str {
-    url.rsplit('/').next().expect("a database in the URL")
-}
 
 /// Statements the store ran in `database`, by pg_stat_statements.
 fn statements_run(server: &PostgresServer, database: &str) -> u64 {

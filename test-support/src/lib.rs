@@ -37,6 +37,8 @@ mod redis;
 mod resp;
 
 pub use ports::free_port;
-pub use postgres::{DEFAULT_PG_BINDIR, PG_BINDIR_ENV, PostgresServer, shared_postgres};
+pub use postgres::{
+    DEFAULT_PG_BINDIR, PG_BINDIR_ENV, PostgresServer, database_of, shared_postgres,
+};
 pub use process::TMPDIR_ENV;
 pub use redis::{REDIS_SERVER_ENV, RedisOptions, RedisServer, shared_redis};

@@ -384,6 +384,16 @@ impl PostgresServer {
     }
 }
 
+/// The database named by a URL that [`PostgresServer::create_database`] (or
+/// [`PostgresServer::create_unique_database`]) returned, for [`PostgresServer::psql_in`].
+///
+/// ```
+/// assert_eq!(idempotent_test_support::database_of("postgres://u@127.0.0.1:5432/orders"), "orders");
+/// ```
+pub fn database_of(url: &str) -> &str {
+    url.rsplit('/').next().unwrap_or(url)
+}
+
 impl Drop for PostgresServer {
     fn drop(&mut self) {
         self.stop();
