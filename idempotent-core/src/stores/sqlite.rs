@@ -60,7 +60,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 use crate::stores::waiters::Waiters;
-use ops::{Failed, OpResult};
+use ops::{OpError, OpResult};
 use pool::{Access, Pool, from_sqlite};
 
 pub use builder::{
@@ -106,7 +106,6 @@ pub use builder::{
 pub struct SqliteStore {
     pool: Arc<Pool>,
     waiters: Arc<Waiters<StorageKey>>,
-    synchronous: Synchronous,
     poll_interval: Duration,
 }
 
@@ -115,7 +114,7 @@ impl fmt::Debug for SqliteStore {
         f.debug_struct("SqliteStore")
             .field("path", &self.pool.path())
             .field("busy_timeout", &self.pool.busy_timeout())
-            .field("synchronous", &self.synchronous)
+            .field("synchronous", &self.pool.synchronous())
             .field("poll_interval", &self.poll_interval)
             .finish_non_exhaustive()
     }
@@ -183,9 +182,11 @@ impl SqliteStore {
     {
         let busy_timeout = self.pool.busy_timeout();
         self.pool
-            .run(access, move |connection| match op(connection) {
-                Ok(result) => result,
-                Err(Failed(what, error)) => Err(from_sqlite(what, error, busy_timeout)),
+            .run(access, move |connection| {
+                op(connection).map_err(|error| match error {
+                    OpError::Sqlite(what, error) => from_sqlite(what, error, busy_timeout),
+                    OpError::Store(error) => error,
+                })
             })
             .await
     }
@@ -205,7 +206,7 @@ impl SqliteStore {
             let write = op(connection, &key)?;
             // Woken here, on the blocking thread, so that waiters hear of the change even if
             // the caller stopped waiting for it.
-            if wake && matches!(write, Ok(FencedWrite::Applied)) {
+            if wake && write == FencedWrite::Applied {
                 waiters.wake(&key);
             }
             Ok(write)

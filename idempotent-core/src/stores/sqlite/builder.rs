@@ -175,7 +175,6 @@ impl SqliteStoreBuilder {
         Ok(SqliteStore {
             pool: Arc::new(Pool::new(self.path, settings, first, self.max_connections)),
             waiters: Arc::default(),
-            synchronous: self.synchronous,
             poll_interval: self.poll_interval,
         })
     }

@@ -14,23 +14,33 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::store::{Claim, Fence, FencedWrite};
 
-/// A rusqlite error, with what was being done; mapped to a store error by the caller.
-pub(super) struct Failed(pub(super) &'static str, pub(super) rusqlite::Error);
-
-/// What an operation returns before rusqlite errors are mapped.
-pub(super) type OpResult<T> = Result<Result<T, StoreError>, Failed>;
-
-fn fail(what: &'static str) -> impl Fn(rusqlite::Error) -> Failed {
-    move |error| Failed(what, error)
+/// Why an operation failed: SQLite failed while doing `what` (mapped to a store error by the
+/// caller, which knows the busy timeout), or the store has its answer (a corrupt record, an
+/// exhausted fence counter).
+pub(super) enum OpError {
+    Sqlite(&'static str, rusqlite::Error),
+    Store(StoreError),
 }
 
-fn begin(connection: &mut Connection) -> Result<Transaction<'_>, Failed> {
+impl From<StoreError> for OpError {
+    fn from(error: StoreError) -> Self {
+        Self::Store(error)
+    }
+}
+
+pub(super) type OpResult<T> = Result<T, OpError>;
+
+fn fail(what: &'static str) -> impl Fn(rusqlite::Error) -> OpError {
+    move |error| OpError::Sqlite(what, error)
+}
+
+fn begin(connection: &mut Connection) -> OpResult<Transaction<'_>> {
     connection
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(fail("could not begin a write transaction"))
 }
 
-fn commit(transaction: Transaction<'_>) -> Result<(), Failed> {
+fn commit(transaction: Transaction<'_>) -> OpResult<()> {
     transaction
         .commit()
         .map_err(fail("could not commit a write transaction"))
@@ -47,7 +57,7 @@ fn read(connection: &Connection, key: &StorageKey, want_output: bool) -> OpResul
         })
         .optional()
         .map_err(fail("could not read a record"))?;
-    Ok(record.transpose())
+    Ok(record.transpose()?)
 }
 
 /// A fence larger than every fence handed out from this database, and than `old`.
@@ -57,7 +67,7 @@ fn next_fence(transaction: &Transaction<'_>, old: Option<i64>) -> OpResult<i64> 
         .and_then(|mut statement| statement.query_row([], |row| row.get(0)).optional())
         .map_err(fail("could not read the fence counter"))?;
     let Some(fence) = last.unwrap_or(0).max(old.unwrap_or(0)).checked_add(1) else {
-        return Ok(Err(StoreError::Backend {
+        return Err(OpError::Store(StoreError::Backend {
             message: "the SQLite store's fence counter is exhausted".to_string(),
             source: None,
         }));
@@ -69,7 +79,7 @@ fn next_fence(transaction: &Transaction<'_>, old: Option<i64>) -> OpResult<i64> 
         )
         .and_then(|mut statement| statement.execute([fence]))
         .map_err(fail("could not advance the fence counter"))?;
-    Ok(Ok(fence))
+    Ok(fence)
 }
 
 pub(super) fn claim(
@@ -80,19 +90,16 @@ pub(super) fn claim(
 ) -> OpResult<Claim> {
     let transaction = begin(connection)?;
     let now = record::now_ms();
-    let existing = match read(&transaction, key, true)? {
-        Ok(existing) => existing,
-        Err(corrupt) => return Ok(Err(corrupt)),
-    };
+    let existing = read(&transaction, key, true)?;
     let old_fence = existing.as_ref().map(|record| record.fence);
     if let Some(record) = existing
         && record.is_live(now)
     {
         // Nothing to write: dropping the transaction ends it.
         if record.fingerprint != *fingerprint.as_bytes() {
-            return Ok(Ok(Claim::Mismatch));
+            return Ok(Claim::Mismatch);
         }
-        return Ok(Ok(match record.state {
+        return Ok(match record.state {
             State::InProgress => Claim::InProgress {
                 retry_after: record::until_from(now, record.until),
             },
@@ -100,12 +107,9 @@ pub(super) fn claim(
             State::Completed(output) => Claim::Completed {
                 output: output.unwrap_or_default().into(),
             },
-        }));
+        });
     }
-    let fence = match next_fence(&transaction, old_fence)? {
-        Ok(fence) => fence,
-        Err(error) => return Ok(Err(error)),
-    };
+    let fence = next_fence(&transaction, old_fence)?;
     transaction
         .prepare_cached(
             "INSERT OR REPLACE INTO idempotent_records
@@ -124,10 +128,10 @@ pub(super) fn claim(
         })
         .map_err(fail("could not write a claim"))?;
     commit(transaction)?;
-    Ok(Ok(Claim::Acquired {
+    Ok(Claim::Acquired {
         // At least 1: one more than a non-negative number.
         fence: Fence::new(fence.unsigned_abs()),
-    }))
+    })
 }
 
 /// Runs a fenced write: `write` is applied only if `fence` holds `key` with a live lease.
@@ -140,13 +144,12 @@ fn fenced(
     let transaction = begin(connection)?;
     let now = record::now_ms();
     match read(&transaction, key, false)? {
-        Ok(Some(record)) if record.held_by(fence.get(), now) => {}
-        Ok(_) => return Ok(Ok(FencedWrite::Fenced)),
-        Err(corrupt) => return Ok(Err(corrupt)),
+        Some(record) if record.held_by(fence.get(), now) => {}
+        _ => return Ok(FencedWrite::Fenced),
     }
     write(&transaction, now).map_err(fail("could not write a record"))?;
     commit(transaction)?;
-    Ok(Ok(FencedWrite::Applied))
+    Ok(FencedWrite::Applied)
 }
 
 pub(super) fn complete(
@@ -204,15 +207,12 @@ pub(super) fn lease_left(
     connection: &mut Connection,
     key: &StorageKey,
 ) -> OpResult<Option<Duration>> {
-    let record = match read(connection, key, false)? {
-        Ok(record) => record,
-        Err(corrupt) => return Ok(Err(corrupt)),
-    };
+    let record = read(connection, key, false)?;
     let now = record::now_ms();
-    Ok(Ok(record.and_then(|record| {
+    Ok(record.and_then(|record| {
         (matches!(record.state, State::InProgress) && record.is_live(now))
             .then(|| record::until_from(now, record.until))
-    })))
+    }))
 }
 
 /// Deletes `key`'s record whatever it holds; whether there was one.
@@ -225,7 +225,7 @@ pub(super) fn remove(connection: &mut Connection, key: &[u8; 32]) -> OpResult<bo
         )
         .map_err(fail("could not delete a record"))?;
     commit(transaction)?;
-    Ok(Ok(removed > 0))
+    Ok(removed > 0)
 }
 
 /// Deletes the records whose lease or expiry has passed. Rows of a format or state this release
@@ -240,5 +240,5 @@ pub(super) fn purge(connection: &mut Connection) -> OpResult<u64> {
         )
         .map_err(fail("could not purge expired records"))?;
     commit(transaction)?;
-    Ok(Ok(purged as u64))
+    Ok(purged as u64)
 }

@@ -55,6 +55,10 @@ impl Pool {
         self.settings.busy_timeout
     }
 
+    pub(super) fn synchronous(&self) -> super::Synchronous {
+        self.settings.synchronous
+    }
+
     fn idle(&self) -> MutexGuard<'_, Vec<Connection>> {
         // Pushing or popping a connection cannot be torn by a panic.
         self.idle

@@ -18,7 +18,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{Connection, TransactionBehavior};
 
 use super::Synchronous;
 use super::pool::from_sqlite;
@@ -106,13 +106,12 @@ pub(super) fn prepare(
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(failed)?;
     transaction.execute_batch(CREATE).map_err(failed)?;
+    // An aggregate answers one row, NULL on an empty table.
     let version: Option<i64> = transaction
         .query_row("SELECT max(version) FROM idempotent_schema", [], |row| {
             row.get(0)
         })
-        .optional()
-        .map_err(failed)?
-        .flatten();
+        .map_err(failed)?;
     match version {
         None => {
             transaction
