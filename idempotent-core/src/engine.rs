@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::arguments::CanonicalArguments;
 use crate::default_store::default_store;
 use crate::error::{Error, StoreError};
 use crate::fingerprint::Fingerprint;
@@ -35,7 +36,15 @@ pub struct Call<'a> {
     namespace: Option<&'static Namespace>,
     scope: Option<&'a [u8]>,
     key: Option<&'a [u8]>,
-    fingerprint: Fingerprint,
+    arguments: CallArguments<'a>,
+}
+
+/// A [`Call`]'s arguments, borrowed when they are [`CanonicalArguments`] so that a call stays
+/// `Copy`.
+#[derive(Debug, Clone, Copy)]
+enum CallArguments<'a> {
+    Fingerprint(Fingerprint),
+    Canonical(&'a CanonicalArguments),
 }
 
 impl<'a> Call<'a> {
@@ -50,20 +59,43 @@ impl<'a> Call<'a> {
     /// # Ok::<(), idempotent_core::FingerprintError>(())
     /// ```
     pub fn new(name: &'static str, fingerprint: Fingerprint) -> Self {
+        Self::with(name, CallArguments::Fingerprint(fingerprint))
+    }
+
+    /// [`Call::new`] with the arguments in canonical form: the same call (same key, same
+    /// records), which spares the in-memory store hashing short arguments.
+    ///
+    /// ```
+    /// # use idempotent_core::{Call, CanonicalArguments, Fingerprint};
+    /// let arguments = CanonicalArguments::of("user-7")?;
+    /// let call = Call::with_arguments("mailer::send_welcome", &arguments);
+    /// let same = Call::new("mailer::send_welcome", Fingerprint::of("user-7")?);
+    /// assert_eq!(call.storage_key(), same.storage_key());
+    /// # Ok::<(), idempotent_core::FingerprintError>(())
+    /// ```
+    pub fn with_arguments(name: &'static str, arguments: &'a CanonicalArguments) -> Self {
+        Self::with(name, CallArguments::Canonical(arguments))
+    }
+
+    fn with(name: &'static str, arguments: CallArguments<'a>) -> Self {
         Self {
             name,
             namespace: None,
             scope: None,
             key: None,
-            fingerprint,
+            arguments,
         }
     }
 
-    /// A call in `namespace`: the same as [`Call::new`] with its name, hashing less per call.
-    pub(crate) fn in_namespace(namespace: &'static Namespace, fingerprint: Fingerprint) -> Self {
+    /// A call in `namespace`: the same as [`Call::with_arguments`] with its name, hashing
+    /// less per call.
+    pub(crate) fn in_namespace(
+        namespace: &'static Namespace,
+        arguments: &'a CanonicalArguments,
+    ) -> Self {
         Self {
             namespace: Some(namespace),
-            ..Self::new(namespace.name(), fingerprint)
+            ..Self::with_arguments(namespace.name(), arguments)
         }
     }
 
@@ -101,7 +133,18 @@ impl<'a> Call<'a> {
     /// assert_eq!(call.storage_key(), Err(KeyError::Empty));
     /// ```
     pub fn storage_key(&self) -> Result<StorageKey, crate::KeyError> {
-        let key = self.key.unwrap_or(self.fingerprint.as_bytes());
+        let fingerprint;
+        let key = match (self.key, self.arguments) {
+            (Some(key), _) => key,
+            (None, CallArguments::Fingerprint(given)) => {
+                fingerprint = given;
+                fingerprint.as_bytes()
+            }
+            (None, CallArguments::Canonical(arguments)) => {
+                fingerprint = arguments.fingerprint();
+                fingerprint.as_bytes()
+            }
+        };
         match self.namespace {
             Some(namespace) => namespace.storage_key(self.scope, key),
             None => StorageKey::derive(self.name, self.scope, key),
@@ -111,22 +154,26 @@ impl<'a> Call<'a> {
     /// Everything the engine needs, owning nothing borrowed from the caller's arguments, so
     /// that the body may take them by value.
     pub(crate) fn prepare(self) -> Prepared {
+        let target = self.storage_key().map_err(Error::from).map(|key| {
+            let arguments = match self.arguments {
+                CallArguments::Fingerprint(fingerprint) => CanonicalArguments::from(fingerprint),
+                CallArguments::Canonical(arguments) => arguments.clone(),
+            };
+            (key, arguments)
+        });
         Prepared {
             name: self.name,
-            target: self
-                .storage_key()
-                .map(|key| (key, self.fingerprint))
-                .map_err(Error::from),
+            target,
         }
     }
 }
 
-/// A call ready to run: its name, and its storage key and fingerprint, or why there are none.
+/// A call ready to run: its name, and its storage key and arguments, or why there are none.
 #[doc(hidden)]
 #[derive(Debug)]
 pub struct Prepared {
     pub(crate) name: &'static str,
-    pub(crate) target: Result<(StorageKey, Fingerprint), Error>,
+    pub(crate) target: Result<(StorageKey, CanonicalArguments), Error>,
 }
 
 /// What a call returned, and whether the body ran for it.
@@ -358,8 +405,8 @@ where
     E: From<Error>,
     F: Future<Output = Result<T, E>>,
 {
-    let (mut trace, key, fingerprint) = start_call(call, options)?;
-    let claim = || store.claim(&key, &fingerprint, options.get_lease());
+    let (mut trace, key, arguments) = start_call(call, options)?;
+    let claim = || store.claim_arguments(&key, &arguments, options.get_lease());
     let fence = match acquire::<R, T, E, _>(claim, &**store, &key, options, &mut trace).await {
         Ok(fence) => fence,
         Err(done) => return done,
@@ -372,12 +419,12 @@ where
 pub(crate) fn start_call(
     call: Prepared,
     options: &Options,
-) -> Result<(CallTrace, StorageKey, Fingerprint), Error> {
+) -> Result<(CallTrace, StorageKey, CanonicalArguments), Error> {
     let mut trace = CallTrace::start(call.name);
     match options.validate().and(call.target) {
-        Ok((key, fingerprint)) => {
+        Ok((key, arguments)) => {
             trace.set_key(key);
-            Ok((trace, key, fingerprint))
+            Ok((trace, key, arguments))
         }
         Err(error) => {
             trace.emit(CallOutcome::InvalidInput);

@@ -94,6 +94,8 @@ use sha2::{Digest, Sha256};
 
 use canonical::{Buffer, tag};
 
+use crate::arguments::{CanonicalArguments, MAX_EXACT_ARGUMENTS};
+
 use crate::hex::write_hex32;
 
 /// Separates these hashes from any other SHA-256 use and versions the
@@ -233,9 +235,56 @@ impl fmt::Display for Fingerprint {
 /// ```
 #[derive(Clone)]
 pub struct Fingerprinter {
-    hasher: Sha256,
+    stream: Stream,
     arguments: usize,
     poisoned: bool,
+}
+
+/// The stream hashed after the domain block, so far.
+#[derive(Clone)]
+enum Stream {
+    /// Kept as is while it is short, so that short arguments may be compared without hashing
+    /// (see [`CanonicalArguments`]).
+    Short {
+        len: usize,
+        bytes: [u8; MAX_EXACT_ARGUMENTS],
+    },
+    /// Hashed as it is written, once it outgrew `Short`.
+    Hashing(Sha256),
+}
+
+impl Stream {
+    fn append(&mut self, data: &[u8]) {
+        match self {
+            Self::Short { len, bytes } if data.len() <= MAX_EXACT_ARGUMENTS - *len => {
+                bytes[*len..*len + data.len()].copy_from_slice(data);
+                *len += data.len();
+            }
+            Self::Short { len, bytes } => {
+                let mut hasher = AFTER_DOMAIN.clone();
+                hasher.update(&bytes[..*len]);
+                hasher.update(data);
+                *self = Self::Hashing(hasher);
+            }
+            Self::Hashing(hasher) => hasher.update(data),
+        }
+    }
+
+    /// The fingerprint of this stream followed by `end`.
+    fn digest_with(&self, end: &[u8]) -> Fingerprint {
+        let mut hasher = match self {
+            Self::Short { len, bytes } => AFTER_DOMAIN.clone().chain_update(&bytes[..*len]),
+            Self::Hashing(hasher) => hasher.clone(),
+        };
+        hasher.update(end);
+        Fingerprint(hasher.finalize().into())
+    }
+}
+
+/// The fingerprint of a whole stream (every argument's item and the end marker), as kept by
+/// [`CanonicalArguments`].
+pub(crate) fn fingerprint_of_stream(stream: &[u8]) -> Fingerprint {
+    Fingerprint(AFTER_DOMAIN.clone().chain_update(stream).finalize().into())
 }
 
 impl Default for Fingerprinter {
@@ -258,7 +307,10 @@ impl Fingerprinter {
     /// ```
     pub fn new() -> Self {
         Self {
-            hasher: AFTER_DOMAIN.clone(),
+            stream: Stream::Short {
+                len: 0,
+                bytes: [0; MAX_EXACT_ARGUMENTS],
+            },
             arguments: 0,
             poisoned: false,
         }
@@ -293,7 +345,7 @@ impl Fingerprinter {
         let written = with_buffer(|encoded| {
             encoded.bytes.push(tag::ARG);
             canonical::write_value(encoded, argument)?;
-            self.hasher.update(&encoded.bytes);
+            self.stream.append(&encoded.bytes);
             Ok(())
         });
         match written {
@@ -303,7 +355,7 @@ impl Fingerprinter {
             }
             Err(error) => {
                 self.poisoned = true;
-                self.hasher.update([tag::ARG, tag::POISON]);
+                self.stream.append(&[tag::ARG, tag::POISON]);
                 Err(error)
             }
         }
@@ -323,12 +375,38 @@ impl Fingerprinter {
     /// # Ok::<(), idempotent_core::FingerprintError>(())
     /// ```
     pub fn finish(&self) -> Fingerprint {
-        let mut hasher = self.hasher.clone();
+        self.with_end_marker(|end| self.stream.digest_with(end))
+    }
+
+    /// The arguments pushed so far, as a store compares them: kept as they are if their
+    /// encoding is short, else fingerprinted (see [`CanonicalArguments`]). Like
+    /// [`finish`](Self::finish), it does not consume the fingerprinter.
+    ///
+    /// ```
+    /// use idempotent_core::Fingerprinter;
+    ///
+    /// let mut args = Fingerprinter::new();
+    /// args.push("order-7")?.push(&4200)?;
+    /// assert_eq!(args.arguments().fingerprint(), args.finish());
+    /// # Ok::<(), idempotent_core::FingerprintError>(())
+    /// ```
+    pub fn arguments(&self) -> CanonicalArguments {
+        self.with_end_marker(|end| {
+            if let Stream::Short { len, bytes } = &self.stream
+                && let Some(exact) = CanonicalArguments::exact_stream(&bytes[..*len], end)
+            {
+                return exact;
+            }
+            CanonicalArguments::from(self.stream.digest_with(end))
+        })
+    }
+
+    /// Runs `use_end` with the marker that closes the stream: the argument count.
+    fn with_end_marker<R>(&self, use_end: impl FnOnce(&[u8]) -> R) -> R {
         with_buffer(|end| {
             canonical::write_header(&mut end.bytes, tag::ARGS_END, self.arguments);
-            hasher.update(&end.bytes);
-        });
-        Fingerprint(hasher.finalize().into())
+            use_end(&end.bytes)
+        })
     }
 }
 

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod arguments;
 mod clock;
 mod default_store;
 mod engine;
@@ -42,6 +43,7 @@ mod telemetry;
 #[doc = include_str!("attribute_docs.md")]
 pub use idempotent_macros::idempotent;
 
+pub use arguments::{CanonicalArguments, MAX_EXACT_ARGUMENTS};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use default_store::{DefaultStoreAlreadySet, default_store, set_default_store};
 pub use engine::{Call, Idempotency, Outcome};

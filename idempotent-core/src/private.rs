@@ -14,9 +14,10 @@ pub use crate::options::{OnConflict, Options};
 pub use core::time::Duration;
 pub use std::borrow::Cow;
 
+use crate::arguments::CanonicalArguments;
 use crate::engine::{Call, Prepared, execute};
 use crate::error::Error;
-use crate::fingerprint::{Fingerprint, FingerprintError, Fingerprinter};
+use crate::fingerprint::{FingerprintError, Fingerprinter};
 use crate::recorded::{OkAndErr, OkOnly};
 use crate::store::Store;
 
@@ -44,29 +45,34 @@ pub fn push_argument<T: Serialize + ?Sized>(hasher: &mut ArgumentHasher, argumen
     }
 }
 
-pub fn finish(hasher: ArgumentHasher) -> Result<Fingerprint, FingerprintError> {
+pub fn finish(hasher: ArgumentHasher) -> Result<CanonicalArguments, FingerprintError> {
     match hasher.error {
         Some(error) => Err(error),
-        None => Ok(hasher.fingerprinter.finish()),
+        None => Ok(hasher.fingerprinter.arguments()),
     }
 }
 
 pub fn prepare(
     namespace: &'static Namespace,
-    fingerprint: Result<Fingerprint, FingerprintError>,
+    arguments: Result<CanonicalArguments, FingerprintError>,
     key: Option<&[u8]>,
     scope: Option<&[u8]>,
 ) -> Prepared {
-    match fingerprint {
-        Ok(fingerprint) => {
-            let mut call = Call::in_namespace(namespace, fingerprint);
+    match arguments {
+        Ok(arguments) => {
+            let mut call = Call::in_namespace(namespace, &arguments);
             if let Some(key) = key {
                 call = call.key(key);
             }
             if let Some(scope) = scope {
                 call = call.scope(scope);
             }
-            call.prepare()
+            // The call borrowed the arguments to derive the key; they move on, not copied.
+            let target = call.storage_key().map_err(Error::from);
+            Prepared {
+                name: namespace.name(),
+                target: target.map(|key| (key, arguments)),
+            }
         }
         Err(error) => Prepared {
             name: namespace.name(),

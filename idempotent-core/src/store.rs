@@ -20,6 +20,7 @@ use std::time::Duration;
 
 pub use bytes::Bytes;
 
+use crate::arguments::CanonicalArguments;
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
@@ -176,6 +177,39 @@ pub trait Store: Send + Sync + fmt::Debug {
         fingerprint: &'a Fingerprint,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>>;
+
+    /// [`claim`](Self::claim), for a call whose arguments are `arguments`: what the engine
+    /// calls. The provided method claims with their fingerprint; a store that can compare
+    /// short arguments exactly (the in-memory store) overrides it to skip the hashing. Either
+    /// way the outcome is the one `claim` with `arguments.fingerprint()` would give, and a
+    /// record claimed one way is found the other way.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idempotent_core::{CanonicalArguments, Claim, MemoryStore, StorageKey, Store};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MemoryStore::new();
+    /// let key = StorageKey::derive("docs", None, b"order-1")?;
+    /// let arguments = CanonicalArguments::of(&("order-1", 4200))?;
+    /// let lease = Duration::from_secs(30);
+    ///
+    /// assert!(matches!(store.claim_arguments(&key, &arguments, lease).await?, Claim::Acquired { .. }));
+    /// assert!(matches!(
+    ///     store.claim(&key, &arguments.fingerprint(), lease).await?,
+    ///     Claim::InProgress { .. }
+    /// ));
+    /// # Ok(()) }
+    /// ```
+    fn claim_arguments<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        arguments: &'a CanonicalArguments,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        let fingerprint = arguments.fingerprint();
+        Box::pin(async move { self.claim(key, &fingerprint, lease).await })
+    }
 
     /// Records `output` for `key`, kept for `ttl`, if `key` is in progress under `fence` with a
     /// live lease; otherwise changes nothing and returns [`FencedWrite::Fenced`].

@@ -7,7 +7,9 @@ use std::process::Command;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use idempotent_core::{Fingerprint, FingerprintError, Fingerprinter};
+use idempotent_core::{
+    CanonicalArguments, Fingerprint, FingerprintError, Fingerprinter, MAX_EXACT_ARGUMENTS,
+};
 use proptest::prelude::*;
 use serde::ser::{Error as _, SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
@@ -756,4 +758,78 @@ fn known_fingerprints_are_pinned() -> Result<(), FingerprintError> {
         "9e35acae3d2b334997dea429c3673d5179fb6122075df23d268b7d74023d9b41"
     );
     Ok(())
+}
+
+/// A stream (every argument's item and the end marker) of up to `MAX_EXACT_ARGUMENTS` bytes
+/// is kept as it is; a longer one, or one that outgrows the limit on a later push, is hashed
+/// as it is written. The fingerprints are pinned (Python's hashlib, as above), so the switch
+/// can change neither path's hash.
+#[test]
+fn canonical_arguments_are_exact_up_to_the_limit() -> Result<(), FingerprintError> {
+    assert_eq!(
+        MAX_EXACT_ARGUMENTS, 128,
+        "the pinned streams below sit at this limit"
+    );
+    // ARG, STR, length 123, the bytes, ARGS_END, one argument: 128 bytes.
+    let at_limit = CanonicalArguments::of(&"a".repeat(123))?;
+    let mut stream = vec![0x0a, 0x05, 123];
+    stream.extend_from_slice(&[b'a'; 123]);
+    stream.extend_from_slice(&[0x0b, 0x01]);
+    assert_eq!(at_limit.exact(), Some(&stream[..]));
+    assert_eq!(
+        at_limit.fingerprint().to_hex(),
+        "99c34f7de57c184d98895b25f0b59d1df680f243cc2cb6c1af53aa9d20b5fa90"
+    );
+
+    let past_limit = CanonicalArguments::of(&"a".repeat(124))?;
+    assert_eq!(past_limit.exact(), None, "129 bytes are hashed");
+    assert_eq!(
+        past_limit.fingerprint().to_hex(),
+        "635f5cdb54043755475d09b74a2f857824406f8789e47a4be0e66561de01c1ea"
+    );
+
+    // The second push outgrows the limit: what was kept is hashed, then the rest.
+    let mut spilled = Fingerprinter::new();
+    spilled.push(&"a".repeat(100))?;
+    assert!(spilled.arguments().exact().is_some());
+    spilled.push(&"b".repeat(100))?.push(&7u32)?;
+    assert_eq!(spilled.arguments().exact(), None);
+    assert_eq!(
+        spilled.finish().to_hex(),
+        "52b9b12481badd007527c8c96064a148117cc5cabbcecd9f64886918ce952428"
+    );
+    assert_eq!(spilled.arguments().fingerprint(), spilled.finish());
+    Ok(())
+}
+
+/// A poisoned fingerprinter's arguments, exact or not, equal no successful sequence of pushes.
+#[test]
+fn poisoned_arguments_equal_no_valid_ones() {
+    let mut poisoned = Fingerprinter::new();
+    poisoned.push("x").unwrap();
+    assert!(poisoned.push(&Boom).is_err());
+    let arguments = poisoned.arguments();
+    assert!(
+        arguments.exact().is_some(),
+        "short: the poison is kept in the stream"
+    );
+    let mut valid = Fingerprinter::new();
+    valid.push("x").unwrap();
+    assert_ne!(arguments, valid.arguments());
+    valid.push(&()).unwrap();
+    assert_ne!(arguments, valid.arguments());
+}
+
+proptest! {
+    /// Both forms of the same arguments are equal, and two values' arguments are equal
+    /// exactly when their fingerprints are, in either form.
+    #[test]
+    fn canonical_arguments_agree_with_fingerprints((a, b) in pair()) {
+        let (args_a, args_b) = (CanonicalArguments::of(&a)?, CanonicalArguments::of(&b)?);
+        let (fp_a, fp_b) = (Fingerprint::of(&a)?, Fingerprint::of(&b)?);
+        prop_assert_eq!(args_a.fingerprint(), fp_a);
+        prop_assert_eq!(&CanonicalArguments::from(fp_a), &args_a);
+        prop_assert_eq!(args_a == args_b, fp_a == fp_b);
+        prop_assert_eq!(CanonicalArguments::from(fp_a) == args_b, fp_a == fp_b);
+    }
 }

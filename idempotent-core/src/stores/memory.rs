@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::arguments::CanonicalArguments;
 use crate::clock::{Clock, SystemClock};
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
@@ -48,9 +49,33 @@ pub struct MemoryStore {
 type Shard = HashMap<StorageKey, Record, BuildHasherDefault<PrefixHasher>>;
 
 struct Record {
-    fingerprint: Fingerprint,
+    arguments: KeptArguments,
     fence: Fence,
     state: State,
+}
+
+/// A record's arguments: as claimed, when they were short enough to be kept exactly (see
+/// [`CanonicalArguments`]), else their fingerprint. Exact ones make a replay skip hashing,
+/// for at most [`MAX_EXACT_ARGUMENTS`](crate::MAX_EXACT_ARGUMENTS) bytes more per record.
+enum KeptArguments {
+    Exact(Box<[u8]>),
+    Digest(Fingerprint),
+}
+
+impl KeptArguments {
+    fn of(arguments: &CanonicalArguments) -> Self {
+        match arguments.exact() {
+            Some(exact) => Self::Exact(exact.into()),
+            None => Self::Digest(arguments.fingerprint()),
+        }
+    }
+
+    fn matches(&self, arguments: &CanonicalArguments) -> bool {
+        match self {
+            Self::Exact(exact) => arguments.matches_exact(exact),
+            Self::Digest(fingerprint) => arguments.fingerprint() == *fingerprint,
+        }
+    }
 }
 
 enum State {
@@ -206,12 +231,17 @@ impl MemoryStore {
             .is_ok()
     }
 
-    fn claim_now(&self, key: &StorageKey, fingerprint: &Fingerprint, lease: Duration) -> ClaimStep {
+    fn claim_now(
+        &self,
+        key: &StorageKey,
+        arguments: &CanonicalArguments,
+        lease: Duration,
+    ) -> ClaimStep {
         let now = self.clock.now();
         let mut shard = self.shard(key);
         if let Some(record) = shard.get_mut(key) {
             if record.is_live(now) {
-                if record.fingerprint != *fingerprint {
+                if !record.arguments.matches(arguments) {
                     return ClaimStep::Done(Claim::Mismatch);
                 }
                 return ClaimStep::Done(match &record.state {
@@ -227,7 +257,7 @@ impl MemoryStore {
             record.wake_waiters();
             let fence = self.new_fence();
             *record = Record {
-                fingerprint: *fingerprint,
+                arguments: KeptArguments::of(arguments),
                 fence,
                 state: State::InProgress {
                     lease_until: now.saturating_add(lease),
@@ -243,7 +273,7 @@ impl MemoryStore {
         shard.insert(
             *key,
             Record {
-                fingerprint: *fingerprint,
+                arguments: KeptArguments::of(arguments),
                 fence,
                 state: State::InProgress {
                     lease_until: now.saturating_add(lease),
@@ -281,6 +311,27 @@ impl MemoryStore {
         self.len.fetch_sub(1, Ordering::AcqRel);
         true
     }
+
+    fn claim_or_purge(
+        &self,
+        key: &StorageKey,
+        arguments: &CanonicalArguments,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        match self.claim_now(key, arguments, lease) {
+            ClaimStep::Done(claim) => Ok(claim),
+            ClaimStep::Full => {
+                // Make room only from records that are already dead, then try once more.
+                self.purge_now();
+                match self.claim_now(key, arguments, lease) {
+                    ClaimStep::Done(claim) => Ok(claim),
+                    ClaimStep::Full => Err(StoreError::Full {
+                        capacity: self.capacity,
+                    }),
+                }
+            }
+        }
+    }
 }
 
 enum ClaimStep {
@@ -311,20 +362,19 @@ impl Store for MemoryStore {
         fingerprint: &'a Fingerprint,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        let claim = match self.claim_now(key, fingerprint, lease) {
-            ClaimStep::Done(claim) => Ok(claim),
-            ClaimStep::Full => {
-                // Make room only from records that are already dead, then try once more.
-                self.purge_now();
-                match self.claim_now(key, fingerprint, lease) {
-                    ClaimStep::Done(claim) => Ok(claim),
-                    ClaimStep::Full => Err(StoreError::Full {
-                        capacity: self.capacity,
-                    }),
-                }
-            }
-        };
+        let claim = self.claim_or_purge(key, &CanonicalArguments::from(*fingerprint), lease);
         Box::pin(std::future::ready(claim))
+    }
+
+    fn claim_arguments<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        arguments: &'a CanonicalArguments,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(std::future::ready(
+            self.claim_or_purge(key, arguments, lease),
+        ))
     }
 
     fn complete<'a>(

@@ -130,7 +130,8 @@ impl PostgresStore {
         E: From<Error>,
         F: Future<Output = Result<T, E>>,
     {
-        let (mut trace, key, fingerprint) = start_call(call, options)?;
+        let (mut trace, key, arguments) = start_call(call, options)?;
+        let fingerprint = arguments.fingerprint();
         // In progress means held by a call outside any transaction of ours (the
         // non-transactional mode); a transaction's own claims block instead.
         let claim = || self.claim_in(tx, &key, &fingerprint, options);
