@@ -15,6 +15,7 @@ use crate::fingerprint::Fingerprint;
 use crate::holder::Holder;
 use crate::key::{Namespace, StorageKey};
 use crate::options::{OnConflict, Options};
+use crate::private::StoreHandle;
 use crate::recorded::{OkAndErr, OkOnly, Recording};
 use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
 use crate::telemetry::{CallOutcome, CallTrace};
@@ -395,7 +396,7 @@ impl Idempotency {
 
 /// The whole protocol for one call.
 pub(crate) async fn execute<R, T, E, F>(
-    store: &Arc<dyn Store>,
+    store: &dyn StoreHandle,
     options: &Options,
     call: Prepared,
     body: F,
@@ -406,12 +407,13 @@ where
     F: Future<Output = Result<T, E>>,
 {
     let (mut trace, key, arguments) = start_call(call, options)?;
-    let claim = || store.claim_arguments(&key, &arguments, options.get_lease());
-    let fence = match acquire::<R, T, E, _>(claim, &**store, &key, options, &mut trace).await {
+    let borrowed = store.as_store();
+    let claim = || borrowed.claim_arguments(&key, &arguments, options.get_lease());
+    let fence = match acquire::<R, T, E, _>(claim, borrowed, &key, options, &mut trace).await {
         Ok(fence) => fence,
         Err(done) => return done,
     };
-    let holder = Holder::new(Arc::clone(store), key, fence, trace.clone());
+    let holder = Holder::new(store.to_store(), key, fence, trace.clone());
     run_body::<R, T, E, F>(holder, options, trace, body).await
 }
 

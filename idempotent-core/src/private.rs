@@ -87,34 +87,51 @@ pub fn prepare(
     label = "not an `Arc<impl Store>` or `Arc<dyn Store>`",
     note = "keep the store in an `Arc` (for example `Arc<MemoryStore>` or `Arc<dyn Store>`) and pass that"
 )]
-pub trait StoreHandle {
+pub trait StoreHandle: Sync {
+    /// The store, borrowed: all a call needs unless it runs its body.
+    fn as_store(&self) -> &dyn Store;
+    /// The store, shared: kept by a call that runs its body until its claim is settled.
     fn to_store(&self) -> Arc<dyn Store>;
 }
 
 impl<S: Store + 'static> StoreHandle for Arc<S> {
+    fn as_store(&self) -> &dyn Store {
+        &**self
+    }
+
     fn to_store(&self) -> Arc<dyn Store> {
         Arc::clone(self) as Arc<dyn Store>
     }
 }
 
 impl StoreHandle for Arc<dyn Store> {
+    fn as_store(&self) -> &dyn Store {
+        &**self
+    }
+
     fn to_store(&self) -> Arc<dyn Store> {
         Arc::clone(self)
     }
 }
 
 impl<T: StoreHandle + ?Sized> StoreHandle for &T {
+    fn as_store(&self) -> &dyn Store {
+        (**self).as_store()
+    }
+
     fn to_store(&self) -> Arc<dyn Store> {
         (**self).to_store()
     }
 }
 
-pub fn store_handle<S: StoreHandle + ?Sized>(store: &S) -> Arc<dyn Store> {
-    store.to_store()
+/// Borrows the handle: a replay then touches no reference count, which every concurrent
+/// call of the function would contend on.
+pub fn store_handle<S: StoreHandle>(store: &S) -> &dyn StoreHandle {
+    store
 }
 
 pub async fn run<T, E, F>(
-    store: &Arc<dyn Store>,
+    store: &dyn StoreHandle,
     options: &Options,
     call: Prepared,
     body: F,
@@ -130,7 +147,7 @@ where
 }
 
 pub async fn run_caching_errors<T, E, F>(
-    store: &Arc<dyn Store>,
+    store: &dyn StoreHandle,
     options: &Options,
     call: Prepared,
     body: F,

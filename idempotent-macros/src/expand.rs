@@ -69,9 +69,19 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
         (Some(expr), Some(_)) => quote_spanned! {expr.span()=>
             let #store = #private::postgres_store(&(#expr));
         },
-        (Some(expr), None) => quote_spanned! {expr.span()=>
-            let #store = &#private::store_handle(&(#expr));
-        },
+        (Some(expr), None) => {
+            // The value is bound first, so that a temporary (`store = make_store()`) lives to
+            // the end, under a name located at the expression, so that a type that is no
+            // store is reported there.
+            let store_value = Ident::new(
+                "__idempotent_store_value",
+                Span::mixed_site().located_at(expr.span()),
+            );
+            quote_spanned! {expr.span()=>
+                let #store_value = &(#expr);
+                let #store = #private::store_handle(#store_value);
+            }
+        }
         (None, _) => quote!(let #store = #private::default_store();),
     };
 
