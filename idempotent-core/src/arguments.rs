@@ -47,9 +47,10 @@ pub struct CanonicalArguments {
 
 #[derive(Clone)]
 enum Form {
-    /// The whole stream hashed after the domain block. Boxed: an allocator's small-size cache
-    /// costs less than moving the bytes through every step of a call.
-    Exact(Box<[u8]>),
+    /// The whole stream hashed after the domain block, in the allocation the fingerprinter
+    /// wrote it to: an allocator's small-size cache costs less than moving the bytes through
+    /// every step of a call.
+    Exact(Vec<u8>),
     Digest(Fingerprint),
 }
 
@@ -72,17 +73,12 @@ impl CanonicalArguments {
         Ok(Fingerprinter::new().push(value)?.arguments())
     }
 
-    /// Keeps the stream `head ‖ end` as is; `None` if it is too long to.
-    pub(crate) fn exact_stream(head: &[u8], end: &[u8]) -> Option<Self> {
-        if head.len() + end.len() > MAX_EXACT_ARGUMENTS {
-            return None;
+    /// Keeps `stream`, which is at most [`MAX_EXACT_ARGUMENTS`] bytes, as is.
+    pub(crate) fn exact_stream(stream: Vec<u8>) -> Self {
+        debug_assert!(stream.len() <= MAX_EXACT_ARGUMENTS);
+        Self {
+            form: Form::Exact(stream),
         }
-        let mut stream = Vec::with_capacity(head.len() + end.len());
-        stream.extend_from_slice(head);
-        stream.extend_from_slice(end);
-        Some(Self {
-            form: Form::Exact(stream.into_boxed_slice()),
-        })
     }
 
     /// The canonical encoding, if it is short enough to be kept: what the in-memory store

@@ -92,7 +92,7 @@ use std::sync::LazyLock;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use canonical::{Buffer, tag};
+use canonical::{Buffer, MAX_HEADER, tag};
 
 use crate::arguments::{CanonicalArguments, MAX_EXACT_ARGUMENTS};
 
@@ -235,50 +235,14 @@ impl fmt::Display for Fingerprint {
 /// ```
 #[derive(Clone)]
 pub struct Fingerprinter {
-    stream: Stream,
+    /// The stream hashed after the domain block, as it is while it is at most
+    /// [`MAX_EXACT_ARGUMENTS`] bytes; once `hasher` is set, only the argument being written.
+    stream: Vec<u8>,
+    /// Set when the stream outgrew [`MAX_EXACT_ARGUMENTS`]: it holds everything written
+    /// before the current argument. Boxed, as most calls never need it.
+    hasher: Option<Box<Sha256>>,
     arguments: usize,
     poisoned: bool,
-}
-
-/// The stream hashed after the domain block, so far.
-#[derive(Clone)]
-enum Stream {
-    /// Kept as is while it is short, so that short arguments may be compared without hashing
-    /// (see [`CanonicalArguments`]).
-    Short {
-        len: usize,
-        bytes: [u8; MAX_EXACT_ARGUMENTS],
-    },
-    /// Hashed as it is written, once it outgrew `Short`.
-    Hashing(Sha256),
-}
-
-impl Stream {
-    fn append(&mut self, data: &[u8]) {
-        match self {
-            Self::Short { len, bytes } if data.len() <= MAX_EXACT_ARGUMENTS - *len => {
-                bytes[*len..*len + data.len()].copy_from_slice(data);
-                *len += data.len();
-            }
-            Self::Short { len, bytes } => {
-                let mut hasher = AFTER_DOMAIN.clone();
-                hasher.update(&bytes[..*len]);
-                hasher.update(data);
-                *self = Self::Hashing(hasher);
-            }
-            Self::Hashing(hasher) => hasher.update(data),
-        }
-    }
-
-    /// The fingerprint of this stream followed by `end`.
-    fn digest_with(&self, end: &[u8]) -> Fingerprint {
-        let mut hasher = match self {
-            Self::Short { len, bytes } => AFTER_DOMAIN.clone().chain_update(&bytes[..*len]),
-            Self::Hashing(hasher) => hasher.clone(),
-        };
-        hasher.update(end);
-        Fingerprint(hasher.finalize().into())
-    }
 }
 
 /// The fingerprint of a whole stream (every argument's item and the end marker), as kept by
@@ -288,8 +252,7 @@ pub(crate) fn fingerprint_of_stream(stream: &[u8]) -> Fingerprint {
 }
 
 impl Default for Fingerprinter {
-    /// The same as [`Fingerprinter::new`]; a derived `Default` would skip the
-    /// domain tag.
+    /// The same as [`Fingerprinter::new`].
     fn default() -> Self {
         Self::new()
     }
@@ -307,10 +270,8 @@ impl Fingerprinter {
     /// ```
     pub fn new() -> Self {
         Self {
-            stream: Stream::Short {
-                len: 0,
-                bytes: [0; MAX_EXACT_ARGUMENTS],
-            },
+            stream: Vec::new(),
+            hasher: None,
             arguments: 0,
             poisoned: false,
         }
@@ -342,23 +303,45 @@ impl Fingerprinter {
                 "an earlier argument already failed".to_owned(),
             ));
         }
-        let written = with_buffer(|encoded| {
-            encoded.bytes.push(tag::ARG);
-            canonical::write_value(encoded, argument)?;
-            self.stream.append(&encoded.bytes);
-            Ok(())
+        if self.stream.capacity() == 0 {
+            // One allocation for a typical call's arguments, which the call's
+            // `CanonicalArguments` then keep.
+            self.stream.reserve_exact(MAX_EXACT_ARGUMENTS);
+        }
+        let start = self.stream.len();
+        // The argument is encoded straight onto the stream: the thread's buffer lends only its
+        // stack of map entries.
+        let written = with_buffer(|buffer| {
+            std::mem::swap(&mut buffer.bytes, &mut self.stream);
+            buffer.bytes.push(tag::ARG);
+            let written = canonical::write_value(buffer, argument);
+            std::mem::swap(&mut buffer.bytes, &mut self.stream);
+            written
         });
         match written {
-            Ok(()) => {
-                self.arguments = self.arguments.saturating_add(1);
-                Ok(self)
-            }
+            Ok(()) => self.arguments = self.arguments.saturating_add(1),
             Err(error) => {
                 self.poisoned = true;
-                self.stream.append(&[tag::ARG, tag::POISON]);
-                Err(error)
+                self.stream.truncate(start);
+                self.stream.extend_from_slice(&[tag::ARG, tag::POISON]);
+                self.hash_if_long();
+                return Err(error);
             }
         }
+        self.hash_if_long();
+        Ok(self)
+    }
+
+    /// Once the stream outgrows [`MAX_EXACT_ARGUMENTS`], hashes what was written and keeps
+    /// only the hash, so a large argument is not kept for the fingerprinter's lifetime.
+    fn hash_if_long(&mut self) {
+        if self.hasher.is_none() && self.stream.len() <= MAX_EXACT_ARGUMENTS {
+            return;
+        }
+        self.hasher
+            .get_or_insert_with(|| Box::new(AFTER_DOMAIN.clone()))
+            .update(&self.stream);
+        self.stream.clear();
     }
 
     /// The fingerprint of the arguments pushed so far. Does not consume the
@@ -375,7 +358,14 @@ impl Fingerprinter {
     /// # Ok::<(), idempotent_core::FingerprintError>(())
     /// ```
     pub fn finish(&self) -> Fingerprint {
-        self.with_end_marker(|end| self.stream.digest_with(end))
+        let (end, len) = self.end_marker();
+        let mut hasher = match &self.hasher {
+            Some(hasher) => (**hasher).clone(),
+            None => AFTER_DOMAIN.clone(),
+        };
+        hasher.update(&self.stream);
+        hasher.update(&end[..len]);
+        Fingerprint(hasher.finalize().into())
     }
 
     /// The arguments pushed so far, as a store compares them: kept as they are if their
@@ -391,28 +381,28 @@ impl Fingerprinter {
     /// # Ok::<(), idempotent_core::FingerprintError>(())
     /// ```
     pub fn arguments(&self) -> CanonicalArguments {
-        self.with_end_marker(|end| {
-            if let Stream::Short { len, bytes } = &self.stream
-                && let Some(exact) = CanonicalArguments::exact_stream(&bytes[..*len], end)
-            {
-                return exact;
-            }
-            CanonicalArguments::from(self.stream.digest_with(end))
-        })
+        self.clone().into_arguments()
     }
 
-    /// Runs `use_end` with the marker that closes the stream: the argument count.
-    fn with_end_marker<R>(&self, use_end: impl FnOnce(&[u8]) -> R) -> R {
-        with_buffer(|end| {
-            canonical::write_header(&mut end.bytes, tag::ARGS_END, self.arguments);
-            use_end(&end.bytes)
-        })
+    /// [`arguments`](Self::arguments), keeping the stream rather than copying it.
+    pub(crate) fn into_arguments(mut self) -> CanonicalArguments {
+        let (end, len) = self.end_marker();
+        if self.hasher.is_none() && self.stream.len() + len <= MAX_EXACT_ARGUMENTS {
+            self.stream.extend_from_slice(&end[..len]);
+            return CanonicalArguments::exact_stream(self.stream);
+        }
+        CanonicalArguments::from(self.finish())
+    }
+
+    /// The marker that closes the stream: the argument count, as `end[..len]`.
+    fn end_marker(&self) -> ([u8; MAX_HEADER], usize) {
+        canonical::header(tag::ARGS_END, self.arguments)
     }
 }
 
 thread_local! {
-    /// The encoding buffer of this thread's pushes: fingerprints are taken on every call, and
-    /// a reused buffer saves an allocation each time.
+    /// The map-entry stack and sorting room of this thread's pushes: fingerprints are taken on
+    /// every call, and reusing them saves allocations each time.
     static BUFFER: Cell<Buffer> = const { Cell::new(Buffer::new()) };
 }
 

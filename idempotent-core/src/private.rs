@@ -48,7 +48,7 @@ pub fn push_argument<T: Serialize + ?Sized>(hasher: &mut ArgumentHasher, argumen
 pub fn finish(hasher: ArgumentHasher) -> Result<CanonicalArguments, FingerprintError> {
     match hasher.error {
         Some(error) => Err(error),
-        None => Ok(hasher.fingerprinter.arguments()),
+        None => Ok(hasher.fingerprinter.into_arguments()),
     }
 }
 

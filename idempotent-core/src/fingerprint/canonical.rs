@@ -83,6 +83,27 @@ pub(super) fn write_header(out: &mut Vec<u8>, tag: u8, count: usize) {
     write_varint(out, count as u128);
 }
 
+/// The longest header: a tag and a `usize` count in LEB128.
+pub(super) const MAX_HEADER: usize = 1 + usize::BITS.div_ceil(7) as usize;
+
+/// A tag followed by a count, on the stack: `header[..len]`, as [`write_header`] writes it.
+pub(super) fn header(tag: u8, count: usize) -> ([u8; MAX_HEADER], usize) {
+    let mut header = [0; MAX_HEADER];
+    header[0] = tag;
+    let mut len = 1;
+    let mut rest = count;
+    loop {
+        let low = (rest & 0x7f) as u8;
+        rest >>= 7;
+        if rest == 0 {
+            header[len] = low;
+            return (header, len + 1);
+        }
+        header[len] = low | 0x80;
+        len += 1;
+    }
+}
+
 fn write_str(out: &mut Vec<u8>, value: &str) {
     write_header(out, tag::STR, value.len());
     out.extend_from_slice(value.as_bytes());
@@ -162,6 +183,9 @@ pub(super) struct Buffer {
     /// The `(start, end)` in `bytes` of each entry of every open map or set, innermost last:
     /// one stack for all of them, so a map is a few indices rather than a buffer of its own.
     ranges: Vec<(usize, usize)>,
+    /// Where a map's unsorted entries wait while they are written back sorted, so the
+    /// encoding never needs room for two copies of them.
+    unsorted: Vec<u8>,
 }
 
 impl Buffer {
@@ -169,6 +193,7 @@ impl Buffer {
         Self {
             bytes: Vec::new(),
             ranges: Vec::new(),
+            unsorted: Vec::new(),
         }
     }
 
@@ -176,11 +201,14 @@ impl Buffer {
     pub(super) fn clear(&mut self) {
         self.bytes.clear();
         self.ranges.clear();
+        self.unsorted.clear();
     }
 
     /// Bytes held for reuse.
     pub(super) fn capacity(&self) -> usize {
-        self.bytes.capacity() + self.ranges.capacity() * size_of::<(usize, usize)>()
+        self.bytes.capacity()
+            + self.ranges.capacity() * size_of::<(usize, usize)>()
+            + self.unsorted.capacity()
     }
 }
 
@@ -238,18 +266,23 @@ impl Entries {
     /// Replaces the unsorted entries with `variant`'s single-entry prefix (for a
     /// struct variant), the header, and the entries sorted by their bytes.
     fn finish(self, tag: u8, variant: Option<&str>, out: &mut Buffer) {
-        let Buffer { bytes, ranges } = out;
-        let unsorted_end = bytes.len();
+        let Buffer {
+            bytes,
+            ranges,
+            unsorted,
+        } = out;
         let entries = &mut ranges[self.first_range..];
         entries.sort_unstable_by(|a, b| bytes[a.0..a.1].cmp(&bytes[b.0..b.1]));
+        unsorted.clear();
+        unsorted.extend_from_slice(&bytes[self.start..]);
+        bytes.truncate(self.start);
         if let Some(variant) = variant {
             begin_single_entry(bytes, variant);
         }
         write_header(bytes, tag, entries.len());
         for &(start, end) in entries.iter() {
-            bytes.extend_from_within(start..end);
+            bytes.extend_from_slice(&unsorted[start - self.start..end - self.start]);
         }
-        bytes.drain(self.start..unsorted_end);
         ranges.truncate(self.first_range);
     }
 }
