@@ -5,12 +5,12 @@
 //! keys of different functions or tenants can never meet and every store key is 32 bytes.
 //!
 //! The namespace comes first, zero-padded to whole 64-byte SHA-256 blocks: a [`Namespace`]
-//! compresses those blocks once and every call clones the state, so deriving a key hashes only
-//! the block(s) of its scope and key (one when they total at most 52 bytes).
+//! compresses those blocks once, and deriving a key pads its scope and key onto a copy of that
+//! state and compresses only their block(s): one when they total at most 52 bytes.
 use std::fmt;
 use std::sync::OnceLock;
 
-use sha2::{Digest, Sha256};
+use sha2::block_api::compress256;
 
 use crate::hex::write_hex32;
 
@@ -86,12 +86,12 @@ impl StorageKey {
     /// # Ok::<(), idempotent_core::KeyError>(())
     /// ```
     pub fn derive(namespace: &str, scope: Option<&[u8]>, key: &[u8]) -> Result<Self, KeyError> {
-        Self::derive_after(namespace_prefix(namespace), scope, key)
+        Self::derive_after(&namespace_prefix(namespace), scope, key)
     }
 
     /// [`StorageKey::derive`] from a namespace's hashed prefix.
     pub(crate) fn derive_after(
-        mut hasher: Sha256,
+        prefix: &Midstate,
         scope: Option<&[u8]>,
         key: &[u8],
     ) -> Result<Self, KeyError> {
@@ -99,16 +99,17 @@ impl StorageKey {
             return Err(KeyError::Empty);
         }
         let key_len = short_len("key", key)?;
-        match scope {
-            None => hasher.update([0u8]),
-            Some(scope) => {
-                hasher.update([1u8, short_len("scope", scope)?]);
-                hasher.update(scope);
-            }
-        }
-        hasher.update([key_len]);
-        hasher.update(key);
-        Ok(Self(hasher.finalize().into()))
+        let (scope_frame, scope) = match scope {
+            None => ([0u8, 0], &[][..]),
+            Some(scope) => ([1u8, short_len("scope", scope)?], scope),
+        };
+        let scope_frame = &scope_frame[..if scope_frame[0] == 0 { 1 } else { 2 }];
+        Ok(Self(prefix.digest_with(&[
+            scope_frame,
+            scope,
+            &[key_len],
+            key,
+        ])))
     }
 
     /// Wraps 32 bytes read back from a store.
@@ -172,15 +173,79 @@ fn short_len(part: &'static str, bytes: &[u8]) -> Result<u8, KeyError> {
     }
 }
 
-/// The hasher after the tag and the length-framed namespace, zero-padded to whole blocks.
-fn namespace_prefix(namespace: &str) -> Sha256 {
-    let mut hasher = Sha256::new();
-    hasher.update(DERIVATION_TAG);
-    hasher.update((namespace.len() as u64).to_be_bytes());
-    hasher.update(namespace);
-    let written = DERIVATION_TAG.len() + 8 + namespace.len();
-    hasher.update(&[0u8; BLOCK][..(BLOCK - written % BLOCK) % BLOCK]);
-    hasher
+/// The SHA-256 state after the tag and the length-framed namespace, zero-padded to whole
+/// blocks.
+fn namespace_prefix(namespace: &str) -> Midstate {
+    let mut prefix = Vec::with_capacity(DERIVATION_TAG.len() + 8 + namespace.len() + BLOCK);
+    prefix.extend_from_slice(DERIVATION_TAG);
+    prefix.extend_from_slice(&(namespace.len() as u64).to_be_bytes());
+    prefix.extend_from_slice(namespace.as_bytes());
+    prefix.resize(prefix.len().next_multiple_of(BLOCK), 0);
+    let (blocks, rest) = prefix.as_chunks::<BLOCK>();
+    debug_assert!(rest.is_empty());
+    let mut midstate = Midstate {
+        state: SHA256_IV,
+        blocks: 0,
+    };
+    compress256(&mut midstate.state, blocks);
+    midstate.blocks = blocks.len() as u64;
+    midstate
+}
+
+/// SHA-256's initial state (FIPS 180-4, 5.3.3).
+const SHA256_IV: [u32; 8] = [
+    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+];
+
+/// The longest tail a key adds after the prefix: scope frame and scope, key frame and key.
+const MAX_TAIL: usize = 2 + MAX_KEY_BYTES + 1 + MAX_KEY_BYTES;
+
+/// SHA-256 after whole blocks: its state, and how many blocks it has taken. A key's own bytes
+/// are then padded here and compressed directly; the general hasher's buffering and
+/// finalisation were a noticeable share of a replay from memory.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Midstate {
+    state: [u32; 8],
+    blocks: u64,
+}
+
+impl Midstate {
+    /// The digest of the message so far followed by `parts`, which total at most `MAX_TAIL`
+    /// bytes.
+    fn digest_with(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let tail: usize = parts.iter().map(|part| part.len()).sum();
+        // The tail, 0x80, zeros, and the message's length in bits: one block for most keys.
+        if tail + 9 <= BLOCK {
+            let mut block = [0u8; BLOCK];
+            self.finish_into(&mut block, parts, tail)
+        } else {
+            let mut blocks = [0u8; (MAX_TAIL + 9).next_multiple_of(BLOCK)];
+            let len = (tail + 9).next_multiple_of(BLOCK);
+            self.finish_into(&mut blocks[..len], parts, tail)
+        }
+    }
+
+    /// Writes `parts` and the padding into `out` (zeroed, exactly the padded length) and
+    /// compresses it.
+    fn finish_into(&self, out: &mut [u8], parts: &[&[u8]], tail: usize) -> [u8; 32] {
+        let mut at = 0;
+        for part in parts {
+            out[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        out[tail] = 0x80;
+        let bits = (self.blocks * BLOCK as u64 + tail as u64) * 8;
+        let end = out.len();
+        out[end - 8..].copy_from_slice(&bits.to_be_bytes());
+        let (blocks, _) = out.as_chunks::<BLOCK>();
+        let mut state = self.state;
+        compress256(&mut state, blocks);
+        let mut digest = [0u8; 32];
+        for (bytes, word) in digest.chunks_exact_mut(4).zip(state) {
+            bytes.copy_from_slice(&word.to_be_bytes());
+        }
+        digest
+    }
 }
 
 /// A function's namespace, with the hash of its part of every storage key computed once.
@@ -202,7 +267,7 @@ fn namespace_prefix(namespace: &str) -> Sha256 {
 #[derive(Debug)]
 pub struct Namespace {
     name: &'static str,
-    prefix: OnceLock<Sha256>,
+    prefix: OnceLock<Midstate>,
 }
 
 impl Namespace {
@@ -222,7 +287,7 @@ impl Namespace {
     /// The storage key of `key` within `scope` in this namespace: [`StorageKey::derive`].
     pub fn storage_key(&self, scope: Option<&[u8]>, key: &[u8]) -> Result<StorageKey, KeyError> {
         let prefix = self.prefix.get_or_init(|| namespace_prefix(self.name));
-        StorageKey::derive_after(prefix.clone(), scope, key)
+        StorageKey::derive_after(prefix, scope, key)
     }
 }
 
@@ -325,6 +390,20 @@ mod tests {
             &"n".repeat(94),
             None,
             &[b'k'; 53],
+        );
+        // After the prefix, the key's own bytes are padded by hand: a 54-byte key is the first
+        // to need a second block, and the longest scope and key need nine.
+        check(
+            "5942b82573492c2db6278ef189b03cd89412ad3a94cc886a2fafdf982e560bd2",
+            "shop::checkout",
+            None,
+            &[b'k'; 54],
+        );
+        check(
+            "7c26cda587b9b5007259ba67932d03acabdf8a653a0811e2baab0c46b45f352a",
+            "shop::checkout",
+            Some(&[b's'; MAX_KEY_BYTES]),
+            &[b'k'; MAX_KEY_BYTES],
         );
     }
 
