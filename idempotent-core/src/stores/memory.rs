@@ -240,9 +240,23 @@ impl MemoryStore {
         arguments: &CanonicalArguments,
         lease: Duration,
     ) -> ClaimStep {
-        let now = self.clock.now();
+        // A replay, the hot path, judges the record's expiry on the coarse clock (a record may
+        // replay up to one tick past its ttl); anything else, leases above all, on `now`.
+        let coarse = self.clock.now_coarse();
         let mut shard = self.shard(key);
         if let Some(record) = shard.get_mut(key) {
+            if let State::Completed { output, expires_at } = &record.state
+                && coarse < *expires_at
+            {
+                return ClaimStep::Done(if record.arguments.matches(arguments) {
+                    Claim::Completed {
+                        output: output.clone(),
+                    }
+                } else {
+                    Claim::Mismatch
+                });
+            }
+            let now = self.clock.now();
             if record.is_live(now) {
                 if !record.arguments.matches(arguments) {
                     return ClaimStep::Done(Claim::Mismatch);
@@ -272,6 +286,7 @@ impl MemoryStore {
         if !self.reserve_slot() {
             return ClaimStep::Full;
         }
+        let now = self.clock.now();
         let fence = self.new_fence();
         shard.insert(
             *key,
@@ -552,6 +567,96 @@ mod tests {
             })
             .collect();
         assert!(buckets.len() > 32, "only {} of 64 buckets", buckets.len());
+    }
+
+    /// A manual clock whose coarse reading lags by `lag`, as a real one may by up to a tick.
+    #[derive(Debug, Clone)]
+    struct LaggingClock {
+        manual: crate::ManualClock,
+        lag: Duration,
+    }
+
+    impl Clock for LaggingClock {
+        fn now(&self) -> Duration {
+            self.manual.now()
+        }
+
+        fn now_coarse(&self) -> Duration {
+            self.manual.now().saturating_sub(self.lag)
+        }
+    }
+
+    fn lagging_store(lag: Duration) -> (MemoryStore, crate::ManualClock) {
+        let manual = crate::ManualClock::new();
+        let clock = LaggingClock {
+            manual: manual.clone(),
+            lag,
+        };
+        (MemoryStore::builder().clock(clock).build(), manual)
+    }
+
+    fn claim(store: &MemoryStore, key: &StorageKey, lease: Duration) -> Claim {
+        let arguments = CanonicalArguments::of("order-7").unwrap();
+        match store.claim_or_purge(key, &arguments, lease) {
+            Ok(claim) => claim,
+            Err(error) => panic!("the claim failed: {error}"),
+        }
+    }
+
+    /// A replay may see a completed record up to the coarse clock's lag past its ttl, and no
+    /// longer; a lease is judged on the precise clock, lag or not.
+    #[tokio::test]
+    async fn only_replays_read_the_coarse_clock() {
+        let ms = Duration::from_millis;
+        let (store, clock) = lagging_store(ms(3));
+        let key = StorageKey::from_bytes([1; 32]);
+        let Claim::Acquired { fence } = claim(&store, &key, ms(1000)) else {
+            panic!("a fresh key is free");
+        };
+        let write = store
+            .complete(&key, fence, Bytes::from_static(b"r"), ms(10_000))
+            .await;
+        assert_eq!(
+            write.ok(),
+            Some(FencedWrite::Applied),
+            "the holder completes"
+        );
+        clock.advance(ms(10_001));
+        assert!(
+            matches!(claim(&store, &key, ms(1000)), Claim::Completed { .. }),
+            "1 ms past the ttl, within the coarse clock's lag: replayed"
+        );
+        clock.advance(ms(3));
+        assert!(
+            matches!(claim(&store, &key, ms(1000)), Claim::Acquired { .. }),
+            "past the ttl by more than the lag: the key runs again"
+        );
+
+        let leased = StorageKey::from_bytes([2; 32]);
+        assert!(matches!(
+            claim(&store, &leased, ms(1000)),
+            Claim::Acquired { .. }
+        ));
+        clock.advance(ms(1001));
+        assert!(
+            matches!(claim(&store, &leased, ms(1000)), Claim::Acquired { .. }),
+            "an expired lease is taken over at once, whatever the coarse clock says"
+        );
+    }
+
+    #[test]
+    fn system_clock_coarse_readings_trail_the_precise_ones() {
+        let clock = SystemClock::new();
+        for _ in 0..1000 {
+            let coarse = clock.now_coarse();
+            let now = clock.now();
+            assert!(coarse <= now, "coarse {coarse:?} ahead of {now:?}");
+            // A tick is 1-10 ms; the bound leaves room for a descheduled thread.
+            assert!(
+                now - coarse < Duration::from_millis(500),
+                "{coarse:?} against {now:?}"
+            );
+        }
     }
 
     #[test]
