@@ -1,6 +1,7 @@
 //! The fingerprint serializer on arbitrary values: it never panics, it is deterministic, it
-//! ignores the iteration order of hash maps and hash sets, a removed map entry changes it, and
-//! (outside the documented deviations) it agrees with the value's JSON form.
+//! ignores the iteration order of hash maps and hash sets, a removed map entry changes it,
+//! (outside the documented deviations) it agrees with the value's JSON form, and the value's
+//! `CanonicalArguments` agree with its fingerprint.
 //!
 //! Each input is used twice: parsed as JSON into a `serde_json::Value` when it parses, and
 //! as the `arbitrary` source of a value tree with hash maps, hash sets, floats (NaN included),
@@ -13,7 +14,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use arbitrary::{Arbitrary, Unstructured};
-use idempotent_core::{Fingerprint, Fingerprinter};
+use idempotent_core::{CanonicalArguments, Fingerprint, Fingerprinter};
 use libfuzzer_sys::fuzz_target;
 use serde::{Serialize, Serializer};
 
@@ -259,6 +260,15 @@ fn check_node(node: &Node, selector: usize) {
     assert_eq!(first, fingerprint(node));
     assert_eq!(first, fingerprint(&node.clone()));
     assert_eq!(first, Fingerprinter::new().push(node).unwrap().finish());
+    // The form the in-memory store compares (the encoding itself when short) is the same
+    // arguments, alone and after an argument that makes the stream outgrow its limit.
+    let arguments = CanonicalArguments::of(node).unwrap();
+    assert_eq!(first, arguments.fingerprint());
+    assert_eq!(arguments, CanonicalArguments::from(first));
+    assert_eq!(arguments, CanonicalArguments::of(&node.reversed()).unwrap());
+    let mut after_long = Fingerprinter::new();
+    after_long.push(&"x".repeat(100)).unwrap().push(node).unwrap();
+    assert_eq!(after_long.arguments().fingerprint(), after_long.finish());
     assert_eq!(first, fingerprint(&Box::new(node.clone())));
     assert_eq!(first, fingerprint(&Arc::new(node.clone())));
 
