@@ -2,8 +2,11 @@
 //!
 //! A [`Fingerprint`] identifies "the same call" across retries, processes and
 //! machines. Each argument goes through a custom serde `Serializer` that writes
-//! a compact tagged encoding (see `canonical.rs`) into a reused buffer, hashed
-//! with SHA-256 in one pass: no JSON text or `serde_json::Value` is built.
+//! a compact tagged encoding (see `canonical.rs`) onto the call's stream, hashed
+//! with SHA-256 in one pass: no JSON text or `serde_json::Value` is built. A
+//! stream of at most [`MAX_EXACT_ARGUMENTS`] bytes is kept as it is until a
+//! fingerprint is asked for, so that a store which can compare it directly (see
+//! [`CanonicalArguments`]) never hashes it.
 //!
 //! # What counts as equal
 //!
