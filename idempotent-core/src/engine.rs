@@ -13,7 +13,7 @@ use crate::default_store::default_store;
 use crate::error::{Error, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::holder::Holder;
-use crate::key::{Namespace, StorageKey};
+use crate::key::StorageKey;
 use crate::options::{OnConflict, Options};
 use crate::private::StoreHandle;
 use crate::recorded::{OkAndErr, OkOnly, Recording};
@@ -33,8 +33,6 @@ use crate::telemetry::{CallOutcome, CallTrace};
 #[derive(Debug, Clone, Copy)]
 pub struct Call<'a> {
     name: &'static str,
-    /// The name with its key prefix hashed once, when the caller keeps one (`#[idempotent]`).
-    namespace: Option<&'static Namespace>,
     scope: Option<&'a [u8]>,
     key: Option<&'a [u8]>,
     arguments: CallArguments<'a>,
@@ -46,6 +44,22 @@ pub struct Call<'a> {
 enum CallArguments<'a> {
     Fingerprint(Fingerprint),
     Canonical(&'a CanonicalArguments),
+}
+
+impl CallArguments<'_> {
+    fn fingerprint(self) -> Fingerprint {
+        match self {
+            Self::Fingerprint(fingerprint) => fingerprint,
+            Self::Canonical(arguments) => arguments.fingerprint(),
+        }
+    }
+
+    fn to_owned(self) -> CanonicalArguments {
+        match self {
+            Self::Fingerprint(fingerprint) => CanonicalArguments::from(fingerprint),
+            Self::Canonical(arguments) => arguments.clone(),
+        }
+    }
 }
 
 impl<'a> Call<'a> {
@@ -81,22 +95,9 @@ impl<'a> Call<'a> {
     fn with(name: &'static str, arguments: CallArguments<'a>) -> Self {
         Self {
             name,
-            namespace: None,
             scope: None,
             key: None,
             arguments,
-        }
-    }
-
-    /// A call in `namespace`: the same as [`Call::with_arguments`] with its name, hashing
-    /// less per call.
-    pub(crate) fn in_namespace(
-        namespace: &'static Namespace,
-        arguments: &'a CanonicalArguments,
-    ) -> Self {
-        Self {
-            namespace: Some(namespace),
-            ..Self::with_arguments(namespace.name(), arguments)
         }
     }
 
@@ -134,39 +135,43 @@ impl<'a> Call<'a> {
     /// assert_eq!(call.storage_key(), Err(KeyError::Empty));
     /// ```
     pub fn storage_key(&self) -> Result<StorageKey, crate::KeyError> {
-        let fingerprint;
-        let key = match (self.key, self.arguments) {
-            (Some(key), _) => key,
-            (None, CallArguments::Fingerprint(given)) => {
-                fingerprint = given;
-                fingerprint.as_bytes()
-            }
-            (None, CallArguments::Canonical(arguments)) => {
-                fingerprint = arguments.fingerprint();
-                fingerprint.as_bytes()
-            }
-        };
-        match self.namespace {
-            Some(namespace) => namespace.storage_key(self.scope, key),
-            None => StorageKey::derive(self.name, self.scope, key),
+        let derive = |key: &[u8]| StorageKey::derive(self.name, self.scope, key);
+        match self.key {
+            Some(key) => derive(key),
+            None => derive(self.arguments.fingerprint().as_bytes()),
         }
     }
 
     /// Everything the engine needs, owning nothing borrowed from the caller's arguments, so
     /// that the body may take them by value.
     pub(crate) fn prepare(self) -> Prepared {
-        let target = self.storage_key().map_err(Error::from).map(|key| {
-            let arguments = match self.arguments {
-                CallArguments::Fingerprint(fingerprint) => CanonicalArguments::from(fingerprint),
-                CallArguments::Canonical(arguments) => arguments.clone(),
-            };
-            (key, arguments)
-        });
         Prepared {
             name: self.name,
-            target,
+            target: target(self.key, self.arguments.to_owned(), |key| {
+                StorageKey::derive(self.name, self.scope, key)
+            }),
         }
     }
+}
+
+/// The storage key `derive` gives for `key`, and the arguments the store compares. Without a
+/// key the fingerprint is the key; computed for it, it is also what the store compares, so no
+/// store hashes the arguments a second time.
+pub(crate) fn target(
+    key: Option<&[u8]>,
+    arguments: CanonicalArguments,
+    derive: impl FnOnce(&[u8]) -> Result<StorageKey, crate::KeyError>,
+) -> Result<(StorageKey, CanonicalArguments), Error> {
+    Ok(match key {
+        Some(key) => (derive(key)?, arguments),
+        None => {
+            let fingerprint = arguments.fingerprint();
+            (
+                derive(fingerprint.as_bytes())?,
+                CanonicalArguments::from(fingerprint),
+            )
+        }
+    })
 }
 
 /// A call ready to run: its name, and its storage key and arguments, or why there are none.
@@ -618,5 +623,29 @@ pub(crate) fn encode_result<R: Recording<T, E>, T, E>(
             Err(error) => Encoded::Refused(Error::Encode(error)),
         },
         Err(error) => Encoded::Refused(Error::Encode(error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With a key, short arguments reach the store as they are; without one, their fingerprint
+    /// is the key and the store gets it too rather than hashing them again.
+    #[test]
+    fn a_keyless_call_hands_the_store_the_fingerprint_it_keyed_by() {
+        let arguments = CanonicalArguments::of(&("order-7", 4200)).unwrap();
+        let keyed = Call::with_arguments("shop::checkout", &arguments)
+            .key("order-7")
+            .prepare();
+        let (_, compared) = keyed.target.unwrap();
+        assert_eq!(compared.exact(), arguments.exact());
+
+        let keyless = Call::with_arguments("shop::checkout", &arguments);
+        let expected_key = keyless.storage_key().unwrap();
+        let (key, compared) = keyless.prepare().target.unwrap();
+        assert_eq!(key, expected_key);
+        assert_eq!(compared.exact(), None);
+        assert_eq!(compared, arguments);
     }
 }

@@ -15,7 +15,7 @@ pub use core::time::Duration;
 pub use std::borrow::Cow;
 
 use crate::arguments::CanonicalArguments;
-use crate::engine::{Call, Prepared, execute};
+use crate::engine::{Prepared, execute, target};
 use crate::error::Error;
 use crate::fingerprint::{FingerprintError, Fingerprinter};
 use crate::recorded::{OkAndErr, OkOnly};
@@ -59,21 +59,10 @@ pub fn prepare(
     scope: Option<&[u8]>,
 ) -> Prepared {
     match arguments {
-        Ok(arguments) => {
-            let mut call = Call::in_namespace(namespace, &arguments);
-            if let Some(key) = key {
-                call = call.key(key);
-            }
-            if let Some(scope) = scope {
-                call = call.scope(scope);
-            }
-            // The call borrowed the arguments to derive the key; they move on, not copied.
-            let target = call.storage_key().map_err(Error::from);
-            Prepared {
-                name: namespace.name(),
-                target: target.map(|key| (key, arguments)),
-            }
-        }
+        Ok(arguments) => Prepared {
+            name: namespace.name(),
+            target: target(key, arguments, |key| namespace.storage_key(scope, key)),
+        },
         Err(error) => Prepared {
             name: namespace.name(),
             target: Err(Error::Fingerprint(error)),
