@@ -138,9 +138,9 @@ impl From<Fingerprint> for CanonicalArguments {
 impl PartialEq for CanonicalArguments {
     /// Equal when they are the same arguments, whichever form each is in.
     fn eq(&self, other: &Self) -> bool {
-        match (self.exact(), other.exact()) {
-            (Some(mine), Some(theirs)) => mine == theirs,
-            _ => self.fingerprint() == other.fingerprint(),
+        match other.exact() {
+            Some(theirs) => self.matches_exact(theirs),
+            None => self.fingerprint() == other.fingerprint(),
         }
     }
 }

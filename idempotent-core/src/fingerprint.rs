@@ -95,7 +95,7 @@ use std::sync::LazyLock;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use canonical::{Buffer, MAX_HEADER, tag};
+use canonical::{Buffer, tag};
 
 use crate::arguments::{CanonicalArguments, MAX_EXACT_ARGUMENTS};
 
@@ -361,13 +361,20 @@ impl Fingerprinter {
     /// # Ok::<(), idempotent_core::FingerprintError>(())
     /// ```
     pub fn finish(&self) -> Fingerprint {
-        let (end, len) = self.end_marker();
+        with_buffer(|end| {
+            canonical::write_header(&mut end.bytes, tag::ARGS_END, self.arguments);
+            self.digest_with(&end.bytes)
+        })
+    }
+
+    /// The fingerprint of the stream so far followed by `end`.
+    fn digest_with(&self, end: &[u8]) -> Fingerprint {
         let mut hasher = match &self.hasher {
             Some(hasher) => (**hasher).clone(),
             None => AFTER_DOMAIN.clone(),
         };
         hasher.update(&self.stream);
-        hasher.update(&end[..len]);
+        hasher.update(end);
         Fingerprint(hasher.finalize().into())
     }
 
@@ -389,17 +396,12 @@ impl Fingerprinter {
 
     /// [`arguments`](Self::arguments), keeping the stream rather than copying it.
     pub(crate) fn into_arguments(mut self) -> CanonicalArguments {
-        let (end, len) = self.end_marker();
-        if self.hasher.is_none() && self.stream.len() + len <= MAX_EXACT_ARGUMENTS {
-            self.stream.extend_from_slice(&end[..len]);
+        canonical::write_header(&mut self.stream, tag::ARGS_END, self.arguments);
+        if self.hasher.is_none() && self.stream.len() <= MAX_EXACT_ARGUMENTS {
             return CanonicalArguments::exact_stream(self.stream);
         }
-        CanonicalArguments::from(self.finish())
-    }
-
-    /// The marker that closes the stream: the argument count, as `end[..len]`.
-    fn end_marker(&self) -> ([u8; MAX_HEADER], usize) {
-        canonical::header(tag::ARGS_END, self.arguments)
+        // The stream now ends with its marker.
+        CanonicalArguments::from(self.digest_with(&[]))
     }
 }
 

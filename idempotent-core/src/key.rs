@@ -99,11 +99,14 @@ impl StorageKey {
             return Err(KeyError::Empty);
         }
         let key_len = short_len("key", key)?;
-        let (scope_frame, scope) = match scope {
-            None => ([0u8, 0], &[][..]),
-            Some(scope) => ([1u8, short_len("scope", scope)?], scope),
+        let scope_len;
+        let (scope_frame, scope): (&[u8], &[u8]) = match scope {
+            None => (&[0], &[]),
+            Some(scope) => {
+                scope_len = [1, short_len("scope", scope)?];
+                (&scope_len, scope)
+            }
         };
-        let scope_frame = &scope_frame[..if scope_frame[0] == 0 { 1 } else { 2 }];
         Ok(Self(prefix.digest_with(&[
             scope_frame,
             scope,
@@ -183,13 +186,12 @@ fn namespace_prefix(namespace: &str) -> Midstate {
     prefix.resize(prefix.len().next_multiple_of(BLOCK), 0);
     let (blocks, rest) = prefix.as_chunks::<BLOCK>();
     debug_assert!(rest.is_empty());
-    let mut midstate = Midstate {
-        state: SHA256_IV,
-        blocks: 0,
-    };
-    compress256(&mut midstate.state, blocks);
-    midstate.blocks = blocks.len() as u64;
-    midstate
+    let mut state = SHA256_IV;
+    compress256(&mut state, blocks);
+    Midstate {
+        state,
+        blocks: blocks.len() as u64,
+    }
 }
 
 /// SHA-256's initial state (FIPS 180-4, 5.3.3).

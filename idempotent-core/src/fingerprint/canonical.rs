@@ -83,27 +83,6 @@ pub(super) fn write_header(out: &mut Vec<u8>, tag: u8, count: usize) {
     write_varint(out, count as u128);
 }
 
-/// The longest header: a tag and a `usize` count in LEB128.
-pub(super) const MAX_HEADER: usize = 1 + usize::BITS.div_ceil(7) as usize;
-
-/// A tag followed by a count, on the stack: `header[..len]`, as [`write_header`] writes it.
-pub(super) fn header(tag: u8, count: usize) -> ([u8; MAX_HEADER], usize) {
-    let mut header = [0; MAX_HEADER];
-    header[0] = tag;
-    let mut len = 1;
-    let mut rest = count;
-    loop {
-        let low = (rest & 0x7f) as u8;
-        rest >>= 7;
-        if rest == 0 {
-            header[len] = low;
-            return (header, len + 1);
-        }
-        header[len] = low | 0x80;
-        len += 1;
-    }
-}
-
 fn write_str(out: &mut Vec<u8>, value: &str) {
     write_header(out, tag::STR, value.len());
     out.extend_from_slice(value.as_bytes());

@@ -241,35 +241,31 @@ impl MemoryStore {
         lease: Duration,
     ) -> ClaimStep {
         // A replay, the hot path, judges the record's expiry on the coarse clock (a record may
-        // replay up to one tick past its ttl); anything else, leases above all, on `now`.
+        // replay up to one tick past its ttl); a lease is judged on `now`.
         let coarse = self.clock.now_coarse();
         let mut shard = self.shard(key);
         if let Some(record) = shard.get_mut(key) {
-            if let State::Completed { output, expires_at } = &record.state
-                && coarse < *expires_at
-            {
-                return ClaimStep::Done(if record.arguments.matches(arguments) {
-                    Claim::Completed {
+            let live = match &record.state {
+                State::Completed { output, expires_at } => {
+                    (coarse < *expires_at).then(|| Claim::Completed {
                         output: output.clone(),
-                    }
+                    })
+                }
+                State::InProgress { lease_until, .. } => {
+                    let now = self.clock.now();
+                    (now < *lease_until).then(|| Claim::InProgress {
+                        retry_after: *lease_until - now,
+                    })
+                }
+            };
+            if let Some(claim) = live {
+                return ClaimStep::Done(if record.arguments.matches(arguments) {
+                    claim
                 } else {
                     Claim::Mismatch
                 });
             }
             let now = self.clock.now();
-            if record.is_live(now) {
-                if !record.arguments.matches(arguments) {
-                    return ClaimStep::Done(Claim::Mismatch);
-                }
-                return ClaimStep::Done(match &record.state {
-                    State::InProgress { lease_until, .. } => Claim::InProgress {
-                        retry_after: lease_until.saturating_sub(now),
-                    },
-                    State::Completed { output, .. } => Claim::Completed {
-                        output: output.clone(),
-                    },
-                });
-            }
             // Expired: take it over in place, waking anyone waiting on the old holder.
             record.wake_waiters();
             let fence = self.new_fence();
