@@ -48,11 +48,7 @@ impl Shop {
         decline: bool,
     ) -> Result<String, ShopError> {
         self.executions.fetch_add(1, Ordering::SeqCst);
-        tx.execute(
-            "INSERT INTO orders (id, amount) VALUES ($1, $2)",
-            &[&order_id, &amount],
-        )
-        .await?;
+        insert_order(tx, &order_id, amount).await?;
         if decline {
             return Err(ShopError::Declined);
         }
@@ -71,11 +67,7 @@ impl Shop {
         if amount <= 0 {
             return Err(ShopError::Declined);
         }
-        tx.execute(
-            "INSERT INTO orders (id, amount) VALUES ($1, $2)",
-            &[&order_id, &amount],
-        )
-        .await?;
+        insert_order(tx, &order_id, amount).await?;
         Ok(format!("order {order_id} for {amount}"))
     }
 
@@ -88,11 +80,7 @@ impl Shop {
         amount: i64,
     ) -> Result<String, ShopError> {
         self.executions.fetch_add(1, Ordering::SeqCst);
-        tx.execute(
-            "INSERT INTO orders (id, amount) VALUES ($1, $2)",
-            &[&order_id, &amount],
-        )
-        .await?;
+        insert_order(tx, &order_id, amount).await?;
         tokio::time::sleep(Duration::from_millis(600)).await;
         Ok(format!("order {order_id} for {amount}"))
     }
@@ -100,6 +88,20 @@ impl Shop {
     fn executions(&self) -> u32 {
         self.executions.load(Ordering::SeqCst)
     }
+}
+
+/// The body's own write, in the caller's transaction.
+async fn insert_order(
+    tx: &Transaction<'_>,
+    order_id: &str,
+    amount: i64,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "INSERT INTO orders (id, amount) VALUES ($1, $2)",
+        &[&order_id, &amount],
+    )
+    .await
+    .map(drop)
 }
 
 async fn connect(url: &str) -> Client {
