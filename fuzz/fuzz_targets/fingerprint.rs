@@ -260,15 +260,12 @@ fn check_node(node: &Node, selector: usize) {
     assert_eq!(first, fingerprint(node));
     assert_eq!(first, fingerprint(&node.clone()));
     assert_eq!(first, Fingerprinter::new().push(node).unwrap().finish());
-    // The form the in-memory store compares (the encoding itself when short) is the same
-    // arguments, alone and after an argument that makes the stream outgrow its limit.
+    // The form the in-memory store compares (the encoding itself when short, hashed apart
+    // from the fingerprinter) is the same arguments, whatever the hash maps' order.
     let arguments = CanonicalArguments::of(node).unwrap();
     assert_eq!(first, arguments.fingerprint());
     assert_eq!(arguments, CanonicalArguments::from(first));
     assert_eq!(arguments, CanonicalArguments::of(&node.reversed()).unwrap());
-    let mut after_long = Fingerprinter::new();
-    after_long.push(&"x".repeat(100)).unwrap().push(node).unwrap();
-    assert_eq!(after_long.arguments().fingerprint(), after_long.finish());
     assert_eq!(first, fingerprint(&Box::new(node.clone())));
     assert_eq!(first, fingerprint(&Arc::new(node.clone())));
 
