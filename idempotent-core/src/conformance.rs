@@ -34,6 +34,9 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
 
+mod calls;
+pub use calls::*;
+
 /// A lease or ttl long enough that it never runs out during a property.
 const LONG: Duration = Duration::from_secs(3600);
 /// The lease the suite uses when time is manual.
@@ -1519,6 +1522,7 @@ pub async fn run_all(h: &Harness) {
     fences_never_repeat(h).await;
     purge_removes_only_expired(h).await;
     remove_deletes_any_record(h).await;
+    a_call_dropped_after_its_body_ran_keeps_its_key(h).await;
 }
 
 /// Runs the whole conformance suite against a store: one test per property, each named after
@@ -1570,6 +1574,7 @@ macro_rules! conformance_suite {
             fences_never_repeat,
             purge_removes_only_expired,
             remove_deletes_any_record,
+            a_call_dropped_after_its_body_ran_keeps_its_key,
         }
     };
 }

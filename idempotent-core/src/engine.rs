@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -12,12 +11,12 @@ use crate::arguments::CanonicalArguments;
 use crate::default_store::default_store;
 use crate::error::{Error, StoreError};
 use crate::fingerprint::Fingerprint;
-use crate::holder::Holder;
+use crate::holder::{Holder, PendingRecord, settled_outcome};
 use crate::key::StorageKey;
 use crate::options::{OnConflict, Options};
 use crate::private::StoreHandle;
 use crate::recorded::{OkAndErr, OkOnly, Recording};
-use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
+use crate::store::{Bytes, Claim, Fence, Store};
 use crate::telemetry::{CallOutcome, CallTrace};
 
 /// One call to make idempotent: which function, which key, which arguments.
@@ -530,60 +529,27 @@ where
             return Err(error.into());
         }
     };
-    let write = complete_with_retries(&holder, bytes, options).await;
-    // Whatever `complete` said, the claim is settled: released on a store error would let a
-    // quick retry run the body again while this caller still reports success.
-    holder.disarm();
-    let outcome = match write {
-        Ok(FencedWrite::Applied) => {
-            trace.emit(if result.is_ok() {
-                CallOutcome::Executed
-            } else {
-                CallOutcome::Failed
-            });
-            return result.map(Outcome::Executed);
-        }
-        Ok(FencedWrite::Fenced) => CallOutcome::Fenced,
-        Err(error) => {
-            tracing::warn!(target: "idempotent", %error, "could not record an idempotent result");
-            CallOutcome::Unrecorded
-        }
+    let recorded = if result.is_ok() {
+        CallOutcome::Executed
+    } else {
+        CallOutcome::Failed
     };
+    let write = holder
+        .record(PendingRecord {
+            output: bytes,
+            ttl: options.get_ttl(),
+            // Half a lease after the body ended: the rest is the margin before a retry may
+            // find the claim dead.
+            give_up: tokio::time::Instant::now() + options.get_lease() / 2,
+            recorded,
+        })
+        .await;
+    let outcome = settled_outcome(write, recorded);
     trace.emit(outcome);
-    result.map(Outcome::Unrecorded)
-}
-
-/// Records the result, trying again while the store is unreachable and the lease has time
-/// left: the body has run, and an unrecorded result is one a retry would run again. A second
-/// attempt is safe; if the first one was applied after all, the second is fenced and changes
-/// nothing.
-async fn complete_with_retries(
-    holder: &Holder,
-    bytes: Bytes,
-    options: &Options,
-) -> Result<FencedWrite, StoreError> {
-    let give_up = tokio::time::Instant::now() + options.get_lease() / 2;
-    let mut pause = Duration::from_millis(5);
-    loop {
-        let write = holder
-            .store()
-            .complete(
-                holder.key(),
-                holder.fence(),
-                // Shared, not copied: a retry sends the same bytes.
-                bytes.clone(),
-                options.get_ttl(),
-            )
-            .await;
-        match write {
-            Err(StoreError::Unavailable { .. })
-                if tokio::time::Instant::now() + pause < give_up =>
-            {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(200));
-            }
-            other => return other,
-        }
+    if outcome == recorded {
+        result.map(Outcome::Executed)
+    } else {
+        result.map(Outcome::Unrecorded)
     }
 }
 

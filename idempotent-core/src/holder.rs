@@ -6,19 +6,45 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::error::StoreError;
 use crate::key::StorageKey;
-use crate::store::{Fence, FencedWrite, Store};
+use crate::store::{Bytes, Fence, FencedWrite, Store};
 use crate::telemetry::{CallOutcome, CallTrace};
 
-/// The claim held by this call. If it is dropped still armed (the body panicked, or the
-/// call's future was dropped), it releases the key in the background, so a retry need not
-/// wait for the lease to run out.
+/// The claim held by this call, and what it still owes the store.
+///
+/// Dropped while the body may still be running (it panicked, or the call's future was dropped
+/// before the body returned), it releases the key in the background, so a retry need not wait
+/// for the lease to run out. Dropped after the body returned, while its result is being
+/// recorded, it never releases: the body ran, and a freed key would let a retry run it again.
+/// The recording then finishes on a task of its own, bounded as it would have been.
 pub(crate) struct Holder {
     store: Arc<dyn Store>,
     key: StorageKey,
     fence: Fence,
     trace: CallTrace,
-    armed: bool,
+    state: State,
+}
+
+/// What dropping the holder must do.
+enum State {
+    /// The body may not have finished: give the key back.
+    Held,
+    /// The body returned and this is being recorded: finish recording it.
+    Recording(PendingRecord),
+    /// Completed, released or lost: nothing.
+    Settled,
+}
+
+/// A body's result on its way into the store.
+#[derive(Clone)]
+pub(crate) struct PendingRecord {
+    pub(crate) output: Bytes,
+    pub(crate) ttl: Duration,
+    /// When to stop retrying an unreachable store.
+    pub(crate) give_up: tokio::time::Instant,
+    /// The event to emit once it is recorded.
+    pub(crate) recorded: CallOutcome,
 }
 
 impl Holder {
@@ -33,30 +59,13 @@ impl Holder {
             key,
             fence,
             trace,
-            armed: true,
+            state: State::Held,
         }
     }
 
-    pub(crate) fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
-    pub(crate) fn key(&self) -> &StorageKey {
-        &self.key
-    }
-
-    pub(crate) fn fence(&self) -> Fence {
-        self.fence
-    }
-
-    /// The claim is settled (completed, released or lost): nothing to do on drop.
-    pub(crate) fn disarm(mut self) {
-        self.armed = false;
-    }
-
-    /// Gives the key back now. A failure is only logged: the lease runs out anyway.
+    /// Gives the key back now. A failure is only logged: the lease runs out anyway. Dropped
+    /// before it is done, the holder releases in the background instead.
     pub(crate) async fn release(mut self) {
-        self.armed = false;
         if let Err(error) = self.store.release(&self.key, self.fence).await {
             tracing::warn!(
                 target: "idempotent",
@@ -64,6 +73,21 @@ impl Holder {
                 "could not release an idempotency key; it becomes claimable when its lease ends"
             );
         }
+        self.state = State::Settled;
+    }
+
+    /// Records the body's result (see [`complete_with_retries`]). From here on the key is
+    /// never released: if this future is dropped, the recording goes on in the background.
+    pub(crate) async fn record(
+        mut self,
+        recording: PendingRecord,
+    ) -> Result<FencedWrite, StoreError> {
+        self.state = State::Recording(recording.clone());
+        let write = complete_with_retries(&*self.store, &self.key, self.fence, recording).await;
+        // Whatever `complete` said, the claim is settled: releasing it after a store error
+        // would let a quick retry run the body again while this caller reports success.
+        self.state = State::Settled;
+        write
     }
 
     /// Runs `body` while renewing the lease every third of itself, so a body that outlives
@@ -110,22 +134,78 @@ async fn keep_alive(
 
 impl Drop for Holder {
     fn drop(&mut self) {
-        if !self.armed {
+        let state = std::mem::replace(&mut self.state, State::Settled);
+        if matches!(state, State::Settled) {
             return;
         }
-        self.trace.emit(CallOutcome::Abandoned);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.trace.emit(CallOutcome::Abandoned);
+            tracing::warn!(
+                target: "idempotent",
+                "an idempotent call was dropped outside a Tokio runtime; its key becomes claimable when its lease ends"
+            );
+            return;
+        };
         let store = Arc::clone(&self.store);
         let (key, fence) = (self.key, self.fence);
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
+        match state {
+            State::Held => {
+                self.trace.emit(CallOutcome::Abandoned);
                 runtime.spawn(async move {
                     let _ = store.release(&key, fence).await;
                 });
             }
-            Err(_) => tracing::warn!(
-                target: "idempotent",
-                "an idempotent call was abandoned outside a Tokio runtime; its key becomes claimable when its lease ends"
-            ),
+            State::Recording(recording) => {
+                let trace = self.trace.clone();
+                runtime.spawn(async move {
+                    let recorded = recording.recorded;
+                    let write = complete_with_retries(&*store, &key, fence, recording).await;
+                    trace.emit(settled_outcome(write, recorded));
+                });
+            }
+            State::Settled => {}
+        }
+    }
+}
+
+/// The event for a recording that ended with `write`.
+pub(crate) fn settled_outcome(
+    write: Result<FencedWrite, StoreError>,
+    recorded: CallOutcome,
+) -> CallOutcome {
+    match write {
+        Ok(FencedWrite::Applied) => recorded,
+        Ok(FencedWrite::Fenced) => CallOutcome::Fenced,
+        Err(error) => {
+            tracing::warn!(target: "idempotent", %error, "could not record an idempotent result");
+            CallOutcome::Unrecorded
+        }
+    }
+}
+
+/// Records the result, trying again while the store is unreachable until `give_up`: the body
+/// has run, and an unrecorded result is one a retry would run again. A second attempt is safe;
+/// if the first one was applied after all, the second is fenced and changes nothing.
+async fn complete_with_retries(
+    store: &dyn Store,
+    key: &StorageKey,
+    fence: Fence,
+    recording: PendingRecord,
+) -> Result<FencedWrite, StoreError> {
+    let mut pause = Duration::from_millis(5);
+    loop {
+        // Shared, not copied: a retry sends the same bytes.
+        let write = store
+            .complete(key, fence, recording.output.clone(), recording.ttl)
+            .await;
+        match write {
+            Err(StoreError::Unavailable { .. })
+                if tokio::time::Instant::now() + pause < recording.give_up =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            other => return other,
         }
     }
 }

@@ -1,0 +1,204 @@
+//! Properties of whole calls through the engine ([`Idempotency`]), over any store: what a
+//! caller sees when the faults of a real service (a request timeout, a client disconnect, a
+//! store that answers slowly or fails once) meet the protocol.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::{Harness, LONG, WAIT_BOUND, expect_replay, fingerprint};
+use crate::arguments::CanonicalArguments;
+use crate::engine::{Call, Idempotency, Outcome};
+use crate::error::{Error, StoreError};
+use crate::fingerprint::Fingerprint;
+use crate::key::StorageKey;
+use crate::options::{OnConflict, Options};
+use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
+
+/// How long [`SlowComplete`] holds each `complete` before passing it on: long enough that a
+/// call cancelled while recording is still recording when its retry arrives.
+const COMPLETE_DELAY: Duration = Duration::from_millis(300);
+
+/// A store whose `complete` is slow (a pool checkout, a writer queue), and optionally fails
+/// its first attempt as an unreachable store does; every other operation passes through.
+#[derive(Debug)]
+struct SlowComplete {
+    inner: Arc<dyn Store>,
+    fail_first: AtomicBool,
+    completes: AtomicU32,
+    entered: Notify,
+}
+
+impl Store for SlowComplete {
+    fn claim<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fingerprint: &'a Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        self.inner.claim(key, fingerprint, lease)
+    }
+
+    fn claim_arguments<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        arguments: &'a CanonicalArguments,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        self.inner.claim_arguments(key, arguments, lease)
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        output: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        Box::pin(async move {
+            self.completes.fetch_add(1, Ordering::SeqCst);
+            self.entered.notify_one();
+            if self.fail_first.swap(false, Ordering::SeqCst) {
+                return Err(StoreError::Unavailable {
+                    message: "connection reset while recording (injected)".into(),
+                    source: None,
+                });
+            }
+            tokio::time::sleep(COMPLETE_DELAY).await;
+            self.inner.complete(key, fence, output, ttl).await
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        self.inner.release(key, fence)
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        self.inner.extend(key, fence, lease)
+    }
+
+    fn wait<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        max: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.wait(key, max)
+    }
+
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.inner.purge_expired()
+    }
+
+    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.remove(key)
+    }
+}
+
+/// A call whose future is dropped after its body returned (a request timeout, a client that
+/// disconnected) while `complete` is slow, or after a failed first `complete`, does not free
+/// its key: the recording finishes without the caller. A retry at once is refused in reject
+/// mode (the key is still being recorded), a waiting retry gets the recorded value, and the
+/// body ran once.
+pub async fn a_call_dropped_after_its_body_ran_keeps_its_key(h: &Harness) {
+    for fail_first in [false, true] {
+        let store = Arc::new(SlowComplete {
+            inner: Arc::clone(h.store()),
+            fail_first: AtomicBool::new(fail_first),
+            completes: AtomicU32::new(0),
+            entered: Notify::new(),
+        });
+        let dyn_store: Arc<dyn Store> = store.clone();
+        let engine = Idempotency::new(dyn_store).with_options(Options::new().lease(LONG).ttl(LONG));
+        let key = h.key("dropped-while-recording").to_string();
+        let fingerprint = fingerprint(9);
+        let runs = Arc::new(AtomicU32::new(0));
+        let what = if fail_first {
+            "a call dropped after its first complete failed"
+        } else {
+            "a call dropped while its complete was in flight"
+        };
+
+        let first = {
+            let (engine, key, runs) = (engine.clone(), key.clone(), Arc::clone(&runs));
+            tokio::spawn(async move {
+                let call = Call::new("conformance::dropped", fingerprint).key(&key);
+                engine
+                    .run(call, async {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, Error>("charged once".to_string())
+                    })
+                    .await
+            })
+        };
+        // The body has returned once `complete` is entered: cancel the call there.
+        tokio::time::timeout(WAIT_BOUND, store.entered.notified())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the body never reached complete"));
+        first.abort();
+        assert!(
+            first.await.is_err_and(|e| e.is_cancelled()),
+            "{what}: the call should have been cancelled while recording"
+        );
+
+        let call = Call::new("conformance::dropped", fingerprint).key(&key);
+        let rejecting = engine.clone().with_options(
+            Options::new()
+                .lease(LONG)
+                .ttl(LONG)
+                .on_conflict(OnConflict::Reject),
+        );
+        let retry = rejecting
+            .run(call, async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>("charged twice".to_string())
+            })
+            .await;
+        assert!(
+            matches!(retry, Err(Error::Conflict { .. })),
+            "{what}: a retry at once must find the key still held (Error::Conflict under reject), got {retry:?}"
+        );
+
+        let waiting = engine.with_options(Options::new().lease(LONG).ttl(LONG).on_conflict(
+            OnConflict::Wait {
+                timeout: WAIT_BOUND,
+            },
+        ));
+        let retry = waiting
+            .run(call, async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>("charged twice".to_string())
+            })
+            .await;
+        assert!(
+            matches!(&retry, Ok(Outcome::Replayed(value)) if value == "charged once"),
+            "{what}: a waiting retry must get the value recorded for the cancelled call, got {retry:?}"
+        );
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "{what}: the body ran again for a retry"
+        );
+        let storage_key = call.storage_key().expect("a valid key");
+        let stored = h
+            .store()
+            .claim(&storage_key, &fingerprint, LONG)
+            .await
+            .unwrap_or_else(|err| panic!("{what}: claim failed with a store error: {err}"));
+        expect_replay(
+            &stored,
+            br#"{"ok":"charged once"}"#,
+            &format!("{what}: the store must hold the cancelled call's record"),
+        );
+    }
+}
