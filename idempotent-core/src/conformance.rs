@@ -35,7 +35,9 @@ use crate::key::StorageKey;
 use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
 
 mod calls;
+mod durations;
 pub use calls::*;
+pub use durations::*;
 
 /// A lease or ttl long enough that it never runs out during a property.
 const LONG: Duration = Duration::from_secs(3600);
@@ -1522,7 +1524,10 @@ pub async fn run_all(h: &Harness) {
     fences_never_repeat(h).await;
     purge_removes_only_expired(h).await;
     remove_deletes_any_record(h).await;
+    durations_beyond_the_maximum_are_held_as_the_maximum(h).await;
+    sub_millisecond_leases_hold_one_millisecond(h).await;
     a_call_dropped_after_its_body_ran_keeps_its_key(h).await;
+    a_body_that_reenters_its_own_key_is_refused_at_once(h).await;
 }
 
 /// Runs the whole conformance suite against a store: one test per property, each named after
@@ -1574,7 +1579,10 @@ macro_rules! conformance_suite {
             fences_never_repeat,
             purge_removes_only_expired,
             remove_deletes_any_record,
+            durations_beyond_the_maximum_are_held_as_the_maximum,
+            sub_millisecond_leases_hold_one_millisecond,
             a_call_dropped_after_its_body_ran_keeps_its_key,
+            a_body_that_reenters_its_own_key_is_refused_at_once,
         }
     };
 }

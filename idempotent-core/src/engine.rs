@@ -8,12 +8,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::arguments::CanonicalArguments;
+use crate::context;
 use crate::default_store::default_store;
 use crate::error::{Error, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::holder::{Holder, PendingRecord, settled_outcome};
 use crate::key::StorageKey;
-use crate::options::{OnConflict, Options};
+use crate::options::{OnConflict, OnLeaseLoss, Options};
 use crate::private::StoreHandle;
 use crate::recorded::{OkAndErr, OkOnly, Recording};
 use crate::store::{Bytes, Claim, Fence, Store};
@@ -412,13 +413,23 @@ where
 {
     let (mut trace, key, arguments) = start_call(call, options)?;
     let borrowed = store.as_store();
-    let claim = || borrowed.claim_arguments(&key, &arguments, options.get_lease());
+    // When the claim that acquires was sent, for `OnLeaseLoss::Cancel` only: a clock read is a
+    // noticeable share of a replay from memory.
+    let cancels = options.get_on_lease_loss() == OnLeaseLoss::Cancel;
+    let mut claimed_at = None;
+    let claim = || {
+        if cancels {
+            claimed_at = Some(tokio::time::Instant::now());
+        }
+        borrowed.claim_arguments(&key, &arguments, options.get_lease())
+    };
     let fence = match acquire::<R, T, E, _>(claim, borrowed, &key, options, &mut trace).await {
         Ok(fence) => fence,
         Err(done) => return done,
     };
+    let body = context::hold(borrowed, key, fence, body);
     let holder = Holder::new(store.to_store(), key, fence, trace.clone());
-    run_body::<R, T, E, F>(holder, options, trace, body).await
+    run_body::<R, T, E, _>(holder, options, claimed_at, trace, body).await
 }
 
 /// Validates the call and starts its trace; an invalid call is traced and refused.
@@ -478,6 +489,10 @@ where
                 trace.emit(CallOutcome::Mismatch);
                 return Err(Err(Error::KeyReused.into()));
             }
+            Ok(Claim::InProgress { .. }) if context::held_by_this_task(store, key) => {
+                trace.emit(CallOutcome::Reentered);
+                return Err(Err(Error::Reentered.into()));
+            }
             Ok(Claim::InProgress { retry_after }) => retry_after,
             Err(error) => {
                 trace.emit(CallOutcome::StoreError);
@@ -506,6 +521,7 @@ where
 async fn run_body<R, T, E, F>(
     holder: Holder,
     options: &Options,
+    claimed_at: Option<tokio::time::Instant>,
     trace: CallTrace,
     body: F,
 ) -> Result<Outcome<T>, E>
@@ -514,7 +530,13 @@ where
     E: From<Error>,
     F: Future<Output = Result<T, E>>,
 {
-    let result = holder.run_with_heartbeat(options.get_lease(), body).await;
+    let lease = options.get_lease();
+    let run = holder.run_with_heartbeat(lease, options.get_on_lease_loss(), claimed_at, body);
+    let Ok(result) = run.await else {
+        holder.lost();
+        trace.emit(CallOutcome::LeaseLost);
+        return Err(Error::LeaseLost.into());
+    };
     let bytes = match encode_result::<R, T, E>(&result, options) {
         Encoded::Record(bytes) => Bytes::from(bytes),
         Encoded::NotRecorded => {

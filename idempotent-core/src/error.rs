@@ -74,6 +74,31 @@ pub enum Error {
         "the recorded output for this key does not decode as the return type ({0}); the body was not run again: purge the record or use a new name/key if the type changed"
     )]
     Decode(#[source] serde_json::Error),
+    /// The key is held by a call that encloses this one on the same task: a body that calls
+    /// its own function (or another way to the same name and key) with its own key. Waiting
+    /// would wait for itself, so the call is refused at once.
+    ///
+    /// ```
+    /// let error = idempotent_core::Error::Reentered;
+    /// assert!(error.to_string().contains("encloses this one"));
+    /// ```
+    #[error(
+        "this idempotency key is held by a call that encloses this one on the same task (a body that calls itself with its own key); waiting would wait for itself: give the inner call its own key or name"
+    )]
+    Reentered,
+    /// The lease could not be renewed (the store was unreachable, or another caller took the
+    /// key over), so the body was cancelled before the lease ran out, as
+    /// [`OnLeaseLoss::Cancel`](crate::OnLeaseLoss::Cancel) asks. The body may have done part
+    /// of its work; nothing was recorded.
+    ///
+    /// ```
+    /// let error = idempotent_core::Error::LeaseLost;
+    /// assert!(error.to_string().contains("cancelled"));
+    /// ```
+    #[error(
+        "the call's lease could not be renewed (the store was unreachable, or another caller took the key over), so its body was cancelled before the lease ran out; it may have done part of its work and nothing was recorded: retry with the same key"
+    )]
+    LeaseLost,
 }
 
 /// A store could not do what was asked.

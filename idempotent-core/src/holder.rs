@@ -1,15 +1,16 @@
 //! What the caller that acquired a key owes the store: keep the lease alive while the body
 //! runs, and give the key back if the body never finishes (panic or cancellation).
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::StoreError;
 use crate::key::StorageKey;
+use crate::options::OnLeaseLoss;
 use crate::store::{Bytes, Fence, FencedWrite, Store};
-use crate::telemetry::{CallOutcome, CallTrace};
+use crate::telemetry::{CallOutcome, CallTrace, short_key};
+use tokio::time::Instant;
 
 /// The claim held by this call, and what it still owes the store.
 ///
@@ -91,38 +92,84 @@ impl Holder {
     }
 
     /// Runs `body` while renewing the lease every third of itself, so a body that outlives
-    /// one lease keeps its claim for as long as this caller is alive.
+    /// one lease keeps its claim for as long as this caller is alive. With
+    /// [`OnLeaseLoss::Cancel`], the body is dropped, and `Err(LeaseLost)` returned, once the
+    /// lease was taken over or renewals failed until a sixth of it was left (counted from
+    /// `claimed_at`, when the claim or the last renewal that was applied was sent, so that this
+    /// side's estimate never outlasts the store's lease).
     pub(crate) async fn run_with_heartbeat<F: Future>(
         &self,
         lease: Duration,
+        on_lease_loss: OnLeaseLoss,
+        claimed_at: Option<Instant>,
         body: F,
-    ) -> F::Output {
-        let heartbeat = keep_alive(&*self.store, &self.key, self.fence, lease);
+    ) -> Result<F::Output, LeaseLost> {
+        let cancel_at = match (on_lease_loss, claimed_at) {
+            (OnLeaseLoss::Cancel, Some(claimed_at)) => Some(claimed_at),
+            _ => None,
+        };
+        let heartbeat = keep_alive(&*self.store, &self.key, self.fence, lease, cancel_at);
         // `biased`: the body is polled first, so a body that finishes at once never starts a timer.
         tokio::select! {
             biased;
-            output = body => output,
-            never = heartbeat => match never {},
+            output = body => Ok(output),
+            lost = heartbeat => Err(lost),
         }
+    }
+
+    /// The lease is lost and the body was dropped: nothing is owed. Not released: another
+    /// caller may hold the key now, or the store cannot be reached; the lease runs out.
+    pub(crate) fn lost(mut self) {
+        self.state = State::Settled;
     }
 }
 
+/// The body was cancelled because its lease could no longer be renewed.
+#[derive(Debug)]
+pub(crate) struct LeaseLost;
+
+/// Renews the lease every third of itself. Never returns unless `cancel_from` is given (the
+/// lease was taken then): then it returns once the lease is lost, or once renewals failed
+/// until a sixth of the lease is left.
 async fn keep_alive(
     store: &dyn Store,
     key: &StorageKey,
     fence: Fence,
     lease: Duration,
-) -> Infallible {
+    cancel_from: Option<Instant>,
+) -> LeaseLost {
     let period = (lease / 3).max(Duration::from_millis(1));
+    // When to give up: a sixth of the lease before this side's estimate of its end.
+    let give_up_after = |sent: Instant| sent + lease - lease / 6;
+    let mut give_up = cancel_from.map(give_up_after);
     loop {
-        tokio::time::sleep(period).await;
-        match store.extend(key, fence, lease).await {
-            Ok(FencedWrite::Applied) => {}
+        let next = Instant::now() + period;
+        match give_up {
+            Some(deadline) if deadline <= next => {
+                tokio::time::sleep_until(deadline).await;
+                return lease_lost(key, "its renewals failed");
+            }
+            _ => tokio::time::sleep_until(next).await,
+        }
+        let sent = Instant::now();
+        let extend = store.extend(key, fence, lease);
+        let write = match give_up {
+            Some(deadline) => match tokio::time::timeout_at(deadline, extend).await {
+                Ok(write) => write,
+                Err(_) => return lease_lost(key, "its renewal did not answer in time"),
+            },
+            None => extend.await,
+        };
+        match write {
+            Ok(FencedWrite::Applied) => give_up = cancel_from.map(|_| give_up_after(sent)),
+            Ok(FencedWrite::Fenced) if cancel_from.is_some() => {
+                return lease_lost(key, "another caller took it over");
+            }
             Ok(FencedWrite::Fenced) => {
                 tracing::warn!(
                     target: "idempotent",
-                    key = %key,
-                    "lost the lease of an idempotency key while its body runs: another caller may run it too; raise the lease"
+                    key = %short_key(key),
+                    "lost the lease of an idempotency key while its body runs: another caller may run it too; raise the lease, or cancel such bodies with on_lease_loss = \"cancel\""
                 );
                 return std::future::pending().await;
             }
@@ -130,6 +177,15 @@ async fn keep_alive(
             Err(error) => tracing::warn!(target: "idempotent", %error, "could not extend a lease"),
         }
     }
+}
+
+fn lease_lost(key: &StorageKey, why: &str) -> LeaseLost {
+    tracing::warn!(
+        target: "idempotent",
+        key = %short_key(key),
+        "cancelled the body of an idempotent call: its lease could not be renewed ({why})"
+    );
+    LeaseLost
 }
 
 impl Drop for Holder {

@@ -20,6 +20,7 @@
 
 mod arguments;
 mod clock;
+mod context;
 mod default_store;
 mod engine;
 mod error;
@@ -45,14 +46,15 @@ pub use idempotent_macros::idempotent;
 
 pub use arguments::{CanonicalArguments, MAX_EXACT_ARGUMENTS};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use context::CallContext;
 pub use default_store::{DefaultStoreAlreadySet, default_store, set_default_store};
 pub use engine::{Call, Idempotency, Outcome};
 pub use error::{BoxError, Error, StoreError};
 pub use fingerprint::{Fingerprint, FingerprintError, Fingerprinter};
 pub use key::{KeyError, MAX_KEY_BYTES, StorageKey};
 pub use key_source::IdempotencyKey;
-pub use options::{OnConflict, Options};
-pub use store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
+pub use options::{OnConflict, OnLeaseLoss, Options};
+pub use store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, MAX_DURATION, Store, held_millis};
 pub use stores::memory::{MemoryStore, MemoryStoreBuilder};
 
 #[cfg(feature = "conformance")]

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::error::Error;
+use crate::store::MAX_DURATION;
 
 /// What a call does when another call with the same key is still running.
 ///
@@ -28,6 +29,35 @@ pub enum OnConflict {
     Reject,
 }
 
+/// What a running body does when its lease can no longer be renewed: the store stopped
+/// answering its heartbeat, or another caller took the key over.
+///
+/// A lease is what keeps a second caller out. Once it is gone, another caller may run the same
+/// body while this one still runs. [`Continue`](OnLeaseLoss::Continue) (the default) lets the
+/// body finish (its `complete` is then fenced, and the caller gets
+/// [`Outcome::Unrecorded`](crate::Outcome::Unrecorded)); [`Cancel`](OnLeaseLoss::Cancel)
+/// drops the body before the lease runs out, as lease-based locks do, so two bodies never run
+/// at once. Fence side effects beyond the store with
+/// [`CallContext`](crate::CallContext) either way.
+///
+/// ```
+/// use idempotent_core::{OnLeaseLoss, Options};
+/// let options = Options::new().on_lease_loss(OnLeaseLoss::Cancel);
+/// assert_eq!(options.get_on_lease_loss(), OnLeaseLoss::Cancel);
+/// assert_eq!(Options::new().get_on_lease_loss(), OnLeaseLoss::Continue);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnLeaseLoss {
+    /// Let the body run on.
+    #[default]
+    Continue,
+    /// Cancel the body (drop its future) when the lease was taken over, or when renewals have
+    /// failed until a sixth of the lease is left; the call returns
+    /// [`Error::LeaseLost`](crate::Error::LeaseLost). The body may be stopped part way, at
+    /// any `.await`.
+    Cancel,
+}
+
 /// The settings of an idempotent call.
 ///
 /// ```
@@ -46,6 +76,7 @@ pub struct Options {
     ttl: Duration,
     lease: Duration,
     on_conflict: OnConflict,
+    on_lease_loss: OnLeaseLoss,
     max_output_bytes: usize,
 }
 
@@ -75,6 +106,7 @@ impl Options {
             on_conflict: OnConflict::Wait {
                 timeout: Self::DEFAULT_WAIT,
             },
+            on_lease_loss: OnLeaseLoss::Continue,
             max_output_bytes: Self::DEFAULT_MAX_OUTPUT_BYTES,
         }
     }
@@ -114,6 +146,17 @@ impl Options {
     /// ```
     pub const fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
         self.on_conflict = on_conflict;
+        self
+    }
+
+    /// What the body does when its lease can no longer be renewed; see [`OnLeaseLoss`].
+    ///
+    /// ```
+    /// use idempotent_core::{OnLeaseLoss, Options};
+    /// let options = Options::new().on_lease_loss(OnLeaseLoss::Cancel);
+    /// ```
+    pub const fn on_lease_loss(mut self, on_lease_loss: OnLeaseLoss) -> Self {
+        self.on_lease_loss = on_lease_loss;
         self
     }
 
@@ -160,6 +203,16 @@ impl Options {
         self.on_conflict
     }
 
+    /// What the body does when its lease can no longer be renewed.
+    ///
+    /// ```
+    /// # use idempotent_core::{OnLeaseLoss, Options};
+    /// assert_eq!(Options::new().get_on_lease_loss(), OnLeaseLoss::Continue);
+    /// ```
+    pub const fn get_on_lease_loss(&self) -> OnLeaseLoss {
+        self.on_lease_loss
+    }
+
     /// The output size limit.
     ///
     /// ```
@@ -176,12 +229,18 @@ impl Options {
     /// # use idempotent_core::Options; use std::time::Duration;
     /// assert!(Options::new().validate().is_ok());
     /// assert!(Options::new().ttl(Duration::ZERO).validate().is_err());
+    /// // Longer than any store holds (`MAX_DURATION`, about 100 years):
+    /// assert!(Options::new().ttl(Duration::MAX).validate().is_err());
     /// ```
     pub fn validate(&self) -> Result<(), Error> {
         let problem = if self.ttl.is_zero() {
             "ttl is zero: a record that expires at once replays nothing"
         } else if self.lease.is_zero() {
             "lease is zero: a claim that expires at once protects nothing"
+        } else if self.ttl > MAX_DURATION {
+            "ttl is longer than idempotent_core::MAX_DURATION (36,500 days), the longest any store can hold; use at most that"
+        } else if self.lease > MAX_DURATION {
+            "lease is longer than idempotent_core::MAX_DURATION (36,500 days), the longest any store can hold; use at most that"
         } else if self.lease > self.ttl {
             "lease is longer than ttl: a claim would outlive the record it protects"
         } else {

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 pub use crate::default_store::default_store;
 pub use crate::key::Namespace;
 pub use crate::key_source::IdempotencyKey;
-pub use crate::options::{OnConflict, Options};
+pub use crate::options::{OnConflict, OnLeaseLoss, Options};
 pub use core::time::Duration;
 pub use std::borrow::Cow;
 

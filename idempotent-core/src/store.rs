@@ -28,6 +28,46 @@ use crate::key::StorageKey;
 /// A boxed `Send` future: what [`Store`] methods return, so the trait stays object safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The longest lease or ttl any store holds: 36,500 days (about 100 years).
+///
+/// [`Options`](crate::Options) refuses longer ones before anything is claimed; a store given a
+/// longer one directly holds it as this. Every store can represent it: Redis `PX`, a
+/// PostgreSQL `interval` added to `statement_timestamp()`, SQLite's milliseconds since 1970 and
+/// the memory store's clock all hold it with room to spare.
+///
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(idempotent_core::MAX_DURATION, Duration::from_secs(36_500 * 24 * 60 * 60));
+/// ```
+pub const MAX_DURATION: Duration = Duration::from_secs(36_500 * 24 * 60 * 60);
+
+/// A lease or ttl as every store holds it, in whole milliseconds: rounded up (a lease is never
+/// shorter than asked), at least 1 (a zero lease would protect nothing; Redis refuses a zero
+/// expiry) and at most [`MAX_DURATION`]. Stores that count in milliseconds store this; the
+/// memory store holds [`Duration::from_millis`] of it, so a duration means the same on all.
+///
+/// ```
+/// use std::time::Duration;
+/// use idempotent_core::{MAX_DURATION, held_millis};
+///
+/// assert_eq!(held_millis(Duration::from_micros(1)), 1);
+/// assert_eq!(held_millis(Duration::from_micros(1500)), 2);
+/// assert_eq!(held_millis(Duration::from_secs(2)), 2000);
+/// assert_eq!(held_millis(Duration::ZERO), 1);
+/// assert_eq!(held_millis(Duration::MAX), held_millis(MAX_DURATION));
+/// ```
+pub const fn held_millis(duration: Duration) -> u64 {
+    let duration = if duration.as_secs() >= MAX_DURATION.as_secs() {
+        MAX_DURATION
+    } else {
+        duration
+    };
+    let whole = duration.as_secs() * 1000 + duration.subsec_millis() as u64;
+    let part = duration.subsec_nanos() % 1_000_000 != 0;
+    let millis = if part { whole + 1 } else { whole };
+    if millis == 0 { 1 } else { millis }
+}
+
 /// The token a store hands to the one caller that holds a key.
 ///
 /// A store never hands the same fence out twice for a key, even after the key's record has

@@ -41,6 +41,10 @@ pub(crate) enum CallOutcome {
     DecodeError,
     /// The body panicked or the call was cancelled; the key is being released.
     Abandoned,
+    /// The key is held by a call around this one on the same task.
+    Reentered,
+    /// The lease could not be renewed and the body was cancelled (`on_lease_loss = "cancel"`).
+    LeaseLost,
 }
 
 impl CallOutcome {
@@ -59,6 +63,8 @@ impl CallOutcome {
             Self::EncodeError => "encode_error",
             Self::DecodeError => "decode_error",
             Self::Abandoned => "abandoned",
+            Self::Reentered => "reentered",
+            Self::LeaseLost => "lease_lost",
         }
     }
 }
@@ -72,6 +78,11 @@ pub(crate) struct CallTrace {
     // replay from memory.
     started: Option<Instant>,
     pub(crate) waited: bool,
+}
+
+/// A storage key as logs show it: its first 16 hex digits, enough to find the record.
+pub(crate) fn short_key(key: &StorageKey) -> impl fmt::Display {
+    ShortKey(Some(*key))
 }
 
 /// Prints a storage key's first 8 bytes as hex, only if the event is enabled.
@@ -134,7 +145,11 @@ impl CallTrace {
             CallOutcome::Conflict | CallOutcome::Mismatch | CallOutcome::InvalidInput => {
                 call_event!(Level::INFO, self, outcome)
             }
-            CallOutcome::Fenced | CallOutcome::Unrecorded | CallOutcome::Abandoned => {
+            CallOutcome::Fenced
+            | CallOutcome::Unrecorded
+            | CallOutcome::Abandoned
+            | CallOutcome::LeaseLost
+            | CallOutcome::Reentered => {
                 call_event!(Level::WARN, self, outcome)
             }
             CallOutcome::StoreError | CallOutcome::EncodeError | CallOutcome::DecodeError => {

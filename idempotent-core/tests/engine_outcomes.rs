@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idempotent_core::{
-    Bytes, Call, Claim, Fingerprint, Idempotency, ManualClock, MemoryStore, OnConflict, Options,
-    Outcome, Store,
+    Bytes, Call, Claim, Fingerprint, Idempotency, MAX_DURATION, ManualClock, MemoryStore,
+    OnConflict, Options, Outcome, Store,
 };
 use support::{AppError, DownStore, Runs, TokioClock, Unserializable};
 use tokio::sync::oneshot;
@@ -455,6 +455,21 @@ async fn invalid_keys_and_options_are_refused_before_claiming() {
                 .ttl(Duration::from_secs(1))
                 .lease(Duration::from_secs(2)),
         ),
+        ("a ttl of Duration::MAX", Options::new().ttl(Duration::MAX)),
+        (
+            "a ttl just over MAX_DURATION",
+            Options::new().ttl(MAX_DURATION + Duration::from_millis(1)),
+        ),
+        (
+            "a lease of Duration::MAX",
+            Options::new().ttl(Duration::MAX).lease(Duration::MAX),
+        ),
+        (
+            "a lease just over MAX_DURATION",
+            Options::new()
+                .ttl(MAX_DURATION)
+                .lease(MAX_DURATION + Duration::from_millis(1)),
+        ),
     ];
     for (what, options) in refused_options {
         let error = engine
@@ -468,6 +483,14 @@ async fn invalid_keys_and_options_are_refused_before_claiming() {
             "{what}: {error:?}"
         );
     }
+    // The maximum itself is accepted: the call goes on to the store (which is down).
+    let at_the_maximum = Options::new().ttl(MAX_DURATION).lease(MAX_DURATION);
+    let error = engine
+        .with_options(at_the_maximum)
+        .run(call("k"), charge(&runs, "x"))
+        .await
+        .unwrap_err();
+    assert!(error.idempotency().starts_with("Store("), "{error:?}");
     assert_eq!(runs.count(), 0);
 }
 

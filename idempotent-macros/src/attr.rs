@@ -30,6 +30,10 @@ const OPTIONS: &[&str] = &[
 pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
+/// `idempotent_core::MAX_DURATION`, which this crate cannot name (the runtime depends on it);
+/// the ui test `ttl_too_long` and the runtime's `Options::validate` hold the same limit.
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(36_500 * 24 * 60 * 60);
+
 /// A `ttl` or `lease`: a humantime string checked now, or a `Duration` expression.
 pub(crate) enum DurationOption {
     Literal { value: Duration, literal: LitStr },
@@ -226,6 +230,15 @@ fn parse_duration(
     match humantime::parse_duration(&literal.value()) {
         Ok(duration) if duration.is_zero() => {
             errors.error_spanned_by(&literal, format!("{option} must be longer than zero"));
+            Ok(None)
+        }
+        Ok(duration) if duration > MAX_DURATION => {
+            errors.error_spanned_by(
+                &literal,
+                format!(
+                    "{option} is longer than 36500 days (idempotent_core::MAX_DURATION), the longest any store can hold"
+                ),
+            );
             Ok(None)
         }
         Ok(duration) => Ok(Some(DurationOption::Literal {

@@ -202,3 +202,91 @@ pub async fn a_call_dropped_after_its_body_ran_keeps_its_key(h: &Harness) {
         );
     }
 }
+
+/// A body that calls its own key again (directly, or through another idempotent call) is
+/// refused at once with [`Error::Reentered`] instead of waiting for itself; the same key from
+/// another task still finds the key in progress, and the outer call completes as usual.
+pub async fn a_body_that_reenters_its_own_key_is_refused_at_once(h: &Harness) {
+    let engine = Idempotency::new(Arc::clone(h.store())).with_options(
+        Options::new()
+            .lease(LONG)
+            .ttl(LONG)
+            .on_conflict(OnConflict::Wait {
+                timeout: WAIT_BOUND * 2,
+            }),
+    );
+    let outer_key = h.key("reentered-outer").to_string();
+    let inner_key = h.key("reentered-inner").to_string();
+    let outer = Call::new("conformance::reentered", fingerprint(5)).key(&outer_key);
+    let inner = Call::new("conformance::reentered", fingerprint(5)).key(&inner_key);
+    let rejecting = engine.clone().with_options(
+        Options::new()
+            .lease(LONG)
+            .ttl(LONG)
+            .on_conflict(OnConflict::Reject),
+    );
+
+    let body = async {
+        // Directly: the body calls its own key.
+        let direct = engine
+            .run(outer, async { Ok::<_, Error>("inner run".to_string()) })
+            .await;
+        // Through another call: outer -> inner -> outer.
+        let through = engine
+            .run(inner, async {
+                let again = engine
+                    .run(outer, async { Ok::<_, Error>("inner run".to_string()) })
+                    .await;
+                Ok::<_, Error>(format!("{again:?}"))
+            })
+            .await;
+        // From another task the key is in progress, not re-entered.
+        let elsewhere = {
+            let rejecting = rejecting.clone();
+            let outer_key = outer_key.clone();
+            tokio::spawn(async move {
+                let outer = Call::new("conformance::reentered", fingerprint(5)).key(&outer_key);
+                rejecting
+                    .run(outer, async { Ok::<_, Error>("other task".to_string()) })
+                    .await
+            })
+            .await
+            .expect("the other task panicked")
+        };
+        Ok::<_, Error>((
+            format!("{direct:?}"),
+            format!("{through:?}"),
+            format!("{elsewhere:?}"),
+        ))
+    };
+    let ran = tokio::time::timeout(WAIT_BOUND, engine.run(outer, body))
+        .await
+        .unwrap_or_else(|_| {
+            panic!("a body that re-entered its own key was still waiting (for itself) after {WAIT_BOUND:?}")
+        });
+    let (direct, through, elsewhere) = match ran {
+        Ok(Outcome::Executed(seen)) => seen,
+        other => panic!("the outer call should have run and been recorded, got {other:?}"),
+    };
+    assert_eq!(
+        direct, "Err(Reentered)",
+        "a body calling its own key must get Error::Reentered"
+    );
+    assert_eq!(
+        through, r#"Ok(Executed("Err(Reentered)"))"#,
+        "a body calling its own key through another idempotent call (which runs) must get Error::Reentered"
+    );
+    assert!(
+        elsewhere.starts_with("Err(Conflict"),
+        "the same key from another task is in progress, not re-entered: got {elsewhere}"
+    );
+    let replay = engine
+        .run(outer, async {
+            Ok::<(String, String, String), Error>(Default::default())
+        })
+        .await;
+    assert!(
+        matches!(replay, Ok(Outcome::Replayed(_))),
+        "the outer call was recorded: got {replay:?}"
+    );
+}

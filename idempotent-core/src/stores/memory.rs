@@ -21,6 +21,12 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 
+/// A lease or ttl as every store holds it: whole milliseconds, rounded up, at most
+/// [`MAX_DURATION`](crate::MAX_DURATION) (see [`held_millis`](crate::held_millis)).
+fn held(duration: Duration) -> Duration {
+    Duration::from_millis(crate::store::held_millis(duration))
+}
+
 /// How many records a [`MemoryStore`] holds by default before it refuses new keys.
 pub const DEFAULT_CAPACITY: usize = 1_000_000;
 
@@ -273,7 +279,7 @@ impl MemoryStore {
                 arguments: KeptArguments::of(arguments),
                 fence,
                 state: State::InProgress {
-                    lease_until: now.saturating_add(lease),
+                    lease_until: now.saturating_add(held(lease)),
                     waiters: None,
                 },
             };
@@ -290,7 +296,7 @@ impl MemoryStore {
                 arguments: KeptArguments::of(arguments),
                 fence,
                 state: State::InProgress {
-                    lease_until: now.saturating_add(lease),
+                    lease_until: now.saturating_add(held(lease)),
                     waiters: None,
                 },
             },
@@ -405,7 +411,7 @@ impl Store for MemoryStore {
                 record.wake_waiters();
                 record.state = State::Completed {
                     output,
-                    expires_at: now.saturating_add(ttl),
+                    expires_at: now.saturating_add(held(ttl)),
                 };
                 FencedWrite::Applied
             }
@@ -444,7 +450,7 @@ impl Store for MemoryStore {
         let write = match shard.get_mut(key) {
             Some(record) if record.held_by(fence, now) => {
                 if let State::InProgress { lease_until, .. } = &mut record.state {
-                    *lease_until = now.saturating_add(lease);
+                    *lease_until = now.saturating_add(held(lease));
                 }
                 FencedWrite::Applied
             }

@@ -254,11 +254,10 @@ impl fmt::Debug for PostgresStore {
     }
 }
 
+/// A lease or ttl as the statements take it: whole ms, rounded up, 1 ms to
+/// [`MAX_DURATION`](crate::MAX_DURATION), which a `bigint` and an `interval` hold.
 fn millis(duration: Duration) -> i64 {
-    // At least 1 ms: a zero lease would protect nothing.
-    i64::try_from(duration.as_millis())
-        .unwrap_or(i64::MAX)
-        .max(1)
+    i64::try_from(crate::store::held_millis(duration)).unwrap_or(i64::MAX)
 }
 
 fn fence_param(fence: Fence) -> i64 {
@@ -372,7 +371,8 @@ fn judge_claim(
     let left = read(5)?.unwrap_or(0);
     match state {
         Some(0) => Ok(Some(Claim::InProgress {
-            retry_after: Duration::from_millis(u64::try_from(left).unwrap_or(0)),
+            // Whole ms, rounded down: a lease with less than a millisecond left is still live.
+            retry_after: Duration::from_millis(u64::try_from(left).unwrap_or(0).max(1)),
         })),
         Some(1) => {
             let output: Option<Vec<u8>> = row

@@ -255,11 +255,9 @@ impl RedisStore {
     }
 }
 
+/// A lease or ttl as `PX` takes it: whole ms, rounded up, 1 ms to [`MAX_DURATION`](crate::MAX_DURATION).
 fn millis(duration: Duration) -> u64 {
-    // At least 1 ms: Redis refuses a zero expiry, and a zero lease would protect nothing.
-    u64::try_from(duration.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1)
+    crate::store::held_millis(duration)
 }
 
 /// A script's answer. The common answers are scalars (see `redis/claim.lua`): what an
@@ -295,7 +293,10 @@ impl Reply {
         let arg = items.next();
         Ok(match (tag.as_slice(), arg) {
             (b"p", Some(Value::Int(left))) => {
-                Reply::InProgress(Duration::from_millis(u64::try_from(left).unwrap_or(0)))
+                // `PTTL` rounds down: a lease with less than a millisecond left is still live.
+                Reply::InProgress(Duration::from_millis(
+                    u64::try_from(left).unwrap_or(0).max(1),
+                ))
             }
             (b"m", _) => Reply::Mismatch,
             (b"n", _) => Reply::NotInProgress,

@@ -122,7 +122,7 @@ pub(super) fn claim(
                 fingerprint.as_bytes().as_slice(),
                 fence,
                 IN_PROGRESS,
-                now.saturating_add(record::millis(lease)),
+                record::until(now, lease),
                 FORMAT,
             ])
         })
@@ -167,7 +167,7 @@ pub(super) fn complete(
             .execute(params![
                 key.as_bytes().as_slice(),
                 COMPLETED,
-                now.saturating_add(record::millis(ttl)),
+                record::until(now, ttl),
                 output,
             ])
     })
@@ -196,7 +196,7 @@ pub(super) fn extend(
             .prepare_cached("UPDATE idempotent_records SET until = ?2 WHERE key = ?1")?
             .execute(params![
                 key.as_bytes().as_slice(),
-                now.saturating_add(record::millis(lease)),
+                record::until(now, lease),
             ])
     })
 }

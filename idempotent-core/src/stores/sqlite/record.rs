@@ -148,15 +148,23 @@ fn describe(value: ValueRef<'_>) -> String {
 pub(super) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, millis)
+        .map_or(0, |since| {
+            i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+        })
 }
 
-/// A duration in whole ms, saturating.
-pub(super) fn millis(duration: Duration) -> i64 {
-    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+/// When a lease or ttl of `duration` taken at `now` ends: `duration` in whole ms, rounded up
+/// (1 ms to [`MAX_DURATION`](crate::MAX_DURATION)), plus one. The clock reads whole ms,
+/// rounded down, so a lease taken late in a millisecond would otherwise end up to a
+/// millisecond early; with the extra one it lasts at least `duration` and at most 1 ms more.
+pub(super) fn until(now: i64, duration: Duration) -> i64 {
+    let millis = i64::try_from(crate::store::held_millis(duration)).unwrap_or(i64::MAX);
+    now.saturating_add(millis).saturating_add(1)
 }
 
-/// The ms between `now` and `until`, for a `retry_after`.
+/// What is left of a live lease ending at `until` (see [`until`]) at `now`, for a
+/// `retry_after`: at most the lease, at least 1 ms.
 pub(super) fn until_from(now: i64, until: i64) -> Duration {
-    Duration::from_millis(u64::try_from(until.saturating_sub(now)).unwrap_or(0))
+    let left = until.saturating_sub(now).saturating_sub(1).max(1);
+    Duration::from_millis(u64::try_from(left).unwrap_or(1))
 }
