@@ -319,3 +319,163 @@ async fn an_invalid_table_name_is_refused_before_any_sql() {
         .unwrap_err();
     assert!(error.to_string().contains("invalid table name"), "{error}");
 }
+
+/// A connection of the test's own, outside any store.
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+/// Waits until `done` or until a backend of `database` other than `own` waits for a lock; true
+/// if one does.
+async fn until_done_or_blocked(
+    observer: &tokio_postgres::Client,
+    database: &str,
+    done: impl Fn() -> bool,
+) -> bool {
+    for _ in 0..500 {
+        if done() {
+            return false;
+        }
+        let waiting: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = $1 AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                &[&database],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the start neither finished nor waited for a lock in 10 s");
+}
+
+#[tokio::test]
+async fn a_start_on_a_healthy_schema_takes_no_table_lock() {
+    let url = shared_postgres().create_unique_database("startup");
+    let database = database_of(&url);
+    let timeout = Duration::from_millis(500);
+    let builder = PostgresStore::builder(&url)
+        .max_connections(2)
+        .timeout(timeout);
+    let store = builder.clone().build().await.unwrap();
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lease = Duration::from_secs(30);
+    let held = StorageKey::derive("pg::startup", None, b"held").unwrap();
+    assert!(matches!(
+        store.claim(&held, &fingerprint, lease).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+
+    // A transaction of the application holds that row (any open transaction on the table
+    // would do: a row lock is the common case).
+    let mut holder = connect(&url).await;
+    let transaction = holder.transaction().await.unwrap();
+    transaction
+        .execute(
+            "SELECT 1 FROM idempotent_records WHERE key = $1 FOR UPDATE",
+            &[&held.as_bytes().as_slice()],
+        )
+        .await
+        .unwrap();
+
+    // Another server starts on the same, healthy, tables.
+    let second = tokio::spawn(builder.build());
+    let observer = connect(&url).await;
+    let blocked = until_done_or_blocked(&observer, database, || second.is_finished()).await;
+
+    // The first server's calls on other keys go on within the store's timeout.
+    for n in 0..3 {
+        let key = StorageKey::derive("pg::startup", None, format!("other {n}").as_bytes()).unwrap();
+        let claimed = store.claim(&key, &fingerprint, lease).await;
+        assert!(
+            matches!(claimed, Ok(Claim::Acquired { .. })),
+            "a call on another key while a second store starts (which waited for a lock: \
+             {blocked}): {claimed:?}"
+        );
+    }
+    transaction.rollback().await.unwrap();
+    second.await.unwrap().expect("the second store starts");
+}
+
+#[tokio::test]
+async fn an_upgrade_waits_for_the_table_no_longer_than_the_timeout() {
+    let server = shared_postgres();
+    let url = server.create_unique_database("upgrade_locked");
+    let database = database_of(&url);
+    server.psql_in(
+        database,
+        "CREATE TABLE idempotent_records_schema (version integer NOT NULL);
+         INSERT INTO idempotent_records_schema VALUES (1);
+         CREATE SEQUENCE idempotent_records_fences;
+         CREATE TABLE idempotent_records (
+             key bytea PRIMARY KEY, fingerprint bytea NOT NULL, fence bigint NOT NULL,
+             state smallint NOT NULL, until timestamptz NOT NULL, output bytea,
+             format smallint NOT NULL);
+         INSERT INTO idempotent_records
+             VALUES ('\\x01', '\\x02', 1, 0, now() + interval '1 hour', NULL, 1);",
+    );
+    let mut holder = connect(&url).await;
+    let transaction = holder.transaction().await.unwrap();
+    transaction
+        .execute(
+            "SELECT 1 FROM idempotent_records WHERE key = '\\x01' FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    let builder = PostgresStore::builder(&url).timeout(Duration::from_millis(300));
+    let error = builder.clone().build().await.unwrap_err();
+    assert!(
+        error.to_string().contains("55P03"),
+        "the upgrade gives up on the lock (lock_timeout), and says so: {error}"
+    );
+    // It gave up: the application's own statements on the table are not queued behind it.
+    transaction
+        .execute("UPDATE idempotent_records SET fence = 2", &[])
+        .await
+        .unwrap();
+    transaction.rollback().await.unwrap();
+
+    builder
+        .build()
+        .await
+        .expect("upgraded once the table is free");
+    assert_eq!(
+        server
+            .psql_in(
+                database,
+                "SELECT max(version) FROM idempotent_records_schema"
+            )
+            .trim(),
+        "2"
+    );
+}
+
+#[tokio::test]
+async fn stores_starting_together_create_the_tables_once() {
+    let server = shared_postgres();
+    let url = server.create_unique_database("starters");
+    let starts: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(PostgresStore::builder(&url).max_connections(1).build()))
+        .collect();
+    for start in starts {
+        start.await.unwrap().expect("every starter starts");
+    }
+    assert_eq!(
+        server
+            .psql_in(
+                database_of(&url),
+                "SELECT count(*) FROM idempotent_records_schema"
+            )
+            .trim(),
+        "1"
+    );
+}

@@ -268,22 +268,47 @@ fn fence_param(fence: Fence) -> i64 {
 
 pub(super) fn from_pg(message: &str, error: tokio_postgres::Error) -> StoreError {
     // An error the server did not send (a closed connection, I/O, a timeout) passes, as do
-    // connection exceptions (08), operator intervention such as a terminated backend or a
-    // shutdown (57) and exhausted resources (53); any other server error is a real failure.
-    let passing = error
-        .as_db_error()
-        .is_none_or(|db| matches!(&db.code().code()[..2], "08" | "53" | "57"));
+    // connection exceptions (08), operator intervention such as a terminated backend, a
+    // cancelled statement or a shutdown (57), exhausted resources (53), a lock not had in time
+    // (55P03), and a serialization failure or deadlock (40001, 40P01: the statement was rolled
+    // back); any other server error is a real failure.
+    let passing = error.as_db_error().is_none_or(|db| {
+        let code = db.code().code();
+        matches!(&code[..2], "08" | "53" | "57") || matches!(code, "55P03" | "40001" | "40P01")
+    });
+    let message = format!("{message}: {}", describe(&error));
     if passing {
         StoreError::Unavailable {
-            message: format!("{message}: {error}"),
+            message,
             source: Some(Box::new(error)),
         }
     } else {
         StoreError::Backend {
-            message: format!("{message}: {error}"),
+            message,
             source: Some(Box::new(error)),
         }
     }
+}
+
+/// What the server said (its message and SQLSTATE, with detail and hint), or the driver's
+/// error: tokio-postgres displays every server error as just "db error".
+pub(super) fn describe(error: &tokio_postgres::Error) -> String {
+    let Some(db) = error.as_db_error() else {
+        return error.to_string();
+    };
+    let mut text = format!(
+        "{}: {} (SQLSTATE {})",
+        db.severity(),
+        db.message(),
+        db.code().code()
+    );
+    if let Some(detail) = db.detail() {
+        text.push_str(&format!("; detail: {detail}"));
+    }
+    if let Some(hint) = db.hint() {
+        text.push_str(&format!("; hint: {hint}"));
+    }
+    text
 }
 
 fn timed_out(what: &str, timeout: Duration) -> StoreError {
@@ -467,9 +492,66 @@ impl PostgresStore {
             .map_err(|_| timed_out("a statement", self.timeout))?
     }
 
+    /// The schema version recorded in `<table>_schema`, or `None` when the tables are missing
+    /// or hold no version. Takes no lock on the records' table.
+    async fn schema_version(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+    ) -> Result<Option<i32>, StoreError> {
+        let schema_table = format!("{}_schema", self.table);
+        // The catalog itself, read with the statement's snapshot: `to_regclass` would answer
+        // from this connection's catalog cache, which does not hear of a table another
+        // starter created while this one waited for its turn.
+        let exists: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables
+                                WHERE tablename = $1 AND schemaname = ANY (current_schemas(false)))",
+                &[&schema_table],
+            )
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|error| from_pg("could not look for the schema table", error))?;
+        if !exists {
+            return Ok(None);
+        }
+        client
+            .query_one(&format!("SELECT max(version) FROM {schema_table}"), &[])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|error| from_pg("could not read the schema version", error))
+    }
+
+    fn newer_schema(&self, version: i32) -> StoreError {
+        StoreError::Backend {
+            message: format!(
+                "table {} has schema version {version}, newer than this release knows ({}): upgrade the library",
+                self.table,
+                sql::SCHEMA_VERSION
+            ),
+            source: None,
+        }
+    }
+
+    /// Brings the tables to [`sql::SCHEMA_VERSION`] if they are not there yet.
+    ///
+    /// The version is read first, with no lock on the records' table: on tables that are up to
+    /// date (every start but the first of a release) nothing else runs. `ALTER TABLE` waits for
+    /// an exclusive lock on the table, behind any open transaction that touched it, and every
+    /// statement on the table then queues behind that wait: run on every start, it let one
+    /// server starting stall the calls of the whole fleet. When a migration is due, starters
+    /// take turns on an advisory lock, and the migration waits for table locks no longer than
+    /// the store's timeout (`lock_timeout`), then fails the start rather than stall the table.
     async fn migrate(&self) -> Result<(), StoreError> {
+        let budget = self.timeout * 5;
         let work = async {
             let mut pooled = self.client().await?;
+            match self.schema_version(&*pooled.client).await? {
+                Some(version) if version == sql::SCHEMA_VERSION => return Ok(()),
+                Some(version) if version > sql::SCHEMA_VERSION => {
+                    return Err(self.newer_schema(version));
+                }
+                _ => {}
+            }
             let transaction = pooled
                 .client
                 .transaction()
@@ -481,44 +563,48 @@ impl PostgresStore {
                 .await
                 .map_err(|error| from_pg("could not lock the schema", error))?;
             transaction
-                .batch_execute(&self.statements.schema)
+                .batch_execute(&format!(
+                    "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+                    millis(self.timeout),
+                    millis(budget)
+                ))
                 .await
-                .map_err(|error| from_pg("could not create the tables", error))?;
-            let version_query = format!("SELECT max(version) FROM {}_schema", self.table);
-            let version: Option<i32> = transaction
-                .query_one(&version_query, &[])
-                .await
-                .and_then(|row| row.try_get(0))
-                .map_err(|error| from_pg("could not read the schema version", error))?;
+                .map_err(|error| from_pg("could not set the schema's timeouts", error))?;
+            // Another starter may have migrated while this one waited for its turn.
+            let version = self.schema_version(&*transaction).await?;
             match version {
-                // New tables, or older ones the schema statements just brought up to date.
-                None | Some(..sql::SCHEMA_VERSION) => {
+                Some(version) if version > sql::SCHEMA_VERSION => {
+                    return Err(self.newer_schema(version));
+                }
+                Some(version) if version == sql::SCHEMA_VERSION => {}
+                // New tables, or older ones the schema statements bring up to date.
+                _ => {
+                    transaction
+                        .batch_execute(&self.statements.schema)
+                        .await
+                        .map_err(|error| {
+                            from_pg(
+                                "could not create or upgrade the tables (a transaction holding \
+                                 them longer than the store's timeout makes the upgrade give up: \
+                                 start again when it has ended)",
+                                error,
+                            )
+                        })?;
                     let insert = format!("INSERT INTO {}_schema (version) VALUES ($1)", self.table);
                     transaction
                         .execute(&insert, &[&sql::SCHEMA_VERSION])
                         .await
                         .map_err(|error| from_pg("could not record the schema version", error))?;
                 }
-                Some(version) if version > sql::SCHEMA_VERSION => {
-                    return Err(StoreError::Backend {
-                        message: format!(
-                            "table {} has schema version {version}, newer than this release knows ({}): upgrade the library",
-                            self.table,
-                            sql::SCHEMA_VERSION
-                        ),
-                        source: None,
-                    });
-                }
-                Some(_) => {}
             }
             transaction
                 .commit()
                 .await
                 .map_err(|error| from_pg("could not commit the schema", error))
         };
-        tokio::time::timeout(self.timeout * 5, work)
+        tokio::time::timeout(budget, work)
             .await
-            .map_err(|_| timed_out("creating the tables", self.timeout * 5))?
+            .map_err(|_| timed_out("creating the tables", budget))?
     }
 
     async fn fenced_write(
