@@ -479,3 +479,173 @@ async fn stores_starting_together_create_the_tables_once() {
         "1"
     );
 }
+
+/// How many backends of `database` wait for a lock.
+async fn lock_waiters(observer: &tokio_postgres::Client, database: &str) -> i64 {
+    observer
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = $1 AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+            &[&database],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_statement_that_times_out_is_ended_on_the_server() {
+    let server = shared_postgres();
+    let url = server.create_unique_database("timeouts");
+    let database = database_of(&url);
+    let timeout = Duration::from_millis(500);
+    let store = PostgresStore::builder(&url)
+        .max_connections(1)
+        .timeout(timeout)
+        .build()
+        .await
+        .unwrap();
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lease = Duration::from_secs(60);
+
+    // A dead record (its lease ran out), whose row a transaction elsewhere holds: a claim
+    // taking it over waits for that row lock.
+    let locked = StorageKey::derive("pg::timeouts", None, b"locked").unwrap();
+    let hex = locked.to_hex();
+    server.psql_in(
+        database,
+        &format!(
+            "INSERT INTO idempotent_records VALUES ('\\x{hex}', '\\x{}', 1, 0,
+             now() - interval '1 hour', NULL, 1)",
+            "01".repeat(32)
+        ),
+    );
+    let mut holder = connect(&url).await;
+    let transaction = holder.transaction().await.unwrap();
+    transaction
+        .execute(
+            "SELECT 1 FROM idempotent_records WHERE key = $1 FOR UPDATE",
+            &[&locked.as_bytes().as_slice()],
+        )
+        .await
+        .unwrap();
+
+    let timed_out = store.claim(&locked, &fingerprint, lease).await;
+    assert!(
+        matches!(timed_out, Err(StoreError::Unavailable { .. })),
+        "the claim cannot have the row in time: {timed_out:?}"
+    );
+    // The only pooled connection is not left queued behind that claim: the next call, on
+    // another key, works.
+    let other = StorageKey::derive("pg::timeouts", None, b"other").unwrap();
+    let next = store.claim(&other, &fingerprint, lease).await;
+    assert!(
+        matches!(next, Ok(Claim::Acquired { .. })),
+        "the next call after a timeout: {next:?}"
+    );
+
+    // The timed-out claim is no longer waiting on the server, so when the row is let go no
+    // claim applies that nobody holds.
+    let observer = connect(&url).await;
+    for _ in 0..50 {
+        if lock_waiters(&observer, database).await == 0 {
+            break;
+        }
+        tokio::time::sleep(timeout / 10).await;
+    }
+    transaction.commit().await.unwrap();
+    tokio::time::sleep(timeout / 5).await;
+    assert_eq!(
+        server
+            .psql_in(
+                database,
+                &format!(
+                    "SELECT count(*) FROM idempotent_records
+                     WHERE key = '\\x{hex}' AND until > now()"
+                )
+            )
+            .trim(),
+        "0",
+        "a claim that timed out applied afterwards, held by nobody"
+    );
+    let retried = store.claim(&locked, &fingerprint, lease).await;
+    assert!(
+        matches!(retried, Ok(Claim::Acquired { .. })),
+        "a retry of the timed-out call takes the key: {retried:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_call_leaves_no_statement_running_on_the_server() {
+    let server = shared_postgres();
+    let url = server.create_unique_database("cancelled");
+    let database = database_of(&url);
+    // A timeout far longer than the test waits: what ends the statement here is the call
+    // being dropped, not the store's or the server's timeouts.
+    let timeout = Duration::from_secs(30);
+    let store = PostgresStore::builder(&url)
+        .max_connections(1)
+        .timeout(timeout)
+        .build()
+        .await
+        .unwrap();
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lease = Duration::from_secs(60);
+    let locked = StorageKey::derive("pg::cancelled", None, b"locked").unwrap();
+    let hex = locked.to_hex();
+    server.psql_in(
+        database,
+        &format!(
+            "INSERT INTO idempotent_records VALUES ('\\x{hex}', '\\x{}', 1, 0,
+             now() - interval '1 hour', NULL, 1)",
+            "01".repeat(32)
+        ),
+    );
+    let mut holder = connect(&url).await;
+    let transaction = holder.transaction().await.unwrap();
+    transaction
+        .execute(
+            "SELECT 1 FROM idempotent_records WHERE key = $1 FOR UPDATE",
+            &[&locked.as_bytes().as_slice()],
+        )
+        .await
+        .unwrap();
+
+    // The caller gives up on the claim while it waits for the row (its future is dropped).
+    let observer = connect(&url).await;
+    let claim = store.claim(&locked, &fingerprint, lease);
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), claim).await;
+    assert!(gave_up.is_err(), "the claim waits for the row: {gave_up:?}");
+
+    let other = StorageKey::derive("pg::cancelled", None, b"other").unwrap();
+    let next = tokio::time::timeout(
+        Duration::from_secs(5),
+        store.claim(&other, &fingerprint, lease),
+    )
+    .await;
+    assert!(
+        matches!(next, Ok(Ok(Claim::Acquired { .. }))),
+        "the next call, on the only pooled connection: {next:?}"
+    );
+    for _ in 0..50 {
+        if lock_waiters(&observer, database).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    transaction.commit().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        server
+            .psql_in(
+                database,
+                &format!(
+                    "SELECT count(*) FROM idempotent_records
+                     WHERE key = '\\x{hex}' AND until > now()"
+                )
+            )
+            .trim(),
+        "0",
+        "the dropped claim applied afterwards, held by nobody"
+    );
+}

@@ -74,6 +74,12 @@ impl PostgresStoreBuilder {
 
     /// How long connecting, getting a pooled connection, or one statement may take before a
     /// call fails with a store error (default 2 s each).
+    ///
+    /// A statement that runs out of time is ended on the server too, not only abandoned: the
+    /// store asks the server to cancel it and closes its connection, and the store's
+    /// connections run with `statement_timeout` and `lock_timeout` set to this timeout. (A claim
+    /// that went on waiting on the server for a row lock could otherwise apply later, as a
+    /// claim nobody holds, and keep its key in progress for a whole lease.)
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -98,6 +104,8 @@ impl PostgresStoreBuilder {
                 source: Some(Box::new(error)),
             })?;
         config.connect_timeout(self.timeout);
+        let settings = server_settings(config.get_options(), self.timeout);
+        config.options(settings);
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -142,10 +150,11 @@ enum Kind {
     Extend,
     LeaseLeft,
     Remove,
+    Purge,
 }
 
 impl Kind {
-    const COUNT: usize = 6;
+    const COUNT: usize = 7;
 
     fn text(self, statements: &Statements) -> &str {
         match self {
@@ -155,6 +164,7 @@ impl Kind {
             Kind::Extend => &statements.extend,
             Kind::LeaseLeft => &statements.lease_left,
             Kind::Remove => &statements.remove,
+            Kind::Purge => &statements.purge,
         }
     }
 }
@@ -218,6 +228,77 @@ impl managed::Manager for ConnectionManager {
 }
 
 type Pool = managed::Pool<ConnectionManager>;
+
+/// A pooled connection while the store's statements run on it. Dropped, or
+/// [abandoned](Running::abandon), before [`Running::done`], it is taken out of the pool and
+/// closed, and the server is asked to cancel what it runs: a statement the caller stopped
+/// waiting for (a timeout, a cancelled call) must not go on and apply unseen, nor keep the
+/// connection busy for the next caller.
+struct Running {
+    pooled: Option<managed::Object<ConnectionManager>>,
+    timeout: Duration,
+}
+
+impl Running {
+    fn new(pooled: managed::Object<ConnectionManager>, timeout: Duration) -> Self {
+        Self {
+            pooled: Some(pooled),
+            timeout,
+        }
+    }
+
+    fn connection(&mut self) -> &mut Connection {
+        self.pooled
+            .as_mut()
+            .expect("a running connection is present until done or abandoned")
+    }
+
+    /// The statements ended: the connection goes back to the pool.
+    fn done(mut self) {
+        self.pooled.take();
+    }
+
+    /// Closes the connection and cancels its statement, waiting (up to the timeout) until the
+    /// server has the cancel request.
+    async fn abandon(mut self) {
+        if let Some(pooled) = self.pooled.take() {
+            cancel(pooled, self.timeout).await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(pooled) = self.pooled.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(cancel(pooled, self.timeout));
+        }
+    }
+}
+
+/// Takes `pooled` out of the pool, closes it, and asks the server to cancel its statement.
+async fn cancel(pooled: managed::Object<ConnectionManager>, timeout: Duration) {
+    let token = pooled.client.cancel_token();
+    drop(managed::Object::take(pooled));
+    if let Ok(Err(error)) = tokio::time::timeout(timeout, token.cancel_query(NoTls)).await {
+        tracing::debug!(target: "idempotent", error = %describe(&error), "could not cancel an abandoned statement");
+    }
+}
+
+/// The startup options of the store's connections: `existing` (from the URL) and the server
+/// settings the store relies on.
+fn server_settings(existing: Option<&str>, timeout: Duration) -> String {
+    // Both settings are `int` milliseconds on the server, 0 meaning no limit.
+    let limit = i32::try_from(timeout.as_millis())
+        .unwrap_or(i32::MAX)
+        .max(1);
+    let ours = format!("-c statement_timeout={limit} -c lock_timeout={limit}");
+    match existing {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing} {ours}"),
+        _ => ours,
+    }
+}
 
 /// A [`Store`] in PostgreSQL.
 ///
@@ -473,23 +554,38 @@ impl PostgresStore {
             })
     }
 
-    /// Runs one prepared statement on a pooled connection, within the timeout.
+    /// Runs one prepared statement on a pooled connection, within the timeout (getting the
+    /// connection included). On a timeout the statement is cancelled and its connection closed.
     async fn query(
         &self,
         kind: Kind,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let pooled = tokio::time::timeout_at(deadline, self.client())
+            .await
+            .map_err(|_| timed_out("getting a connection", self.timeout))??;
+        let mut running = Running::new(pooled, self.timeout);
         let work = async {
-            let mut pooled = self.client().await?;
-            let (client, prepared) = pooled.prepared(kind, &self.statements).await?;
+            let (client, prepared) = running
+                .connection()
+                .prepared(kind, &self.statements)
+                .await?;
             client
                 .query(prepared, params)
                 .await
                 .map_err(|error| from_pg("a statement failed", error))
         };
-        tokio::time::timeout(self.timeout, work)
-            .await
-            .map_err(|_| timed_out("a statement", self.timeout))?
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(result) => {
+                running.done();
+                result
+            }
+            Err(_) => {
+                running.abandon().await;
+                Err(timed_out("a statement", self.timeout))
+            }
+        }
     }
 
     /// The schema version recorded in `<table>_schema`, or `None` when the tables are missing
@@ -543,8 +639,12 @@ impl PostgresStore {
     /// the store's timeout (`lock_timeout`), then fails the start rather than stall the table.
     async fn migrate(&self) -> Result<(), StoreError> {
         let budget = self.timeout * 5;
+        let pooled = tokio::time::timeout(budget, self.client())
+            .await
+            .map_err(|_| timed_out("getting a connection", budget))??;
+        let mut running = Running::new(pooled, self.timeout);
         let work = async {
-            let mut pooled = self.client().await?;
+            let pooled = running.connection();
             match self.schema_version(&*pooled.client).await? {
                 Some(version) if version == sql::SCHEMA_VERSION => return Ok(()),
                 Some(version) if version > sql::SCHEMA_VERSION => {
@@ -602,9 +702,16 @@ impl PostgresStore {
                 .await
                 .map_err(|error| from_pg("could not commit the schema", error))
         };
-        tokio::time::timeout(budget, work)
-            .await
-            .map_err(|_| timed_out("creating the tables", budget))?
+        match tokio::time::timeout(budget, work).await {
+            Ok(result) => {
+                running.done();
+                result
+            }
+            Err(_) => {
+                running.abandon().await;
+                Err(timed_out("creating the tables", budget))
+            }
+        }
     }
 
     async fn fenced_write(
@@ -721,17 +828,12 @@ impl Store for PostgresStore {
 
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
-            let work = async {
-                let pooled = self.client().await?;
-                pooled
-                    .client
-                    .execute(&self.statements.purge, &[])
-                    .await
-                    .map_err(|error| from_pg("could not purge", error))
-            };
-            tokio::time::timeout(self.timeout, work)
-                .await
-                .map_err(|_| timed_out("purging", self.timeout))?
+            let rows = self.query(Kind::Purge, &[]).await?;
+            let purged: i64 = rows
+                .first()
+                .and_then(|row| row.try_get(0).ok())
+                .unwrap_or(0);
+            Ok(u64::try_from(purged).unwrap_or(0))
         })
     }
 }

@@ -143,7 +143,10 @@ impl Statements {
                  SELECT ceil(extract(epoch FROM (until - statement_timestamp())) * 1000)::bigint FROM live
                  WHERE live.waiting"
             ),
-            purge: format!("DELETE FROM {table} WHERE until <= statement_timestamp()"),
+            purge: format!(
+                "WITH gone AS (DELETE FROM {table} WHERE until <= statement_timestamp() RETURNING 1)
+                 SELECT count(*) FROM gone"
+            ),
             remove: format!("DELETE FROM {table} WHERE key = $1 RETURNING key"),
             listen: format!("LISTEN {channel}"),
         }
