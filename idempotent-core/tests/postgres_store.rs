@@ -649,3 +649,76 @@ async fn a_cancelled_call_leaves_no_statement_running_on_the_server() {
         "the dropped claim applied afterwards, held by nobody"
     );
 }
+
+/// 8 keys x 8 concurrent callers through the engine on `store`: every call gets its key's
+/// value, and each key runs once.
+async fn concurrent_calls(store: Arc<PostgresStore>) -> Result<(), String> {
+    let engine = Idempotency::new(store);
+    let runs = Runs::default();
+    let calls = (0..64u32).map(|n| {
+        let (engine, runs) = (engine.clone(), runs.clone());
+        tokio::spawn(async move {
+            let key = n % 8;
+            let name = format!("k{key}");
+            let call = Call::new("pg::isolation", Fingerprint::of(&key).unwrap()).key(&name);
+            let outcome = engine
+                .run(call, async move {
+                    runs.hit();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Ok::<_, AppError>(format!("value {key}"))
+                })
+                .await
+                .map_err(|error| format!("key {key}: {error:?}"))?;
+            let value = outcome.into_value();
+            if value != format!("value {key}") {
+                return Err(format!("key {key} answered {value}"));
+            }
+            Ok(())
+        })
+    });
+    let mut failures = Vec::new();
+    for call in calls.collect::<Vec<_>>() {
+        if let Err(failure) = call.await.unwrap() {
+            failures.push(failure);
+        }
+    }
+    if !failures.is_empty() {
+        return Err(format!(
+            "{} calls failed, e.g. {}",
+            failures.len(),
+            failures[0]
+        ));
+    }
+    if runs.count() != 8 {
+        return Err(format!("{} executions for 8 keys", runs.count()));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_work_whatever_the_database_default_isolation() {
+    let server = shared_postgres();
+    for level in ["serializable", "repeatable read"] {
+        let url = server.create_unique_database("isolation");
+        let database = database_of(&url);
+        server.psql(&format!(
+            "ALTER DATABASE \"{database}\" SET default_transaction_isolation = '{level}'"
+        ));
+        assert_eq!(
+            server.psql_in(database, "SHOW default_transaction_isolation"),
+            level
+        );
+        let store = PostgresStore::builder(&url)
+            .max_connections(8)
+            .build()
+            .await
+            .unwrap();
+        for round in 0..3 {
+            // A fresh set of keys each round: first calls race to claim.
+            server.psql_in(database, "DELETE FROM idempotent_records");
+            if let Err(failure) = concurrent_calls(Arc::new(store.clone())).await {
+                panic!("default isolation {level}, round {round}: {failure}");
+            }
+        }
+    }
+}

@@ -289,11 +289,17 @@ async fn cancel(pooled: managed::Object<ConnectionManager>, timeout: Duration) {
 /// The startup options of the store's connections: `existing` (from the URL) and the server
 /// settings the store relies on.
 fn server_settings(existing: Option<&str>, timeout: Duration) -> String {
-    // Both settings are `int` milliseconds on the server, 0 meaning no limit.
+    // Both timeouts are `int` milliseconds on the server, 0 meaning no limit. READ COMMITTED
+    // whatever the database's default: the statements are written for it (each sees what
+    // committed before it), and under REPEATABLE READ or SERIALIZABLE concurrent claims of a
+    // key fail with serialization errors instead of waiting for each other.
     let limit = i32::try_from(timeout.as_millis())
         .unwrap_or(i32::MAX)
         .max(1);
-    let ours = format!("-c statement_timeout={limit} -c lock_timeout={limit}");
+    let ours = format!(
+        "-c statement_timeout={limit} -c lock_timeout={limit} \
+         -c default_transaction_isolation=read\\ committed"
+    );
     match existing {
         Some(existing) if !existing.trim().is_empty() => format!("{existing} {ours}"),
         _ => ours,
@@ -390,6 +396,22 @@ pub(super) fn describe(error: &tokio_postgres::Error) -> String {
         text.push_str(&format!("; hint: {hint}"));
     }
     text
+}
+
+/// Whether `error` is a serialization failure or a deadlock (SQLSTATE 40001, 40P01): the
+/// server rolled the statement's transaction back.
+fn is_rolled_back(error: &StoreError) -> bool {
+    let StoreError::Unavailable {
+        source: Some(source),
+        ..
+    } = error
+    else {
+        return false;
+    };
+    source
+        .downcast_ref::<tokio_postgres::Error>()
+        .and_then(tokio_postgres::Error::as_db_error)
+        .is_some_and(|db| matches!(db.code().code(), "40001" | "40P01"))
 }
 
 fn timed_out(what: &str, timeout: Duration) -> StoreError {
@@ -749,8 +771,21 @@ impl Store for PostgresStore {
             let fingerprint_param = fingerprint.as_bytes().as_slice();
             let lease = millis(lease);
             claim_with(key, fingerprint, || async move {
-                self.query(Kind::Claim, &[&key_param, &fingerprint_param, &lease])
-                    .await
+                let mut attempts = 0;
+                loop {
+                    let result = self
+                        .query(Kind::Claim, &[&key_param, &fingerprint_param, &lease])
+                        .await;
+                    // A serialization failure or deadlock rolled the statement back, and it
+                    // runs in a transaction of its own: running it again is safe. (The store's
+                    // connections are READ COMMITTED, where neither is expected.)
+                    match result {
+                        Err(error) if is_rolled_back(&error) && attempts < CLAIM_ATTEMPTS => {
+                            attempts += 1;
+                        }
+                        result => return result,
+                    }
+                }
             })
             .await
         })

@@ -7,7 +7,10 @@
 //! heartbeat, and the result is recorded (or the claim deleted) however long the body ran; a
 //! panic, a cancelled call or a lost connection roll the transaction back, which takes the
 //! claim with it. Use READ COMMITTED (PostgreSQL's default): each claim statement then sees
-//! what committed before it.
+//! what committed before it. Under REPEATABLE READ or SERIALIZABLE a claim racing another
+//! transaction's claim of the same key can fail with a serialization error (SQLSTATE 40001,
+//! named in the `Error::Store` message): retry the whole transaction, as for any
+//! serialization failure.
 //!
 //! Statements run with `query_typed`, their parameter types given: `query` with SQL text would
 //! prepare the statement first, a round trip of its own on every call, as the caller's
