@@ -74,6 +74,13 @@ pub enum Error {
         "the recorded output for this key does not decode as the return type ({0}); the body was not run again: purge the record or use a new name/key if the type changed"
     )]
     Decode(#[source] serde_json::Error),
+    /// PostgreSQL transactional mode: the caller's transaction itself holds this key, claimed
+    /// by an earlier call in it that was cancelled (or is still running). That call's writes
+    /// may be in the transaction, so the body is not run again in it.
+    #[error(
+        "this transaction already holds this idempotency key: an earlier call with it in the same transaction was cancelled or is still running, and its writes may be in the transaction; roll the transaction back and retry in a new one"
+    )]
+    HeldByThisTransaction,
 }
 
 /// A store could not do what was asked.
