@@ -79,7 +79,8 @@ impl PostgresStoreBuilder {
     /// store asks the server to cancel it and closes its connection, and the store's
     /// connections run with `statement_timeout` and `lock_timeout` set to this timeout. (A claim
     /// that went on waiting on the server for a row lock could otherwise apply later, as a
-    /// claim nobody holds, and keep its key in progress for a whole lease.)
+    /// claim nobody holds, and keep its key in progress for a whole lease.) The call fails once
+    /// the cancel request is sent, which itself may take up to this timeout again.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
