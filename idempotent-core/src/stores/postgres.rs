@@ -270,10 +270,13 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(pooled) = self.pooled.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(cancel(pooled, self.timeout));
+        if let Some(pooled) = self.pooled.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(cancel(pooled, self.timeout))),
+                // No runtime to send the cancel request from: the connection is closed at
+                // least, never handed to another call.
+                Err(_) => drop(managed::Object::take(pooled)),
+            }
         }
     }
 }
