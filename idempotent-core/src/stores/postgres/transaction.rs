@@ -5,26 +5,25 @@
 //! instead of seeing it in progress; once it commits they replay its result, and if it rolls
 //! back one of them runs. That wait is bounded by the call's `on_conflict` (`lock_timeout`,
 //! set around the claim and given back its value after it). A claim the caller's own
-//! transaction holds is answered at once with `Error::HeldByThisTransaction`. No lease is needed while the row is uncommitted, so there is no
-//! heartbeat, and the result is recorded (or the claim deleted) however long the body ran; a
-//! panic, a cancelled call or a lost connection roll the transaction back, which takes the
-//! claim with it. Use READ COMMITTED (PostgreSQL's default): each claim statement then sees
-//! what committed before it. Under REPEATABLE READ or SERIALIZABLE a claim racing another
-//! transaction's claim of the same key can fail with a serialization error (SQLSTATE 40001,
-//! named in the `Error::Store` message): retry the whole transaction, as for any
-//! serialization failure.
+//! transaction holds is answered at once with `Error::HeldByThisTransaction`. No lease is
+//! needed while the row is uncommitted, so there is no heartbeat, and the result is recorded
+//! (or the claim deleted) however long the body ran; a panic, a cancelled call or a lost
+//! connection roll the transaction back, which takes the claim with it. Use READ COMMITTED
+//! (PostgreSQL's default): each claim statement then sees what committed before it. Under
+//! REPEATABLE READ or SERIALIZABLE a claim racing another transaction's claim of the same key
+//! can fail with a serialization error (SQLSTATE 40001, named in the `Error::Store` message):
+//! retry the whole transaction, as for any serialization failure.
 //!
 //! Statements run with `query_typed`, their parameter types given: `query` with SQL text would
 //! prepare the statement first, a round trip of its own on every call, as the caller's
 //! connection keeps no prepared statements of ours.
 
 use std::future::Future;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_postgres::types::{ToSql, Type};
-
-use std::time::Duration;
 
 use super::{CLAIM_ATTEMPTS, PostgresStore, from_pg, judge_claim, millis, sql};
 use crate::engine::{Call, Encoded, Outcome, Prepared, encode_result, start_call};
