@@ -222,7 +222,7 @@ mod redis {
 mod postgres {
     use super::*;
     use idempotent_core::stores::postgres::PostgresStore;
-    use idempotent_test_support::PostgresServer;
+    use idempotent_test_support::{PostgresOptions, PostgresServer};
 
     async fn store(url: &str) -> Arc<dyn Store> {
         Arc::new(
@@ -241,6 +241,23 @@ mod postgres {
         let store = store(&server.url()).await;
         survives_restart(store, async || {
             server.stop();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            server.restart();
+        })
+        .await;
+    }
+
+    /// A crash, not a shutdown: every process of the server is killed (SIGKILL) mid-run, with
+    /// `fsync=on` as in production, and the restart recovers from the WAL.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_mid_run_loses_no_completed_record() {
+        let mut server = PostgresServer::start_with(PostgresOptions {
+            fsync: true,
+            ..PostgresOptions::default()
+        });
+        let store = store(&server.url()).await;
+        survives_restart(store, async || {
+            server.kill();
             tokio::time::sleep(Duration::from_millis(300)).await;
             server.restart();
         })

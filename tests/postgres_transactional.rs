@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use idempotent_core::stores::postgres::PostgresStore;
 use idempotent_core::{
-    Bytes, Claim, Error, FencedWrite, Fingerprinter, StorageKey, Store, idempotent,
+    Bytes, Claim, Error, FencedWrite, Fingerprinter, OnConflict, Options, StorageKey, Store,
+    idempotent,
 };
 use idempotent_test_support::shared_postgres;
 use tokio_postgres::{Client, NoTls, Transaction};
@@ -346,4 +347,175 @@ async fn a_body_that_outlasts_its_lease_is_still_recorded_with_its_writes() {
     // second call replays it.
     assert_eq!(shop.executions(), 1);
     assert_eq!(orders_and_records(&url).await, (1, 1));
+}
+
+#[tokio::test]
+async fn a_call_retried_in_its_transaction_after_it_was_cancelled_is_refused_at_once() {
+    let (shop, url) = shop().await;
+    let mut client = connect(&url).await;
+    let mut tx = client.transaction().await.unwrap();
+    // Cancelled in its body, after the claim and the order's insert (the body sleeps 600 ms,
+    // past its 200 ms lease).
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(100),
+        shop.create_slow_order(&mut tx, "H-1".into(), 100),
+    )
+    .await;
+    assert!(cancelled.is_err(), "cancelled in the body: {cancelled:?}");
+    assert_eq!(shop.executions(), 1);
+
+    // Retried in the same transaction: the claim there is the transaction's own, so the call
+    // answers at once, rather than spin until the lease ends and run the body a second time.
+    let retried = shop.create_slow_order(&mut tx, "H-1".into(), 100).await;
+    assert!(
+        matches!(
+            retried,
+            Err(ShopError::Idempotency(Error::HeldByThisTransaction))
+        ),
+        "{retried:?}"
+    );
+    // Also once the lease has run out.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let later = shop.create_slow_order(&mut tx, "H-1".into(), 100).await;
+    assert!(
+        matches!(
+            later,
+            Err(ShopError::Idempotency(Error::HeldByThisTransaction))
+        ),
+        "{later:?}"
+    );
+    assert_eq!(shop.executions(), 1, "the body did not run again");
+    tx.rollback().await.unwrap();
+
+    // In a savepoint (a nested transaction) the same.
+    let mut tx = client.transaction().await.unwrap();
+    let mut savepoint = tx.transaction().await.unwrap();
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(100),
+        shop.create_slow_order(&mut savepoint, "H-2".into(), 100),
+    )
+    .await;
+    assert!(cancelled.is_err());
+    let retried = shop
+        .create_slow_order(&mut savepoint, "H-2".into(), 100)
+        .await;
+    assert!(
+        matches!(
+            retried,
+            Err(ShopError::Idempotency(Error::HeldByThisTransaction))
+        ),
+        "in a savepoint: {retried:?}"
+    );
+    savepoint.commit().await.unwrap();
+    let retried = shop.create_slow_order(&mut tx, "H-2".into(), 100).await;
+    assert!(
+        matches!(
+            retried,
+            Err(ShopError::Idempotency(Error::HeldByThisTransaction))
+        ),
+        "after the savepoint was released: {retried:?}"
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(shop.executions(), 2);
+
+    // Rolled back, the keys are free: a new transaction runs each once.
+    for order in ["H-1", "H-2"] {
+        let mut tx = client.transaction().await.unwrap();
+        shop.create_slow_order(&mut tx, order.into(), 100)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(shop.executions(), 4);
+    assert_eq!(orders_and_records(&url).await, (2, 2));
+}
+
+/// `create_order`'s call for `order_id` (amount 100), through the API with `options`.
+fn create_order_call(order_id: &str) -> idempotent_core::Call<'_> {
+    let mut arguments = Fingerprinter::new();
+    arguments.push(order_id).unwrap().push(&100i64).unwrap();
+    idempotent_core::Call::new("postgres_transactional::create_order", arguments.finish())
+        .key(order_id)
+}
+
+#[tokio::test]
+async fn a_claim_behind_another_transactions_claim_waits_no_longer_than_its_policy() {
+    let (shop, url) = shop().await;
+    let mut first = connect(&url).await;
+    let first_tx = first.transaction().await.unwrap();
+    let mut first_tx = first_tx;
+    shop.create_order(&mut first_tx, "I-1".into(), 100, false)
+        .await
+        .unwrap();
+    // The first transaction stays open: its claim is uncommitted.
+
+    let mut second = connect(&url).await;
+    for (name, on_conflict) in [
+        ("reject", OnConflict::Reject),
+        (
+            "wait 300 ms",
+            OnConflict::Wait {
+                timeout: Duration::from_millis(300),
+            },
+        ),
+    ] {
+        let tx = second.transaction().await.unwrap();
+        let options = Options::new().on_conflict(on_conflict);
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            shop.store
+                .run_in_transaction(&tx, &options, create_order_call("I-1"), async {
+                    Ok::<_, ShopError>("ran".to_string())
+                }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{name}: the claim is still blocked after 10 s"));
+        assert!(
+            matches!(answer, Err(ShopError::Idempotency(Error::Conflict { .. }))),
+            "{name}: {answer:?}"
+        );
+        tx.rollback().await.unwrap();
+    }
+
+    first_tx.commit().await.unwrap();
+    let tx = second.transaction().await.unwrap();
+    let replayed = shop
+        .store
+        .run_in_transaction(&tx, &Options::new(), create_order_call("I-1"), async {
+            Ok::<_, ShopError>("ran".to_string())
+        })
+        .await
+        .unwrap();
+    assert!(replayed.is_replayed());
+    assert_eq!(replayed.into_value(), "order I-1 for 100");
+    assert_eq!(shop.executions(), 1);
+}
+
+#[tokio::test]
+async fn the_callers_lock_timeout_is_left_as_it_was() {
+    let (shop, url) = shop().await;
+    let mut client = connect(&url).await;
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute("SET LOCAL lock_timeout = '7s'")
+        .await
+        .unwrap();
+    let show = async || -> String { tx.query_one("SHOW lock_timeout", &[]).await.unwrap().get(0) };
+    let in_body = shop
+        .store
+        .run_in_transaction(&tx, &Options::new(), create_order_call("J-1"), async {
+            Ok::<_, ShopError>(show().await)
+        })
+        .await
+        .unwrap()
+        .into_value();
+    assert_eq!(
+        in_body, "7s",
+        "the body runs with the caller's lock_timeout"
+    );
+    assert_eq!(
+        show().await,
+        "7s",
+        "and the caller's transaction goes on with it"
+    );
+    tx.commit().await.unwrap();
 }

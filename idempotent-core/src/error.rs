@@ -99,6 +99,13 @@ pub enum Error {
         "the call's lease could not be renewed (the store was unreachable, or another caller took the key over), so its body was cancelled before the lease ran out; it may have done part of its work and nothing was recorded: retry with the same key"
     )]
     LeaseLost,
+    /// PostgreSQL transactional mode: the caller's transaction itself holds this key, claimed
+    /// by an earlier call in it that was cancelled (or is still running). That call's writes
+    /// may be in the transaction, so the body is not run again in it.
+    #[error(
+        "this transaction already holds this idempotency key: an earlier call with it in the same transaction was cancelled or is still running, and its writes may be in the transaction; roll the transaction back and retry in a new one"
+    )]
+    HeldByThisTransaction,
 }
 
 /// A store could not do what was asked.

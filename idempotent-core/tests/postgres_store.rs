@@ -319,3 +319,406 @@ async fn an_invalid_table_name_is_refused_before_any_sql() {
         .unwrap_err();
     assert!(error.to_string().contains("invalid table name"), "{error}");
 }
+
+/// A connection of the test's own, outside any store.
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+/// Waits until `done` or until a backend of `database` other than `own` waits for a lock; true
+/// if one does.
+async fn until_done_or_blocked(
+    observer: &tokio_postgres::Client,
+    database: &str,
+    done: impl Fn() -> bool,
+) -> bool {
+    for _ in 0..500 {
+        if done() {
+            return false;
+        }
+        let waiting: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = $1 AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                &[&database],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the start neither finished nor waited for a lock in 10 s");
+}
+
+#[tokio::test]
+async fn a_start_on_a_healthy_schema_takes_no_table_lock() {
+    let url = shared_postgres().create_unique_database("startup");
+    let database = database_of(&url);
+    let timeout = Duration::from_millis(500);
+    let builder = PostgresStore::builder(&url)
+        .max_connections(2)
+        .timeout(timeout);
+    let store = builder.clone().build().await.unwrap();
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lease = Duration::from_secs(30);
+    let held = StorageKey::derive("pg::startup", None, b"held").unwrap();
+    assert!(matches!(
+        store.claim(&held, &fingerprint, lease).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+
+    // A transaction of the application holds that row (any open transaction on the table
+    // would do: a row lock is the common case).
+    let mut holder = connect(&url).await;
+    let transaction = holder.transaction().await.unwrap();
+    transaction
+        .execute(
+            "SELECT 1 FROM idempotent_records WHERE key = $1 FOR UPDATE",
+            &[&held.as_bytes().as_slice()],
+        )
+        .await
+        .unwrap();
+
+    // Another server starts on the same, healthy, tables.
+    let second = tokio::spawn(builder.build());
+    let observer = connect(&url).await;
+    let blocked = until_done_or_blocked(&observer, database, || second.is_finished()).await;
+
+    // The first server's calls on other keys go on within the store's timeout.
+    for n in 0..3 {
+        let key = StorageKey::derive("pg::startup", None, format!("other {n}").as_bytes()).unwrap();
+        let claimed = store.claim(&key, &fingerprint, lease).await;
+        assert!(
+            matches!(claimed, Ok(Claim::Acquired { .. })),
+            "a call on another key while a second store starts (which waited for a lock: \
+             {blocked}): {claimed:?}"
+        );
+    }
+    transaction.rollback().await.unwrap();
+    second.await.unwrap().expect("the second store starts");
+}
+
+#[tokio::test]
+async fn an_upgrade_waits_for_the_table_no_longer_than_the_timeout() {
+    let server = shared_postgres();
+    let url = server.create_unique_database("upgrade_locked");
+    let database = database_of(&url);
+    server.psql_in(
+        database,
+        "CREATE TABLE idempotent_records_schema (version integer NOT NULL);
+         INSERT INTO idempotent_records_schema VALUES (1);
+         CREATE SEQUENCE idempotent_records_fences;
+         CREATE TABLE idempotent_records (
+             key bytea PRIMARY KEY, fingerprint bytea NOT NULL, fence bigint NOT NULL,
+             state smallint NOT NULL, until timestamptz NOT NULL, output bytea,
+             format smallint NOT NULL);
+         INSERT INTO idempotent_records
+             VALUES ('\\x01', '\\x02', 1, 0, now() + interval '1 hour', NULL, 1);",
+    );
+    let mut holder = connect(&url).await;
+    let transaction = holder.transaction().await.unwrap();
+    transaction
+        .execute(
+            "SELECT 1 FROM idempotent_records WHERE key = '\\x01' FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    let builder = PostgresStore::builder(&url).timeout(Duration::from_millis(300));
+    let error = builder.clone().build().await.unwrap_err();
+    assert!(
+        error.to_string().contains("55P03"),
+        "the upgrade gives up on the lock (lock_timeout), and says so: {error}"
+    );
+    // It gave up: the application's own statements on the table are not queued behind it.
+    transaction
+        .execute("UPDATE idempotent_records SET fence = 2", &[])
+        .await
+        .unwrap();
+    transaction.rollback().await.unwrap();
+
+    builder
+        .build()
+        .await
+        .expect("upgraded once the table is free");
+    assert_eq!(
+        server
+            .psql_in(
+                database,
+                "SELECT max(version) FROM idempotent_records_schema"
+            )
+            .trim(),
+        "2"
+    );
+}
+
+#[tokio::test]
+async fn stores_starting_together_create_the_tables_once() {
+    let server = shared_postgres();
+    let url = server.create_unique_database("starters");
+    let starts: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(PostgresStore::builder(&url).max_connections(1).build()))
+        .collect();
+    for start in starts {
+        start.await.unwrap().expect("every starter starts");
+    }
+    assert_eq!(
+        server
+            .psql_in(
+                database_of(&url),
+                "SELECT count(*) FROM idempotent_records_schema"
+            )
+            .trim(),
+        "1"
+    );
+}
+
+/// How many backends of `database` wait for a lock.
+async fn lock_waiters(observer: &tokio_postgres::Client, database: &str) -> i64 {
+    observer
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = $1 AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+            &[&database],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_statement_that_times_out_is_ended_on_the_server() {
+    let server = shared_postgres();
+    let url = server.create_unique_database("timeouts");
+    let database = database_of(&url);
+    let timeout = Duration::from_millis(500);
+    let store = PostgresStore::builder(&url)
+        .max_connections(1)
+        .timeout(timeout)
+        .build()
+        .await
+        .unwrap();
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lease = Duration::from_secs(60);
+
+    // A dead record (its lease ran out), whose row a transaction elsewhere holds: a claim
+    // taking it over waits for that row lock.
+    let locked = StorageKey::derive("pg::timeouts", None, b"locked").unwrap();
+    let hex = locked.to_hex();
+    server.psql_in(
+        database,
+        &format!(
+            "INSERT INTO idempotent_records VALUES ('\\x{hex}', '\\x{}', 1, 0,
+             now() - interval '1 hour', NULL, 1)",
+            "01".repeat(32)
+        ),
+    );
+    let mut holder = connect(&url).await;
+    let transaction = holder.transaction().await.unwrap();
+    transaction
+        .execute(
+            "SELECT 1 FROM idempotent_records WHERE key = $1 FOR UPDATE",
+            &[&locked.as_bytes().as_slice()],
+        )
+        .await
+        .unwrap();
+
+    let timed_out = store.claim(&locked, &fingerprint, lease).await;
+    assert!(
+        matches!(timed_out, Err(StoreError::Unavailable { .. })),
+        "the claim cannot have the row in time: {timed_out:?}"
+    );
+    // The only pooled connection is not left queued behind that claim: the next call, on
+    // another key, works.
+    let other = StorageKey::derive("pg::timeouts", None, b"other").unwrap();
+    let next = store.claim(&other, &fingerprint, lease).await;
+    assert!(
+        matches!(next, Ok(Claim::Acquired { .. })),
+        "the next call after a timeout: {next:?}"
+    );
+
+    // The timed-out claim is no longer waiting on the server, so when the row is let go no
+    // claim applies that nobody holds.
+    let observer = connect(&url).await;
+    for _ in 0..50 {
+        if lock_waiters(&observer, database).await == 0 {
+            break;
+        }
+        tokio::time::sleep(timeout / 10).await;
+    }
+    transaction.commit().await.unwrap();
+    tokio::time::sleep(timeout / 5).await;
+    assert_eq!(
+        server
+            .psql_in(
+                database,
+                &format!(
+                    "SELECT count(*) FROM idempotent_records
+                     WHERE key = '\\x{hex}' AND until > now()"
+                )
+            )
+            .trim(),
+        "0",
+        "a claim that timed out applied afterwards, held by nobody"
+    );
+    let retried = store.claim(&locked, &fingerprint, lease).await;
+    assert!(
+        matches!(retried, Ok(Claim::Acquired { .. })),
+        "a retry of the timed-out call takes the key: {retried:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_call_leaves_no_statement_running_on_the_server() {
+    let server = shared_postgres();
+    let url = server.create_unique_database("cancelled");
+    let database = database_of(&url);
+    // A timeout far longer than the test waits: what ends the statement here is the call
+    // being dropped, not the store's or the server's timeouts.
+    let timeout = Duration::from_secs(30);
+    let store = PostgresStore::builder(&url)
+        .max_connections(1)
+        .timeout(timeout)
+        .build()
+        .await
+        .unwrap();
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lease = Duration::from_secs(60);
+    let locked = StorageKey::derive("pg::cancelled", None, b"locked").unwrap();
+    let hex = locked.to_hex();
+    server.psql_in(
+        database,
+        &format!(
+            "INSERT INTO idempotent_records VALUES ('\\x{hex}', '\\x{}', 1, 0,
+             now() - interval '1 hour', NULL, 1)",
+            "01".repeat(32)
+        ),
+    );
+    let mut holder = connect(&url).await;
+    let transaction = holder.transaction().await.unwrap();
+    transaction
+        .execute(
+            "SELECT 1 FROM idempotent_records WHERE key = $1 FOR UPDATE",
+            &[&locked.as_bytes().as_slice()],
+        )
+        .await
+        .unwrap();
+
+    // The caller gives up on the claim while it waits for the row (its future is dropped).
+    let observer = connect(&url).await;
+    let claim = store.claim(&locked, &fingerprint, lease);
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), claim).await;
+    assert!(gave_up.is_err(), "the claim waits for the row: {gave_up:?}");
+
+    let other = StorageKey::derive("pg::cancelled", None, b"other").unwrap();
+    let next = tokio::time::timeout(
+        Duration::from_secs(5),
+        store.claim(&other, &fingerprint, lease),
+    )
+    .await;
+    assert!(
+        matches!(next, Ok(Ok(Claim::Acquired { .. }))),
+        "the next call, on the only pooled connection: {next:?}"
+    );
+    for _ in 0..50 {
+        if lock_waiters(&observer, database).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    transaction.commit().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        server
+            .psql_in(
+                database,
+                &format!(
+                    "SELECT count(*) FROM idempotent_records
+                     WHERE key = '\\x{hex}' AND until > now()"
+                )
+            )
+            .trim(),
+        "0",
+        "the dropped claim applied afterwards, held by nobody"
+    );
+}
+
+/// 8 keys x 8 concurrent callers through the engine on `store`: every call gets its key's
+/// value, and each key runs once.
+async fn concurrent_calls(store: Arc<PostgresStore>) -> Result<(), String> {
+    let engine = Idempotency::new(store);
+    let runs = Runs::default();
+    let calls = (0..64u32).map(|n| {
+        let (engine, runs) = (engine.clone(), runs.clone());
+        tokio::spawn(async move {
+            let key = n % 8;
+            let name = format!("k{key}");
+            let call = Call::new("pg::isolation", Fingerprint::of(&key).unwrap()).key(&name);
+            let outcome = engine
+                .run(call, async move {
+                    runs.hit();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Ok::<_, AppError>(format!("value {key}"))
+                })
+                .await
+                .map_err(|error| format!("key {key}: {error:?}"))?;
+            let value = outcome.into_value();
+            if value != format!("value {key}") {
+                return Err(format!("key {key} answered {value}"));
+            }
+            Ok(())
+        })
+    });
+    let mut failures = Vec::new();
+    for call in calls.collect::<Vec<_>>() {
+        if let Err(failure) = call.await.unwrap() {
+            failures.push(failure);
+        }
+    }
+    if !failures.is_empty() {
+        return Err(format!(
+            "{} calls failed, e.g. {}",
+            failures.len(),
+            failures[0]
+        ));
+    }
+    if runs.count() != 8 {
+        return Err(format!("{} executions for 8 keys", runs.count()));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_work_whatever_the_database_default_isolation() {
+    let server = shared_postgres();
+    for level in ["serializable", "repeatable read"] {
+        let url = server.create_unique_database("isolation");
+        let database = database_of(&url);
+        server.psql(&format!(
+            "ALTER DATABASE \"{database}\" SET default_transaction_isolation = '{level}'"
+        ));
+        assert_eq!(
+            server.psql_in(database, "SHOW default_transaction_isolation"),
+            level
+        );
+        let store = PostgresStore::builder(&url)
+            .max_connections(8)
+            .build()
+            .await
+            .unwrap();
+        for round in 0..3 {
+            // A fresh set of keys each round: first calls race to claim.
+            server.psql_in(database, "DELETE FROM idempotent_records");
+            if let Err(failure) = concurrent_calls(Arc::new(store.clone())).await {
+                panic!("default isolation {level}, round {round}: {failure}");
+            }
+        }
+    }
+}

@@ -38,7 +38,7 @@ mod resp;
 
 pub use ports::free_port;
 pub use postgres::{
-    DEFAULT_PG_BINDIR, PG_BINDIR_ENV, PostgresServer, database_of, shared_postgres,
+    DEFAULT_PG_BINDIR, PG_BINDIR_ENV, PostgresOptions, PostgresServer, database_of, shared_postgres,
 };
 pub use process::TMPDIR_ENV;
 pub use redis::{REDIS_SERVER_ENV, RedisOptions, RedisServer, shared_redis};

@@ -23,10 +23,34 @@ pub const DEFAULT_PG_BINDIR: &str = "/usr/lib/postgresql/15/bin";
 /// The user the server runs as and tests connect as (trust authentication: no password).
 const USER: &str = "postgres";
 
+/// How a [`PostgresServer`] is configured beyond the defaults.
+///
+/// The defaults: `fsync=off` (the tests do not need their data on disk past a process crash,
+/// and a machine crash ends the test anyway), no other settings.
+///
+/// ```no_run
+/// use idempotent_test_support::{PostgresOptions, PostgresServer};
+///
+/// let server = PostgresServer::start_with(PostgresOptions {
+///     fsync: true,
+///     settings: vec![("default_transaction_isolation".into(), "serializable".into())],
+/// });
+/// # let _ = server;
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// `fsync=on`: the server flushes the WAL to disk at each commit, as in production.
+    pub fsync: bool,
+    /// More server settings, `-c NAME=VALUE` each, given after the defaults (so they override
+    /// them).
+    pub settings: Vec<(String, String)>,
+}
+
 /// A PostgreSQL cluster for one test, or one test binary (see [`shared_postgres`]).
 ///
 /// `initdb` runs in a new temporary folder (trust authentication, superuser `postgres`, locale
-/// `C`, encoding UTF-8, `fsync=off`; `synchronous_commit` stays on), then the server starts on a
+/// `C`, encoding UTF-8, `fsync=off` unless [`PostgresOptions::fsync`]; `synchronous_commit`
+/// stays on), then the server starts on a
 /// free port, listening on 127.0.0.1 only, with its Unix socket in that same folder. Dropping it
 /// stops the server (a fast shutdown, killed after 10 s) and removes the folder. If the test
 /// process dies without dropping it, a watchdog process stops the server and removes the folder.
@@ -56,6 +80,7 @@ pub struct PostgresServer {
     run_as: Option<(u32, u32)>,
     log: Log,
     supervisor: Supervisor,
+    options: PostgresOptions,
     // Last: removed after the server is stopped and the watchdog told.
     dir: TempDir,
 }
@@ -68,6 +93,14 @@ impl PostgresServer {
     /// If PostgreSQL's binaries are missing (see [`PG_BINDIR_ENV`]), `initdb` fails, or the server
     /// is not ready within 10 s: the message holds the log.
     pub fn start() -> PostgresServer {
+        PostgresServer::start_with(PostgresOptions::default())
+    }
+
+    /// [`PostgresServer::start`] with `options`.
+    ///
+    /// # Panics
+    /// As [`PostgresServer::start`], and if a setting is refused (the message holds the log).
+    pub fn start_with(options: PostgresOptions) -> PostgresServer {
         let bindir = std::env::var_os(PG_BINDIR_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PG_BINDIR));
@@ -101,6 +134,7 @@ impl PostgresServer {
             run_as,
             log,
             supervisor: Supervisor::new("postgres", watchdog),
+            options,
             dir,
         };
         server.initdb();
@@ -334,10 +368,20 @@ impl PostgresServer {
             .arg("-k")
             .arg(self.dir.path())
             .args(["-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", "fsync=off"])
+            .args([
+                "-c",
+                if self.options.fsync {
+                    "fsync=on"
+                } else {
+                    "fsync=off"
+                },
+            ])
             .args(["-c", "max_connections=100"])
             // Lets tests count the statements a store runs (`CREATE EXTENSION pg_stat_statements`).
             .args(["-c", "shared_preload_libraries=pg_stat_statements"]);
+        for (name, value) in &self.options.settings {
+            command.arg("-c").arg(format!("{name}={value}"));
+        }
         let mut probe = self.readiness_probe();
         let port = self.port;
         self.supervisor

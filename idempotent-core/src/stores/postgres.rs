@@ -74,6 +74,13 @@ impl PostgresStoreBuilder {
 
     /// How long connecting, getting a pooled connection, or one statement may take before a
     /// call fails with a store error (default 2 s each).
+    ///
+    /// A statement that runs out of time is ended on the server too, not only abandoned: the
+    /// store asks the server to cancel it and closes its connection, and the store's
+    /// connections run with `statement_timeout` and `lock_timeout` set to this timeout. (A claim
+    /// that went on waiting on the server for a row lock could otherwise apply later, as a
+    /// claim nobody holds, and keep its key in progress for a whole lease.) The call fails once
+    /// the cancel request is sent, which itself may take up to this timeout again.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -98,6 +105,8 @@ impl PostgresStoreBuilder {
                 source: Some(Box::new(error)),
             })?;
         config.connect_timeout(self.timeout);
+        let settings = server_settings(config.get_options(), self.timeout);
+        config.options(settings);
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -142,10 +151,11 @@ enum Kind {
     Extend,
     LeaseLeft,
     Remove,
+    Purge,
 }
 
 impl Kind {
-    const COUNT: usize = 6;
+    const COUNT: usize = 7;
 
     fn text(self, statements: &Statements) -> &str {
         match self {
@@ -155,6 +165,7 @@ impl Kind {
             Kind::Extend => &statements.extend,
             Kind::LeaseLeft => &statements.lease_left,
             Kind::Remove => &statements.remove,
+            Kind::Purge => &statements.purge,
         }
     }
 }
@@ -219,6 +230,86 @@ impl managed::Manager for ConnectionManager {
 
 type Pool = managed::Pool<ConnectionManager>;
 
+/// A pooled connection while the store's statements run on it. Dropped, or
+/// [abandoned](Running::abandon), before [`Running::done`], it is taken out of the pool and
+/// closed, and the server is asked to cancel what it runs: a statement the caller stopped
+/// waiting for (a timeout, a cancelled call) must not go on and apply unseen, nor keep the
+/// connection busy for the next caller.
+struct Running {
+    pooled: Option<managed::Object<ConnectionManager>>,
+    timeout: Duration,
+}
+
+impl Running {
+    fn new(pooled: managed::Object<ConnectionManager>, timeout: Duration) -> Self {
+        Self {
+            pooled: Some(pooled),
+            timeout,
+        }
+    }
+
+    fn connection(&mut self) -> &mut Connection {
+        self.pooled
+            .as_mut()
+            .expect("a running connection is present until done or abandoned")
+    }
+
+    /// The statements ended: the connection goes back to the pool.
+    fn done(mut self) {
+        self.pooled.take();
+    }
+
+    /// Closes the connection and cancels its statement, waiting (up to the timeout) until the
+    /// server has the cancel request.
+    async fn abandon(mut self) {
+        if let Some(pooled) = self.pooled.take() {
+            cancel(pooled, self.timeout).await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(pooled) = self.pooled.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(cancel(pooled, self.timeout))),
+                // No runtime to send the cancel request from: the connection is closed at
+                // least, never handed to another call.
+                Err(_) => drop(managed::Object::take(pooled)),
+            }
+        }
+    }
+}
+
+/// Takes `pooled` out of the pool, closes it, and asks the server to cancel its statement.
+async fn cancel(pooled: managed::Object<ConnectionManager>, timeout: Duration) {
+    let token = pooled.client.cancel_token();
+    drop(managed::Object::take(pooled));
+    if let Ok(Err(error)) = tokio::time::timeout(timeout, token.cancel_query(NoTls)).await {
+        tracing::debug!(target: "idempotent", error = %describe(&error), "could not cancel an abandoned statement");
+    }
+}
+
+/// The startup options of the store's connections: `existing` (from the URL) and the server
+/// settings the store relies on.
+fn server_settings(existing: Option<&str>, timeout: Duration) -> String {
+    // Both timeouts are `int` milliseconds on the server, 0 meaning no limit. READ COMMITTED
+    // whatever the database's default: the statements are written for it (each sees what
+    // committed before it), and under REPEATABLE READ or SERIALIZABLE concurrent claims of a
+    // key fail with serialization errors instead of waiting for each other.
+    let limit = i32::try_from(timeout.as_millis())
+        .unwrap_or(i32::MAX)
+        .max(1);
+    let ours = format!(
+        "-c statement_timeout={limit} -c lock_timeout={limit} \
+         -c default_transaction_isolation=read\\ committed"
+    );
+    match existing {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing} {ours}"),
+        _ => ours,
+    }
+}
+
 /// A [`Store`] in PostgreSQL.
 ///
 /// Besides the [`Store`] protocol (one statement per operation, its own connections), it has a
@@ -267,22 +358,63 @@ fn fence_param(fence: Fence) -> i64 {
 
 pub(super) fn from_pg(message: &str, error: tokio_postgres::Error) -> StoreError {
     // An error the server did not send (a closed connection, I/O, a timeout) passes, as do
-    // connection exceptions (08), operator intervention such as a terminated backend or a
-    // shutdown (57) and exhausted resources (53); any other server error is a real failure.
-    let passing = error
-        .as_db_error()
-        .is_none_or(|db| matches!(&db.code().code()[..2], "08" | "53" | "57"));
+    // connection exceptions (08), operator intervention such as a terminated backend, a
+    // cancelled statement or a shutdown (57), exhausted resources (53), a lock not had in time
+    // (55P03), and a serialization failure or deadlock (40001, 40P01: the statement was rolled
+    // back); any other server error is a real failure.
+    let passing = error.as_db_error().is_none_or(|db| {
+        let code = db.code().code();
+        matches!(&code[..2], "08" | "53" | "57") || matches!(code, "55P03" | "40001" | "40P01")
+    });
+    let message = format!("{message}: {}", describe(&error));
     if passing {
         StoreError::Unavailable {
-            message: format!("{message}: {error}"),
+            message,
             source: Some(Box::new(error)),
         }
     } else {
         StoreError::Backend {
-            message: format!("{message}: {error}"),
+            message,
             source: Some(Box::new(error)),
         }
     }
+}
+
+/// What the server said (its message and SQLSTATE, with detail and hint), or the driver's
+/// error: tokio-postgres displays every server error as just "db error".
+pub(super) fn describe(error: &tokio_postgres::Error) -> String {
+    let Some(db) = error.as_db_error() else {
+        return error.to_string();
+    };
+    let mut text = format!(
+        "{}: {} (SQLSTATE {})",
+        db.severity(),
+        db.message(),
+        db.code().code()
+    );
+    if let Some(detail) = db.detail() {
+        text.push_str(&format!("; detail: {detail}"));
+    }
+    if let Some(hint) = db.hint() {
+        text.push_str(&format!("; hint: {hint}"));
+    }
+    text
+}
+
+/// Whether `error` is a serialization failure or a deadlock (SQLSTATE 40001, 40P01): the
+/// server rolled the statement's transaction back.
+fn is_rolled_back(error: &StoreError) -> bool {
+    let StoreError::Unavailable {
+        source: Some(source),
+        ..
+    } = error
+    else {
+        return false;
+    };
+    source
+        .downcast_ref::<tokio_postgres::Error>()
+        .and_then(tokio_postgres::Error::as_db_error)
+        .is_some_and(|db| matches!(db.code().code(), "40001" | "40P01"))
 }
 
 fn timed_out(what: &str, timeout: Duration) -> StoreError {
@@ -448,28 +580,104 @@ impl PostgresStore {
             })
     }
 
-    /// Runs one prepared statement on a pooled connection, within the timeout.
+    /// Runs one prepared statement on a pooled connection, within the timeout (getting the
+    /// connection included). On a timeout the statement is cancelled and its connection closed.
     async fn query(
         &self,
         kind: Kind,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let pooled = tokio::time::timeout_at(deadline, self.client())
+            .await
+            .map_err(|_| timed_out("getting a connection", self.timeout))??;
+        let mut running = Running::new(pooled, self.timeout);
         let work = async {
-            let mut pooled = self.client().await?;
-            let (client, prepared) = pooled.prepared(kind, &self.statements).await?;
+            let (client, prepared) = running
+                .connection()
+                .prepared(kind, &self.statements)
+                .await?;
             client
                 .query(prepared, params)
                 .await
                 .map_err(|error| from_pg("a statement failed", error))
         };
-        tokio::time::timeout(self.timeout, work)
-            .await
-            .map_err(|_| timed_out("a statement", self.timeout))?
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(result) => {
+                running.done();
+                result
+            }
+            Err(_) => {
+                running.abandon().await;
+                Err(timed_out("a statement", self.timeout))
+            }
+        }
     }
 
+    /// The schema version recorded in `<table>_schema`, or `None` when the tables are missing
+    /// or hold no version. Takes no lock on the records' table.
+    async fn schema_version(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+    ) -> Result<Option<i32>, StoreError> {
+        let schema_table = format!("{}_schema", self.table);
+        // The catalog itself, read with the statement's snapshot: `to_regclass` would answer
+        // from this connection's catalog cache, which does not hear of a table another
+        // starter created while this one waited for its turn.
+        let exists: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables
+                                WHERE tablename = $1 AND schemaname = ANY (current_schemas(false)))",
+                &[&schema_table],
+            )
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|error| from_pg("could not look for the schema table", error))?;
+        if !exists {
+            return Ok(None);
+        }
+        client
+            .query_one(&format!("SELECT max(version) FROM {schema_table}"), &[])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|error| from_pg("could not read the schema version", error))
+    }
+
+    fn newer_schema(&self, version: i32) -> StoreError {
+        StoreError::Backend {
+            message: format!(
+                "table {} has schema version {version}, newer than this release knows ({}): upgrade the library",
+                self.table,
+                sql::SCHEMA_VERSION
+            ),
+            source: None,
+        }
+    }
+
+    /// Brings the tables to [`sql::SCHEMA_VERSION`] if they are not there yet.
+    ///
+    /// The version is read first, with no lock on the records' table: on tables that are up to
+    /// date (every start but the first of a release) nothing else runs. `ALTER TABLE` waits for
+    /// an exclusive lock on the table, behind any open transaction that touched it, and every
+    /// statement on the table then queues behind that wait: run on every start, it let one
+    /// server starting stall the calls of the whole fleet. When a migration is due, starters
+    /// take turns on an advisory lock, and the migration waits for table locks no longer than
+    /// the store's timeout (`lock_timeout`), then fails the start rather than stall the table.
     async fn migrate(&self) -> Result<(), StoreError> {
+        let budget = self.timeout * 5;
+        let pooled = tokio::time::timeout(budget, self.client())
+            .await
+            .map_err(|_| timed_out("getting a connection", budget))??;
+        let mut running = Running::new(pooled, self.timeout);
         let work = async {
-            let mut pooled = self.client().await?;
+            let pooled = running.connection();
+            match self.schema_version(&*pooled.client).await? {
+                Some(version) if version == sql::SCHEMA_VERSION => return Ok(()),
+                Some(version) if version > sql::SCHEMA_VERSION => {
+                    return Err(self.newer_schema(version));
+                }
+                _ => {}
+            }
             let transaction = pooled
                 .client
                 .transaction()
@@ -481,44 +689,55 @@ impl PostgresStore {
                 .await
                 .map_err(|error| from_pg("could not lock the schema", error))?;
             transaction
-                .batch_execute(&self.statements.schema)
+                .batch_execute(&format!(
+                    "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+                    millis(self.timeout),
+                    millis(budget)
+                ))
                 .await
-                .map_err(|error| from_pg("could not create the tables", error))?;
-            let version_query = format!("SELECT max(version) FROM {}_schema", self.table);
-            let version: Option<i32> = transaction
-                .query_one(&version_query, &[])
-                .await
-                .and_then(|row| row.try_get(0))
-                .map_err(|error| from_pg("could not read the schema version", error))?;
+                .map_err(|error| from_pg("could not set the schema's timeouts", error))?;
+            // Another starter may have migrated while this one waited for its turn.
+            let version = self.schema_version(&*transaction).await?;
             match version {
-                // New tables, or older ones the schema statements just brought up to date.
-                None | Some(..sql::SCHEMA_VERSION) => {
+                Some(version) if version > sql::SCHEMA_VERSION => {
+                    return Err(self.newer_schema(version));
+                }
+                Some(version) if version == sql::SCHEMA_VERSION => {}
+                // New tables, or older ones the schema statements bring up to date.
+                _ => {
+                    transaction
+                        .batch_execute(&self.statements.schema)
+                        .await
+                        .map_err(|error| {
+                            from_pg(
+                                "could not create or upgrade the tables (a transaction holding \
+                                 them longer than the store's timeout makes the upgrade give up: \
+                                 start again when it has ended)",
+                                error,
+                            )
+                        })?;
                     let insert = format!("INSERT INTO {}_schema (version) VALUES ($1)", self.table);
                     transaction
                         .execute(&insert, &[&sql::SCHEMA_VERSION])
                         .await
                         .map_err(|error| from_pg("could not record the schema version", error))?;
                 }
-                Some(version) if version > sql::SCHEMA_VERSION => {
-                    return Err(StoreError::Backend {
-                        message: format!(
-                            "table {} has schema version {version}, newer than this release knows ({}): upgrade the library",
-                            self.table,
-                            sql::SCHEMA_VERSION
-                        ),
-                        source: None,
-                    });
-                }
-                Some(_) => {}
             }
             transaction
                 .commit()
                 .await
                 .map_err(|error| from_pg("could not commit the schema", error))
         };
-        tokio::time::timeout(self.timeout * 5, work)
-            .await
-            .map_err(|_| timed_out("creating the tables", self.timeout * 5))?
+        match tokio::time::timeout(budget, work).await {
+            Ok(result) => {
+                running.done();
+                result
+            }
+            Err(_) => {
+                running.abandon().await;
+                Err(timed_out("creating the tables", budget))
+            }
+        }
     }
 
     async fn fenced_write(
@@ -556,8 +775,21 @@ impl Store for PostgresStore {
             let fingerprint_param = fingerprint.as_bytes().as_slice();
             let lease = millis(lease);
             claim_with(key, fingerprint, || async move {
-                self.query(Kind::Claim, &[&key_param, &fingerprint_param, &lease])
-                    .await
+                let mut attempts = 0;
+                loop {
+                    let result = self
+                        .query(Kind::Claim, &[&key_param, &fingerprint_param, &lease])
+                        .await;
+                    // A serialization failure or deadlock rolled the statement back, and it
+                    // runs in a transaction of its own: running it again is safe. (The store's
+                    // connections are READ COMMITTED, where neither is expected.)
+                    match result {
+                        Err(error) if is_rolled_back(&error) && attempts < CLAIM_ATTEMPTS => {
+                            attempts += 1;
+                        }
+                        result => return result,
+                    }
+                }
             })
             .await
         })
@@ -635,17 +867,12 @@ impl Store for PostgresStore {
 
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
-            let work = async {
-                let pooled = self.client().await?;
-                pooled
-                    .client
-                    .execute(&self.statements.purge, &[])
-                    .await
-                    .map_err(|error| from_pg("could not purge", error))
-            };
-            tokio::time::timeout(self.timeout, work)
-                .await
-                .map_err(|_| timed_out("purging", self.timeout))?
+            let rows = self.query(Kind::Purge, &[]).await?;
+            let purged: i64 = rows
+                .first()
+                .and_then(|row| row.try_get(0).ok())
+                .unwrap_or(0);
+            Ok(u64::try_from(purged).unwrap_or(0))
         })
     }
 }

@@ -12,12 +12,21 @@ pub(super) const FORMAT: i16 = 1;
 /// table gains the column when a store of this release opens it.
 pub(super) const SCHEMA_VERSION: i32 = 2;
 
+/// Sets `lock_timeout` to `$1` (text) for the caller's transaction, keeping the value it had.
+pub(super) const SET_LOCK_TIMEOUT: &str = "SELECT set_config('lock_timeout', $1, true)
+     FROM (SELECT set_config('idempotent.saved_lock_timeout', current_setting('lock_timeout'), true)
+           OFFSET 0) saved";
+/// Gives `lock_timeout` back the value [`SET_LOCK_TIMEOUT`] kept.
+pub(super) const RESTORE_LOCK_TIMEOUT: &str =
+    "SELECT set_config('lock_timeout', current_setting('idempotent.saved_lock_timeout'), true)";
+
 /// The guard of a fenced write outside the transactional mode: the holder's lease is alive.
 const LIVE_LEASE: &str = " AND until > statement_timestamp()";
 
 pub(super) struct Statements {
     pub(super) schema: String,
     pub(super) claim: String,
+    pub(super) claim_in_transaction: String,
     pub(super) complete: String,
     pub(super) release: String,
     pub(super) complete_in_transaction: String,
@@ -106,6 +115,62 @@ impl Statements {
                         ceil(extract(epoch FROM (l.until - statement_timestamp())) * 1000)::bigint, l.format
                  FROM live l"
             ),
+            // The claim of the transactional mode: the same, but a record in progress that the
+            // caller's own transaction wrote (an earlier call in it was cancelled, or is still
+            // running) is answered as such (`own`), live or not, and never taken over: the
+            // transaction may hold that call's writes. The rows this transaction sees whose
+            // writer is still in progress are its own (another's are invisible to it). The
+            // writer may be a subtransaction (a savepoint), whose id is larger than the
+            // transaction's own: `xmin` is 32 bits, so it is put in the epoch of the
+            // transaction's id, and asked about only when it is at most 2^31 above that id (an
+            // unfrozen `xmin` is less than 2^31 old, so one that seems further above is from
+            // the epoch before, and `pg_xact_status` would refuse it as in the future).
+            claim_in_transaction: format!(
+                "WITH mine AS (
+                     SELECT r.fence
+                     FROM {table} r,
+                          LATERAL (SELECT pg_current_xact_id_if_assigned()::text::bigint AS top,
+                                          r.xmin::text::bigint AS low) ids
+                     WHERE r.key = $1 AND r.state = 0
+                       AND CASE WHEN ids.top IS NULL
+                                     OR ids.low - (ids.top & 4294967295) NOT BETWEEN 0 AND 2147483647
+                                THEN false
+                                ELSE pg_xact_status((((ids.top >> 32) << 32) | ids.low)::text::xid8)
+                                     = 'in progress'
+                           END
+                 ),
+                 live AS (
+                     SELECT r.fence, r.fingerprint, r.state, r.output, r.until, r.format
+                     FROM {table} r
+                     WHERE r.key = $1 AND r.until > statement_timestamp()
+                       AND NOT EXISTS (SELECT 1 FROM mine)
+                 ),
+                 claimed AS (
+                     INSERT INTO {table} AS r (key, fingerprint, fence, state, until, output, format)
+                     SELECT $1, $2, nextval('{table}_fences'), 0,
+                            statement_timestamp() + $3::bigint * interval '1 millisecond', NULL, {FORMAT}
+                     WHERE NOT EXISTS (SELECT 1 FROM live) AND NOT EXISTS (SELECT 1 FROM mine)
+                     ON CONFLICT (key) DO UPDATE
+                         SET fingerprint = EXCLUDED.fingerprint, fence = EXCLUDED.fence, state = 0,
+                             until = EXCLUDED.until, output = NULL, format = {FORMAT},
+                             waiting = false
+                         WHERE r.until <= statement_timestamp()
+                     RETURNING r.fence
+                 )
+                 SELECT true AS acquired, fence, NULL::bytea AS fingerprint, NULL::smallint AS state,
+                        NULL::bytea AS output, NULL::bigint AS left_ms, NULL::smallint AS format,
+                        false AS own
+                 FROM claimed
+                 UNION ALL
+                 SELECT false, l.fence, l.fingerprint, l.state,
+                        CASE WHEN l.fingerprint = $2 AND l.state = 1 THEN l.output END,
+                        ceil(extract(epoch FROM (l.until - statement_timestamp())) * 1000)::bigint, l.format,
+                        false
+                 FROM live l
+                 UNION ALL
+                 SELECT false, m.fence, NULL, 0::smallint, NULL, NULL, {FORMAT}::smallint, true
+                 FROM mine m"
+            ),
             // A row when the write applied; a notification only when a waiter marked the
             // record (`lease_left`). A notifying transaction takes a database-wide lock at
             // commit, so notifying on every completion serialized the commits of first calls.
@@ -143,7 +208,10 @@ impl Statements {
                  SELECT ceil(extract(epoch FROM (until - statement_timestamp())) * 1000)::bigint FROM live
                  WHERE live.waiting"
             ),
-            purge: format!("DELETE FROM {table} WHERE until <= statement_timestamp()"),
+            purge: format!(
+                "WITH gone AS (DELETE FROM {table} WHERE until <= statement_timestamp() RETURNING 1)
+                 SELECT count(*) FROM gone"
+            ),
             remove: format!("DELETE FROM {table} WHERE key = $1 RETURNING key"),
             listen: format!("LISTEN {channel}"),
         }

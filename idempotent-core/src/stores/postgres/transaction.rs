@@ -3,30 +3,52 @@
 //!
 //! Concurrent callers of one key block on the first one's uncommitted row (its unique key)
 //! instead of seeing it in progress; once it commits they replay its result, and if it rolls
-//! back one of them runs. No lease is needed while the row is uncommitted, so there is no
-//! heartbeat, and the result is recorded (or the claim deleted) however long the body ran; a
-//! panic, a cancelled call or a lost connection roll the transaction back, which takes the
-//! claim with it. Use READ COMMITTED (PostgreSQL's default): each claim statement then sees
-//! what committed before it.
+//! back one of them runs. That wait is bounded by the call's `on_conflict` (`lock_timeout`,
+//! set around the claim and given back its value after it). A claim the caller's own
+//! transaction holds is answered at once with `Error::HeldByThisTransaction`. No lease is
+//! needed while the row is uncommitted, so there is no heartbeat, and the result is recorded
+//! (or the claim deleted) however long the body ran; a panic, a cancelled call or a lost
+//! connection roll the transaction back, which takes the claim with it. Use READ COMMITTED
+//! (PostgreSQL's default): each claim statement then sees what committed before it. Under
+//! REPEATABLE READ or SERIALIZABLE a claim racing another transaction's claim of the same key
+//! can fail with a serialization error (SQLSTATE 40001, named in the `Error::Store` message):
+//! retry the whole transaction, as for any serialization failure.
 //!
 //! Statements run with `query_typed`, their parameter types given: `query` with SQL text would
 //! prepare the statement first, a round trip of its own on every call, as the caller's
 //! connection keeps no prepared statements of ours.
 
 use std::future::Future;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 
-use super::{PostgresStore, claim_with, from_pg, millis};
-use crate::engine::{Call, Encoded, Outcome, Prepared, acquire, encode_result, start_call};
+use super::{CLAIM_ATTEMPTS, PostgresStore, from_pg, judge_claim, millis, sql};
+use crate::engine::{Call, Encoded, Outcome, Prepared, encode_result, start_call};
 use crate::error::{Error, StoreError};
+use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
-use crate::options::Options;
-use crate::recorded::OkOnly;
-use crate::store::{Claim, Fence};
-use crate::telemetry::CallOutcome;
+use crate::options::{OnConflict, Options};
+use crate::recorded::{OkOnly, Recording};
+use crate::store::{Claim, Fence, Store};
+use crate::telemetry::{CallOutcome, CallTrace};
+
+/// What a claim in the caller's transaction found.
+enum Found {
+    /// What the store's claim answers.
+    Claim(Claim),
+    /// A claim in progress that this transaction itself wrote.
+    Own,
+    /// Another transaction's uncommitted claim of the key, still there when the wait the call's
+    /// `on_conflict` allows ran out (`lock_timeout`). The caller's transaction is aborted.
+    LockTimeout,
+}
+
+/// How long a claim may wait for another transaction's uncommitted claim of its key when the
+/// call rejects conflicts: the least `lock_timeout` there is (0 would mean no limit).
+const REJECT_LOCK_WAIT: Duration = Duration::from_millis(1);
 
 /// A transaction the transactional mode can write in: `tokio_postgres`'s or
 /// `deadpool_postgres`'s, or a reference to one.
@@ -70,6 +92,14 @@ impl PostgresStore {
     /// recorded value are written in `tx`, so they commit (or roll back) with the body's own
     /// writes in `tx`. The caller commits; on an `Err` the claim is deleted again, and the
     /// caller should roll back.
+    ///
+    /// Another transaction's uncommitted claim of the same key blocks this call's claim until
+    /// that transaction ends, for no longer than `options`' `on_conflict` allows (at once when
+    /// rejecting, else the rest of the wait): then [`Error::Conflict`], and `tx` is aborted
+    /// (PostgreSQL aborts a transaction whose statement failed), so roll it back and retry in a
+    /// new one. A key that `tx` itself holds, claimed by an earlier call in it that was
+    /// cancelled (or is still running), is [`Error::HeldByThisTransaction`] at once: that call's
+    /// writes may be in `tx`, so the body is not run again in it.
     ///
     /// ```no_run
     /// use idempotent_core::{Call, Fingerprint, Options, stores::postgres::PostgresStore};
@@ -132,10 +162,10 @@ impl PostgresStore {
     {
         let (mut trace, key, arguments) = start_call(call, options)?;
         let fingerprint = arguments.fingerprint();
-        // In progress means held by a call outside any transaction of ours (the
-        // non-transactional mode); a transaction's own claims block instead.
-        let claim = || self.claim_in(tx, &key, &fingerprint, options);
-        let fence = match acquire::<OkOnly, T, E, _>(claim, self, &key, options, &mut trace).await {
+        let fence = match self
+            .acquire_in::<T, E>(tx, &key, &fingerprint, options, &mut trace)
+            .await
+        {
             Ok(fence) => fence,
             Err(done) => return done,
         };
@@ -187,29 +217,145 @@ impl PostgresStore {
         }
     }
 
+    /// Claims `key` in `tx` until the claim is acquired or the call has its answer, under the
+    /// call's `on_conflict`: a claim held outside any transaction is waited for as by the
+    /// engine; another transaction's uncommitted claim blocks the claim statement, and that
+    /// wait is bounded by `lock_timeout` (a conflict at once when rejecting, else what is left
+    /// of the wait); this transaction's own claim is answered at once.
+    async fn acquire_in<T, E>(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        key: &StorageKey,
+        fingerprint: &Fingerprint,
+        options: &Options,
+        trace: &mut CallTrace,
+    ) -> Result<Fence, Result<Outcome<T>, E>>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+    {
+        let deadline = match options.get_on_conflict() {
+            OnConflict::Wait { timeout } => Some(tokio::time::Instant::now() + timeout),
+            OnConflict::Reject => None,
+        };
+        let left = || {
+            deadline.map_or(Duration::ZERO, |deadline| {
+                deadline.saturating_duration_since(tokio::time::Instant::now())
+            })
+        };
+        let conflict = |trace: &CallTrace, retry_after: Duration| {
+            trace.emit(CallOutcome::Conflict);
+            Err(Err(Error::Conflict { retry_after }.into()))
+        };
+        loop {
+            let lock_wait = left().max(REJECT_LOCK_WAIT);
+            let retry_after = match self
+                .claim_in(tx, key, fingerprint, options, lock_wait)
+                .await
+            {
+                Ok(Found::Claim(Claim::Acquired { fence })) => return Ok(fence),
+                Ok(Found::Claim(Claim::Completed { output })) => {
+                    return Err(match <OkOnly as Recording<T, E>>::decode(&output) {
+                        Ok(result) => {
+                            trace.emit(if trace.waited {
+                                CallOutcome::Waited
+                            } else {
+                                CallOutcome::Replayed
+                            });
+                            result.map(Outcome::Replayed)
+                        }
+                        Err(error) => {
+                            trace.emit(CallOutcome::DecodeError);
+                            Err(Error::Decode(error).into())
+                        }
+                    });
+                }
+                Ok(Found::Claim(Claim::Mismatch)) => {
+                    trace.emit(CallOutcome::Mismatch);
+                    return Err(Err(Error::KeyReused.into()));
+                }
+                Ok(Found::Own) => {
+                    trace.emit(CallOutcome::Conflict);
+                    return Err(Err(Error::HeldByThisTransaction.into()));
+                }
+                // The other transaction's claim has no lease yet that could be told; its
+                // lease will be at most this call's kind of lease once it commits.
+                Ok(Found::LockTimeout) => return conflict(trace, options.get_lease()),
+                Ok(Found::Claim(Claim::InProgress { retry_after })) => retry_after,
+                Err(error) => {
+                    trace.emit(CallOutcome::StoreError);
+                    return Err(Err(Error::Store(error).into()));
+                }
+            };
+            // Held outside any transaction (a call not in the transactional mode).
+            let left = left();
+            if left.is_zero() {
+                return conflict(trace, retry_after);
+            }
+            trace.waited = true;
+            if let Err(error) = Store::wait(self, key, left).await {
+                trace.emit(CallOutcome::StoreError);
+                return Err(Err(Error::Store(error).into()));
+            }
+        }
+    }
+
+    /// One claim in `tx`, waiting at most `lock_wait` for another transaction's uncommitted
+    /// claim of the key. `lock_timeout` is set for the claim and given its value back after
+    /// it; the three statements are sent together, so they cost one round trip.
     async fn claim_in(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         key: &StorageKey,
-        fingerprint: &crate::fingerprint::Fingerprint,
+        fingerprint: &Fingerprint,
         options: &Options,
-    ) -> Result<Claim, StoreError> {
+        lock_wait: Duration,
+    ) -> Result<Found, StoreError> {
         let key_param = key.as_bytes().as_slice();
         let fingerprint_param = fingerprint.as_bytes().as_slice();
         let lease = millis(options.get_lease());
-        claim_with(key, fingerprint, || async move {
-            tx.query_typed(
-                &self.statements.claim,
-                &[
-                    (&key_param, Type::BYTEA),
-                    (&fingerprint_param, Type::BYTEA),
-                    (&lease, Type::INT8),
-                ],
-            )
-            .await
-            .map_err(|error| from_pg("the claim failed in the transaction", error))
+        let lock_timeout = format!("{}ms", millis(lock_wait).min(i64::from(i32::MAX)));
+        for _ in 0..CLAIM_ATTEMPTS {
+            let set_params: [(&(dyn ToSql + Sync), Type); 1] = [(&lock_timeout, Type::TEXT)];
+            let claim_params: [(&(dyn ToSql + Sync), Type); 3] = [
+                (&key_param, Type::BYTEA),
+                (&fingerprint_param, Type::BYTEA),
+                (&lease, Type::INT8),
+            ];
+            let (set, claimed, restored) = tokio::join!(
+                tx.query_typed(sql::SET_LOCK_TIMEOUT, &set_params),
+                tx.query_typed(&self.statements.claim_in_transaction, &claim_params),
+                tx.query_typed(sql::RESTORE_LOCK_TIMEOUT, &[]),
+            );
+            set.map_err(|error| from_pg("could not bound the claim's wait", error))?;
+            let rows = match claimed {
+                Ok(rows) => rows,
+                Err(error)
+                    if error
+                        .as_db_error()
+                        .is_some_and(|db| db.code().code() == "55P03") =>
+                {
+                    return Ok(Found::LockTimeout);
+                }
+                Err(error) => {
+                    return Err(from_pg("the claim failed in the transaction", error));
+                }
+            };
+            restored.map_err(|error| from_pg("could not restore lock_timeout", error))?;
+            let own = rows
+                .first()
+                .and_then(|row| row.try_get::<_, Option<bool>>(7).ok().flatten());
+            if own == Some(true) {
+                return Ok(Found::Own);
+            }
+            if let Some(claim) = judge_claim(&rows, key, fingerprint)? {
+                return Ok(Found::Claim(claim));
+            }
+        }
+        Err(StoreError::Backend {
+            message: format!("the record under key {key} kept changing during the claim"),
+            source: None,
         })
-        .await
     }
 
     /// Deletes the claim again; should it fail, the caller's rollback removes it anyway.
