@@ -13,7 +13,7 @@ use idempotent_core::{
     Bytes, Call, Claim, Fingerprint, Idempotency, OnConflict, Options, StorageKey, Store,
     StoreError,
 };
-use idempotent_test_support::RedisServer;
+use idempotent_test_support::{RedisServer, TcpProxy};
 use support::{AppError, Runs};
 
 /// One server for the suite; tests that stop or inspect a server start their own.
@@ -362,4 +362,73 @@ async fn scripts_are_loaded_again_after_the_server_forgets_them() {
         "reloaded after NOSCRIPT: {stats:?}"
     );
     assert_eq!(runs.count(), 2);
+}
+
+/// Waits until `replica` has loaded its primary's data and follows it.
+fn wait_for_sync(replica: &RedisServer) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = replica.command(&["INFO", "replication"]);
+        if info.contains("master_link_status:up") && info.contains("master_sync_in_progress:0") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not sync: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `to` becomes the primary and `from` its replica, and the address clients use (the proxy)
+/// leads to `to` from now on, as a failover behind a DNS name or a virtual IP does. Clients'
+/// open connections still reach `from`, which keeps them and answers writes with `READONLY`.
+fn fail_over(from: &RedisServer, to: &RedisServer, proxy: &TcpProxy) {
+    assert_eq!(to.command(&["REPLICAOF", "NO", "ONE"]), "OK");
+    let port = to.port().to_string();
+    assert_eq!(from.command(&["REPLICAOF", "127.0.0.1", &port]), "OK");
+    proxy.redirect(to.port());
+    wait_for_sync(from);
+}
+
+#[tokio::test]
+async fn a_failover_is_followed_without_failing_calls_and_back() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    assert_eq!(
+        b.command(&["REPLICAOF", "127.0.0.1", &a.port().to_string()]),
+        "OK"
+    );
+    wait_for_sync(&b);
+    let proxy = TcpProxy::start(a.port());
+    let engine = Idempotency::new(store_at(&proxy.redis_url()));
+    let runs = Runs::default();
+    let body = |value: u32| {
+        let runs = runs.clone();
+        async move {
+            runs.hit();
+            Ok::<_, AppError>(value)
+        }
+    };
+    let call =
+        |key: &'static str| Call::new("redis::failover", Fingerprint::of(&key).unwrap()).key(key);
+    let run = async |key: &'static str, value: u32| {
+        engine
+            .run(call(key), body(value))
+            .await
+            .unwrap_or_else(|error| panic!("call {key}: {error:?}"))
+    };
+
+    assert!(!run("on-a", 1).await.is_replayed());
+    assert_eq!(a.command(&["WAIT", "1", "5000"]), "1", "b has the record");
+
+    fail_over(&a, &b, &proxy);
+    // The store's connection still reaches a, now a replica: it must move to b.
+    assert!(!run("on-b", 2).await.is_replayed());
+    assert!(run("on-a", 1).await.is_replayed(), "b had a's record");
+
+    fail_over(&b, &a, &proxy);
+    assert!(!run("back-on-a", 3).await.is_replayed());
+    assert!(run("on-b", 2).await.is_replayed(), "a synced b's record");
+    assert_eq!(runs.count(), 3, "each key ran once");
 }

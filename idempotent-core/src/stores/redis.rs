@@ -18,7 +18,7 @@ mod scripts;
 mod waiters;
 
 use std::fmt::{self, Write as _};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -97,14 +97,14 @@ impl RedisStoreBuilder {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout))
-            // Fail the call rather than queue it behind reconnection attempts: the caller's
-            // retry policy, not ours, decides how long to keep trying.
-            .set_number_of_retries(1)
-            .set_max_delay(self.connect_timeout);
-        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|error| unavailable("could not set up the Redis connection", error))?;
+            // One connection attempt per call, no backoff: a call fails within the connect
+            // timeout plus the response timeout, and the caller's retry policy, not ours,
+            // decides how long to keep trying.
+            .set_number_of_retries(0);
+        let connection = Connection::new(client.clone(), config)?;
         Ok(RedisStore {
-            manager,
+            connection: Arc::new(connection),
+            deadline: self.connect_timeout + self.response_timeout,
             scripts: Arc::new(Scripts::new()),
             waiters: Arc::new(Waiters::new(client, self.connect_timeout)),
             key_prefix: self.key_prefix,
@@ -122,7 +122,9 @@ impl RedisStoreBuilder {
 /// so their keys would run again. For payments, run Redis with `appendonly yes` and
 /// `appendfsync everysec` (at most one second of writes lost on a crash) or `always`. With
 /// replication, a failover to a replica that had not received a claim can let a key run twice;
-/// `WAIT 1 0` after each write is not used by this store. Set `maxmemory-policy noeviction`
+/// `WAIT 1 0` after each write is not used by this store. A failover behind the store's address
+/// (a DNS name, a virtual IP, a proxy) is followed: a demoted server that answers `READONLY`
+/// makes the store connect again and run the command on the new primary. Set `maxmemory-policy noeviction`
 /// (or a `volatile-*` policy on a dedicated instance): an evicted live record is a key that can
 /// run again.
 ///
@@ -142,7 +144,9 @@ impl RedisStoreBuilder {
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    manager: ConnectionManager,
+    connection: Arc<Connection>,
+    /// The longest one operation may take: the connect timeout plus the response timeout.
+    deadline: Duration,
     scripts: Arc<Scripts>,
     waiters: Arc<Waiters>,
     key_prefix: String,
@@ -216,20 +220,56 @@ impl RedisStore {
             .arg(1)
             .arg(self.record_key(key));
         args(&mut command);
-        let mut connection = self.manager.clone();
-        let value = match command.query_async::<Value>(&mut connection).await {
-            // The server has lost its script cache (a restart, `SCRIPT FLUSH`): load, run again.
-            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                script
-                    .load_async(&mut connection)
-                    .await
-                    .map_err(|error| from_redis("could not load a store script", error))?;
-                command.query_async::<Value>(&mut connection).await
-            }
-            result => result,
-        }
-        .map_err(|error| from_redis("a script call failed", error))?;
+        let value = self
+            .send(&command, Some(script))
+            .await
+            .map_err(|error| from_redis("a script call failed", error))?;
         Reply::parse(value, key)
+    }
+
+    /// Sends `command` (running `script` if the command is its `EVALSHA`) within the store's
+    /// deadline.
+    ///
+    /// A server that answers `READONLY` was demoted to a replica (a failover) but keeps its
+    /// clients' connections: the command is sent once more on a new connection, which reaches
+    /// whatever server the address leads to now. Nothing was written by the first attempt (a
+    /// script stops at its first write, and an error there aborts it). A response timeout also
+    /// drops the connection, so that the next call connects afresh rather than queue behind a
+    /// host that may never answer again.
+    async fn send(
+        &self,
+        command: &redis::Cmd,
+        script: Option<&redis::Script>,
+    ) -> Result<Value, RedisError> {
+        let attempt = async {
+            let (generation, mut manager) = self.connection.current();
+            match query(command, script, &mut manager).await {
+                Err(error) if is_demoted(&error) => {
+                    let (_, mut manager) = self.connection.replace(generation);
+                    query(command, script, &mut manager).await
+                }
+                Err(error) if error.is_timeout() => {
+                    self.connection.replace(generation);
+                    Err(error)
+                }
+                result => result,
+            }
+        };
+        match tokio::time::timeout(self.deadline, attempt).await {
+            Ok(result) => result,
+            Err(_) => {
+                // A connection that took all of the deadline is as good as black-holed.
+                let (generation, _) = self.connection.current();
+                self.connection.replace(generation);
+                Err(RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer within {:?} (the connect timeout plus the response timeout)",
+                        self.deadline
+                    ),
+                )))
+            }
+        }
     }
 
     async fn fenced_write(
@@ -260,6 +300,83 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .max(1)
+}
+
+/// Runs `command` on `manager`; if it is `script`'s `EVALSHA` and the server has lost its script
+/// cache (a restart, a failover, `SCRIPT FLUSH`), loads the script and runs it again.
+async fn query(
+    command: &redis::Cmd,
+    script: Option<&redis::Script>,
+    manager: &mut ConnectionManager,
+) -> Result<Value, RedisError> {
+    match (command.query_async::<Value>(manager).await, script) {
+        (Err(error), Some(script))
+            if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
+        {
+            script.load_async(manager).await?;
+            command.query_async::<Value>(manager).await
+        }
+        (result, _) => result,
+    }
+}
+
+/// Whether `error` says the server is not (or not yet) a primary that takes writes: demoted to
+/// a replica by a failover (`READONLY`), a replica cut off from its primary (`MASTERDOWN`), or
+/// loading its data after a restart (`LOADING`). Each is a passing state of the deployment, not
+/// of the request.
+fn is_demoted(error: &RedisError) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown | ServerErrorKind::BusyLoading
+        )
+    )
+}
+
+/// The connection commands go over: a `ConnectionManager`, which reconnects by itself when the
+/// connection breaks, replaced by a new one when the server it reaches answers but can no
+/// longer serve (see `RedisStore::send`). The generation tells a replacement asked for by many
+/// calls that met the same failure apart from a later one: one new connection per failure.
+struct Connection {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    current: RwLock<(u64, ConnectionManager)>,
+}
+
+impl Connection {
+    fn new(client: redis::Client, config: ConnectionManagerConfig) -> Result<Self, StoreError> {
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+            .map_err(|error| unavailable("could not set up the Redis connection", error))?;
+        Ok(Self {
+            client,
+            config,
+            current: RwLock::new((0, manager)),
+        })
+    }
+
+    fn current(&self) -> (u64, ConnectionManager) {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        (current.0, current.1.clone())
+    }
+
+    /// A new connection in place of generation `seen`, unless that was replaced already; the
+    /// current one either way. The old one closes once its last command has its answer.
+    fn replace(&self, seen: u64) -> (u64, ConnectionManager) {
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if current.0 == seen
+            && let Ok(manager) =
+                ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+        {
+            *current = (seen + 1, manager);
+        }
+        (current.0, current.1.clone())
+    }
 }
 
 /// A script's answer. The common answers are scalars (see `redis/claim.lua`): what an
@@ -329,6 +446,7 @@ fn from_redis(message: &str, error: RedisError) -> StoreError {
         || error.is_timeout()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
+        || is_demoted(&error)
     {
         unavailable(message, error)
     } else {
@@ -434,12 +552,21 @@ impl Store for RedisStore {
 
     fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
-            let mut connection = self.manager.clone();
-            let deleted: i64 = redis::cmd("DEL")
-                .arg(self.record_key(key))
-                .query_async(&mut connection)
+            let mut command = redis::cmd("DEL");
+            command.arg(self.record_key(key));
+            let deleted = self
+                .send(&command, None)
                 .await
                 .map_err(|error| from_redis("could not delete a record", error))?;
+            let deleted = match deleted {
+                Value::Int(deleted) => deleted,
+                _ => {
+                    return Err(StoreError::Backend {
+                        message: "DEL answered something other than a number".to_string(),
+                        source: None,
+                    });
+                }
+            };
             Ok(deleted > 0)
         })
     }
