@@ -432,3 +432,41 @@ async fn a_failover_is_followed_without_failing_calls_and_back() {
     assert!(run("on-b", 2).await.is_replayed(), "a synced b's record");
     assert_eq!(runs.count(), 3, "each key ran once");
 }
+
+/// The server's clock in microseconds, as the claim script reads it.
+fn server_micros(server: &RedisServer) -> u64 {
+    let time = server.command(&["TIME"]);
+    let mut parts = time.lines().map(|part| part.parse::<u64>().unwrap());
+    let (seconds, micros) = (parts.next().unwrap(), parts.next().unwrap());
+    seconds * 1_000_000 + micros
+}
+
+#[tokio::test]
+async fn a_key_fences_grow_past_its_tombstone_even_from_a_clock_ahead() {
+    // A released record written while the server's clock read an hour later than it does now:
+    // as after the clock stepped back, or a failover to a node whose clock is behind.
+    let server = RedisServer::start();
+    let store = store_at(&server.url());
+    let key = StorageKey::derive("redis::fence-ahead", None, b"k").unwrap();
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lease = Duration::from_secs(30);
+    let ahead = server_micros(&server) + 3_600_000_000;
+    let tombstone = format!("2r|{ahead}|");
+    server.command(&["SET", &store.record_key(&key), &tombstone, "PX", "10000"]);
+    let mut last = ahead;
+    // Each release leaves a tombstone with the fence, so the next claim grows past it, though
+    // the clock reads an hour less.
+    for round in 0..3 {
+        let Claim::Acquired { fence } = store.claim(&key, &fingerprint, lease).await.unwrap()
+        else {
+            panic!("round {round}: a released key is free");
+        };
+        assert!(
+            fence.get() > last,
+            "round {round}: fence {} is not above the key's last one, {last}",
+            fence.get()
+        );
+        last = fence.get();
+        store.release(&key, fence).await.unwrap();
+    }
+}
