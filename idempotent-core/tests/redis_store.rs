@@ -470,3 +470,99 @@ async fn a_key_fences_grow_past_its_tombstone_even_from_a_clock_ahead() {
         store.release(&key, fence).await.unwrap();
     }
 }
+
+/// The channels with subscribers on `server` whose names start with `prefix`.
+fn subscribed_channels(server: &RedisServer, prefix: &str) -> Vec<String> {
+    let pattern = format!("{prefix}*");
+    let channels = server.command(&["PUBSUB", "CHANNELS", &pattern]);
+    let mut subscribed = Vec::new();
+    for channel in channels.lines().filter(|line| !line.is_empty()) {
+        let numsub = server.command(&["PUBSUB", "NUMSUB", channel]);
+        let count = numsub.lines().nth(1).unwrap_or("0");
+        if count != "0" {
+            subscribed.push(format!("{channel} ({count})"));
+        }
+    }
+    subscribed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_cancelled_at_any_point_leave_no_channel_subscribed() {
+    let server = RedisServer::start();
+    let prefix = "cancel:";
+    let store = Arc::new(
+        RedisStore::builder(server.url())
+            .key_prefix(prefix)
+            .build()
+            .unwrap(),
+    );
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let hour = Duration::from_secs(3600);
+    let keys: Vec<_> = (0..16)
+        .map(|i| StorageKey::derive("redis::cancel", None, format!("k{i}").as_bytes()).unwrap())
+        .collect();
+    let mut fences = Vec::new();
+    for key in &keys {
+        let Claim::Acquired { fence } = store.claim(key, &fingerprint, hour).await.unwrap() else {
+            panic!("a fresh key is free");
+        };
+        fences.push(fence);
+    }
+
+    // Waiters cancelled after 0 to 3 ms: before their SUBSCRIBE is sent, before it is
+    // confirmed, during their look at the record, and while they wait. Now and then the
+    // server drops the subscriber connection, so some waiters meet a new one.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let waiters = 3000;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..waiters {
+        let key = keys[(next() % keys.len() as u64) as usize];
+        let patience = Duration::from_micros(next() % 3000);
+        let store = Arc::clone(&store);
+        tasks.spawn(async move {
+            let _ = tokio::time::timeout(patience, store.wait(&key, hour)).await;
+        });
+        if i % 500 == 250 {
+            server.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        }
+        if i % 64 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.expect("a waiter panicked");
+    }
+
+    // Unsubscribing a channel nobody waits on any more is done in the background: give it time.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut left = subscribed_channels(&server, prefix);
+    while !left.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = subscribed_channels(&server, prefix);
+    }
+    assert!(
+        left.is_empty(),
+        "{} channels still subscribed after every waiter was cancelled: {:?}",
+        left.len(),
+        &left[..left.len().min(5)]
+    );
+
+    // And waiting still works: a waiter is woken by a completion.
+    let waiter = {
+        let (store, key) = (Arc::clone(&store), keys[0]);
+        tokio::spawn(async move { store.wait(&key, Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    store
+        .complete(&keys[0], fences[0], Bytes::from_static(b"{}"), hour)
+        .await
+        .unwrap();
+    let woken = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+    assert!(woken.is_ok(), "the completion's message wakes the waiter");
+}
