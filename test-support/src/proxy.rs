@@ -13,12 +13,14 @@ use std::time::Duration;
 pub enum ProxyMode {
     /// Bytes go both ways: the client talks to the target.
     Forward,
-    /// Nothing goes anywhere: new connections are accepted and never answered, and the bytes of
-    /// the open ones are dropped both ways, as when the target's host stops answering without
-    /// closing anything (a network partition, a host that froze or lost power).
+    /// Nothing goes anywhere, as when the target's host stops answering without closing
+    /// anything (a network partition, a host that froze): new connections are accepted and
+    /// never answered, and the bytes of the open ones are held, to flow again, in order, when
+    /// the mode is back to `Forward` (as TCP delivers them once a partition heals).
     BlackHole,
-    /// Requests reach the target, which carries them out, but its answers are dropped: the
-    /// client's commands take effect and the client never hears so.
+    /// Requests reach the target, which carries them out, but its answers are lost, and so is
+    /// the connection a lost answer was on: it carries nothing more either way (as when the
+    /// path back died). The client's commands take effect; the client never hears so.
     DropReplies,
 }
 
@@ -180,7 +182,8 @@ fn accept(listener: TcpListener, shared: Arc<Shared>) {
         if shared.mode() == ProxyMode::BlackHole {
             // Accepted, never answered: read and drop whatever comes, until closed.
             let shared = Arc::clone(&shared);
-            thread::spawn(move || pump(client, None, &shared, false));
+            let lost = Arc::new(AtomicBool::new(true));
+            thread::spawn(move || pump(client, None, &shared, &lost, false));
             continue;
         }
         let target = shared.target.load(Ordering::SeqCst);
@@ -193,20 +196,34 @@ fn accept(listener: TcpListener, shared: Arc<Shared>) {
         let (Ok(client_in), Ok(server_in)) = (client.try_clone(), server.try_clone()) else {
             continue;
         };
-        let up = Arc::clone(&shared);
-        thread::spawn(move || pump(client_in, Some(server), &up, false));
+        let lost = Arc::new(AtomicBool::new(false));
+        let (up, up_lost) = (Arc::clone(&shared), Arc::clone(&lost));
+        thread::spawn(move || pump(client_in, Some(server), &up, &up_lost, false));
         let down = Arc::clone(&shared);
-        thread::spawn(move || pump(server_in, Some(client), &down, true));
+        thread::spawn(move || pump(server_in, Some(client), &down, &lost, true));
     }
 }
 
-/// Copies `from` to `to` as the mode allows, until either end closes; then closes both.
-fn pump(mut from: TcpStream, mut to: Option<TcpStream>, shared: &Shared, replies: bool) {
+/// Copies `from` to `to` as the mode allows, until either end closes; then closes both. `lost`
+/// is shared by the two directions of one connection: once bytes were dropped, the connection
+/// carries nothing more.
+fn pump(
+    mut from: TcpStream,
+    mut to: Option<TcpStream>,
+    shared: &Shared,
+    lost: &AtomicBool,
+    replies: bool,
+) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
     let mut buffer = [0u8; 16 * 1024];
     loop {
         if shared.stopping.load(Ordering::SeqCst) {
             break;
+        }
+        if shared.mode() == ProxyMode::BlackHole && !lost.load(Ordering::SeqCst) {
+            // Held, not read: the bytes wait in the sockets' buffers.
+            thread::sleep(Duration::from_millis(5));
+            continue;
         }
         let read = match from.read(&mut buffer) {
             Ok(0) => break,
@@ -223,11 +240,15 @@ fn pump(mut from: TcpStream, mut to: Option<TcpStream>, shared: &Shared, replies
             }
             Err(_) => break,
         };
-        let passes = match shared.mode() {
-            ProxyMode::Forward => true,
-            ProxyMode::BlackHole => false,
-            ProxyMode::DropReplies => !replies,
-        };
+        let passes = !lost.load(Ordering::SeqCst)
+            && match shared.mode() {
+                ProxyMode::Forward => true,
+                ProxyMode::BlackHole => false,
+                ProxyMode::DropReplies => !replies,
+            };
+        if !passes {
+            lost.store(true, Ordering::SeqCst);
+        }
         if passes
             && let Some(to) = to.as_mut()
             && to.write_all(&buffer[..read]).is_err()

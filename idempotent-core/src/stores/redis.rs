@@ -73,7 +73,11 @@ impl RedisStoreBuilder {
     }
 
     /// How long one command may take before a call fails with a store error (default 1 s).
-    /// With the default connect timeout, a call against a dead server fails within 2 s.
+    ///
+    /// One store operation takes at most the connect timeout plus the response timeout (one
+    /// connection attempt, no backoff, and a deadline around the whole operation): with the
+    /// defaults, a call against a server that is down or black-holed fails within 2 s. A
+    /// command that timed out may still have been carried out; see [`RedisStore`], "Timeouts".
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
@@ -127,6 +131,20 @@ impl RedisStoreBuilder {
 /// makes the store connect again and run the command on the new primary. Set `maxmemory-policy noeviction`
 /// (or a `volatile-*` policy on a dedicated instance): an evicted live record is a key that can
 /// run again.
+///
+/// # Timeouts
+///
+/// A command whose answer does not come within the response timeout fails with
+/// [`StoreError::Unavailable`], and the connection is replaced (a host that stopped answering
+/// may never answer on it again). The server may still have carried the command out; what that
+/// leaves behind:
+///
+/// - a claim: the key is held until the claim's lease ends. The body did not run (its caller
+///   got the error); callers in between see the key in progress, and the first claim after the
+///   lease acquires it.
+/// - a `complete`: the record stands. The engine tries `complete` again; that is fenced, and
+///   the caller gets its value as `Outcome::Unrecorded`; later calls replay.
+/// - a `release`: the key is free. An `extend`: the lease is longer.
 ///
 /// # TLS
 ///
