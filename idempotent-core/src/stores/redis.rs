@@ -123,8 +123,10 @@ impl RedisStoreBuilder {
 ///
 /// The guarantees hold as long as Redis keeps what it acknowledged. With the default
 /// snapshotting, a Redis crash loses the last minutes of writes: completed records among them,
-/// so their keys would run again. For payments, run Redis with `appendonly yes` and
-/// `appendfsync everysec` (at most one second of writes lost on a crash) or `always`. With
+/// so their keys would run again. For payments, run Redis with `appendonly yes`: then a crash
+/// of the Redis process loses nothing it acknowledged (it writes the file before it answers),
+/// and `appendfsync` decides what a crash of the machine loses: about the last second with
+/// `everysec`, nothing with `always`. With
 /// replication, a failover to a replica that had not received a claim can let a key run twice;
 /// `WAIT 1 0` after each write is not used by this store. A failover behind the store's address
 /// (a DNS name, a virtual IP, a proxy) is followed: a demoted server that answers `READONLY`
