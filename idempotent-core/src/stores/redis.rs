@@ -261,8 +261,8 @@ impl RedisStore {
         command: &redis::Cmd,
         script: Option<&redis::Script>,
     ) -> Result<Value, RedisError> {
+        let (generation, mut manager) = self.connection.current();
         let attempt = async {
-            let (generation, mut manager) = self.connection.current();
             match query(command, script, &mut manager).await {
                 Err(error) if is_demoted(&error) => {
                     let (_, mut manager) = self.connection.replace(generation);
@@ -279,7 +279,6 @@ impl RedisStore {
             Ok(result) => result,
             Err(_) => {
                 // A connection that took all of the deadline is as good as black-holed.
-                let (generation, _) = self.connection.current();
                 self.connection.replace(generation);
                 Err(RedisError::from(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -340,17 +339,20 @@ async fn query(
     }
 }
 
-/// Whether `error` says the server is not (or not yet) a primary that takes writes: demoted to
-/// a replica by a failover (`READONLY`), a replica cut off from its primary (`MASTERDOWN`), or
-/// loading its data after a restart (`LOADING`). Each is a passing state of the deployment, not
-/// of the request.
+/// Whether `error` says the server the connection reaches is not a primary: demoted to a
+/// replica by a failover (`READONLY`), or a replica cut off from its primary (`MASTERDOWN`).
+/// A new connection to the same address may reach the new primary.
 fn is_demoted(error: &RedisError) -> bool {
     matches!(
         error.kind(),
-        ErrorKind::Server(
-            ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown | ServerErrorKind::BusyLoading
-        )
+        ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
     )
+}
+
+/// Whether `error` is a passing state of the deployment, not of the request: a demoted server,
+/// or one loading its data after a restart (`LOADING`).
+fn is_passing(error: &RedisError) -> bool {
+    is_demoted(error) || error.kind() == ErrorKind::Server(ServerErrorKind::BusyLoading)
 }
 
 /// The connection commands go over: a `ConnectionManager`, which reconnects by itself when the
@@ -466,7 +468,7 @@ fn from_redis(message: &str, error: RedisError) -> StoreError {
         || error.is_timeout()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
-        || is_demoted(&error)
+        || is_passing(&error)
     {
         unavailable(message, error)
     } else {
