@@ -19,7 +19,7 @@ mod waiters;
 
 use std::fmt::{self, Write as _};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
@@ -130,9 +130,9 @@ impl RedisStoreBuilder {
 /// replication, a failover to a replica that had not received a claim can let a key run twice;
 /// `WAIT 1 0` after each write is not used by this store. A failover behind the store's address
 /// (a DNS name, a virtual IP, a proxy) is followed: a demoted server that answers `READONLY`
-/// makes the store connect again and run the command on the new primary. Set `maxmemory-policy noeviction`
-/// (or a `volatile-*` policy on a dedicated instance): an evicted live record is a key that can
-/// run again.
+/// makes the store connect again and run the command on the new primary. Set
+/// `maxmemory-policy noeviction` (or a `volatile-*` policy on a dedicated instance): an evicted
+/// live record is a key that can run again.
 ///
 /// # Timeouts
 ///
@@ -248,34 +248,60 @@ impl RedisStore {
     }
 
     /// Sends `command` (running `script` if the command is its `EVALSHA`) within the store's
-    /// deadline.
+    /// deadline, the connect timeout plus the response timeout.
     ///
-    /// A server that answers `READONLY` was demoted to a replica (a failover) but keeps its
-    /// clients' connections: the command is sent once more on a new connection, which reaches
-    /// whatever server the address leads to now. Nothing was written by the first attempt (a
-    /// script stops at its first write, and an error there aborts it). A response timeout also
-    /// drops the connection, so that the next call connects afresh rather than queue behind a
-    /// host that may never answer again.
+    /// The common path needs no timer of its own: it makes at most one connection attempt and
+    /// sends one command, each bounded by its timeout. A server that has lost its script cache
+    /// (a restart, a failover, `SCRIPT FLUSH`) answers `NOSCRIPT`: the script is loaded and run
+    /// again. A server that answers `READONLY` was demoted to a replica (a failover) but keeps
+    /// its clients' connections: the command is sent once more on a new connection, which
+    /// reaches whatever server the address leads to now; nothing was written by the first
+    /// attempt (a script stops at its first write, and an error there aborts it). These second
+    /// tries run within what is left of the deadline. A response timeout drops the connection,
+    /// so that the next call connects afresh rather than queue behind a host that may never
+    /// answer again.
     async fn send(
         &self,
         command: &redis::Cmd,
         script: Option<&redis::Script>,
     ) -> Result<Value, RedisError> {
-        let (generation, mut manager) = self.connection.current();
-        let attempt = async {
-            match query(command, script, &mut manager).await {
-                Err(error) if is_demoted(&error) => {
-                    let (_, mut manager) = self.connection.replace(generation);
-                    query(command, script, &mut manager).await
+        let started = Instant::now();
+        let (mut generation, mut manager) = self.connection.current();
+        let mut error = match command.query_async::<Value>(&mut manager).await {
+            Err(error) => error,
+            answer => return answer,
+        };
+        let again = async {
+            let (mut loaded, mut replaced) = (false, false);
+            loop {
+                if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+                    && !loaded
+                    && let Some(script) = script
+                {
+                    loaded = true;
+                    if let Err(load) = script.load_async(&mut manager).await {
+                        error = load;
+                        continue;
+                    }
+                } else if is_demoted(&error) && !replaced {
+                    replaced = true;
+                    // The server now reached may lack the scripts.
+                    loaded = false;
+                    (generation, manager) = self.connection.replace(generation);
+                } else {
+                    if error.is_timeout() {
+                        self.connection.replace(generation);
+                    }
+                    return Err(error);
                 }
-                Err(error) if error.is_timeout() => {
-                    self.connection.replace(generation);
-                    Err(error)
+                match command.query_async::<Value>(&mut manager).await {
+                    Err(next) => error = next,
+                    answer => return answer,
                 }
-                result => result,
             }
         };
-        match tokio::time::timeout(self.deadline, attempt).await {
+        let left = self.deadline.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, again).await {
             Ok(result) => result,
             Err(_) => {
                 // A connection that took all of the deadline is as good as black-holed.
@@ -319,24 +345,6 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .max(1)
-}
-
-/// Runs `command` on `manager`; if it is `script`'s `EVALSHA` and the server has lost its script
-/// cache (a restart, a failover, `SCRIPT FLUSH`), loads the script and runs it again.
-async fn query(
-    command: &redis::Cmd,
-    script: Option<&redis::Script>,
-    manager: &mut ConnectionManager,
-) -> Result<Value, RedisError> {
-    match (command.query_async::<Value>(manager).await, script) {
-        (Err(error), Some(script))
-            if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
-        {
-            script.load_async(manager).await?;
-            command.query_async::<Value>(manager).await
-        }
-        (result, _) => result,
-    }
 }
 
 /// Whether `error` says the server the connection reaches is not a primary: demoted to a
