@@ -125,22 +125,6 @@ impl TcpProxy {
     pub fn set_mode(&self, mode: ProxyMode) {
         self.shared.mode.store(mode.to_u8(), Ordering::SeqCst);
     }
-
-    /// How many connections the proxy has accepted so far.
-    pub fn connections_accepted(&self) -> usize {
-        // Two streams (client and target side) per forwarded connection, one per black-holed one.
-        self.shared
-            .streams
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .iter()
-            .filter(|stream| {
-                stream
-                    .local_addr()
-                    .is_ok_and(|address| address.port() == self.port)
-            })
-            .count()
-    }
 }
 
 impl Drop for TcpProxy {
