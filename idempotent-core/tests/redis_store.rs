@@ -222,9 +222,10 @@ async fn a_hung_server_fails_calls_within_the_timeouts() {
     let waited = started.elapsed();
     signal(&server, "-CONT");
     assert!(error.idempotency().starts_with("Store("), "{error:?}");
+    // 500 ms to connect plus 500 ms for an answer.
     assert!(
-        waited < Duration::from_secs(3),
-        "a 500 ms response timeout took {waited:?}"
+        waited <= Duration::from_secs(1) + SCHEDULING,
+        "500 ms timeouts took {waited:?}"
     );
     assert_eq!(runs.count(), 1, "the body never runs without a claim");
 
