@@ -743,3 +743,90 @@ async fn a_response_timeout_leaves_what_the_server_did() {
         other => panic!("the complete was applied though its answer was lost: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_subscriber_connection_given_up_is_closed_and_leaves_no_channel_subscribed() {
+    let server = RedisServer::start();
+    let proxy = TcpProxy::start(server.port());
+    let prefix = "late:";
+    let timeout = Duration::from_millis(300);
+    let store = Arc::new(
+        RedisStore::builder(proxy.redis_url())
+            .key_prefix(prefix)
+            .connect_timeout(timeout)
+            .response_timeout(timeout)
+            .build()
+            .unwrap(),
+    );
+    let direct = Arc::new(
+        RedisStore::builder(server.url())
+            .key_prefix(prefix)
+            .build()
+            .unwrap(),
+    );
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let hour = Duration::from_secs(3600);
+    let key = |name: &str| StorageKey::derive("redis::late", None, name.as_bytes()).unwrap();
+    let mut fences = std::collections::HashMap::new();
+    for name in ["first", "second", "third"] {
+        let Claim::Acquired { fence } = direct.claim(&key(name), &fingerprint, hour).await.unwrap()
+        else {
+            panic!("a fresh key is free");
+        };
+        fences.insert(name, fence);
+    }
+    let wait = |name: &'static str| {
+        let store = Arc::clone(&store);
+        let key = key(name);
+        tokio::spawn(async move { store.wait(&key, hour).await })
+    };
+
+    // A waiter subscribes on the first subscriber connection.
+    let first = wait("first");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The next one's SUBSCRIBE goes unconfirmed: the store gives that connection up.
+    proxy.set_mode(ProxyMode::BlackHole);
+    let second = wait("second");
+    let _ = tokio::time::timeout(Duration::from_secs(5), second).await;
+    proxy.set_mode(ProxyMode::Forward);
+    // A third waiter subscribes on a new connection.
+    let third = wait("third");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The connection given up was closed (and its subscriptions with it): one is left.
+    let subscribers = || -> Vec<u64> {
+        let clients = server.command(&["CLIENT", "LIST", "TYPE", "pubsub"]);
+        clients
+            .lines()
+            .filter_map(|line| line.strip_prefix("id=")?.split(' ').next()?.parse().ok())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while subscribers().len() > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ids = subscribers();
+    assert_eq!(ids.len(), 1, "subscriber connections left open: {ids:?}");
+    // The third waiter is woken by its key's completion.
+    direct
+        .complete(
+            &key("third"),
+            fences["third"],
+            Bytes::from_static(b"{}"),
+            hour,
+        )
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), third).await;
+    // The first waiter's subscription went with the connection given up: it was woken to look
+    // again, not left to wait out an hour's lease for a message that can no longer come.
+    let woken = tokio::time::timeout(Duration::from_secs(5), first).await;
+    assert!(woken.is_ok(), "the first waiter is still waiting");
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut left = subscribed_channels(&server, prefix);
+    while !left.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = subscribed_channels(&server, prefix);
+    }
+    assert!(left.is_empty(), "channels still subscribed: {left:?}");
+}

@@ -32,6 +32,7 @@ struct Subscriber {
     sink: PubSubSink,
     reader: JoinHandle<()>,
     generation: u64,
+    channels: Channels,
 }
 
 impl Drop for Subscriber {
@@ -39,6 +40,14 @@ impl Drop for Subscriber {
         // The reader owns the connection's stream, and with it the connection: ending it closes
         // the connection, and with it every subscription made on it.
         self.reader.abort();
+        // Its waiters will hear nothing more on it: wake them to look at their keys again (and
+        // subscribe on a new connection), as the reader does when a connection ends by itself.
+        for channel in lock(&self.channels).values_mut() {
+            if channel.subscribed_on == Some(self.generation) {
+                channel.subscribed_on = None;
+                channel.notify.notify_waiters();
+            }
+        }
     }
 }
 
@@ -176,6 +185,7 @@ impl Waiters {
             sink,
             reader,
             generation,
+            channels: Arc::clone(&self.channels),
         })
     }
 
