@@ -203,6 +203,38 @@ mod redis {
         .await;
     }
 
+    /// A server with its append-only file synced to disk as `appendfsync` says.
+    fn aof_server(appendfsync: &str) -> RedisServer {
+        RedisServer::start_with(RedisOptions {
+            appendonly: true,
+            extra_args: vec!["--appendfsync".into(), appendfsync.into()],
+        })
+    }
+
+    /// SIGKILL mid-run, not `SHUTDOWN` (which flushes the append-only file): a crash.
+    async fn crash_and_restart(server: &mut RedisServer) {
+        server.kill();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.restart();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_mid_run_loses_no_completed_record_with_appendfsync_always() {
+        let mut server = aof_server("always");
+        let store = store(&server);
+        survives_restart(store, async || crash_and_restart(&mut server).await).await;
+    }
+
+    /// `everysec` defers the fsync, not the write: Redis writes the append-only file before it
+    /// answers, so what it acknowledged is in the operating system's cache, which a crash of
+    /// the process does not lose (a crash of the machine does: up to about a second).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_mid_run_loses_no_completed_record_with_appendfsync_everysec() {
+        let mut server = aof_server("everysec");
+        let store = store(&server);
+        survives_restart(store, async || crash_and_restart(&mut server).await).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connections_killed_under_load_run_no_key_twice() {
         let server = RedisServer::start();

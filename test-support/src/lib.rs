@@ -33,6 +33,7 @@
 mod ports;
 mod postgres;
 mod process;
+mod proxy;
 mod redis;
 mod resp;
 
@@ -41,4 +42,5 @@ pub use postgres::{
     DEFAULT_PG_BINDIR, PG_BINDIR_ENV, PostgresOptions, PostgresServer, database_of, shared_postgres,
 };
 pub use process::TMPDIR_ENV;
+pub use proxy::{ProxyMode, TcpProxy};
 pub use redis::{REDIS_SERVER_ENV, RedisOptions, RedisServer, shared_redis};

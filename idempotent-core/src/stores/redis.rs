@@ -18,8 +18,8 @@ mod scripts;
 mod waiters;
 
 use std::fmt::{self, Write as _};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
@@ -73,7 +73,11 @@ impl RedisStoreBuilder {
     }
 
     /// How long one command may take before a call fails with a store error (default 1 s).
-    /// With the default connect timeout, a call against a dead server fails within 2 s.
+    ///
+    /// One store operation takes at most the connect timeout plus the response timeout (one
+    /// connection attempt, no backoff, and a deadline around the whole operation): with the
+    /// defaults, a call against a server that is down or black-holed fails within 2 s. A
+    /// command that timed out may still have been carried out; see [`RedisStore`], "Timeouts".
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
@@ -97,14 +101,14 @@ impl RedisStoreBuilder {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout))
-            // Fail the call rather than queue it behind reconnection attempts: the caller's
-            // retry policy, not ours, decides how long to keep trying.
-            .set_number_of_retries(1)
-            .set_max_delay(self.connect_timeout);
-        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|error| unavailable("could not set up the Redis connection", error))?;
+            // One connection attempt per call, no backoff: a call fails within the connect
+            // timeout plus the response timeout, and the caller's retry policy, not ours,
+            // decides how long to keep trying.
+            .set_number_of_retries(0);
+        let connection = Connection::new(client.clone(), config)?;
         Ok(RedisStore {
-            manager,
+            connection: Arc::new(connection),
+            deadline: self.connect_timeout + self.response_timeout,
             scripts: Arc::new(Scripts::new()),
             waiters: Arc::new(Waiters::new(client, self.connect_timeout)),
             key_prefix: self.key_prefix,
@@ -119,12 +123,30 @@ impl RedisStoreBuilder {
 ///
 /// The guarantees hold as long as Redis keeps what it acknowledged. With the default
 /// snapshotting, a Redis crash loses the last minutes of writes: completed records among them,
-/// so their keys would run again. For payments, run Redis with `appendonly yes` and
-/// `appendfsync everysec` (at most one second of writes lost on a crash) or `always`. With
+/// so their keys would run again. For payments, run Redis with `appendonly yes`: then a crash
+/// of the Redis process loses nothing it acknowledged (it writes the file before it answers),
+/// and `appendfsync` decides what a crash of the machine loses: about the last second with
+/// `everysec`, nothing with `always`. With
 /// replication, a failover to a replica that had not received a claim can let a key run twice;
-/// `WAIT 1 0` after each write is not used by this store. Set `maxmemory-policy noeviction`
-/// (or a `volatile-*` policy on a dedicated instance): an evicted live record is a key that can
-/// run again.
+/// `WAIT 1 0` after each write is not used by this store. A failover behind the store's address
+/// (a DNS name, a virtual IP, a proxy) is followed: a demoted server that answers `READONLY`
+/// makes the store connect again and run the command on the new primary. Set
+/// `maxmemory-policy noeviction` (or a `volatile-*` policy on a dedicated instance): an evicted
+/// live record is a key that can run again.
+///
+/// # Timeouts
+///
+/// A command whose answer does not come within the response timeout fails with
+/// [`StoreError::Unavailable`], and the connection is replaced (a host that stopped answering
+/// may never answer on it again). The server may still have carried the command out; what that
+/// leaves behind:
+///
+/// - a claim: the key is held until the claim's lease ends. The body did not run (its caller
+///   got the error); callers in between see the key in progress, and the first claim after the
+///   lease acquires it.
+/// - a `complete`: the record stands. The engine tries `complete` again; that is fenced, and
+///   the caller gets its value as `Outcome::Unrecorded`; later calls replay.
+/// - a `release`: the key is free. An `extend`: the lease is longer.
 ///
 /// # TLS
 ///
@@ -142,7 +164,9 @@ impl RedisStoreBuilder {
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    manager: ConnectionManager,
+    connection: Arc<Connection>,
+    /// The longest one operation may take: the connect timeout plus the response timeout.
+    deadline: Duration,
     scripts: Arc<Scripts>,
     waiters: Arc<Waiters>,
     key_prefix: String,
@@ -216,20 +240,81 @@ impl RedisStore {
             .arg(1)
             .arg(self.record_key(key));
         args(&mut command);
-        let mut connection = self.manager.clone();
-        let value = match command.query_async::<Value>(&mut connection).await {
-            // The server has lost its script cache (a restart, `SCRIPT FLUSH`): load, run again.
-            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                script
-                    .load_async(&mut connection)
-                    .await
-                    .map_err(|error| from_redis("could not load a store script", error))?;
-                command.query_async::<Value>(&mut connection).await
-            }
-            result => result,
-        }
-        .map_err(|error| from_redis("a script call failed", error))?;
+        let value = self
+            .send(&command, Some(script))
+            .await
+            .map_err(|error| from_redis("a script call failed", error))?;
         Reply::parse(value, key)
+    }
+
+    /// Sends `command` (running `script` if the command is its `EVALSHA`) within the store's
+    /// deadline, the connect timeout plus the response timeout.
+    ///
+    /// The common path needs no timer of its own: it makes at most one connection attempt and
+    /// sends one command, each bounded by its timeout. A server that has lost its script cache
+    /// (a restart, a failover, `SCRIPT FLUSH`) answers `NOSCRIPT`: the script is loaded and run
+    /// again. A server that answers `READONLY` was demoted to a replica (a failover) but keeps
+    /// its clients' connections: the command is sent once more on a new connection, which
+    /// reaches whatever server the address leads to now; nothing was written by the first
+    /// attempt (a script stops at its first write, and an error there aborts it). These second
+    /// tries run within what is left of the deadline. A response timeout drops the connection,
+    /// so that the next call connects afresh rather than queue behind a host that may never
+    /// answer again.
+    async fn send(
+        &self,
+        command: &redis::Cmd,
+        script: Option<&redis::Script>,
+    ) -> Result<Value, RedisError> {
+        let started = Instant::now();
+        let (mut generation, mut manager) = self.connection.current();
+        let mut error = match command.query_async::<Value>(&mut manager).await {
+            Err(error) => error,
+            answer => return answer,
+        };
+        let again = async {
+            let (mut loaded, mut replaced) = (false, false);
+            loop {
+                if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+                    && !loaded
+                    && let Some(script) = script
+                {
+                    loaded = true;
+                    if let Err(load) = script.load_async(&mut manager).await {
+                        error = load;
+                        continue;
+                    }
+                } else if is_demoted(&error) && !replaced {
+                    replaced = true;
+                    // The server now reached may lack the scripts.
+                    loaded = false;
+                    (generation, manager) = self.connection.replace(generation);
+                } else {
+                    if error.is_timeout() {
+                        self.connection.replace(generation);
+                    }
+                    return Err(error);
+                }
+                match command.query_async::<Value>(&mut manager).await {
+                    Err(next) => error = next,
+                    answer => return answer,
+                }
+            }
+        };
+        let left = self.deadline.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, again).await {
+            Ok(result) => result,
+            Err(_) => {
+                // A connection that took all of the deadline is as good as black-holed.
+                self.connection.replace(generation);
+                Err(RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer within {:?} (the connect timeout plus the response timeout)",
+                        self.deadline
+                    ),
+                )))
+            }
+        }
     }
 
     async fn fenced_write(
@@ -258,6 +343,68 @@ impl RedisStore {
 /// A lease or ttl as `PX` takes it: whole ms, rounded up, 1 ms to [`MAX_DURATION`](crate::MAX_DURATION).
 fn millis(duration: Duration) -> u64 {
     crate::store::held_millis(duration)
+}
+
+/// Whether `error` says the server the connection reaches is not a primary: demoted to a
+/// replica by a failover (`READONLY`), or a replica cut off from its primary (`MASTERDOWN`).
+/// A new connection to the same address may reach the new primary.
+fn is_demoted(error: &RedisError) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+    )
+}
+
+/// Whether `error` is a passing state of the deployment, not of the request: a demoted server,
+/// or one loading its data after a restart (`LOADING`).
+fn is_passing(error: &RedisError) -> bool {
+    is_demoted(error) || error.kind() == ErrorKind::Server(ServerErrorKind::BusyLoading)
+}
+
+/// The connection commands go over: a `ConnectionManager`, which reconnects by itself when the
+/// connection breaks, replaced by a new one when the server it reaches answers but can no
+/// longer serve (see `RedisStore::send`). The generation tells a replacement asked for by many
+/// calls that met the same failure apart from a later one: one new connection per failure.
+struct Connection {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    current: RwLock<(u64, ConnectionManager)>,
+}
+
+impl Connection {
+    fn new(client: redis::Client, config: ConnectionManagerConfig) -> Result<Self, StoreError> {
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+            .map_err(|error| unavailable("could not set up the Redis connection", error))?;
+        Ok(Self {
+            client,
+            config,
+            current: RwLock::new((0, manager)),
+        })
+    }
+
+    fn current(&self) -> (u64, ConnectionManager) {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        (current.0, current.1.clone())
+    }
+
+    /// A new connection in place of generation `seen`, unless that was replaced already; the
+    /// current one either way. The old one closes once its last command has its answer.
+    fn replace(&self, seen: u64) -> (u64, ConnectionManager) {
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if current.0 == seen
+            && let Ok(manager) =
+                ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+        {
+            *current = (seen + 1, manager);
+        }
+        (current.0, current.1.clone())
+    }
 }
 
 /// A script's answer. The common answers are scalars (see `redis/claim.lua`): what an
@@ -330,6 +477,7 @@ fn from_redis(message: &str, error: RedisError) -> StoreError {
         || error.is_timeout()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
+        || is_passing(&error)
     {
         unavailable(message, error)
     } else {
@@ -435,12 +583,21 @@ impl Store for RedisStore {
 
     fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
-            let mut connection = self.manager.clone();
-            let deleted: i64 = redis::cmd("DEL")
-                .arg(self.record_key(key))
-                .query_async(&mut connection)
+            let mut command = redis::cmd("DEL");
+            command.arg(self.record_key(key));
+            let deleted = self
+                .send(&command, None)
                 .await
                 .map_err(|error| from_redis("could not delete a record", error))?;
+            let deleted = match deleted {
+                Value::Int(deleted) => deleted,
+                _ => {
+                    return Err(StoreError::Backend {
+                        message: "DEL answered something other than a number".to_string(),
+                        source: None,
+                    });
+                }
+            };
             Ok(deleted > 0)
         })
     }

@@ -1,5 +1,11 @@
 //! Waiting for a key over pub/sub: one shared subscriber connection, one channel per key that
 //! someone waits on, subscribed while at least one waiter needs it.
+//!
+//! Nothing is left behind: a channel counts as subscribed from before its `SUBSCRIBE` is sent,
+//! so a waiter cancelled at any point is unsubscribed with the last waiter of its channel; each
+//! connection has a generation, and a subscription is only ever counted on the connection it
+//! was made on; a replaced connection is closed (its reader ended), which ends its
+//! subscriptions on the server.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,13 +22,38 @@ type Channels = Arc<Mutex<HashMap<String, Channel>>>;
 struct Channel {
     notify: Arc<Notify>,
     waiters: usize,
-    /// The server has confirmed the subscription on the current connection.
-    subscribed: bool,
+    /// The connection (its generation) on which a `SUBSCRIBE` for this channel was sent,
+    /// confirmed or not: counted from before it is sent, so that a waiter cancelled while it
+    /// awaits the confirmation still leaves a channel that is unsubscribed when unused.
+    subscribed_on: Option<u64>,
 }
 
 struct Subscriber {
     sink: PubSubSink,
     reader: JoinHandle<()>,
+    generation: u64,
+    channels: Channels,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        // The reader owns the connection's stream, and with it the connection: ending it closes
+        // the connection, and with it every subscription made on it.
+        self.reader.abort();
+        // Its waiters will hear nothing more on it: wake them to look at their keys again (and
+        // subscribe on a new connection), as the reader does when a connection ends by itself.
+        for channel in lock(&self.channels).values_mut() {
+            if channel.subscribed_on == Some(self.generation) {
+                channel.subscribed_on = None;
+                channel.notify.notify_waiters();
+            }
+        }
+    }
+}
+
+struct Connection {
+    current: Option<Subscriber>,
+    generations: u64,
 }
 
 pub(super) struct Waiters {
@@ -30,7 +61,7 @@ pub(super) struct Waiters {
     connect_timeout: Duration,
     // Held across subscribe and unsubscribe commands, so they reach the server in the order
     // the channel table was changed.
-    subscriber: tokio::sync::Mutex<Option<Subscriber>>,
+    connection: tokio::sync::Mutex<Connection>,
     channels: Channels,
 }
 
@@ -80,30 +111,48 @@ impl Waiters {
         Self {
             client,
             connect_timeout,
-            subscriber: tokio::sync::Mutex::new(None),
+            connection: tokio::sync::Mutex::new(Connection {
+                current: None,
+                generations: 0,
+            }),
             channels: Arc::default(),
         }
     }
 
     /// Registers interest in `channel` and makes sure the server will deliver it; `None` if
     /// pub/sub cannot be had right now (the caller polls instead).
+    ///
+    /// Cancellation-safe: the interest is registered (and the `Subscription` that undoes it
+    /// exists) before anything is sent, so a waiter dropped at any await leaves no channel
+    /// subscribed once the others waiting on it are gone.
     pub(super) async fn subscribe(self: &Arc<Self>, channel: String) -> Option<Subscription> {
-        let mut subscriber = self.subscriber.lock().await;
-        if subscriber.as_ref().is_none_or(|s| s.reader.is_finished()) {
-            *subscriber = Some(self.connect().await?);
+        let mut connection = self.connection.lock().await;
+        if connection
+            .current
+            .as_ref()
+            .is_none_or(|s| s.reader.is_finished())
+        {
+            // Dropping the old subscriber (if any) closes its connection.
+            connection.current = None;
+            connection.generations += 1;
+            let generation = connection.generations;
+            connection.current = Some(self.connect(generation).await?);
         }
+        let subscriber = connection.current.as_mut()?;
+        let generation = subscriber.generation;
         let (notified, needs_subscribe) = {
             let mut channels = lock(&self.channels);
             let entry = channels.entry(channel.clone()).or_insert_with(|| Channel {
                 notify: Arc::default(),
                 waiters: 0,
-                subscribed: false,
+                subscribed_on: None,
             });
             entry.waiters += 1;
-            (
-                Arc::clone(&entry.notify).notified_owned(),
-                !entry.subscribed,
-            )
+            let needs_subscribe = entry.subscribed_on != Some(generation);
+            if needs_subscribe {
+                entry.subscribed_on = Some(generation);
+            }
+            (Arc::clone(&entry.notify).notified_owned(), needs_subscribe)
         };
         let subscription = Subscription {
             notified: Some(notified),
@@ -111,65 +160,76 @@ impl Waiters {
             waiters: Arc::clone(self),
         };
         if needs_subscribe {
-            let sink = &mut subscriber.as_mut()?.sink;
-            let confirmed =
-                tokio::time::timeout(self.connect_timeout, sink.subscribe(&subscription.channel))
-                    .await;
+            let confirmed = tokio::time::timeout(
+                self.connect_timeout,
+                subscriber.sink.subscribe(&subscription.channel),
+            )
+            .await;
             if !matches!(confirmed, Ok(Ok(()))) {
-                // The connection is unusable: drop it, the next waiter makes a new one.
-                *subscriber = None;
+                // The connection is unusable: close it, the next waiter makes a new one.
+                connection.current = None;
                 return None;
-            }
-            if let Some(entry) = lock(&self.channels).get_mut(&subscription.channel) {
-                entry.subscribed = true;
             }
         }
         Some(subscription)
     }
 
-    async fn connect(&self) -> Option<Subscriber> {
+    async fn connect(&self, generation: u64) -> Option<Subscriber> {
         let pubsub = tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub())
             .await
             .ok()?
             .ok()?;
-        // A new connection has no subscriptions yet.
-        for channel in lock(&self.channels).values_mut() {
-            channel.subscribed = false;
-        }
         let (sink, stream) = pubsub.split();
-        let reader = tokio::spawn(read(stream, Arc::clone(&self.channels)));
-        Some(Subscriber { sink, reader })
+        let reader = tokio::spawn(read(stream, Arc::clone(&self.channels), generation));
+        Some(Subscriber {
+            sink,
+            reader,
+            generation,
+            channels: Arc::clone(&self.channels),
+        })
     }
 
     async fn unsubscribe_if_unused(&self, channel: String) {
-        let mut subscriber = self.subscriber.lock().await;
-        let was_subscribed = {
+        let mut connection = self.connection.lock().await;
+        let subscribed_on = {
             let mut channels = lock(&self.channels);
             match channels.get(&channel) {
                 Some(entry) if entry.waiters == 0 => {
-                    channels.remove(&channel).is_some_and(|e| e.subscribed)
+                    channels.remove(&channel).and_then(|e| e.subscribed_on)
                 }
-                _ => false,
+                _ => None,
             }
         };
-        if was_subscribed && let Some(subscriber) = subscriber.as_mut() {
-            let _ =
+        // A subscription made on an earlier connection went with that connection.
+        if let Some(subscriber) = connection.current.as_mut()
+            && subscribed_on == Some(subscriber.generation)
+        {
+            let unsubscribed =
                 tokio::time::timeout(self.connect_timeout, subscriber.sink.unsubscribe(&channel))
                     .await;
+            if !matches!(unsubscribed, Ok(Ok(()))) {
+                // Unknown whether the server still delivers it: close the connection, which
+                // ends every subscription made on it.
+                connection.current = None;
+            }
         }
     }
 }
 
 /// Wakes the waiters of each channel a message arrives on; when the connection ends, wakes
-/// everyone, so they look at their keys again rather than wait out their leases.
-async fn read(mut stream: PubSubStream, channels: Channels) {
+/// everyone, so they look at their keys again rather than wait out their leases. Only the
+/// channels subscribed on this reader's own connection (`generation`) are marked unsubscribed:
+/// a later connection's are not this one's to mark.
+async fn read(mut stream: PubSubStream, channels: Channels, generation: u64) {
     while let Some(message) = stream.next().await {
         if let Some(channel) = lock(&channels).get(message.get_channel_name()) {
             channel.notify.notify_waiters();
         }
     }
     for channel in lock(&channels).values_mut() {
-        channel.subscribed = false;
+        if channel.subscribed_on == Some(generation) {
+            channel.subscribed_on = None;
+        }
         channel.notify.notify_waiters();
     }
 }
