@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use idempotent_core::stores::memory::RECORD_OVERHEAD_BYTES;
 use idempotent_core::{
     Claim, Fence, FencedWrite, Fingerprint, ManualClock, MemoryStore, StorageKey, Store,
 };
@@ -217,6 +218,22 @@ impl Model {
     fn len(&self) -> usize {
         self.records.iter().flatten().count()
     }
+
+    /// What the store counts against its byte budget: each record's overhead and output (the
+    /// claims give fingerprints, so no arguments are kept beside the record).
+    fn bytes(&self) -> usize {
+        self.records
+            .iter()
+            .flatten()
+            .map(|record| {
+                RECORD_OVERHEAD_BYTES
+                    + match &record.state {
+                        ModelState::Completed { output, .. } => output.len(),
+                        ModelState::InProgress { .. } => 0,
+                    }
+            })
+            .sum()
+    }
 }
 
 fn fingerprint(fp: u8) -> Fingerprint {
@@ -310,6 +327,14 @@ fn check(ops: &[Op]) -> Result<(), TestCaseError> {
             store.len(),
             model.len(),
             "step {}: after {:?}, records held (model: {:?})",
+            step,
+            op,
+            model.records
+        );
+        prop_assert_eq!(
+            store.bytes(),
+            model.bytes(),
+            "step {}: after {:?}, bytes counted (model: {:?})",
             step,
             op,
             model.records

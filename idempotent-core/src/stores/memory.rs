@@ -4,6 +4,24 @@
 //! Expired records are replaced lazily when a key is claimed and removed by `purge_expired`,
 //! which also runs when the store is at capacity. A live record is never evicted to make room:
 //! dropping one would let its key run twice, so a full store refuses new keys instead.
+//!
+//! The store is bounded twice: in records ([`DEFAULT_CAPACITY`]) and in bytes
+//! ([`DEFAULT_MAX_BYTES`]), whichever it reaches first. A record counts its output, the
+//! arguments it keeps and [`RECORD_OVERHEAD_BYTES`] for its key and bookkeeping.
+//!
+//! # A flood of unique keys
+//!
+//! The process-wide [`default_store`](crate::default_store) is a `MemoryStore` with these
+//! defaults. Callers who send a new key with every request (or an attacker who does) fill it
+//! until one of the bounds is reached: about 512 MiB (plus the outputs of the calls running at
+//! that moment) or a million records. From then on every call with a **new** key fails with
+//! [`StoreError::Full`] or [`StoreError::ByteBudgetFull`] before its body runs, until records
+//! expire (their ttl) and are purged; calls whose key is already recorded still replay. The
+//! process's memory stays bounded, but new work of every idempotent function sharing the store
+//! is refused for up to a ttl. Where keys come from untrusted clients, size a store for the
+//! load ([`MemoryStoreBuilder::max_bytes`], shorter ttls) and set it with
+//! [`set_default_store`](crate::set_default_store), rate-limit key creation, or use a
+//! networked store.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -24,7 +42,18 @@ use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 /// How many records a [`MemoryStore`] holds by default before it refuses new keys.
 pub const DEFAULT_CAPACITY: usize = 1_000_000;
 
+/// How many bytes of records a [`MemoryStore`] holds by default before it refuses new keys:
+/// 512 MiB. See [`MemoryStoreBuilder::max_bytes`] for what counts.
+pub const DEFAULT_MAX_BYTES: usize = 512 * 1024 * 1024;
+
+/// What a record counts besides its output and its kept arguments: its key, the record
+/// itself and its share of the hash table's slack, rounded up.
+pub const RECORD_OVERHEAD_BYTES: usize = 256;
+
 const SHARDS: usize = 32;
+
+/// The smallest byte budget: one record with the longest kept arguments.
+const MIN_MAX_BYTES: usize = RECORD_OVERHEAD_BYTES + crate::MAX_EXACT_ARGUMENTS;
 
 /// An in-process store: records live as long as the process.
 ///
@@ -42,6 +71,9 @@ pub struct MemoryStore {
     clock: Arc<dyn Clock>,
     capacity: usize,
     len: AtomicUsize,
+    max_bytes: usize,
+    /// The bytes of every record held ([`Record::bytes`]).
+    bytes: AtomicUsize,
     // Store-wide, so a key's fences keep growing even after its record was purged.
     next_fence: AtomicU64,
 }
@@ -63,6 +95,19 @@ enum KeptArguments {
 }
 
 impl KeptArguments {
+    /// The bytes kept beside the record (a digest is inline, in the overhead).
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Self::Exact(exact) => exact.len(),
+            Self::Digest(_) => 0,
+        }
+    }
+
+    /// [`Record::bytes`] of a new record that keeps `arguments`.
+    fn record_bytes(arguments: &CanonicalArguments) -> usize {
+        RECORD_OVERHEAD_BYTES + arguments.exact().map_or(0, <[u8]>::len)
+    }
+
     fn of(arguments: &CanonicalArguments) -> Self {
         match arguments.exact() {
             Some(exact) => Self::Exact(exact.into()),
@@ -92,6 +137,15 @@ enum State {
 }
 
 impl Record {
+    /// What the record counts against the byte budget.
+    fn bytes(&self) -> usize {
+        let output = match &self.state {
+            State::Completed { output, .. } => output.len(),
+            State::InProgress { .. } => 0,
+        };
+        RECORD_OVERHEAD_BYTES + self.arguments.heap_bytes() + output
+    }
+
     fn is_live(&self, now: Duration) -> bool {
         match &self.state {
             State::InProgress { lease_until, .. } => now < *lease_until,
@@ -117,17 +171,24 @@ impl Record {
     }
 }
 
-/// Builds a [`MemoryStore`] with a capacity or a clock other than the defaults.
+/// Builds a [`MemoryStore`] with a capacity, a byte budget or a clock other than the
+/// defaults.
 ///
 /// ```
 /// use idempotent_core::{MemoryStore, SystemClock};
 ///
-/// let store = MemoryStore::builder().capacity(100).clock(SystemClock::new()).build();
+/// let store = MemoryStore::builder()
+///     .capacity(100)
+///     .max_bytes(1024 * 1024)
+///     .clock(SystemClock::new())
+///     .build();
 /// assert_eq!(store.capacity(), 100);
+/// assert_eq!(store.max_bytes(), 1024 * 1024);
 /// ```
 #[derive(Debug)]
 pub struct MemoryStoreBuilder {
     capacity: usize,
+    max_bytes: usize,
     clock: Arc<dyn Clock>,
 }
 
@@ -135,6 +196,32 @@ impl MemoryStoreBuilder {
     /// The most records held at once (live or not yet purged); at least 1.
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity.max(1);
+        self
+    }
+
+    /// The most bytes of records held at once (live or not yet purged); at least one record
+    /// with the longest kept arguments ([`RECORD_OVERHEAD_BYTES`] +
+    /// [`MAX_EXACT_ARGUMENTS`](crate::MAX_EXACT_ARGUMENTS)).
+    ///
+    /// A record counts its output, its arguments when they are kept exactly (at most
+    /// [`MAX_EXACT_ARGUMENTS`](crate::MAX_EXACT_ARGUMENTS) bytes) and
+    /// [`RECORD_OVERHEAD_BYTES`]. The budget is checked when a key is claimed: a claim that
+    /// would take the store past it is refused with [`StoreError::ByteBudgetFull`] before the
+    /// body runs. A body's output is not known until it completes, and by then the body has
+    /// run: refusing to record it would let a retry run it again. So `complete` always records
+    /// the output, even past the budget, and new keys are refused until the store is back
+    /// under it. The store can therefore exceed its budget by the outputs of the calls running
+    /// when it was reached, each at most the engine's
+    /// [`max_output_bytes`](crate::Options::max_output_bytes) (1 MiB by default).
+    ///
+    /// ```
+    /// use idempotent_core::MemoryStore;
+    ///
+    /// let store = MemoryStore::builder().max_bytes(64 * 1024 * 1024).build();
+    /// assert_eq!(store.max_bytes(), 64 * 1024 * 1024);
+    /// ```
+    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes.max(MIN_MAX_BYTES);
         self
     }
 
@@ -155,6 +242,8 @@ impl MemoryStoreBuilder {
             clock: self.clock,
             capacity: self.capacity,
             len: AtomicUsize::new(0),
+            max_bytes: self.max_bytes,
+            bytes: AtomicUsize::new(0),
             next_fence: AtomicU64::new(1),
         }
     }
@@ -180,6 +269,7 @@ impl MemoryStore {
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder {
             capacity: DEFAULT_CAPACITY,
+            max_bytes: DEFAULT_MAX_BYTES,
             clock: Arc::new(SystemClock::new()),
         }
     }
@@ -191,6 +281,26 @@ impl MemoryStore {
     /// ```
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// How many bytes of records the store may hold (see [`MemoryStoreBuilder::max_bytes`]).
+    ///
+    /// ```
+    /// use idempotent_core::stores::memory::DEFAULT_MAX_BYTES;
+    /// assert_eq!(idempotent_core::MemoryStore::new().max_bytes(), DEFAULT_MAX_BYTES);
+    /// ```
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// How many bytes of records the store holds now, as counted against
+    /// [`max_bytes`](Self::max_bytes), including expired records not yet purged.
+    ///
+    /// ```
+    /// assert_eq!(idempotent_core::MemoryStore::new().bytes(), 0);
+    /// ```
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
     }
 
     /// How many records the store holds now, including expired ones not yet purged.
@@ -225,13 +335,40 @@ impl MemoryStore {
         Fence::new(self.next_fence.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Takes a slot for a new record, or says the store is full.
-    fn reserve_slot(&self) -> bool {
-        self.len
+    /// Takes a slot and `bytes` for a new record, or says which bound it would cross.
+    fn reserve_record(&self, bytes: usize) -> Result<(), ClaimStep> {
+        self.reserve_bytes(bytes)?;
+        let slot = self
+            .len
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |len| {
                 (len < self.capacity).then_some(len + 1)
+            });
+        if slot.is_err() {
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(ClaimStep::Full);
+        }
+        Ok(())
+    }
+
+    /// Takes `bytes` more of the budget, or says it would cross it.
+    fn reserve_bytes(&self, bytes: usize) -> Result<(), ClaimStep> {
+        self.bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(bytes)
+                    .filter(|&total| total <= self.max_bytes)
             })
-            .is_ok()
+            .map(drop)
+            .map_err(|_| ClaimStep::BytesFull)
+    }
+
+    /// Moves the byte count from a record's old size to its new one. Growing never checks the
+    /// budget: only claims do (see [`MemoryStoreBuilder::max_bytes`]).
+    fn resize(&self, old: usize, new: usize) {
+        if new >= old {
+            self.bytes.fetch_add(new - old, Ordering::AcqRel);
+        } else {
+            self.bytes.fetch_sub(old - new, Ordering::AcqRel);
+        }
     }
 
     fn claim_now(
@@ -266,7 +403,16 @@ impl MemoryStore {
                 });
             }
             let now = self.clock.now();
-            // Expired: take it over in place, waking anyone waiting on the old holder.
+            // Expired: take it over in place, waking anyone waiting on the old holder. The
+            // new record must fit where the old one was, or in the budget.
+            let (old, new) = (record.bytes(), KeptArguments::record_bytes(arguments));
+            if new > old {
+                if let Err(full) = self.reserve_bytes(new - old) {
+                    return full;
+                }
+            } else {
+                self.resize(old, new);
+            }
             record.wake_waiters();
             let fence = self.new_fence();
             *record = Record {
@@ -279,8 +425,8 @@ impl MemoryStore {
             };
             return ClaimStep::Done(Claim::Acquired { fence });
         }
-        if !self.reserve_slot() {
-            return ClaimStep::Full;
+        if let Err(full) = self.reserve_record(KeptArguments::record_bytes(arguments)) {
+            return full;
         }
         let now = self.clock.now();
         let fence = self.new_fence();
@@ -301,6 +447,7 @@ impl MemoryStore {
     fn purge_now(&self) -> u64 {
         let now = self.clock.now();
         let mut purged = 0u64;
+        let mut freed = 0usize;
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             shard.retain(|_, record| {
@@ -308,11 +455,13 @@ impl MemoryStore {
                 if !live {
                     record.wake_waiters();
                     purged += 1;
+                    freed += record.bytes();
                 }
                 live
             });
         }
         self.len.fetch_sub(purged as usize, Ordering::AcqRel);
+        self.bytes.fetch_sub(freed, Ordering::AcqRel);
         purged
     }
 
@@ -323,6 +472,7 @@ impl MemoryStore {
         };
         record.wake_waiters();
         self.len.fetch_sub(1, Ordering::AcqRel);
+        self.bytes.fetch_sub(record.bytes(), Ordering::AcqRel);
         true
     }
 
@@ -334,13 +484,16 @@ impl MemoryStore {
     ) -> Result<Claim, StoreError> {
         match self.claim_now(key, arguments, lease) {
             ClaimStep::Done(claim) => Ok(claim),
-            ClaimStep::Full => {
+            ClaimStep::Full | ClaimStep::BytesFull => {
                 // Make room only from records that are already dead, then try once more.
                 self.purge_now();
                 match self.claim_now(key, arguments, lease) {
                     ClaimStep::Done(claim) => Ok(claim),
                     ClaimStep::Full => Err(StoreError::Full {
                         capacity: self.capacity,
+                    }),
+                    ClaimStep::BytesFull => Err(StoreError::ByteBudgetFull {
+                        max_bytes: self.max_bytes,
                     }),
                 }
             }
@@ -350,7 +503,10 @@ impl MemoryStore {
 
 enum ClaimStep {
     Done(Claim),
+    /// At capacity.
     Full,
+    /// The new record would take the store past its byte budget.
+    BytesFull,
 }
 
 impl Default for MemoryStore {
@@ -364,6 +520,8 @@ impl fmt::Debug for MemoryStore {
         f.debug_struct("MemoryStore")
             .field("len", &self.len())
             .field("capacity", &self.capacity)
+            .field("bytes", &self.bytes())
+            .field("max_bytes", &self.max_bytes)
             .field("clock", &self.clock)
             .finish_non_exhaustive()
     }
@@ -403,10 +561,13 @@ impl Store for MemoryStore {
         let write = match shard.get_mut(key) {
             Some(record) if record.held_by(fence, now) => {
                 record.wake_waiters();
+                let old = record.bytes();
                 record.state = State::Completed {
                     output,
                     expires_at: now.saturating_add(ttl),
                 };
+                // Recorded even past the budget: the body has run (see `max_bytes`).
+                self.resize(old, record.bytes());
                 FencedWrite::Applied
             }
             _ => FencedWrite::Fenced,
@@ -653,6 +814,17 @@ mod tests {
                 "{coarse:?} against {now:?}"
             );
         }
+    }
+
+    /// The overhead a record counts covers what it takes: its key and record in the table,
+    /// the table's control byte, with room for the table's slack.
+    #[test]
+    fn the_counted_overhead_covers_a_record() {
+        let entry = size_of::<(StorageKey, Record)>() + 1;
+        assert!(
+            entry * 3 / 2 <= RECORD_OVERHEAD_BYTES,
+            "a record takes {entry} bytes in the table; count at least half as much again"
+        );
     }
 
     #[test]
