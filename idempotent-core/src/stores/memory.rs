@@ -1,9 +1,11 @@
 //! The in-memory store: one process, the embedded default.
 //!
 //! A sharded map behind short `std::sync::Mutex` sections (no lock is held across an `.await`).
-//! Expired records are replaced lazily when a key is claimed and removed by `purge_expired`,
-//! which also runs when the store is at capacity. A live record is never evicted to make room:
-//! dropping one would let its key run twice, so a full store refuses new keys instead.
+//! Expired records are replaced when their key is claimed again, and removed a few at a time
+//! by the claims that add records (each looks at the next few records of its shard), by a
+//! claim that finds the store full (it looks at a bounded number more) and by
+//! `purge_expired`. No claim walks the whole store. A live record is never evicted to make
+//! room: dropping one would let its key run twice, so a full store refuses new keys instead.
 //!
 //! The store is bounded twice: in records ([`DEFAULT_CAPACITY`]) and in bytes
 //! ([`DEFAULT_MAX_BYTES`]), whichever it reaches first. A record counts its output, the
@@ -23,7 +25,6 @@
 //! [`set_default_store`](crate::set_default_store), rate-limit key creation, or use a
 //! networked store.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -39,6 +40,10 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 
+mod shard;
+
+use shard::{Shard, Swept};
+
 /// How many records a [`MemoryStore`] holds by default before it refuses new keys.
 pub const DEFAULT_CAPACITY: usize = 1_000_000;
 
@@ -47,10 +52,19 @@ pub const DEFAULT_CAPACITY: usize = 1_000_000;
 pub const DEFAULT_MAX_BYTES: usize = 512 * 1024 * 1024;
 
 /// What a record counts besides its output and its kept arguments: its key, the record
-/// itself and its share of the hash table's slack, rounded up.
+/// itself, its entry in the expiry sweep's list and its share of the hash table's slack,
+/// rounded up.
 pub const RECORD_OVERHEAD_BYTES: usize = 256;
 
 const SHARDS: usize = 32;
+
+/// How many records a claim that adds one looks at for expiry, at most: the next few of its
+/// shard's sweep, which keeps dead records a small share of the store.
+const SWEEP_STEP: usize = 8;
+
+/// How many more a claim that finds the store full looks at for dead records to make room,
+/// at most, before it is refused.
+const ROOM_SEARCH: usize = 1024;
 
 /// The smallest byte budget: one record with the longest kept arguments.
 const MIN_MAX_BYTES: usize = RECORD_OVERHEAD_BYTES + crate::MAX_EXACT_ARGUMENTS;
@@ -76,14 +90,20 @@ pub struct MemoryStore {
     bytes: AtomicUsize,
     // Store-wide, so a key's fences keep growing even after its record was purged.
     next_fence: AtomicU64,
+    /// Where a claim that finds the store full starts looking for dead records, so that
+    /// successive ones look in different shards.
+    next_room_shard: AtomicUsize,
+    /// How many records expiry has looked at, for the tests of how much a claim does.
+    #[cfg(test)]
+    examined: AtomicU64,
 }
-
-type Shard = HashMap<StorageKey, Record, SeededKeys>;
 
 struct Record {
     arguments: KeptArguments,
     fence: Fence,
     state: State,
+    /// Its entry in the shard's deadline list.
+    slot: usize,
 }
 
 /// A record's arguments: as claimed, when they were short enough to be kept exactly (see
@@ -146,11 +166,16 @@ impl Record {
         RECORD_OVERHEAD_BYTES + self.arguments.heap_bytes() + output
     }
 
-    fn is_live(&self, now: Duration) -> bool {
+    /// When the record dies: its lease's end, or its expiry.
+    fn deadline(&self) -> Duration {
         match &self.state {
-            State::InProgress { lease_until, .. } => now < *lease_until,
-            State::Completed { expires_at, .. } => now < *expires_at,
+            State::InProgress { lease_until, .. } => *lease_until,
+            State::Completed { expires_at, .. } => *expires_at,
         }
+    }
+
+    fn is_live(&self, now: Duration) -> bool {
+        now < self.deadline()
     }
 
     /// `fence` holds the record: in progress under it, with a live lease. The one rule for
@@ -237,7 +262,7 @@ impl MemoryStoreBuilder {
         let keys = SeededKeys::new();
         MemoryStore {
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(Shard::with_hasher(keys.clone())))
+                .map(|_| Mutex::new(Shard::new(keys.clone())))
                 .collect(),
             clock: self.clock,
             capacity: self.capacity,
@@ -245,6 +270,9 @@ impl MemoryStoreBuilder {
             max_bytes: self.max_bytes,
             bytes: AtomicUsize::new(0),
             next_fence: AtomicU64::new(1),
+            next_room_shard: AtomicUsize::new(0),
+            #[cfg(test)]
+            examined: AtomicU64::new(0),
         }
     }
 }
@@ -381,7 +409,7 @@ impl MemoryStore {
         // replay up to one tick past its ttl); a lease is judged on `now`.
         let coarse = self.clock.now_coarse();
         let mut shard = self.shard(key);
-        if let Some(record) = shard.get_mut(key) {
+        if let Some((record, deadline)) = shard.get_mut(key) {
             let live = match &record.state {
                 State::Completed { output, expires_at } => {
                     (coarse < *expires_at).then(|| Claim::Completed {
@@ -422,13 +450,19 @@ impl MemoryStore {
                     lease_until: now.saturating_add(lease),
                     waiters: None,
                 },
+                slot: record.slot,
             };
+            *deadline = record.deadline();
             return ClaimStep::Done(Claim::Acquired { fence });
         }
+        let now = self.clock.now();
+        // A new record: first look at the next few of this shard for dead ones, so that
+        // records are removed as fast as keys arrive and the store does not fill with them.
+        let swept = shard.sweep(now, SWEEP_STEP, |_| false);
+        self.forget(&swept);
         if let Err(full) = self.reserve_record(KeptArguments::record_bytes(arguments)) {
             return full;
         }
-        let now = self.clock.now();
         let fence = self.new_fence();
         shard.insert(
             *key,
@@ -439,29 +473,62 @@ impl MemoryStore {
                     lease_until: now.saturating_add(lease),
                     waiters: None,
                 },
+                slot: 0,
             },
         );
         ClaimStep::Done(Claim::Acquired { fence })
     }
 
+    /// Counts the records a sweep removed out of the store's totals.
+    fn forget(&self, swept: &Swept) {
+        #[cfg(test)]
+        self.examined
+            .fetch_add(swept.examined as u64, Ordering::Relaxed);
+        if swept.records > 0 {
+            self.len.fetch_sub(swept.records, Ordering::AcqRel);
+            self.bytes.fetch_sub(swept.bytes, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether a record of `bytes` would fit, were the `swept` records not counted.
+    fn has_room(&self, bytes: usize, swept: &Swept) -> bool {
+        // The swept records are still in the totals (they are subtracted after the sweep).
+        self.len().saturating_sub(swept.records) < self.capacity
+            && (self.bytes().saturating_sub(swept.bytes)).saturating_add(bytes) <= self.max_bytes
+    }
+
+    /// Looks at up to [`ROOM_SEARCH`] records, shard after shard, for dead ones, until a new
+    /// record of `bytes` would fit.
+    fn make_room(&self, bytes: usize) {
+        let now = self.clock.now();
+        let start = self.next_room_shard.fetch_add(1, Ordering::Relaxed);
+        let mut budget = ROOM_SEARCH;
+        for i in 0..self.shards.len() {
+            if budget == 0 || self.has_room(bytes, &Swept::default()) {
+                return;
+            }
+            let index = start.wrapping_add(i) % self.shards.len();
+            let mut shard = self.shards[index]
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let swept = shard.sweep(now, budget, |swept| self.has_room(bytes, swept));
+            drop(shard);
+            self.forget(&swept);
+            budget -= swept.examined;
+        }
+    }
+
     fn purge_now(&self) -> u64 {
         let now = self.clock.now();
-        let mut purged = 0u64;
-        let mut freed = 0usize;
+        let mut purged = 0;
         for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            shard.retain(|_, record| {
-                let live = record.is_live(now);
-                if !live {
-                    record.wake_waiters();
-                    purged += 1;
-                    freed += record.bytes();
-                }
-                live
-            });
+            let swept = shard
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .purge(now);
+            self.forget(&swept);
+            purged += swept.records as u64;
         }
-        self.len.fetch_sub(purged as usize, Ordering::AcqRel);
-        self.bytes.fetch_sub(freed, Ordering::AcqRel);
         purged
     }
 
@@ -485,8 +552,9 @@ impl MemoryStore {
         match self.claim_now(key, arguments, lease) {
             ClaimStep::Done(claim) => Ok(claim),
             ClaimStep::Full | ClaimStep::BytesFull => {
-                // Make room only from records that are already dead, then try once more.
-                self.purge_now();
+                // Make room only from records that are already dead, looking at a bounded
+                // number of them, then try once more.
+                self.make_room(KeptArguments::record_bytes(arguments));
                 match self.claim_now(key, arguments, lease) {
                     ClaimStep::Done(claim) => Ok(claim),
                     ClaimStep::Full => Err(StoreError::Full {
@@ -559,13 +627,14 @@ impl Store for MemoryStore {
         let now = self.clock.now();
         let mut shard = self.shard(key);
         let write = match shard.get_mut(key) {
-            Some(record) if record.held_by(fence, now) => {
+            Some((record, deadline)) if record.held_by(fence, now) => {
                 record.wake_waiters();
                 let old = record.bytes();
                 record.state = State::Completed {
                     output,
                     expires_at: now.saturating_add(ttl),
                 };
+                *deadline = record.deadline();
                 // Recorded even past the budget: the body has run (see `max_bytes`).
                 self.resize(old, record.bytes());
                 FencedWrite::Applied
@@ -603,10 +672,11 @@ impl Store for MemoryStore {
         let now = self.clock.now();
         let mut shard = self.shard(key);
         let write = match shard.get_mut(key) {
-            Some(record) if record.held_by(fence, now) => {
+            Some((record, deadline)) if record.held_by(fence, now) => {
                 if let State::InProgress { lease_until, .. } = &mut record.state {
                     *lease_until = now.saturating_add(lease);
                 }
+                *deadline = record.deadline();
                 FencedWrite::Applied
             }
             _ => FencedWrite::Fenced,
@@ -622,7 +692,7 @@ impl Store for MemoryStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let now = self.clock.now();
         let mut shard = self.shard(key);
-        let Some(record) = shard.get_mut(key) else {
+        let Some((record, _)) = shard.get_mut(key) else {
             return Box::pin(std::future::ready(Ok(())));
         };
         let State::InProgress {
@@ -817,13 +887,114 @@ mod tests {
     }
 
     /// The overhead a record counts covers what it takes: its key and record in the table,
-    /// the table's control byte, with room for the table's slack.
+    /// the table's control byte, with room for the table's slack, and its deadline entry.
     #[test]
     fn the_counted_overhead_covers_a_record() {
         let entry = size_of::<(StorageKey, Record)>() + 1;
         assert!(
-            entry * 3 / 2 <= RECORD_OVERHEAD_BYTES,
-            "a record takes {entry} bytes in the table; count at least half as much again"
+            entry * 3 / 2 + shard::DEADLINE_BYTES <= RECORD_OVERHEAD_BYTES,
+            "a record takes {entry} bytes in the table (count half as much again for its slack) and {} in the deadline list",
+            shard::DEADLINE_BYTES
+        );
+    }
+
+    /// The value of a future the memory store returns, which is ready at once.
+    fn ready<T>(mut future: BoxFuture<'_, T>) -> T {
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        match future.as_mut().poll(&mut context) {
+            std::task::Poll::Ready(value) => value,
+            std::task::Poll::Pending => panic!("a memory store future was pending"),
+        }
+    }
+
+    fn numbered_key(i: u32) -> StorageKey {
+        StorageKey::derive("memory::tests", None, &i.to_le_bytes()).expect("a valid key")
+    }
+
+    /// A store on a manual clock holding `records` completed records that have just expired.
+    fn store_of_expired(records: u32) -> (MemoryStore, crate::ManualClock) {
+        let clock = crate::ManualClock::new();
+        let store = MemoryStore::builder()
+            .capacity(records as usize)
+            .clock(clock.clone())
+            .build();
+        let ttl = Duration::from_secs(60);
+        for i in 0..records {
+            let key = numbered_key(i);
+            let Claim::Acquired { fence } = claim(&store, &key, ttl) else {
+                panic!("a new key in a store with room");
+            };
+            let write = ready(store.complete(&key, fence, Bytes::from_static(b"{}"), ttl));
+            assert_eq!(write.ok(), Some(FencedWrite::Applied));
+        }
+        assert_eq!(store.len(), records as usize);
+        clock.advance(ttl);
+        (store, clock)
+    }
+
+    /// A store full of expired records turns over its whole capacity with no claim looking at
+    /// more than a bounded number of records: none purges the whole store to make room.
+    #[test]
+    fn no_claim_sweeps_the_whole_store() {
+        const RECORDS: u32 = 20_000;
+        let (store, _clock) = store_of_expired(RECORDS);
+        let mut most = 0;
+        for i in RECORDS..2 * RECORDS {
+            let before = store.examined.load(Ordering::Relaxed);
+            let got = claim(&store, &numbered_key(i), Duration::from_secs(60));
+            assert!(matches!(got, Claim::Acquired { .. }), "claim {i}: {got:?}");
+            most = most.max(store.examined.load(Ordering::Relaxed) - before);
+        }
+        assert!(
+            most <= (2 * SWEEP_STEP + ROOM_SEARCH) as u64,
+            "a claim looked at {most} records for expiry, of {RECORDS} in the store; at most {} allowed",
+            2 * SWEEP_STEP + ROOM_SEARCH
+        );
+        assert_eq!(store.len(), RECORDS as usize, "every dead record made room");
+        let kept = CanonicalArguments::of("order-7")
+            .unwrap()
+            .exact()
+            .unwrap()
+            .len();
+        assert_eq!(
+            store.bytes(),
+            RECORDS as usize * (RECORD_OVERHEAD_BYTES + kept)
+        );
+    }
+
+    /// After a large purge the tables are rebuilt to fit what is left: a table whose records
+    /// were removed keeps its slots (and their deleted marks, which a lookup of an absent key
+    /// probes through) until it is rebuilt.
+    #[test]
+    fn tables_shrink_after_a_large_purge() {
+        const RECORDS: u32 = 20_000;
+        let (store, _clock) = store_of_expired(RECORDS);
+        let slots = |store: &MemoryStore| -> usize {
+            store
+                .shards
+                .iter()
+                .map(|shard| shard.lock().unwrap().capacity())
+                .sum()
+        };
+        assert!(slots(&store) >= RECORDS as usize);
+        let kept = numbered_key(RECORDS);
+        assert!(matches!(
+            claim(&store, &kept, Duration::from_secs(3600)),
+            Claim::Acquired { .. }
+        ));
+        ready(store.purge_expired()).expect("purge");
+        assert_eq!(store.len(), 1);
+        assert!(
+            slots(&store) <= 32 * 16,
+            "the shards keep {} slots for 1 record after the purge",
+            slots(&store)
+        );
+        assert!(
+            matches!(
+                claim(&store, &kept, Duration::from_secs(3600)),
+                Claim::InProgress { .. }
+            ),
+            "the live record survives the rebuild"
         );
     }
 
