@@ -7,6 +7,12 @@
 //! `purge_expired`. No claim walks the whole store. A live record is never evicted to make
 //! room: dropping one would let its key run twice, so a full store refuses new keys instead.
 //!
+//! A claim that finds the store full looks at up to 1,024 records for dead ones, from where
+//! the previous such claim stopped, and is refused if it found none: a store that is full may
+//! still hold a few dead records that no claim has reached yet, and the claims after it look
+//! further. In a store whose keys keep arriving, dead records are at most about an eighth of
+//! it (each new key's claim looks at the next 8 records of its shard).
+//!
 //! The store is bounded twice: in records ([`DEFAULT_CAPACITY`]) and in bytes
 //! ([`DEFAULT_MAX_BYTES`]), whichever it reaches first. A record counts its output, the
 //! arguments it keeps and [`RECORD_OVERHEAD_BYTES`] for its key and bookkeeping.
