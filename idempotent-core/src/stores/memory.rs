@@ -957,6 +957,22 @@ mod tests {
             2 * SWEEP_STEP + ROOM_SEARCH
         );
         assert_eq!(store.len(), RECORDS as usize, "every dead record made room");
+        // Now full of live records: a new key is refused, after as bounded a search.
+        let before = store.examined.load(Ordering::Relaxed);
+        let refused = store.claim_or_purge(
+            &numbered_key(2 * RECORDS),
+            &CanonicalArguments::of("order-7").unwrap(),
+            Duration::from_secs(60),
+        );
+        assert!(
+            matches!(refused, Err(StoreError::Full { .. })),
+            "{refused:?}"
+        );
+        let examined = store.examined.load(Ordering::Relaxed) - before;
+        assert!(
+            examined <= (2 * SWEEP_STEP + ROOM_SEARCH) as u64,
+            "a refused claim looked at {examined} records"
+        );
         let kept = CanonicalArguments::of("order-7")
             .unwrap()
             .exact()
