@@ -72,6 +72,9 @@ const SWEEP_STEP: usize = 8;
 /// at most, before it is refused.
 const ROOM_SEARCH: usize = 1024;
 
+/// How many records `purge_expired` looks at per hold of a shard's lock.
+const PURGE_PART: usize = 1024;
+
 /// The smallest byte budget: one record with the longest kept arguments.
 const MIN_MAX_BYTES: usize = RECORD_OVERHEAD_BYTES + crate::MAX_EXACT_ARGUMENTS;
 
@@ -524,16 +527,24 @@ impl MemoryStore {
         }
     }
 
+    /// Removes every record dead now, shard after shard, [`PURGE_PART`] entries per hold
+    /// of a shard's lock, so that claims on that shard wait for a part, not for the shard.
     fn purge_now(&self) -> u64 {
         let now = self.clock.now();
         let mut purged = 0;
         for shard in self.shards.iter() {
-            let swept = shard
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .purge(now);
-            self.forget(&swept);
-            purged += swept.records as u64;
+            let mut at = 0;
+            loop {
+                let (swept, done) = shard
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .purge_part(&mut at, now, PURGE_PART);
+                self.forget(&swept);
+                purged += swept.records as u64;
+                if done {
+                    break;
+                }
+            }
         }
         purged
     }
@@ -989,7 +1000,9 @@ mod tests {
     /// probes through) until it is rebuilt.
     #[test]
     fn tables_shrink_after_a_large_purge() {
-        const RECORDS: u32 = 20_000;
+        // More than `PURGE_PART` per shard, so each shard is purged in more than one part.
+        const RECORDS: u32 = 40_000;
+        const _: () = assert!(RECORDS as usize / SHARDS > PURGE_PART);
         let (store, _clock) = store_of_expired(RECORDS);
         let slots = |store: &MemoryStore| -> usize {
             store
@@ -1004,7 +1017,10 @@ mod tests {
             claim(&store, &kept, Duration::from_secs(3600)),
             Claim::Acquired { .. }
         ));
-        ready(store.purge_expired()).expect("purge");
+        // The new key's claim may have swept a few already; the purge removes every other.
+        let held = store.len();
+        let purged = ready(store.purge_expired()).expect("purge");
+        assert_eq!(purged, held as u64 - 1, "every dead record is purged");
         assert_eq!(store.len(), 1);
         assert!(
             slots(&store) <= 32 * 16,

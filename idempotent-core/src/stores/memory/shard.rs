@@ -107,16 +107,46 @@ impl Shard {
         budget: usize,
         enough: impl Fn(&Swept) -> bool,
     ) -> Swept {
+        let mut hand = self.hand;
+        let swept = self.sweep_from(&mut hand, now, budget, enough);
+        self.hand = hand;
+        swept
+    }
+
+    /// Part of a purge: looks at up to `chunk` entries from `*at` to the end of the list,
+    /// removing the records dead at `now`; `*at` is then where the next part starts, or
+    /// `None` once the list is done. Entries that move while the shard's lock is released
+    /// between parts may be missed, or looked at twice: a purge removes what it finds dead.
+    pub(super) fn purge_part(
+        &mut self,
+        at: &mut usize,
+        now: Duration,
+        chunk: usize,
+    ) -> (Swept, bool) {
+        // Each entry looked at is either kept (`at` moves on) or removed (the list shrinks),
+        // so this many looks end exactly at the end of the list, without wrapping.
+        let budget = chunk.min(self.deadlines.len().saturating_sub(*at));
+        let swept = self.sweep_from(at, now, budget, |_| false);
+        (swept, *at >= self.deadlines.len())
+    }
+
+    fn sweep_from(
+        &mut self,
+        hand: &mut usize,
+        now: Duration,
+        budget: usize,
+        enough: impl Fn(&Swept) -> bool,
+    ) -> Swept {
         let budget = budget.min(self.deadlines.len());
         let mut swept = Swept::default();
         while swept.examined < budget && !enough(&swept) {
-            if self.hand >= self.deadlines.len() {
-                self.hand = 0;
+            if *hand >= self.deadlines.len() {
+                *hand = 0;
             }
             swept.examined += 1;
-            let entry = &self.deadlines[self.hand];
+            let entry = &self.deadlines[*hand];
             if now < entry.at {
-                self.hand += 1;
+                *hand += 1;
                 continue;
             }
             let live_until = match self.records.entry(entry.key) {
@@ -135,25 +165,17 @@ impl Shard {
             };
             match live_until {
                 Some(at) => {
-                    self.deadlines[self.hand].at = at;
-                    self.hand += 1;
+                    self.deadlines[*hand].at = at;
+                    *hand += 1;
                 }
                 // The last entry moves here, and is looked at next.
-                None => self.forget_entry(self.hand),
+                None => self.forget_entry(*hand),
             }
         }
         if swept.records > 0 {
             self.rebuild_if_sparse();
         }
         swept
-    }
-
-    /// Removes every record dead at `now`: one pass over the whole shard.
-    pub(super) fn purge(&mut self, now: Duration) -> Swept {
-        self.hand = 0;
-        // Each entry looked at is either kept (the hand moves on) or removed (the list
-        // shrinks), so as many looks as entries make exactly one pass.
-        self.sweep(now, self.deadlines.len(), |_| false)
     }
 
     fn rebuild_if_sparse(&mut self) {
