@@ -153,4 +153,13 @@ pub enum StoreError {
         #[source]
         source: Option<BoxError>,
     },
+    /// The in-memory store holds as many bytes of records as it may; it never evicts a live
+    /// one.
+    #[error(
+        "the store is full: its records take its whole {max_bytes}-byte budget, and evicting a live one would allow a duplicate execution; raise the budget (MemoryStoreBuilder::max_bytes), shorten the ttl or record smaller outputs"
+    )]
+    ByteBudgetFull {
+        /// The store's byte budget.
+        max_bytes: usize,
+    },
 }

@@ -1,10 +1,12 @@
 //! The memory store against the protocol's conformance suite, plus what only the memory store
-//! promises: a capacity that never evicts a live record, and waiters woken by notification.
+//! promises: a capacity in records and a budget in bytes that never evict a live record, and
+//! waiters woken by notification.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use idempotent_core::conformance::Harness;
+use idempotent_core::stores::memory::RECORD_OVERHEAD_BYTES;
 use idempotent_core::{
     Bytes, Claim, FencedWrite, Fingerprint, ManualClock, MemoryStore, StorageKey, Store, StoreError,
 };
@@ -136,13 +138,12 @@ async fn full_store_refuses_new_keys_and_never_evicts_live_records() {
     // An expired record's own key is taken over in place, even while the store is full.
     acquire(&store, &completed[0].0, HOUR).await;
     assert_eq!(memory.len(), CAPACITY);
-    // A new key purges the expired records to make room, and nothing live.
-    acquire(&store, &key("capacity-new", 0), HOUR).await;
-    assert_eq!(
-        memory.len(),
-        4,
-        "the 5 expired records are purged; the 2 held, the retaken and the new one stay"
-    );
+    // New keys take the room of the 5 expired records, one each, and of nothing live.
+    for i in 0..5 {
+        acquire(&store, &key("capacity-new", i), HOUR).await;
+        assert!(memory.len() <= CAPACITY);
+    }
+    assert_eq!(memory.len(), CAPACITY);
     for key in held.iter().chain([&completed[0].0]) {
         assert!(
             matches!(
@@ -152,14 +153,190 @@ async fn full_store_refuses_new_keys_and_never_evicts_live_records() {
             "a live in-progress record must never be evicted to make room"
         );
     }
-    for i in 1..=4 {
-        acquire(&store, &key("capacity-new", i), HOUR).await;
-    }
-    assert_eq!(memory.len(), CAPACITY);
     assert!(matches!(
         store.claim(&key("capacity-new", 5), &fp(1), HOUR).await,
         Err(StoreError::Full { capacity: CAPACITY })
     ));
+}
+
+/// A memory store on a manual clock with a byte budget (and room for any number of records).
+fn budget_store(max_bytes: usize) -> (Arc<MemoryStore>, Arc<dyn Store>, ManualClock) {
+    let clock = ManualClock::new();
+    let store = Arc::new(
+        MemoryStore::builder()
+            .max_bytes(max_bytes)
+            .clock(clock.clone())
+            .build(),
+    );
+    let dyn_store: Arc<dyn Store> = store.clone();
+    (store, dyn_store, clock)
+}
+
+/// A million records of 1 MiB outputs must not fit: the store is bounded in bytes as well as
+/// in records. Records of 4 KiB under a budget of 40 KiB: claims are refused once the next
+/// record would not fit, live records are never evicted, expired ones make room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_budget_refuses_new_keys_and_never_evicts_live_records() {
+    const OUTPUT: usize = 4096;
+    const BUDGET: usize = 10 * (OUTPUT + RECORD_OVERHEAD_BYTES);
+    let (memory, store, clock) = budget_store(BUDGET);
+    let ttl = Duration::from_secs(10);
+
+    let mut recorded = Vec::new();
+    let refused = loop {
+        let key = key("budget", recorded.len());
+        let fence = match store.claim(&key, &fp(1), HOUR).await {
+            Ok(Claim::Acquired { fence }) => fence,
+            Ok(other) => panic!("a new key must be acquired or refused, got {other:?}"),
+            Err(error) => break error,
+        };
+        assert!(
+            recorded.len() < 100,
+            "100 records of {OUTPUT} bytes were admitted under a {BUDGET}-byte budget"
+        );
+        let output = vec![recorded.len() as u8; OUTPUT];
+        let write = store
+            .complete(&key, fence, output.clone().into(), ttl)
+            .await;
+        assert_eq!(write.unwrap(), FencedWrite::Applied);
+        recorded.push((key, output));
+    };
+    assert_eq!(
+        recorded.len(),
+        10,
+        "exactly the records that fit the budget are admitted (then {refused})"
+    );
+    assert!(
+        matches!(refused, StoreError::ByteBudgetFull { max_bytes: BUDGET }),
+        "a claim past the byte budget is refused with ByteBudgetFull, got {refused:?}"
+    );
+    let message = refused.to_string();
+    assert!(
+        message.contains(&BUDGET.to_string()) && message.contains("max_bytes"),
+        "the error names the budget and how to raise it: {message}"
+    );
+    assert_eq!(memory.bytes(), BUDGET);
+
+    // Nothing was evicted: every live record still replays.
+    for (key, output) in &recorded {
+        assert_eq!(
+            store.claim(key, &fp(1), HOUR).await.unwrap(),
+            Claim::Completed {
+                output: output.clone().into()
+            },
+            "a live record must survive a refused claim"
+        );
+    }
+
+    // Once they expire, new keys are admitted in their room, and purged records give their
+    // bytes back.
+    clock.advance(ttl);
+    for i in 0..10 {
+        acquire(&store, &key("budget-new", i), HOUR).await;
+        assert!(memory.bytes() <= BUDGET);
+    }
+    store.purge_expired().await.unwrap();
+    assert_eq!(memory.len(), 10, "the expired records are all gone");
+    assert_eq!(memory.bytes(), 10 * RECORD_OVERHEAD_BYTES);
+}
+
+/// The body has run by the time its output is known, so `complete` records it even past the
+/// budget (a refusal would let a retry run the body again); new keys are then refused until
+/// the store is back under its budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_output_is_recorded_even_past_the_budget() {
+    const BUDGET: usize = 4 * RECORD_OVERHEAD_BYTES;
+    let (memory, store, _clock) = budget_store(BUDGET);
+    let running: Vec<StorageKey> = (0..3).map(|i| key("over-budget", i)).collect();
+    let mut fences = Vec::new();
+    for key in &running {
+        fences.push(acquire(&store, key, HOUR).await);
+    }
+    // Each output alone is larger than the whole budget.
+    for (i, (key, fence)) in running.iter().zip(fences).enumerate() {
+        let output = vec![i as u8; BUDGET];
+        let write = store
+            .complete(key, fence, output.clone().into(), HOUR)
+            .await
+            .unwrap();
+        assert_eq!(
+            write,
+            FencedWrite::Applied,
+            "complete {i} must record the output of a body that ran, budget or not"
+        );
+        assert_eq!(
+            store.claim(key, &fp(1), HOUR).await.unwrap(),
+            Claim::Completed {
+                output: output.into()
+            }
+        );
+    }
+    assert_eq!(memory.bytes(), 3 * (RECORD_OVERHEAD_BYTES + BUDGET));
+    assert!(
+        matches!(
+            store.claim(&key("over-budget", 9), &fp(1), HOUR).await,
+            Err(StoreError::ByteBudgetFull { max_bytes: BUDGET })
+        ),
+        "over its budget, the store refuses new keys"
+    );
+    // Forgetting the records gives their bytes back.
+    for key in &running {
+        assert!(store.remove(key).await.unwrap());
+    }
+    assert_eq!(memory.bytes(), 0);
+    acquire(&store, &key("over-budget", 9), HOUR).await;
+}
+
+/// Kept arguments count: a record keeps arguments of up to 128 bytes exactly, and they take
+/// their length of the budget.
+#[tokio::test]
+async fn kept_arguments_count_against_the_budget() {
+    use idempotent_core::CanonicalArguments;
+    let (memory, store, _clock) = budget_store(0);
+    assert_eq!(
+        memory.max_bytes(),
+        RECORD_OVERHEAD_BYTES + idempotent_core::MAX_EXACT_ARGUMENTS,
+        "the smallest budget holds one record with the longest kept arguments"
+    );
+    let arguments = CanonicalArguments::of("order-7").unwrap();
+    let kept = arguments.exact().expect("short arguments are kept").len();
+    let claim = store
+        .claim_arguments(&key("arguments", 0), &arguments, HOUR)
+        .await
+        .unwrap();
+    assert!(matches!(claim, Claim::Acquired { .. }));
+    assert_eq!(memory.bytes(), RECORD_OVERHEAD_BYTES + kept);
+    assert!(matches!(
+        store.claim(&key("arguments", 1), &fp(1), HOUR).await,
+        Err(StoreError::ByteBudgetFull { .. })
+    ));
+}
+
+/// Expired records are removed as new keys arrive, a few per claim, so a store whose keys
+/// turn over never fills with dead records (nor stops a claim to purge them all). One new key
+/// per millisecond with a 100 ms ttl: about 100 records are live at any time.
+#[tokio::test]
+async fn expired_records_are_removed_as_new_keys_arrive() {
+    const LIVE: usize = 100;
+    let (memory, store, clock) = manual_store(10 * LIVE);
+    let ttl = Duration::from_millis(LIVE as u64);
+    let mut most = 0;
+    for i in 0..20 * LIVE {
+        let key = key("turnover", i);
+        let fence = acquire(&store, &key, ttl).await;
+        let write = store
+            .complete(&key, fence, Bytes::from_static(b"{}"), ttl)
+            .await;
+        assert_eq!(write.unwrap(), FencedWrite::Applied);
+        clock.advance(Duration::from_millis(1));
+        if i >= LIVE {
+            most = most.max(memory.len());
+        }
+    }
+    assert!(
+        most <= 2 * LIVE,
+        "the store held up to {most} records with {LIVE} live: dead records piled up"
+    );
 }
 
 /// Starts `wait(key, 60 s)` on its own task.

@@ -1,11 +1,36 @@
 //! The in-memory store: one process, the embedded default.
 //!
 //! A sharded map behind short `std::sync::Mutex` sections (no lock is held across an `.await`).
-//! Expired records are replaced lazily when a key is claimed and removed by `purge_expired`,
-//! which also runs when the store is at capacity. A live record is never evicted to make room:
-//! dropping one would let its key run twice, so a full store refuses new keys instead.
+//! Expired records are replaced when their key is claimed again, and removed a few at a time
+//! by the claims that add records (each looks at the next few records of its shard), by a
+//! claim that finds the store full (it looks at a bounded number more) and by
+//! `purge_expired`. No claim walks the whole store. A live record is never evicted to make
+//! room: dropping one would let its key run twice, so a full store refuses new keys instead.
+//!
+//! A claim that finds the store full looks at up to 1,024 records for dead ones, from where
+//! the previous such claim stopped, and is refused if it found none: a store that is full may
+//! still hold a few dead records that no claim has reached yet, and the claims after it look
+//! further. In a store whose keys keep arriving, dead records are at most about an eighth of
+//! it (each new key's claim looks at the next 8 records of its shard).
+//!
+//! The store is bounded twice: in records ([`DEFAULT_CAPACITY`]) and in bytes
+//! ([`DEFAULT_MAX_BYTES`]), whichever it reaches first. A record counts its output, the
+//! arguments it keeps and [`RECORD_OVERHEAD_BYTES`] for its key and bookkeeping.
+//!
+//! # A flood of unique keys
+//!
+//! The process-wide [`default_store`](crate::default_store) is a `MemoryStore` with these
+//! defaults. Callers who send a new key with every request (or an attacker who does) fill it
+//! until one of the bounds is reached: about 512 MiB (plus the outputs of the calls running at
+//! that moment) or a million records. From then on every call with a **new** key fails with
+//! [`StoreError::Full`] or [`StoreError::ByteBudgetFull`] before its body runs, until records
+//! expire (their ttl) and are purged; calls whose key is already recorded still replay. The
+//! process's memory stays bounded, but new work of every idempotent function sharing the store
+//! is refused for up to a ttl. Where keys come from untrusted clients, size a store for the
+//! load ([`MemoryStoreBuilder::max_bytes`], shorter ttls) and set it with
+//! [`set_default_store`](crate::set_default_store), rate-limit key creation, or use a
+//! networked store.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,6 +46,10 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 
+mod shard;
+
+use shard::{Shard, Swept};
+
 /// A lease or ttl as every store holds it: whole milliseconds, rounded up, at most
 /// [`MAX_DURATION`](crate::MAX_DURATION) (see [`held_millis`](crate::held_millis)).
 fn held(duration: Duration) -> Duration {
@@ -30,7 +59,30 @@ fn held(duration: Duration) -> Duration {
 /// How many records a [`MemoryStore`] holds by default before it refuses new keys.
 pub const DEFAULT_CAPACITY: usize = 1_000_000;
 
+/// How many bytes of records a [`MemoryStore`] holds by default before it refuses new keys:
+/// 512 MiB. See [`MemoryStoreBuilder::max_bytes`] for what counts.
+pub const DEFAULT_MAX_BYTES: usize = 512 * 1024 * 1024;
+
+/// What a record counts besides its output and its kept arguments: its key, the record
+/// itself, its entry in the expiry sweep's list and its share of the hash table's slack,
+/// rounded up.
+pub const RECORD_OVERHEAD_BYTES: usize = 256;
+
 const SHARDS: usize = 32;
+
+/// How many records a claim that adds one looks at for expiry, at most: the next few of its
+/// shard's sweep, which keeps dead records a small share of the store.
+const SWEEP_STEP: usize = 8;
+
+/// How many more a claim that finds the store full looks at for dead records to make room,
+/// at most, before it is refused.
+const ROOM_SEARCH: usize = 1024;
+
+/// How many records `purge_expired` looks at per hold of a shard's lock.
+const PURGE_PART: usize = 1024;
+
+/// The smallest byte budget: one record with the longest kept arguments.
+const MIN_MAX_BYTES: usize = RECORD_OVERHEAD_BYTES + crate::MAX_EXACT_ARGUMENTS;
 
 /// An in-process store: records live as long as the process.
 ///
@@ -48,16 +100,25 @@ pub struct MemoryStore {
     clock: Arc<dyn Clock>,
     capacity: usize,
     len: AtomicUsize,
+    max_bytes: usize,
+    /// The bytes of every record held ([`Record::bytes`]).
+    bytes: AtomicUsize,
     // Store-wide, so a key's fences keep growing even after its record was purged.
     next_fence: AtomicU64,
+    /// Where a claim that finds the store full starts looking for dead records, so that
+    /// successive ones look in different shards.
+    next_room_shard: AtomicUsize,
+    /// How many records expiry has looked at, for the tests of how much a claim does.
+    #[cfg(test)]
+    examined: AtomicU64,
 }
-
-type Shard = HashMap<StorageKey, Record, SeededKeys>;
 
 struct Record {
     arguments: KeptArguments,
     fence: Fence,
     state: State,
+    /// Its entry in the shard's deadline list.
+    slot: usize,
 }
 
 /// A record's arguments: as claimed, when they were short enough to be kept exactly (see
@@ -69,6 +130,19 @@ enum KeptArguments {
 }
 
 impl KeptArguments {
+    /// The bytes kept beside the record (a digest is inline, in the overhead).
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Self::Exact(exact) => exact.len(),
+            Self::Digest(_) => 0,
+        }
+    }
+
+    /// [`Record::bytes`] of a new record that keeps `arguments`.
+    fn record_bytes(arguments: &CanonicalArguments) -> usize {
+        RECORD_OVERHEAD_BYTES + arguments.exact().map_or(0, <[u8]>::len)
+    }
+
     fn of(arguments: &CanonicalArguments) -> Self {
         match arguments.exact() {
             Some(exact) => Self::Exact(exact.into()),
@@ -98,11 +172,25 @@ enum State {
 }
 
 impl Record {
-    fn is_live(&self, now: Duration) -> bool {
+    /// What the record counts against the byte budget.
+    fn bytes(&self) -> usize {
+        let output = match &self.state {
+            State::Completed { output, .. } => output.len(),
+            State::InProgress { .. } => 0,
+        };
+        RECORD_OVERHEAD_BYTES + self.arguments.heap_bytes() + output
+    }
+
+    /// When the record dies: its lease's end, or its expiry.
+    fn deadline(&self) -> Duration {
         match &self.state {
-            State::InProgress { lease_until, .. } => now < *lease_until,
-            State::Completed { expires_at, .. } => now < *expires_at,
+            State::InProgress { lease_until, .. } => *lease_until,
+            State::Completed { expires_at, .. } => *expires_at,
         }
+    }
+
+    fn is_live(&self, now: Duration) -> bool {
+        now < self.deadline()
     }
 
     /// `fence` holds the record: in progress under it, with a live lease. The one rule for
@@ -123,17 +211,24 @@ impl Record {
     }
 }
 
-/// Builds a [`MemoryStore`] with a capacity or a clock other than the defaults.
+/// Builds a [`MemoryStore`] with a capacity, a byte budget or a clock other than the
+/// defaults.
 ///
 /// ```
 /// use idempotent_core::{MemoryStore, SystemClock};
 ///
-/// let store = MemoryStore::builder().capacity(100).clock(SystemClock::new()).build();
+/// let store = MemoryStore::builder()
+///     .capacity(100)
+///     .max_bytes(1024 * 1024)
+///     .clock(SystemClock::new())
+///     .build();
 /// assert_eq!(store.capacity(), 100);
+/// assert_eq!(store.max_bytes(), 1024 * 1024);
 /// ```
 #[derive(Debug)]
 pub struct MemoryStoreBuilder {
     capacity: usize,
+    max_bytes: usize,
     clock: Arc<dyn Clock>,
 }
 
@@ -141,6 +236,32 @@ impl MemoryStoreBuilder {
     /// The most records held at once (live or not yet purged); at least 1.
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity.max(1);
+        self
+    }
+
+    /// The most bytes of records held at once (live or not yet purged); at least one record
+    /// with the longest kept arguments ([`RECORD_OVERHEAD_BYTES`] +
+    /// [`MAX_EXACT_ARGUMENTS`](crate::MAX_EXACT_ARGUMENTS)).
+    ///
+    /// A record counts its output, its arguments when they are kept exactly (at most
+    /// [`MAX_EXACT_ARGUMENTS`](crate::MAX_EXACT_ARGUMENTS) bytes) and
+    /// [`RECORD_OVERHEAD_BYTES`]. The budget is checked when a key is claimed: a claim that
+    /// would take the store past it is refused with [`StoreError::ByteBudgetFull`] before the
+    /// body runs. A body's output is not known until it completes, and by then the body has
+    /// run: refusing to record it would let a retry run it again. So `complete` always records
+    /// the output, even past the budget, and new keys are refused until the store is back
+    /// under it. The store can therefore exceed its budget by the outputs of the calls running
+    /// when it was reached, each at most the engine's
+    /// [`max_output_bytes`](crate::Options::max_output_bytes) (1 MiB by default).
+    ///
+    /// ```
+    /// use idempotent_core::MemoryStore;
+    ///
+    /// let store = MemoryStore::builder().max_bytes(64 * 1024 * 1024).build();
+    /// assert_eq!(store.max_bytes(), 64 * 1024 * 1024);
+    /// ```
+    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes.max(MIN_MAX_BYTES);
         self
     }
 
@@ -156,12 +277,17 @@ impl MemoryStoreBuilder {
         let keys = SeededKeys::new();
         MemoryStore {
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(Shard::with_hasher(keys.clone())))
+                .map(|_| Mutex::new(Shard::new(keys.clone())))
                 .collect(),
             clock: self.clock,
             capacity: self.capacity,
             len: AtomicUsize::new(0),
+            max_bytes: self.max_bytes,
+            bytes: AtomicUsize::new(0),
             next_fence: AtomicU64::new(1),
+            next_room_shard: AtomicUsize::new(0),
+            #[cfg(test)]
+            examined: AtomicU64::new(0),
         }
     }
 }
@@ -186,6 +312,7 @@ impl MemoryStore {
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder {
             capacity: DEFAULT_CAPACITY,
+            max_bytes: DEFAULT_MAX_BYTES,
             clock: Arc::new(SystemClock::new()),
         }
     }
@@ -197,6 +324,26 @@ impl MemoryStore {
     /// ```
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// How many bytes of records the store may hold (see [`MemoryStoreBuilder::max_bytes`]).
+    ///
+    /// ```
+    /// use idempotent_core::stores::memory::DEFAULT_MAX_BYTES;
+    /// assert_eq!(idempotent_core::MemoryStore::new().max_bytes(), DEFAULT_MAX_BYTES);
+    /// ```
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// How many bytes of records the store holds now, as counted against
+    /// [`max_bytes`](Self::max_bytes), including expired records not yet purged.
+    ///
+    /// ```
+    /// assert_eq!(idempotent_core::MemoryStore::new().bytes(), 0);
+    /// ```
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
     }
 
     /// How many records the store holds now, including expired ones not yet purged.
@@ -231,13 +378,40 @@ impl MemoryStore {
         Fence::new(self.next_fence.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Takes a slot for a new record, or says the store is full.
-    fn reserve_slot(&self) -> bool {
-        self.len
+    /// Takes a slot and `bytes` for a new record, or says which bound it would cross.
+    fn reserve_record(&self, bytes: usize) -> Result<(), ClaimStep> {
+        self.reserve_bytes(bytes)?;
+        let slot = self
+            .len
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |len| {
                 (len < self.capacity).then_some(len + 1)
+            });
+        if slot.is_err() {
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(ClaimStep::Full);
+        }
+        Ok(())
+    }
+
+    /// Takes `bytes` more of the budget, or says it would cross it.
+    fn reserve_bytes(&self, bytes: usize) -> Result<(), ClaimStep> {
+        self.bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(bytes)
+                    .filter(|&total| total <= self.max_bytes)
             })
-            .is_ok()
+            .map(drop)
+            .map_err(|_| ClaimStep::BytesFull)
+    }
+
+    /// Moves the byte count from a record's old size to its new one. Growing never checks the
+    /// budget: only claims do (see [`MemoryStoreBuilder::max_bytes`]).
+    fn resize(&self, old: usize, new: usize) {
+        if new >= old {
+            self.bytes.fetch_add(new - old, Ordering::AcqRel);
+        } else {
+            self.bytes.fetch_sub(old - new, Ordering::AcqRel);
+        }
     }
 
     fn claim_now(
@@ -250,7 +424,7 @@ impl MemoryStore {
         // replay up to one tick past its ttl); a lease is judged on `now`.
         let coarse = self.clock.now_coarse();
         let mut shard = self.shard(key);
-        if let Some(record) = shard.get_mut(key) {
+        if let Some((record, deadline)) = shard.get_mut(key) {
             let live = match &record.state {
                 State::Completed { output, expires_at } => {
                     (coarse < *expires_at).then(|| Claim::Completed {
@@ -272,7 +446,16 @@ impl MemoryStore {
                 });
             }
             let now = self.clock.now();
-            // Expired: take it over in place, waking anyone waiting on the old holder.
+            // Expired: take it over in place, waking anyone waiting on the old holder. The
+            // new record must fit where the old one was, or in the budget.
+            let (old, new) = (record.bytes(), KeptArguments::record_bytes(arguments));
+            if new > old {
+                if let Err(full) = self.reserve_bytes(new - old) {
+                    return full;
+                }
+            } else {
+                self.resize(old, new);
+            }
             record.wake_waiters();
             let fence = self.new_fence();
             *record = Record {
@@ -282,13 +465,19 @@ impl MemoryStore {
                     lease_until: now.saturating_add(held(lease)),
                     waiters: None,
                 },
+                slot: record.slot,
             };
+            *deadline = record.deadline();
             return ClaimStep::Done(Claim::Acquired { fence });
         }
-        if !self.reserve_slot() {
-            return ClaimStep::Full;
-        }
         let now = self.clock.now();
+        // A new record: first look at the next few of this shard for dead ones, so that
+        // records are removed as fast as keys arrive and the store does not fill with them.
+        let swept = shard.sweep(now, SWEEP_STEP, |_| false);
+        self.forget(&swept);
+        if let Err(full) = self.reserve_record(KeptArguments::record_bytes(arguments)) {
+            return full;
+        }
         let fence = self.new_fence();
         shard.insert(
             *key,
@@ -299,26 +488,70 @@ impl MemoryStore {
                     lease_until: now.saturating_add(held(lease)),
                     waiters: None,
                 },
+                slot: 0,
             },
         );
         ClaimStep::Done(Claim::Acquired { fence })
     }
 
+    /// Counts the records a sweep removed out of the store's totals.
+    fn forget(&self, swept: &Swept) {
+        #[cfg(test)]
+        self.examined
+            .fetch_add(swept.examined as u64, Ordering::Relaxed);
+        if swept.records > 0 {
+            self.len.fetch_sub(swept.records, Ordering::AcqRel);
+            self.bytes.fetch_sub(swept.bytes, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether a record of `bytes` would fit, were the `swept` records not counted.
+    fn has_room(&self, bytes: usize, swept: &Swept) -> bool {
+        // The swept records are still in the totals (they are subtracted after the sweep).
+        self.len().saturating_sub(swept.records) < self.capacity
+            && (self.bytes().saturating_sub(swept.bytes)).saturating_add(bytes) <= self.max_bytes
+    }
+
+    /// Looks at up to [`ROOM_SEARCH`] records, shard after shard, for dead ones, until a new
+    /// record of `bytes` would fit.
+    fn make_room(&self, bytes: usize) {
+        let now = self.clock.now();
+        let start = self.next_room_shard.fetch_add(1, Ordering::Relaxed);
+        let mut budget = ROOM_SEARCH;
+        for i in 0..self.shards.len() {
+            if budget == 0 || self.has_room(bytes, &Swept::default()) {
+                return;
+            }
+            let index = start.wrapping_add(i) % self.shards.len();
+            let mut shard = self.shards[index]
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let swept = shard.sweep(now, budget, |swept| self.has_room(bytes, swept));
+            drop(shard);
+            self.forget(&swept);
+            budget -= swept.examined;
+        }
+    }
+
+    /// Removes every record dead now, shard after shard, [`PURGE_PART`] entries per hold
+    /// of a shard's lock, so that claims on that shard wait for a part, not for the shard.
     fn purge_now(&self) -> u64 {
         let now = self.clock.now();
-        let mut purged = 0u64;
+        let mut purged = 0;
         for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            shard.retain(|_, record| {
-                let live = record.is_live(now);
-                if !live {
-                    record.wake_waiters();
-                    purged += 1;
+            let mut at = 0;
+            loop {
+                let (swept, done) = shard
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .purge_part(&mut at, now, PURGE_PART);
+                self.forget(&swept);
+                purged += swept.records as u64;
+                if done {
+                    break;
                 }
-                live
-            });
+            }
         }
-        self.len.fetch_sub(purged as usize, Ordering::AcqRel);
         purged
     }
 
@@ -329,6 +562,7 @@ impl MemoryStore {
         };
         record.wake_waiters();
         self.len.fetch_sub(1, Ordering::AcqRel);
+        self.bytes.fetch_sub(record.bytes(), Ordering::AcqRel);
         true
     }
 
@@ -340,13 +574,17 @@ impl MemoryStore {
     ) -> Result<Claim, StoreError> {
         match self.claim_now(key, arguments, lease) {
             ClaimStep::Done(claim) => Ok(claim),
-            ClaimStep::Full => {
-                // Make room only from records that are already dead, then try once more.
-                self.purge_now();
+            ClaimStep::Full | ClaimStep::BytesFull => {
+                // Make room only from records that are already dead, looking at a bounded
+                // number of them, then try once more.
+                self.make_room(KeptArguments::record_bytes(arguments));
                 match self.claim_now(key, arguments, lease) {
                     ClaimStep::Done(claim) => Ok(claim),
                     ClaimStep::Full => Err(StoreError::Full {
                         capacity: self.capacity,
+                    }),
+                    ClaimStep::BytesFull => Err(StoreError::ByteBudgetFull {
+                        max_bytes: self.max_bytes,
                     }),
                 }
             }
@@ -356,7 +594,10 @@ impl MemoryStore {
 
 enum ClaimStep {
     Done(Claim),
+    /// At capacity.
     Full,
+    /// The new record would take the store past its byte budget.
+    BytesFull,
 }
 
 impl Default for MemoryStore {
@@ -370,6 +611,8 @@ impl fmt::Debug for MemoryStore {
         f.debug_struct("MemoryStore")
             .field("len", &self.len())
             .field("capacity", &self.capacity)
+            .field("bytes", &self.bytes())
+            .field("max_bytes", &self.max_bytes)
             .field("clock", &self.clock)
             .finish_non_exhaustive()
     }
@@ -407,12 +650,16 @@ impl Store for MemoryStore {
         let now = self.clock.now();
         let mut shard = self.shard(key);
         let write = match shard.get_mut(key) {
-            Some(record) if record.held_by(fence, now) => {
+            Some((record, deadline)) if record.held_by(fence, now) => {
                 record.wake_waiters();
+                let old = record.bytes();
                 record.state = State::Completed {
                     output,
                     expires_at: now.saturating_add(held(ttl)),
                 };
+                *deadline = record.deadline();
+                // Recorded even past the budget: the body has run (see `max_bytes`).
+                self.resize(old, record.bytes());
                 FencedWrite::Applied
             }
             _ => FencedWrite::Fenced,
@@ -448,10 +695,11 @@ impl Store for MemoryStore {
         let now = self.clock.now();
         let mut shard = self.shard(key);
         let write = match shard.get_mut(key) {
-            Some(record) if record.held_by(fence, now) => {
+            Some((record, deadline)) if record.held_by(fence, now) => {
                 if let State::InProgress { lease_until, .. } = &mut record.state {
                     *lease_until = now.saturating_add(held(lease));
                 }
+                *deadline = record.deadline();
                 FencedWrite::Applied
             }
             _ => FencedWrite::Fenced,
@@ -467,7 +715,7 @@ impl Store for MemoryStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let now = self.clock.now();
         let mut shard = self.shard(key);
-        let Some(record) = shard.get_mut(key) else {
+        let Some((record, _)) = shard.get_mut(key) else {
             return Box::pin(std::future::ready(Ok(())));
         };
         let State::InProgress {
@@ -659,6 +907,139 @@ mod tests {
                 "{coarse:?} against {now:?}"
             );
         }
+    }
+
+    /// The overhead a record counts covers what it takes: its key and record in the table,
+    /// the table's control byte, with room for the table's slack, and its deadline entry.
+    #[test]
+    fn the_counted_overhead_covers_a_record() {
+        let entry = size_of::<(StorageKey, Record)>() + 1;
+        assert!(
+            entry * 3 / 2 + shard::DEADLINE_BYTES <= RECORD_OVERHEAD_BYTES,
+            "a record takes {entry} bytes in the table (count half as much again for its slack) and {} in the deadline list",
+            shard::DEADLINE_BYTES
+        );
+    }
+
+    /// The value of a future the memory store returns, which is ready at once.
+    fn ready<T>(mut future: BoxFuture<'_, T>) -> T {
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        match future.as_mut().poll(&mut context) {
+            std::task::Poll::Ready(value) => value,
+            std::task::Poll::Pending => panic!("a memory store future was pending"),
+        }
+    }
+
+    fn numbered_key(i: u32) -> StorageKey {
+        StorageKey::derive("memory::tests", None, &i.to_le_bytes()).expect("a valid key")
+    }
+
+    /// A store on a manual clock holding `records` completed records that have just expired.
+    fn store_of_expired(records: u32) -> (MemoryStore, crate::ManualClock) {
+        let clock = crate::ManualClock::new();
+        let store = MemoryStore::builder()
+            .capacity(records as usize)
+            .clock(clock.clone())
+            .build();
+        let ttl = Duration::from_secs(60);
+        for i in 0..records {
+            let key = numbered_key(i);
+            let Claim::Acquired { fence } = claim(&store, &key, ttl) else {
+                panic!("a new key in a store with room");
+            };
+            let write = ready(store.complete(&key, fence, Bytes::from_static(b"{}"), ttl));
+            assert_eq!(write.ok(), Some(FencedWrite::Applied));
+        }
+        assert_eq!(store.len(), records as usize);
+        clock.advance(ttl);
+        (store, clock)
+    }
+
+    /// A store full of expired records turns over its whole capacity with no claim looking at
+    /// more than a bounded number of records: none purges the whole store to make room.
+    #[test]
+    fn no_claim_sweeps_the_whole_store() {
+        const RECORDS: u32 = 20_000;
+        let (store, _clock) = store_of_expired(RECORDS);
+        let mut most = 0;
+        for i in RECORDS..2 * RECORDS {
+            let before = store.examined.load(Ordering::Relaxed);
+            let got = claim(&store, &numbered_key(i), Duration::from_secs(60));
+            assert!(matches!(got, Claim::Acquired { .. }), "claim {i}: {got:?}");
+            most = most.max(store.examined.load(Ordering::Relaxed) - before);
+        }
+        assert!(
+            most <= (2 * SWEEP_STEP + ROOM_SEARCH) as u64,
+            "a claim looked at {most} records for expiry, of {RECORDS} in the store; at most {} allowed",
+            2 * SWEEP_STEP + ROOM_SEARCH
+        );
+        assert_eq!(store.len(), RECORDS as usize, "every dead record made room");
+        // Now full of live records: a new key is refused, after as bounded a search.
+        let before = store.examined.load(Ordering::Relaxed);
+        let refused = store.claim_or_purge(
+            &numbered_key(2 * RECORDS),
+            &CanonicalArguments::of("order-7").unwrap(),
+            Duration::from_secs(60),
+        );
+        assert!(
+            matches!(refused, Err(StoreError::Full { .. })),
+            "{refused:?}"
+        );
+        let examined = store.examined.load(Ordering::Relaxed) - before;
+        assert!(
+            examined <= (2 * SWEEP_STEP + ROOM_SEARCH) as u64,
+            "a refused claim looked at {examined} records"
+        );
+        let kept = CanonicalArguments::of("order-7")
+            .unwrap()
+            .exact()
+            .unwrap()
+            .len();
+        assert_eq!(
+            store.bytes(),
+            RECORDS as usize * (RECORD_OVERHEAD_BYTES + kept)
+        );
+    }
+
+    /// After a large purge the tables are rebuilt to fit what is left: a table whose records
+    /// were removed keeps its slots (and their deleted marks, which a lookup of an absent key
+    /// probes through) until it is rebuilt.
+    #[test]
+    fn tables_shrink_after_a_large_purge() {
+        // More than `PURGE_PART` per shard, so each shard is purged in more than one part.
+        const RECORDS: u32 = 40_000;
+        const _: () = assert!(RECORDS as usize / SHARDS > PURGE_PART);
+        let (store, _clock) = store_of_expired(RECORDS);
+        let slots = |store: &MemoryStore| -> usize {
+            store
+                .shards
+                .iter()
+                .map(|shard| shard.lock().unwrap().capacity())
+                .sum()
+        };
+        assert!(slots(&store) >= RECORDS as usize);
+        let kept = numbered_key(RECORDS);
+        assert!(matches!(
+            claim(&store, &kept, Duration::from_secs(3600)),
+            Claim::Acquired { .. }
+        ));
+        // The new key's claim may have swept a few already; the purge removes every other.
+        let held = store.len();
+        let purged = ready(store.purge_expired()).expect("purge");
+        assert_eq!(purged, held as u64 - 1, "every dead record is purged");
+        assert_eq!(store.len(), 1);
+        assert!(
+            slots(&store) <= 32 * 16,
+            "the shards keep {} slots for 1 record after the purge",
+            slots(&store)
+        );
+        assert!(
+            matches!(
+                claim(&store, &kept, Duration::from_secs(3600)),
+                Claim::InProgress { .. }
+            ),
+            "the live record survives the rebuild"
+        );
     }
 
     #[test]
