@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use crate::arguments::CanonicalArguments;
 use crate::context;
 use crate::default_store::default_store;
-use crate::error::{Error, StoreError};
+use crate::error::{Error, JsonError, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::holder::{Holder, PendingRecord, settled_outcome};
 use crate::key::StorageKey;
@@ -481,7 +481,7 @@ where
                     }
                     Err(error) => {
                         trace.emit(CallOutcome::DecodeError);
-                        Err(Error::Decode(error).into())
+                        Err(Error::Decode(JsonError::new(error)).into())
                     }
                 });
             }
@@ -608,9 +608,9 @@ pub(crate) fn encode_result<R: Recording<T, E>, T, E>(
         // releases the key; finding out on replay would fail every retry for the whole ttl.
         Ok(bytes) => match R::decode(&bytes) {
             Ok(_) => Encoded::Record(bytes),
-            Err(error) => Encoded::Refused(Error::Encode(error)),
+            Err(error) => Encoded::Refused(Error::Encode(JsonError::new(error))),
         },
-        Err(error) => Encoded::Refused(Error::Encode(error)),
+        Err(error) => Encoded::Refused(Error::Encode(JsonError::new(error))),
     }
 }
 

@@ -1,5 +1,6 @@
 //! What can go wrong, as types: the engine's [`Error`] and the stores' [`StoreError`].
 
+use std::fmt;
 use std::time::Duration;
 
 use crate::fingerprint::FingerprintError;
@@ -57,7 +58,7 @@ pub enum Error {
     #[error(
         "the output could not be recorded as JSON that decodes back to it (NaN and infinities cannot), so the key was released: {0}"
     )]
-    Encode(#[source] serde_json::Error),
+    Encode(#[source] JsonError),
     /// The body's output is larger than the configured limit; the key was released.
     #[error(
         "the output is {size} bytes, over the {limit}-byte limit for recorded outputs; the key was released (raise max_output_bytes or return less)"
@@ -73,7 +74,7 @@ pub enum Error {
     #[error(
         "the recorded output for this key does not decode as the return type ({0}); the body was not run again: purge the record or use a new name/key if the type changed"
     )]
-    Decode(#[source] serde_json::Error),
+    Decode(#[source] JsonError),
     /// The key is held by a call that encloses this one on the same task: a body that calls
     /// its own function (or another way to the same name and key) with its own key. Waiting
     /// would wait for itself, so the call is refused at once.
@@ -107,6 +108,54 @@ pub enum Error {
     )]
     HeldByThisTransaction,
 }
+
+/// A JSON error from recording or replaying an output, shown without the value it concerns:
+/// serde_json's own messages quote values (`invalid type: string "4111 1111 1111 1111"`),
+/// and a recorded output is the application's data. Its `Display` and `Debug` say what kind
+/// of error and where; [`JsonError::into_inner`] gives the full error to code that must see it.
+///
+/// ```
+/// # use std::sync::Arc;
+/// use idempotent_core::{Call, Error, Fingerprint, Idempotency, MemoryStore};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let engine = Idempotency::new(Arc::new(MemoryStore::new()));
+/// let call = Call::new("cards::tokenize", Fingerprint::of(&1).unwrap()).key("k");
+/// engine.run(call, async { Ok::<_, Error>("4111111111111111".to_string()) }).await.unwrap();
+/// // The same key read as a number: the record does not decode.
+/// let Err(Error::Decode(error)) = engine.run(call, async { Ok::<u64, Error>(0) }).await else {
+///     panic!("a decode error");
+/// };
+/// assert!(!error.to_string().contains("4111"));
+/// assert!(error.into_inner().to_string().contains("4111"), "the full error, for code only");
+/// # }
+/// ```
+pub struct JsonError(serde_json::Error);
+
+impl JsonError {
+    pub(crate) fn new(error: serde_json::Error) -> Self {
+        Self(error)
+    }
+
+    /// The full serde_json error, which may quote the value: keep it out of logs.
+    pub fn into_inner(self) -> serde_json::Error {
+        self.0
+    }
+}
+
+impl fmt::Display for JsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&crate::redact::json_error_summary(&self.0))
+    }
+}
+
+impl fmt::Debug for JsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JsonError({self})")
+    }
+}
+
+impl std::error::Error for JsonError {}
 
 /// A store could not do what was asked.
 ///

@@ -37,6 +37,7 @@ pub mod __private {
 }
 mod private;
 mod recorded;
+mod redact;
 mod store;
 pub mod stores;
 mod telemetry;
@@ -49,7 +50,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use context::CallContext;
 pub use default_store::{DefaultStoreAlreadySet, default_store, set_default_store};
 pub use engine::{Call, Idempotency, Outcome};
-pub use error::{BoxError, Error, StoreError};
+pub use error::{BoxError, Error, JsonError, StoreError};
 pub use fingerprint::{Fingerprint, FingerprintError, Fingerprinter};
 pub use key::{KeyError, MAX_KEY_BYTES, StorageKey};
 pub use key_source::IdempotencyKey;

@@ -15,6 +15,8 @@ mod sql;
 mod transaction;
 
 use std::fmt;
+
+use crate::redact::RedactedUrl;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,13 +50,26 @@ pub use transaction::PostgresTransaction;
 ///     .await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PostgresStoreBuilder {
     url: String,
     table: String,
     max_connections: usize,
     timeout: Duration,
     poll_interval: Duration,
+}
+
+/// The URL's password is masked: `postgres://user:***@host/db`, `password=***`.
+impl fmt::Debug for PostgresStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStoreBuilder")
+            .field("url", &RedactedUrl(&self.url))
+            .field("table", &self.table)
+            .field("max_connections", &self.max_connections)
+            .field("timeout", &self.timeout)
+            .field("poll_interval", &self.poll_interval)
+            .finish()
+    }
 }
 
 impl PostgresStoreBuilder {
@@ -100,9 +115,13 @@ impl PostgresStoreBuilder {
             source: None,
         })?;
         let mut config: tokio_postgres::Config =
-            self.url.parse().map_err(|error| StoreError::Backend {
-                message: "invalid PostgreSQL URL".to_string(),
-                source: Some(Box::new(error)),
+            self.url.parse().map_err(|_| StoreError::Backend {
+                // Not the driver's error, which may quote part of the string.
+                message: format!(
+                    "invalid PostgreSQL connection string {:?}: write postgres://user:password@host:port/database (URL-special characters percent-encoded) or libpq's key=value form",
+                    RedactedUrl(&self.url)
+                ),
+                source: None,
             })?;
         config.connect_timeout(self.timeout);
         let settings = server_settings(config.get_options(), self.timeout);

@@ -18,6 +18,8 @@ mod scripts;
 mod waiters;
 
 use std::fmt::{self, Write as _};
+
+use crate::redact::RedactedUrl;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -49,13 +51,26 @@ const TOMBSTONE: Duration = Duration::from_secs(1);
 ///     .build()?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisStoreBuilder {
     url: String,
     key_prefix: String,
     connect_timeout: Duration,
     response_timeout: Duration,
     poll_interval: Duration,
+}
+
+/// The URL's password is masked: `redis://user:***@host`.
+impl fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStoreBuilder")
+            .field("url", &RedactedUrl(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("poll_interval", &self.poll_interval)
+            .finish()
+    }
 }
 
 impl RedisStoreBuilder {
@@ -95,8 +110,14 @@ impl RedisStoreBuilder {
     pub fn build(self) -> Result<RedisStore, StoreError> {
         let client =
             redis::Client::open(self.url.as_str()).map_err(|error| StoreError::Backend {
-                message: format!("invalid Redis URL {:?}", self.url),
-                source: Some(Box::new(error)),
+                // Neither the URL nor the driver's error, which may quote it: only the URL
+                // with its password masked, and the kind of mistake.
+                message: format!(
+                    "invalid Redis URL {:?} ({:?}): write redis://[user:password@]host[:port][/db], with URL-special characters in the password percent-encoded",
+                    RedactedUrl(&self.url),
+                    error.kind()
+                ),
+                source: None,
             })?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))

@@ -266,7 +266,7 @@ impl PostgresStore {
                         }
                         Err(error) => {
                             trace.emit(CallOutcome::DecodeError);
-                            Err(Error::Decode(error).into())
+                            Err(Error::Decode(crate::error::JsonError::new(error)).into())
                         }
                     });
                 }
