@@ -1,7 +1,6 @@
 //! No secret reaches an error, its sources, or a `Debug` string: passwords in connection
 //! strings (with URL-special characters, escaped or not), and recorded values in decode errors.
 
-use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
 
