@@ -20,6 +20,7 @@ const OPTIONS: &[&str] = &[
     "scope",
     "name",
     "on_conflict",
+    "on_lease_loss",
     "cache_errors",
     "crate",
     "tx",
@@ -57,6 +58,8 @@ pub(crate) struct Attr {
     pub(crate) scope: Option<Expr>,
     pub(crate) name: Option<LitStr>,
     pub(crate) on_conflict: Option<OnConflict>,
+    /// `on_lease_loss = "cancel"`: drop the body once its lease can no longer be renewed.
+    pub(crate) cancel_on_lease_loss: bool,
     pub(crate) cache_errors: bool,
     pub(crate) krate: Option<Path>,
     /// The argument holding the caller's PostgreSQL transaction (transactional mode).
@@ -146,6 +149,22 @@ impl Attr {
                         None
                     }
                 };
+            }
+            "on_lease_loss" => {
+                let value: LitStr = meta.value()?.parse()?;
+                match value.value().as_str() {
+                    "continue" => self.cancel_on_lease_loss = false,
+                    "cancel" => self.cancel_on_lease_loss = true,
+                    other => {
+                        let hint = closest(other, &["continue", "cancel"])
+                            .map(|s| format!("; did you mean \"{s}\"?"))
+                            .unwrap_or_default();
+                        errors.error_spanned_by(
+                            &value,
+                            format!("unknown on_lease_loss value \"{other}\": expected \"continue\" or \"cancel\"{hint}"),
+                        );
+                    }
+                }
             }
             "tx" => {
                 let value: Expr = meta.value()?.parse()?;

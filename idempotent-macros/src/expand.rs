@@ -97,6 +97,9 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
         Some(OnConflict::Reject) => Some(quote!(.on_conflict(#private::OnConflict::Reject))),
         Some(OnConflict::Wait) | None => None,
     };
+    let on_lease_loss = attr
+        .cancel_on_lease_loss
+        .then(|| quote!(.on_lease_loss(#private::OnLeaseLoss::Cancel)));
 
     // In the transactional mode the body sees the transaction through a shared reborrow
     // (`tx` shadowed with the user's own name), so the engine can write in it too.
@@ -164,7 +167,7 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
             };
             #store_init
             #tx_reborrow
-            let #options = #private::Options::new() #ttl #lease #on_conflict;
+            let #options = #private::Options::new() #ttl #lease #on_conflict #on_lease_loss;
             #run
         }
     };
