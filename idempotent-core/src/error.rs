@@ -168,9 +168,11 @@ impl std::error::Error for JsonError {}
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The store holds as many live records as it may; it never evicts a live one.
+    /// The store holds as many records as it may, and a bounded search found no dead one to
+    /// make room (a few dead records may remain, which later claims remove); it never evicts
+    /// a live one.
     #[error(
-        "the store is full: it holds {capacity} records that are live, and evicting one would allow a duplicate execution; raise the capacity or shorten the ttl"
+        "the store is full: it holds {capacity} records and a bounded search found no expired one to remove (evicting a live record would allow a duplicate execution); raise the capacity or shorten the ttl"
     )]
     Full {
         /// The store's capacity.
