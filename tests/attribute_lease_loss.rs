@@ -51,7 +51,11 @@ async fn fence_out(shop: Arc<Shop>, cancel: bool) -> Option<Result<String, Error
     assert!(shop.store.remove(&key).await.unwrap());
     let claim = shop
         .store
-        .claim(&key, &Fingerprint::of("other").unwrap(), Duration::from_secs(30))
+        .claim(
+            &key,
+            &Fingerprint::of("other").unwrap(),
+            Duration::from_secs(30),
+        )
         .await
         .unwrap();
     assert!(matches!(claim, Claim::Acquired { .. }), "{claim:?}");
