@@ -554,14 +554,15 @@ async fn a_complete_applied_but_unanswered_is_fenced_on_retry_and_the_record_kep
     assert_eq!(runs.count(), 1);
 }
 
-#[tokio::test]
+// Paused time on the store's clock too: the retry below comes while the lease surely runs.
+#[tokio::test(start_paused = true)]
 async fn a_store_that_stays_down_after_the_body_ran_gives_the_value_unrecorded() {
     let store = Arc::new(support::FlakyComplete {
-        inner: MemoryStore::new(),
+        inner: MemoryStore::builder().clock(TokioClock::new()).build(),
         failures: std::sync::atomic::AtomicU32::new(u32::MAX),
         lost_after_write: false,
     });
-    let engine = engine(store).with_options(Options::new().lease(Duration::from_millis(200)));
+    let engine = engine(store).with_options(reject().lease(Duration::from_millis(200)));
     let runs = Runs::default();
     assert_eq!(
         engine.run(call("k"), charge(&runs, "done")).await.unwrap(),
@@ -569,6 +570,16 @@ async fn a_store_that_stays_down_after_the_body_ran_gives_the_value_unrecorded()
         "the body ran: its value is returned, marked as not recorded"
     );
     assert_eq!(runs.count(), 1);
+    // The claim is left to run out, never released: a retry at once must not run the body.
+    let retry = engine
+        .run(call("k"), charge(&runs, "again"))
+        .await
+        .unwrap_err();
+    assert!(
+        retry.idempotency().starts_with("Conflict"),
+        "a retry while the unrecorded claim's lease runs is refused, got {retry:?}"
+    );
+    assert_eq!(runs.count(), 1, "the body ran again after its complete failed");
 }
 
 #[tokio::test]
