@@ -55,6 +55,48 @@ impl Captured {
     }
 }
 
+/// `elapsed_us` is the call's time in microseconds: at least the body's known sleep, at most
+/// the whole call as measured around it. Off by a unit (nanoseconds, milliseconds), it falls
+/// outside one bound or the other.
+#[test]
+fn elapsed_us_lies_between_the_bodys_sleep_and_the_whole_call() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::registry().with(captured.clone());
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let engine = Idempotency::new(Arc::new(MemoryStore::new()));
+    let call = Call::new("shop::slow", Fingerprint::of(&1).unwrap()).key("slow-1");
+    let body_sleep = std::time::Duration::from_millis(20);
+
+    let started = std::time::Instant::now();
+    runtime.block_on(async {
+        engine
+            .run(call, async {
+                tokio::time::sleep(body_sleep).await;
+                Ok::<_, AppError>(1u32)
+            })
+            .await
+            .unwrap();
+    });
+    let whole_call = started.elapsed();
+
+    let events = captured.outcomes();
+    assert_eq!(events.len(), 1, "one event for one call: {events:?}");
+    assert_eq!(events[0].1["outcome"], "executed");
+    let elapsed: u128 = events[0].1["elapsed_us"]
+        .parse()
+        .expect("elapsed_us is a number");
+    assert!(
+        elapsed >= body_sleep.as_micros() && elapsed <= whole_call.as_micros(),
+        "elapsed_us = {elapsed} is not between the body's sleep ({} us) and the whole call ({} us)",
+        body_sleep.as_micros(),
+        whole_call.as_micros()
+    );
+}
+
 #[test]
 fn every_outcome_is_an_event_with_function_key_outcome_and_duration() {
     let captured = Captured::default();
@@ -72,6 +114,7 @@ fn every_outcome_is_an_event_with_function_key_outcome_and_duration() {
     let expected_key = &call.storage_key().unwrap().to_hex()[..16];
     let ok = || async { Ok::<_, AppError>(1u32) };
 
+    let started = std::time::Instant::now();
     runtime.block_on(async {
         engine.run(call, ok()).await.unwrap();
         engine.run(call, ok()).await.unwrap();
@@ -84,6 +127,7 @@ fn every_outcome_is_an_event_with_function_key_outcome_and_duration() {
             .await
             .unwrap_err();
     });
+    let all_calls = started.elapsed();
     let events = captured.outcomes();
     let outcomes: Vec<&str> = events.iter().map(|(_, f)| f["outcome"].as_str()).collect();
     assert_eq!(outcomes, ["executed", "replayed", "mismatch", "failed"]);
@@ -93,12 +137,13 @@ fn every_outcome_is_an_event_with_function_key_outcome_and_duration() {
             fields["key"], expected_key,
             "the key field is the storage key's hash prefix"
         );
-        let elapsed: u64 = fields["elapsed_us"]
+        let elapsed: u128 = fields["elapsed_us"]
             .parse()
             .expect("elapsed_us is a number");
         assert!(
-            elapsed < 60_000_000,
-            "elapsed_us is in microseconds: {elapsed}"
+            elapsed <= all_calls.as_micros(),
+            "elapsed_us = {elapsed}: no call took longer than all four ({} us)",
+            all_calls.as_micros()
         );
         assert_eq!(fields["waited"], "false");
     }
