@@ -579,7 +579,11 @@ async fn a_store_that_stays_down_after_the_body_ran_gives_the_value_unrecorded()
         retry.idempotency().starts_with("Conflict"),
         "a retry while the unrecorded claim's lease runs is refused, got {retry:?}"
     );
-    assert_eq!(runs.count(), 1, "the body ran again after its complete failed");
+    assert_eq!(
+        runs.count(),
+        1,
+        "the body ran again after its complete failed"
+    );
 }
 
 #[tokio::test]

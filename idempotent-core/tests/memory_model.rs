@@ -1,5 +1,13 @@
 //! Random sequences of operations and clock advances against the memory store and a small
 //! reference model of the protocol, which must agree after every step.
+//!
+//! What it cannot see: the operations run one after another on one thread, so it checks what
+//! each operation does, never how two of them interleave. A store that let go of its lock in
+//! the middle of a claim would agree with the model on every sequence. Interleavings are
+//! checked elsewhere: the memory store's unit test that pauses a claim between its look-up and
+//! its insert while another claim runs (`stores/memory.rs`), and the conformance property
+//! `concurrent_claims_have_one_winner`. Nor does it see real time: its clock is manual, so
+//! `wait`, which sleeps in real time, is not among its operations.
 
 use std::time::Duration;
 

@@ -28,6 +28,16 @@
 //! - `the_memory_store_agrees_with_the_model`: 2,000 random paths through the model, each
 //!   replayed step by step on a real `MemoryStore` with a `ManualClock`: every answer (fences,
 //!   retry-after, recorded output) must be the model's. This ties the specification to the code.
+//!
+//! What it cannot see. The model takes each store operation as atomic; that a real store's
+//! operation *is* atomic is not checked here (the replay runs on one thread, one operation at a
+//! time), but by the memory store's unit test that pauses a claim between its look-up and its
+//! insert while a second claim runs, and by the conformance property
+//! `concurrent_claims_have_one_winner` on every store. It models one key, so nothing that
+//! couples keys (shards, capacity, sweeping) is in it. Its clients are the engine's protocol as
+//! this file restates it, not the engine's code: a change to `engine.rs` or `holder.rs` is
+//! seen by the engine's own tests, not by this model. And time is in ticks: how long a real
+//! wait or heartbeat takes is outside it.
 
 use std::collections::HashMap;
 use std::task::{Context, Poll, Waker};

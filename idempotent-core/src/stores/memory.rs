@@ -470,6 +470,8 @@ impl MemoryStore {
             *deadline = record.deadline();
             return ClaimStep::Done(Claim::Acquired { fence });
         }
+        #[cfg(test)]
+        tests::race_point();
         let now = self.clock.now();
         // A new record: first look at the next few of this shard for dead ones, so that
         // records are removed as fast as keys arrive and the store does not fill with them.
@@ -479,6 +481,8 @@ impl MemoryStore {
             return full;
         }
         let fence = self.new_fence();
+        #[cfg(test)]
+        tests::race_point();
         shard.insert(
             *key,
             Record {
@@ -802,6 +806,102 @@ impl Hasher for KeyHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+    use std::sync::mpsc;
+
+    thread_local! {
+        /// What a claim on this thread does at its race points, if a test set it.
+        static RACE_POINT: RefCell<Option<Box<dyn FnMut()>>> = RefCell::new(None);
+    }
+
+    /// Called by `claim_now` twice between finding no live record and inserting its own: once
+    /// right after the look-up, once right before the insert. A test makes another claim run
+    /// there; the shard lock, held throughout, must keep it out until the insert is done.
+    pub(super) fn race_point() {
+        let action = RACE_POINT.with(|point| point.borrow_mut().take());
+        if let Some(mut action) = action {
+            action();
+            RACE_POINT.with(|point| *point.borrow_mut() = Some(action));
+        }
+    }
+
+    /// Check-then-act, made to race every time: a claim pauses at each of its race points
+    /// while a second claim of the same key runs on another thread. Under the shard lock the
+    /// second claim cannot finish until the first has inserted its record (the pauses time
+    /// out), and it then finds that record in progress. Were the lock dropped anywhere between
+    /// the look-up and the insert, the second claim would finish inside a pause and both would
+    /// acquire the key.
+    #[test]
+    fn a_claim_paused_between_look_up_and_insert_leaves_one_winner() {
+        let store = Arc::new(MemoryStore::new());
+        let key = StorageKey::from_bytes([7; 32]);
+        let arguments = CanonicalArguments::from(Fingerprint::of(&1).unwrap());
+        let lease = Duration::from_secs(30);
+        let second: Arc<Mutex<Option<std::thread::JoinHandle<ClaimStep>>>> = Arc::default();
+        let (finished, second_finished) = mpsc::channel();
+        let mut heard = false;
+        let (racer, racing_arguments, racing) =
+            (Arc::clone(&store), arguments.clone(), Arc::clone(&second));
+        RACE_POINT.with(|point| {
+            *point.borrow_mut() = Some(Box::new(move || {
+                let mut racing = racing.lock().unwrap();
+                if racing.is_none() {
+                    let (store, arguments, finished) = (
+                        Arc::clone(&racer),
+                        racing_arguments.clone(),
+                        finished.clone(),
+                    );
+                    *racing = Some(std::thread::spawn(move || {
+                        let step = store.claim_now(&key, &arguments, lease);
+                        let _ = finished.send(());
+                        step
+                    }));
+                }
+                drop(racing);
+                // Long enough for the second claim to finish many times over if it can.
+                if !heard {
+                    heard = second_finished
+                        .recv_timeout(Duration::from_millis(200))
+                        .is_ok();
+                }
+            }));
+        });
+        let first = store.claim_now(&key, &arguments, lease);
+        RACE_POINT.with(|point| point.borrow_mut().take());
+        let second = second
+            .lock()
+            .unwrap()
+            .take()
+            .expect("the first claim reached its race points")
+            .join()
+            .expect("the second claim does not panic");
+        let acquired = [&first, &second]
+            .iter()
+            .filter(|step| matches!(step, ClaimStep::Done(Claim::Acquired { .. })))
+            .count();
+        assert_eq!(
+            acquired,
+            1,
+            "two claims of one key both acquired it (first: {}, second: {})",
+            describe(&first),
+            describe(&second)
+        );
+        assert!(
+            matches!(second, ClaimStep::Done(Claim::InProgress { .. })),
+            "the second claim, let in only after the insert, finds the first in progress: {}",
+            describe(&second)
+        );
+    }
+
+    fn describe(step: &ClaimStep) -> &'static str {
+        match step {
+            ClaimStep::Done(Claim::Acquired { .. }) => "acquired",
+            ClaimStep::Done(Claim::InProgress { .. }) => "in progress",
+            ClaimStep::Done(Claim::Completed { .. }) => "completed",
+            ClaimStep::Done(Claim::Mismatch) => "mismatch",
+            ClaimStep::Full | ClaimStep::BytesFull => "full",
+        }
+    }
 
     /// Keys ground to share their low bits would share a bucket under a pass-through hash;
     /// mixed with the store's seed, they spread.
