@@ -317,12 +317,15 @@ mod tests {
         }
     }
 
+    /// The key depends on the parts' bytes only: parts built at run time, in buffers of their
+    /// own, give the independently computed key of equal literal parts.
     #[test]
     fn same_parts_same_key() {
-        assert_eq!(
-            StorageKey::derive("f", Some(b"t"), b"k").unwrap(),
-            StorageKey::derive("f", Some(b"t"), b"k").unwrap()
-        );
+        let namespace: String = ["shop", "::", "checkout"].concat();
+        let scope = b"ten".iter().chain(b"ant").copied().collect::<Vec<u8>>();
+        let key = format!("order-{}", 1).into_bytes();
+        let derived = StorageKey::derive(&namespace, Some(&scope), &key).unwrap();
+        assert_eq!(derived.to_hex(), PINNED);
     }
 
     #[test]

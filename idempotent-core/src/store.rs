@@ -54,7 +54,8 @@ pub const MAX_DURATION: Duration = Duration::from_secs(36_500 * 24 * 60 * 60);
 /// assert_eq!(held_millis(Duration::from_micros(1500)), 2);
 /// assert_eq!(held_millis(Duration::from_secs(2)), 2000);
 /// assert_eq!(held_millis(Duration::ZERO), 1);
-/// assert_eq!(held_millis(Duration::MAX), held_millis(MAX_DURATION));
+/// assert_eq!(held_millis(MAX_DURATION), 36_500 * 86_400 * 1000);
+/// assert_eq!(held_millis(Duration::MAX), 36_500 * 86_400 * 1000);
 /// ```
 pub const fn held_millis(duration: Duration) -> u64 {
     let duration = if duration.as_secs() >= MAX_DURATION.as_secs() {
