@@ -3,15 +3,14 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use idempotent_core::conformance::Harness;
 use idempotent_core::stores::redis::RedisStore;
 use idempotent_core::{
-    Bytes, Call, Claim, Fingerprint, Idempotency, OnConflict, Options, StorageKey, Store,
-    StoreError,
+    BoxFuture, Bytes, Call, CanonicalArguments, Claim, Fence, FencedWrite, Fingerprint,
+    Idempotency, OnConflict, Options, Outcome, StorageKey, Store, StoreError,
 };
 use idempotent_test_support::{ProxyMode, RedisOptions, RedisServer, TcpProxy};
 use support::{AppError, Runs};
@@ -829,4 +828,132 @@ async fn a_subscriber_connection_given_up_is_closed_and_leaves_no_channel_subscr
         left = subscribed_channels(&server, prefix);
     }
     assert!(left.is_empty(), "channels still subscribed: {left:?}");
+}
+
+/// A Redis store that keeps what each `complete` sent through it met.
+#[derive(Debug)]
+struct CompletesSeen {
+    inner: Arc<RedisStore>,
+    completes: Mutex<Vec<Result<FencedWrite, String>>>,
+}
+
+impl CompletesSeen {
+    fn completes(&self) -> Vec<Result<FencedWrite, String>> {
+        self.completes.lock().unwrap().clone()
+    }
+}
+
+impl Store for CompletesSeen {
+    fn claim<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fingerprint: &'a Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        self.inner.claim(key, fingerprint, lease)
+    }
+    fn claim_arguments<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        arguments: &'a CanonicalArguments,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        self.inner.claim_arguments(key, arguments, lease)
+    }
+    fn complete<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        output: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        Box::pin(async move {
+            let write = self.inner.complete(key, fence, output, ttl).await;
+            let seen = match &write {
+                Ok(applied) => Ok(*applied),
+                Err(error) => Err(format!("{error:?}")),
+            };
+            self.completes.lock().unwrap().push(seen);
+            write
+        })
+    }
+    fn release<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        self.inner.release(key, fence)
+    }
+    fn extend<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        self.inner.extend(key, fence, lease)
+    }
+    fn wait<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        max: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.wait(key, max)
+    }
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.inner.purge_expired()
+    }
+    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.remove(key)
+    }
+}
+
+/// The connection the claim went over is closed by the server while the body runs, so the
+/// first `complete` fails on it: the engine sends it again, the caller gets its value as
+/// executed, and a retry replays it without running the body.
+#[tokio::test]
+async fn a_complete_cut_off_by_a_killed_connection_is_sent_again() {
+    let server = RedisServer::start();
+    let store = Arc::new(CompletesSeen {
+        inner: store_at(&server.url()),
+        completes: Mutex::new(Vec::new()),
+    });
+    let engine = Idempotency::new(store.clone());
+    let runs = Runs::default();
+    let call = Call::new("redis::killed", Fingerprint::of(&0).unwrap()).key("order-1");
+
+    let first = engine
+        .run(call, async {
+            runs.hit();
+            // Every normal client but this command's own: the store's connection among them.
+            let killed = server.command(&["CLIENT", "KILL", "TYPE", "normal"]);
+            assert_ne!(
+                killed, "0",
+                "the store's connection was open and is now closed"
+            );
+            Ok::<_, AppError>("receipt".to_string())
+        })
+        .await
+        .unwrap();
+    assert_eq!(first, Outcome::Executed("receipt".to_string()));
+
+    let completes = store.completes();
+    assert!(
+        matches!(completes.first(), Some(Err(error)) if error.starts_with("Unavailable")),
+        "the first complete went over the killed connection and failed: {completes:?}"
+    );
+    assert_eq!(
+        completes.last(),
+        Some(&Ok(FencedWrite::Applied)),
+        "a later one was applied: {completes:?}"
+    );
+
+    let retry = engine
+        .run(call, async {
+            runs.hit();
+            Ok::<_, AppError>("another receipt".to_string())
+        })
+        .await
+        .unwrap();
+    assert_eq!(retry, Outcome::Replayed("receipt".to_string()));
+    assert_eq!(runs.count(), 1, "the body ran once");
 }
