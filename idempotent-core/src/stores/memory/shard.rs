@@ -193,3 +193,53 @@ impl Shard {
         self.records.capacity()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stores::memory::{KeptArguments, State};
+    use crate::{CanonicalArguments, Fence, Fingerprint};
+
+    fn in_progress(until: Duration) -> Record {
+        Record {
+            arguments: KeptArguments::of(&CanonicalArguments::from(Fingerprint::of(&1).unwrap())),
+            fence: Fence::new(1),
+            state: State::InProgress {
+                lease_until: until,
+                waiters: None,
+            },
+            slot: 0,
+        }
+    }
+
+    /// The module's promise: an entry's deadline is only a hint, and a sweep removes a record
+    /// only once the record itself is dead. Here the record's lease moves on without its
+    /// entry, as if an update had missed it: the sweep keeps the record and the entry catches
+    /// up with it.
+    #[test]
+    fn a_stale_entry_never_removes_a_live_record() {
+        let mut shard = Shard::new(SeededKeys::new());
+        let key = StorageKey::from_bytes([1; 32]);
+        shard.insert(key, in_progress(Duration::from_millis(10)));
+        let later = Duration::from_secs(60);
+        match &mut shard.records.get_mut(&key).unwrap().state {
+            State::InProgress { lease_until, .. } => *lease_until = later,
+            State::Completed { .. } => unreachable!("inserted in progress"),
+        }
+
+        let swept = shard.sweep(Duration::from_secs(1), 8, |_| false);
+        assert_eq!(
+            swept.records, 0,
+            "a live record was swept by its stale entry"
+        );
+        assert!(shard.get(&key).is_some());
+        assert_eq!(
+            shard.deadlines[0].at, later,
+            "the entry learns the record's deadline"
+        );
+
+        let swept = shard.sweep(later, 8, |_| false);
+        assert_eq!(swept.records, 1, "once dead, the record goes");
+        assert!(shard.get(&key).is_none());
+    }
+}
