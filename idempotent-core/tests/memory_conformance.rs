@@ -70,6 +70,21 @@ async fn acquire(
     }
 }
 
+/// What the store reports of itself: the capacity it was built with, and whether it is empty
+/// before and after its first record, and once that record is removed.
+#[tokio::test]
+async fn the_store_reports_its_capacity_and_whether_it_is_empty() {
+    let (memory, store, _clock) = manual_store(7);
+    assert_eq!(memory.capacity(), 7);
+    assert!(memory.is_empty());
+    let key = key("reports", 0);
+    acquire(&store, &key, HOUR).await;
+    assert!(!memory.is_empty(), "it holds a record in progress");
+    assert_eq!(memory.len(), 1);
+    assert!(store.remove(&key).await.unwrap());
+    assert!(memory.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_store_refuses_new_keys_and_never_evicts_live_records() {
     const CAPACITY: usize = 8;
