@@ -37,6 +37,18 @@ fn assert_key_reused<T: std::fmt::Debug>(result: Result<T, AppError>) {
     }
 }
 
+/// Returns once the first call's body runs (it then holds the key); panics if that call ended
+/// without running it, so a test fails instead of waiting for a body that never starts.
+async fn holding<T: std::fmt::Debug>(
+    entered: &Notify,
+    first: &mut tokio::task::JoinHandle<Result<T, AppError>>,
+) {
+    tokio::select! {
+        () = entered.notified() => {}
+        ended = first => panic!("the first call ended without running its body: {ended:?}"),
+    }
+}
+
 fn runs(counter: &AtomicUsize) -> usize {
     counter.load(Ordering::SeqCst)
 }
@@ -118,6 +130,19 @@ impl Clocked {
         Ok(self.runs.fetch_add(1, Ordering::SeqCst) + 1)
     }
 
+    /// [`Clocked::kept_90s`] with the ttl given as a `Duration` expression.
+    #[idempotent(key = order, ttl = TTL, store = self.store, name = "attribute_options.ttl_expr")]
+    async fn kept_for_ttl(&self, order: &str) -> Result<usize, AppError> {
+        Ok(self.runs.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    async fn kept(&self, ttl: TtlForm, order: &str) -> Result<usize, AppError> {
+        match ttl {
+            TtlForm::Literal => self.kept_90s(order).await,
+            TtlForm::Expression => self.kept_for_ttl(order).await,
+        }
+    }
+
     /// The first execution holds the key until the test releases it; later ones return at once.
     #[idempotent(
         key = order,
@@ -140,14 +165,22 @@ impl Clocked {
     }
 }
 
-#[tokio::test]
-async fn ttl_replays_until_it_runs_out_then_runs_again() {
+/// How the ttl is written in the attribute.
+#[derive(Clone, Copy)]
+enum TtlForm {
+    /// `ttl = "90s"`, checked at compile time.
+    Literal,
+    /// `ttl = TTL`, a `Duration` expression.
+    Expression,
+}
+
+async fn replays_until_the_ttl_runs_out(ttl: TtlForm) {
     let service = Clocked::new();
-    assert_eq!(service.kept_90s("order-1").await.unwrap(), 1);
+    assert_eq!(service.kept(ttl, "order-1").await.unwrap(), 1);
 
     service.clock.advance(TTL - TICK);
     assert_eq!(
-        service.kept_90s("order-1").await.unwrap(),
+        service.kept(ttl, "order-1").await.unwrap(),
         1,
         "just before the ttl runs out, the record replays"
     );
@@ -155,7 +188,7 @@ async fn ttl_replays_until_it_runs_out_then_runs_again() {
 
     service.clock.advance(TICK * 2);
     assert_eq!(
-        service.kept_90s("order-1").await.unwrap(),
+        service.kept(ttl, "order-1").await.unwrap(),
         2,
         "just after the ttl ran out, the body runs again"
     );
@@ -163,13 +196,23 @@ async fn ttl_replays_until_it_runs_out_then_runs_again() {
 }
 
 #[tokio::test]
+async fn ttl_replays_until_it_runs_out_then_runs_again() {
+    replays_until_the_ttl_runs_out(TtlForm::Literal).await;
+}
+
+#[tokio::test]
+async fn ttl_given_as_an_expression_is_applied_too() {
+    replays_until_the_ttl_runs_out(TtlForm::Expression).await;
+}
+
+#[tokio::test]
 async fn lease_is_what_a_second_caller_is_told_to_wait_and_when_it_may_take_over() {
     let service = Clocked::new();
-    let first = {
+    let mut first = {
         let service = Arc::clone(&service);
         tokio::spawn(async move { service.leased_45s("order-1").await })
     };
-    service.entered.notified().await;
+    holding(&service.entered, &mut first).await;
 
     assert_eq!(
         conflict_retry_after(service.leased_45s("order-1").await),
@@ -243,11 +286,11 @@ async fn on_conflict_reject_answers_a_second_caller_at_once() {
         entered: Notify::new(),
         release: Notify::new(),
     });
-    let first = {
+    let mut first = {
         let service = Arc::clone(&service);
         tokio::spawn(async move { service.reject("order-1").await })
     };
-    service.entered.notified().await;
+    holding(&service.entered, &mut first).await;
 
     // The first body runs until it is released below, so a caller that waits for it cannot
     // return within a lease; one that is rejected returns at once.
