@@ -259,7 +259,7 @@ struct Blocking {
     release: Notify,
 }
 
-/// The lease of [`Blocking::reject`]: how long its first caller holds the key without renewal.
+/// The lease of [`Blocking::reject`]; its first caller renews it while its body runs.
 const REJECT_LEASE: Duration = Duration::from_secs(2);
 
 impl Blocking {
