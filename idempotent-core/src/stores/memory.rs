@@ -903,6 +903,26 @@ mod tests {
         }
     }
 
+    /// Keys spread over every shard, so that claims of different keys rarely wait on one lock.
+    #[test]
+    fn keys_spread_over_every_shard() {
+        let store = MemoryStore::new();
+        let arguments = CanonicalArguments::from(Fingerprint::of(&1).unwrap());
+        for n in 0..=255u8 {
+            let key = StorageKey::derive("spread", None, &[n]).unwrap();
+            assert!(matches!(
+                store.claim_now(&key, &arguments, Duration::from_secs(60)),
+                ClaimStep::Done(Claim::Acquired { .. })
+            ));
+        }
+        let used = store
+            .shards
+            .iter()
+            .filter(|shard| shard.lock().unwrap().len() > 0)
+            .count();
+        assert_eq!(used, SHARDS, "256 keys used {used} of {SHARDS} shards");
+    }
+
     /// Keys ground to share their low bits would share a bucket under a pass-through hash;
     /// mixed with the store's seed, they spread.
     #[test]

@@ -187,6 +187,12 @@ impl Shard {
         }
     }
 
+    /// How many records the shard holds.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.records.len()
+    }
+
     /// How many records the table has room for.
     #[cfg(test)]
     pub(super) fn capacity(&self) -> usize {
