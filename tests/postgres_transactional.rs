@@ -450,17 +450,19 @@ async fn a_claim_behind_another_transactions_claim_waits_no_longer_than_its_poli
     // The first transaction stays open: its claim is uncommitted.
 
     let mut second = connect(&url).await;
-    for (name, on_conflict) in [
-        ("reject", OnConflict::Reject),
+    for (name, on_conflict, allowed) in [
+        ("reject", OnConflict::Reject, Duration::ZERO),
         (
             "wait 300 ms",
             OnConflict::Wait {
                 timeout: Duration::from_millis(300),
             },
+            Duration::from_millis(300),
         ),
     ] {
         let tx = second.transaction().await.unwrap();
         let options = Options::new().on_conflict(on_conflict);
+        let started = std::time::Instant::now();
         let answer = tokio::time::timeout(
             Duration::from_secs(10),
             shop.store
@@ -470,9 +472,16 @@ async fn a_claim_behind_another_transactions_claim_waits_no_longer_than_its_poli
         )
         .await
         .unwrap_or_else(|_| panic!("{name}: the claim is still blocked after 10 s"));
+        let waited = started.elapsed();
         assert!(
             matches!(answer, Err(ShopError::Idempotency(Error::Conflict { .. }))),
             "{name}: {answer:?}"
+        );
+        // What the policy allows, twice over, and a few round trips: not a multiple of it.
+        let bound = allowed * 2 + Duration::from_millis(500);
+        assert!(
+            waited <= bound,
+            "{name}: answered after {waited:?}, over {bound:?}"
         );
         tx.rollback().await.unwrap();
     }
