@@ -1121,6 +1121,112 @@ mod tests {
         );
     }
 
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A key whose shard is `shard` (the store picks a shard by the key's last byte).
+    fn key_in_shard(shard: u8, n: u8) -> StorageKey {
+        let mut bytes = [n; 32];
+        bytes[31] = shard + n * SHARDS as u8;
+        StorageKey::from_bytes(bytes)
+    }
+
+    /// A claim that finds the store full makes room by removing dead records from other
+    /// shards, only as many as it needs: here one of three, not all of them.
+    #[test]
+    fn a_full_store_makes_only_the_room_it_needs() {
+        let clock = crate::ManualClock::new();
+        let store = MemoryStore::builder()
+            .capacity(4)
+            .clock(clock.clone())
+            .build();
+        let short = Duration::from_secs(1);
+        for n in 0..3 {
+            assert!(matches!(
+                claim(&store, &key_in_shard(1, n), short),
+                Claim::Acquired { .. }
+            ));
+        }
+        let live = key_in_shard(0, 0);
+        assert!(matches!(claim(&store, &live, HOUR), Claim::Acquired { .. }));
+        clock.advance(short * 2);
+        // The new key's shard holds only the live record: its own sweep finds nothing dead.
+        let got = claim(&store, &key_in_shard(0, 1), HOUR);
+        assert!(matches!(got, Claim::Acquired { .. }), "{got:?}");
+        assert_eq!(
+            store.len(),
+            4,
+            "one dead record made room; the other two are left"
+        );
+        let kept = CanonicalArguments::of("order-7")
+            .unwrap()
+            .exact()
+            .unwrap()
+            .len();
+        assert_eq!(store.bytes(), 4 * (RECORD_OVERHEAD_BYTES + kept));
+    }
+
+    /// A dead record taken over by a claim with longer arguments grows by the difference, and
+    /// only if the byte budget has room for it; with shorter ones it shrinks.
+    #[test]
+    fn a_takeover_counts_the_change_in_size_against_the_budget() {
+        let clock = crate::ManualClock::new();
+        let digest = CanonicalArguments::from(Fingerprint::of(&1).unwrap());
+        let long = CanonicalArguments::of(&"x".repeat(100)).unwrap();
+        let grown = long.exact().expect("short enough to keep").len();
+        let short = Duration::from_secs(1);
+        // With room to spare, a takeover with longer arguments counts exactly the difference.
+        let roomy = MemoryStore::builder().clock(clock.clone()).build();
+        let key = numbered_key(0);
+        assert!(matches!(
+            roomy.claim_or_purge(&key, &digest, short),
+            Ok(Claim::Acquired { .. })
+        ));
+        clock.advance(short * 2);
+        assert!(matches!(
+            roomy.claim_or_purge(&key, &long, HOUR),
+            Ok(Claim::Acquired { .. })
+        ));
+        assert_eq!(roomy.bytes(), RECORD_OVERHEAD_BYTES + grown);
+        // Room for one record with kept arguments, less one byte.
+        let store = MemoryStore::builder()
+            .max_bytes(RECORD_OVERHEAD_BYTES + grown + RECORD_OVERHEAD_BYTES + grown - 1)
+            .clock(clock.clone())
+            .build();
+        let (a, b) = (numbered_key(1), numbered_key(2));
+        for key in [&a, &b] {
+            assert!(matches!(
+                store.claim_or_purge(key, &digest, short),
+                Ok(Claim::Acquired { .. })
+            ));
+        }
+        assert_eq!(store.bytes(), 2 * RECORD_OVERHEAD_BYTES);
+        clock.advance(short * 2);
+        // `a` taken over with long arguments: it grows by `grown`, which fits.
+        assert!(matches!(
+            store.claim_or_purge(&a, &long, HOUR),
+            Ok(Claim::Acquired { .. })
+        ));
+        assert_eq!(store.bytes(), 2 * RECORD_OVERHEAD_BYTES + grown);
+        // `b` taken over likewise would pass the budget by a byte: refused, nothing counted.
+        let refused = store.claim_or_purge(&b, &long, HOUR);
+        assert!(
+            matches!(refused, Err(StoreError::ByteBudgetFull { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(
+            store.bytes(),
+            RECORD_OVERHEAD_BYTES + grown,
+            "only `a`: `b`'s dead record was removed to make room, and still there was none"
+        );
+        // Taken over with a digest again, `a` shrinks back.
+        clock.advance(HOUR * 2);
+        assert!(matches!(
+            store.claim_or_purge(&a, &digest, HOUR),
+            Ok(Claim::Acquired { .. })
+        ));
+        assert_eq!(store.bytes(), RECORD_OVERHEAD_BYTES);
+    }
+
     /// After a large purge the tables are rebuilt to fit what is left: a table whose records
     /// were removed keeps its slots (and their deleted marks, which a lookup of an absent key
     /// probes through) until it is rebuilt.
