@@ -923,6 +923,28 @@ mod tests {
         assert_eq!(used, SHARDS, "256 keys used {used} of {SHARDS} shards");
     }
 
+    /// Each bit of a key's hash is set for about half of the keys: the table's buckets (low
+    /// bits) and its control bytes (high bits) are both spread. Over 2,000 keys, a fair bit is
+    /// set 40-60% of the time with overwhelming odds.
+    #[test]
+    fn every_hash_bit_is_set_about_half_the_time() {
+        let keys = SeededKeys::new();
+        const KEYS: u32 = 2000;
+        let mut set = [0u32; 64];
+        for n in 0..KEYS {
+            let hash = keys.hash_one(numbered_key(n));
+            for (bit, count) in set.iter_mut().enumerate() {
+                *count += u32::from(hash >> bit & 1 == 1);
+            }
+        }
+        for (bit, count) in set.iter().enumerate() {
+            assert!(
+                (KEYS * 2 / 5..=KEYS * 3 / 5).contains(count),
+                "bit {bit} was set for {count} of {KEYS} keys"
+            );
+        }
+    }
+
     /// Keys ground to share their low bits would share a bucket under a pass-through hash;
     /// mixed with the store's seed, they spread.
     #[test]
