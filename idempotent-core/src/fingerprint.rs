@@ -476,6 +476,23 @@ impl serde::ser::Error for FingerprintError {
 mod tests {
     use super::*;
 
+    /// A large argument is hashed as soon as it is pushed, not kept until `finish`: the
+    /// stream is emptied once it outgrows `MAX_EXACT_ARGUMENTS`, short ones stay in it.
+    #[test]
+    fn a_long_argument_is_hashed_at_once_not_kept() {
+        let mut fingerprinter = Fingerprinter::new();
+        fingerprinter.push("short").unwrap();
+        assert!(fingerprinter.hasher.is_none());
+        assert!(!fingerprinter.stream.is_empty());
+        fingerprinter.push(&"x".repeat(100_000)).unwrap();
+        assert!(fingerprinter.hasher.is_some());
+        assert!(
+            fingerprinter.stream.is_empty(),
+            "{} bytes kept",
+            fingerprinter.stream.len()
+        );
+    }
+
     #[test]
     fn hex_and_debug_formats() {
         let mut bytes = [0u8; 32];
