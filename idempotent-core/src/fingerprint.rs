@@ -491,6 +491,9 @@ mod tests {
             "{} bytes kept",
             fingerprinter.stream.len()
         );
+        // Once hashing, short arguments are hashed as they come too.
+        fingerprinter.push("short").unwrap();
+        assert!(fingerprinter.stream.is_empty());
     }
 
     #[test]

@@ -353,6 +353,20 @@ mod tests {
     }
 
     #[test]
+    fn debug_shows_the_whole_hex() {
+        let key = StorageKey::derive("shop::checkout", Some(b"tenant"), b"order-1").unwrap();
+        assert_eq!(format!("{key:?}"), format!("StorageKey({PINNED})"));
+    }
+
+    #[test]
+    fn a_namespace_keeps_its_name_and_derives_as_derive_does() {
+        let namespace = Namespace::new("shop::checkout");
+        assert_eq!(namespace.name(), "shop::checkout");
+        let key = namespace.storage_key(Some(b"tenant"), b"order-1").unwrap();
+        assert_eq!(key.to_hex(), PINNED);
+    }
+
+    #[test]
     fn pinned_derivation() {
         // Changing the derivation orphans every stored record: bump DERIVATION_TAG instead.
         let key = StorageKey::derive("shop::checkout", Some(b"tenant"), b"order-1").unwrap();

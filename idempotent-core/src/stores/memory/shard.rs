@@ -218,6 +218,55 @@ mod tests {
         }
     }
 
+    /// A shard of `live` records with a long lease and `dead` ones whose lease ended at 10 ms.
+    fn shard_of(live: u32, dead: u32) -> Shard {
+        let mut shard = Shard::new(SeededKeys::new());
+        for n in 0..live + dead {
+            let mut bytes = [0u8; 32];
+            bytes[..4].copy_from_slice(&n.to_le_bytes());
+            let until = if n < live { 3600 * 1000 } else { 10 };
+            shard.insert(
+                StorageKey::from_bytes(bytes),
+                in_progress(Duration::from_millis(until)),
+            );
+        }
+        shard
+    }
+
+    /// Sweeps every entry at 1 s, when the dead records are dead; returns how many went.
+    fn sweep_all(shard: &mut Shard) -> usize {
+        let entries = shard.deadlines.len();
+        shard
+            .sweep(Duration::from_secs(1), entries, |_| false)
+            .records
+    }
+
+    /// A table is rebuilt only once it is sparse (a quarter full or less) and not small, and
+    /// then keeps room for twice what is left: rebuilding on every sweep would cost a copy of
+    /// the table per claim, and a rebuilt table with no room would grow again at once.
+    #[test]
+    fn only_sparse_tables_are_rebuilt_with_room_to_grow() {
+        let mut busy = shard_of(900, 100);
+        let room = busy.capacity();
+        assert_eq!(sweep_all(&mut busy), 100);
+        assert_eq!(busy.capacity(), room, "nine tenths full: left as it is");
+
+        let mut sparse = shard_of(100, 900);
+        let room = sparse.capacity();
+        assert_eq!(sweep_all(&mut sparse), 900);
+        assert!(
+            sparse.capacity() < room && sparse.capacity() >= 200,
+            "a tenth full: rebuilt from {room} to room for twice the 100 left, got {}",
+            sparse.capacity()
+        );
+
+        let mut small = shard_of(1, 39);
+        let room = small.capacity();
+        assert!(room <= SMALL_TABLE, "{room}");
+        assert_eq!(sweep_all(&mut small), 39);
+        assert_eq!(small.capacity(), room, "a small table is left as it is");
+    }
+
     /// The module's promise: an entry's deadline is only a hint, and a sweep removes a record
     /// only once the record itself is dead. Here the record's lease moves on without its
     /// entry, as if an update had missed it: the sweep keeps the record and the entry catches
@@ -233,16 +282,22 @@ mod tests {
             State::Completed { .. } => unreachable!("inserted in progress"),
         }
 
-        let swept = shard.sweep(Duration::from_secs(1), 8, |_| false);
-        assert_eq!(
-            swept.records, 0,
+        // A dead record after it: one look at each entry finds it.
+        let dead = StorageKey::from_bytes([2; 32]);
+        shard.insert(dead, in_progress(Duration::from_millis(10)));
+
+        let swept = shard.sweep(Duration::from_secs(1), 2, |_| false);
+        assert!(
+            shard.get(&key).is_some(),
             "a live record was swept by its stale entry"
         );
-        assert!(shard.get(&key).is_some());
         assert_eq!(
             shard.deadlines[0].at, later,
             "the entry learns the record's deadline"
         );
+        assert_eq!(swept.examined, 2);
+        assert_eq!(swept.records, 1, "the sweep moved on to the dead record");
+        assert!(shard.get(&dead).is_none());
 
         let swept = shard.sweep(later, 8, |_| false);
         assert_eq!(swept.records, 1, "once dead, the record goes");
