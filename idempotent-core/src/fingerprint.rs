@@ -475,6 +475,41 @@ impl serde::ser::Error for FingerprintError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+
+    /// What this thread's buffer holds for reuse now.
+    fn kept_buffer() -> usize {
+        BUFFER.with(|kept| {
+            let buffer = kept.take();
+            let capacity = buffer.capacity();
+            kept.set(buffer);
+            capacity
+        })
+    }
+
+    fn map(entries: u32) -> HashMap<u32, u32> {
+        (0..entries).map(|n| (n, n)).collect()
+    }
+
+    /// The thread's buffer is kept for the next fingerprint, up to `MAX_KEPT_BUFFER`: one that
+    /// grew past it (a huge map) is dropped rather than held for the thread's lifetime.
+    #[test]
+    fn the_threads_buffer_is_kept_unless_it_grew_too_large() {
+        Fingerprint::of(&map(10)).unwrap();
+        assert!(kept_buffer() > 0, "a small buffer is kept");
+        Fingerprint::of(&map(300)).unwrap();
+        let kept = kept_buffer();
+        assert!(
+            (2048..=MAX_KEPT_BUFFER).contains(&kept),
+            "a buffer of a few KiB is kept: {kept} bytes"
+        );
+        Fingerprint::of(&map(100_000)).unwrap();
+        assert!(
+            kept_buffer() <= MAX_KEPT_BUFFER,
+            "a buffer of {} bytes was kept",
+            kept_buffer()
+        );
+    }
 
     /// A large argument is hashed as soon as it is pushed, not kept until `finish`: the
     /// stream is emptied once it outgrows `MAX_EXACT_ARGUMENTS`, short ones stay in it.
