@@ -21,6 +21,9 @@ pub(super) struct Shard {
     deadlines: Vec<Deadline>,
     /// Where the next sweep starts.
     hand: usize,
+    /// How many times the table was rebuilt, for the tests of when that happens.
+    #[cfg(test)]
+    rebuilds: usize,
 }
 
 /// What a record's entry in the deadline list takes.
@@ -58,6 +61,8 @@ impl Shard {
             records: HashMap::with_hasher(keys),
             deadlines: Vec::new(),
             hand: 0,
+            #[cfg(test)]
+            rebuilds: 0,
         }
     }
 
@@ -184,6 +189,10 @@ impl Shard {
             let keep = self.records.len() * 2;
             self.records.shrink_to(keep);
             self.deadlines.shrink_to(keep);
+            #[cfg(test)]
+            {
+                self.rebuilds += 1;
+            }
         }
     }
 
@@ -246,25 +255,24 @@ mod tests {
     /// the table per claim, and a rebuilt table with no room would grow again at once.
     #[test]
     fn only_sparse_tables_are_rebuilt_with_room_to_grow() {
+        // (A table's `capacity()` is no measure here: removals that leave tombstones lower it.)
         let mut busy = shard_of(900, 100);
-        let room = busy.capacity();
         assert_eq!(sweep_all(&mut busy), 100);
-        assert_eq!(busy.capacity(), room, "nine tenths full: left as it is");
+        assert_eq!(busy.rebuilds, 0, "nine tenths full: left as it is");
 
         let mut sparse = shard_of(100, 900);
-        let room = sparse.capacity();
         assert_eq!(sweep_all(&mut sparse), 900);
+        assert_eq!(sparse.rebuilds, 1, "a tenth full: rebuilt");
         assert!(
-            sparse.capacity() < room && sparse.capacity() >= 200,
-            "a tenth full: rebuilt from {room} to room for twice the 100 left, got {}",
+            sparse.capacity() >= 200,
+            "rebuilt with room for twice the 100 left, got {}",
             sparse.capacity()
         );
 
         let mut small = shard_of(1, 39);
-        let room = small.capacity();
-        assert!(room <= SMALL_TABLE, "{room}");
+        assert!(small.capacity() <= SMALL_TABLE, "{}", small.capacity());
         assert_eq!(sweep_all(&mut small), 39);
-        assert_eq!(small.capacity(), room, "a small table is left as it is");
+        assert_eq!(small.rebuilds, 0, "a small table is left as it is");
     }
 
     /// The module's promise: an entry's deadline is only a hint, and a sweep removes a record
