@@ -687,6 +687,21 @@ mod tests {
 
     use super::*;
 
+    /// A tuple struct is an ordered sequence of its fields, as in its JSON form (an array):
+    /// every field counts, and it fingerprints as the tuple and the array of the same values.
+    #[test]
+    fn tuple_structs_are_their_fields_in_order() {
+        #[derive(serde::Serialize)]
+        struct Pair(u32, u32);
+        fn of<T: Serialize>(value: &T) -> crate::Fingerprint {
+            crate::Fingerprint::of(value).unwrap()
+        }
+        assert_ne!(of(&Pair(1, 2)), of(&Pair(1, 3)));
+        assert_ne!(of(&Pair(1, 2)), of(&Pair(2, 1)));
+        assert_eq!(of(&Pair(1, 2)), of(&(1u32, 2u32)));
+        assert_eq!(of(&Pair(1, 2)), of(&[1u32, 2]));
+    }
+
     #[test]
     fn hash_sets_are_unordered_through_references_and_smart_pointers() {
         assert!(is_unordered::<HashSet<u8>>());
