@@ -421,7 +421,7 @@ where
         if cancels {
             claimed_at = Some(tokio::time::Instant::now());
         }
-        borrowed.claim_arguments(&key, &arguments, options.get_lease())
+        borrowed.claim(&key, &arguments, options.get_lease())
     };
     let fence = match acquire::<R, T, E, _>(claim, borrowed, &key, options, &mut trace).await {
         Ok(fence) => fence,

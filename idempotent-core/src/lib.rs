@@ -19,7 +19,6 @@
 #![warn(missing_docs)]
 
 mod arguments;
-mod clock;
 mod context;
 mod default_store;
 mod engine;
@@ -46,7 +45,6 @@ mod telemetry;
 pub use idempotent_macros::idempotent;
 
 pub use arguments::{CanonicalArguments, MAX_EXACT_ARGUMENTS};
-pub use clock::{Clock, ManualClock, SystemClock};
 pub use context::CallContext;
 pub use default_store::{DefaultStoreAlreadySet, default_store, set_default_store};
 pub use engine::{Call, Idempotency, Outcome};
@@ -56,7 +54,9 @@ pub use key::{KeyError, MAX_KEY_BYTES, StorageKey};
 pub use key_source::IdempotencyKey;
 pub use options::{OnConflict, OnLeaseLoss, Options};
 pub use store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, MAX_DURATION, Store, held_millis};
-pub use stores::memory::{MemoryStore, MemoryStoreBuilder};
+// The clocks belong to the memory store (the only store that reads one) and are re-exported
+// here because tests of code built on any store move time with `ManualClock`.
+pub use stores::memory::{Clock, ManualClock, MemoryStore, MemoryStoreBuilder, SystemClock};
 
 #[cfg(feature = "conformance")]
 pub mod conformance;

@@ -26,6 +26,7 @@ use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, RecyclingMethod};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Statement};
 
+use crate::arguments::CanonicalArguments;
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
@@ -786,10 +787,11 @@ impl Store for PostgresStore {
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,
-        fingerprint: &'a Fingerprint,
+        arguments: &'a CanonicalArguments,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         Box::pin(async move {
+            let fingerprint = &arguments.fingerprint();
             let key_param = key.as_bytes().as_slice();
             let fingerprint_param = fingerprint.as_bytes().as_slice();
             let lease = millis(lease);

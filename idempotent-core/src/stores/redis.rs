@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
+use crate::arguments::CanonicalArguments;
 use crate::error::StoreError;
-use crate::fingerprint::Fingerprint;
 use crate::hex::hex32;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
@@ -513,11 +513,11 @@ impl Store for RedisStore {
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,
-        fingerprint: &'a Fingerprint,
+        arguments: &'a CanonicalArguments,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         Box::pin(async move {
-            let fingerprint = hex32(fingerprint.as_bytes());
+            let fingerprint = hex32(arguments.fingerprint().as_bytes());
             let args = |command: &mut redis::Cmd| {
                 command.arg(&fingerprint[..]).arg(millis(lease));
             };
