@@ -28,11 +28,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::task::JoinHandle;
 
-use crate::arguments::CanonicalArguments;
-use crate::stores::memory::ManualClock;
+use crate::fingerprint::CanonicalArguments;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
+use crate::stores::memory::ManualClock;
 
 mod calls;
 mod durations;

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::arguments::CanonicalArguments;
 use crate::context;
 use crate::default_store::default_store;
 use crate::error::{Error, JsonError, StoreError};
+use crate::fingerprint::CanonicalArguments;
 use crate::fingerprint::Fingerprint;
 use crate::holder::{Holder, PendingRecord, settled_outcome};
 use crate::key::StorageKey;

@@ -86,7 +86,10 @@
 //! process; any change to the encoding must bump that tag, and a test pins
 //! known fingerprints.
 
+mod arguments;
 mod canonical;
+
+pub use arguments::{CanonicalArguments, MAX_EXACT_ARGUMENTS};
 
 use std::cell::Cell;
 use std::fmt;
@@ -96,8 +99,6 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use canonical::{Buffer, tag};
-
-use crate::arguments::{CanonicalArguments, MAX_EXACT_ARGUMENTS};
 
 use crate::hex::write_hex32;
 

@@ -18,7 +18,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod arguments;
 mod context;
 mod default_store;
 mod engine;
@@ -44,12 +43,13 @@ mod telemetry;
 #[doc = include_str!("attribute_docs.md")]
 pub use idempotent_macros::idempotent;
 
-pub use arguments::{CanonicalArguments, MAX_EXACT_ARGUMENTS};
 pub use context::CallContext;
 pub use default_store::{DefaultStoreAlreadySet, default_store, set_default_store};
 pub use engine::{Call, Idempotency, Outcome};
 pub use error::{BoxError, Error, JsonError, StoreError};
-pub use fingerprint::{Fingerprint, FingerprintError, Fingerprinter};
+pub use fingerprint::{
+    CanonicalArguments, Fingerprint, FingerprintError, Fingerprinter, MAX_EXACT_ARGUMENTS,
+};
 pub use key::{KeyError, MAX_KEY_BYTES, StorageKey};
 pub use key_source::IdempotencyKey;
 pub use options::{OnConflict, OnLeaseLoss, Options};

@@ -14,9 +14,9 @@ pub use crate::options::{OnConflict, OnLeaseLoss, Options};
 pub use core::time::Duration;
 pub use std::borrow::Cow;
 
-use crate::arguments::CanonicalArguments;
 use crate::engine::{Prepared, execute, target};
 use crate::error::Error;
+use crate::fingerprint::CanonicalArguments;
 use crate::fingerprint::{FingerprintError, Fingerprinter};
 use crate::recorded::{OkAndErr, OkOnly};
 use crate::store::Store;

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 pub use bytes::Bytes;
 
-use crate::arguments::CanonicalArguments;
 use crate::error::StoreError;
+use crate::fingerprint::CanonicalArguments;
 use crate::key::StorageKey;
 
 /// A boxed `Send` future: what [`Store`] methods return, so the trait stays object safe.

@@ -9,9 +9,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use super::{Harness, LONG, WAIT_BOUND, expect_replay, fingerprint};
-use crate::arguments::CanonicalArguments;
 use crate::engine::{Call, Idempotency, Outcome};
 use crate::error::{Error, StoreError};
+use crate::fingerprint::CanonicalArguments;
 use crate::key::StorageKey;
 use crate::options::{OnConflict, Options};
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};

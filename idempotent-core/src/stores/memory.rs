@@ -39,8 +39,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::arguments::CanonicalArguments;
 use crate::error::StoreError;
+use crate::fingerprint::CanonicalArguments;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};

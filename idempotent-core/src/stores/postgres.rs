@@ -26,8 +26,8 @@ use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, RecyclingMethod};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Statement};
 
-use crate::arguments::CanonicalArguments;
 use crate::error::StoreError;
+use crate::fingerprint::CanonicalArguments;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
-use crate::arguments::CanonicalArguments;
 use crate::error::StoreError;
+use crate::fingerprint::CanonicalArguments;
 use crate::hex::hex32;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};

@@ -55,8 +55,8 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-use crate::arguments::CanonicalArguments;
 use crate::error::StoreError;
+use crate::fingerprint::CanonicalArguments;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 use crate::stores::waiters::Waiters;

@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::fingerprint::{Fingerprint, FingerprintError, Fingerprinter, fingerprint_of_stream};
+use super::{Fingerprint, FingerprintError, Fingerprinter, fingerprint_of_stream};
 
 /// The longest canonical encoding (every argument's item and the end marker) kept as is.
 /// Longer ones are hashed as they are written. Two cache lines: room for a few
