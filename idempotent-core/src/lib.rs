@@ -25,8 +25,15 @@ mod error;
 mod fingerprint;
 mod hex;
 mod holder;
+#[doc(hidden)]
+pub mod __hooks {
+    //! For the project's fuzz targets and benchmarks; not part of the API.
+    pub use crate::hooks::*;
+}
+mod hooks;
 mod key;
 mod key_source;
+mod ledger;
 mod options;
 #[doc(hidden)]
 pub mod __private {
@@ -39,6 +46,8 @@ mod redact;
 mod store;
 pub mod stores;
 mod telemetry;
+#[cfg(feature = "postgres")]
+mod transactional;
 
 #[doc = include_str!("attribute_docs.md")]
 pub use idempotent_macros::idempotent;

@@ -267,7 +267,7 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// The clock leases and expiry are measured on, e.g. a [`ManualClock`](crate::ManualClock)
+    /// The clock leases and expiry are measured on, e.g. a [`ManualClock`]
     /// in tests.
     pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
         self.clock = Arc::new(clock);

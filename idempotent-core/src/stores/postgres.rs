@@ -34,6 +34,7 @@ use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 use listener::Listener;
 use sql::Statements;
 
+pub(crate) use transaction::InTransaction;
 pub use transaction::PostgresTransaction;
 
 /// Configures a [`PostgresStore`].
@@ -543,10 +544,8 @@ fn judge_claim(
 }
 
 /// The schema, claim and complete statement texts the store uses for `table`, for the
-/// benches' raw-driver baseline (through `__private`).
-pub(crate) fn statement_texts(
-    table: &str,
-) -> Result<crate::private::PostgresStatementTexts, String> {
+/// benches' raw-driver baseline (through `__hooks`).
+pub(crate) fn statement_texts(table: &str) -> Result<(String, String, String), String> {
     sql::check_table_name(table)?;
     let Statements {
         schema,
@@ -554,11 +553,7 @@ pub(crate) fn statement_texts(
         complete,
         ..
     } = Statements::new(table);
-    Ok(crate::private::PostgresStatementTexts {
-        schema,
-        claim,
-        complete,
-    })
+    Ok((schema, claim, complete))
 }
 
 impl PostgresStore {
