@@ -3,8 +3,9 @@
 //!
 //! Networked stores keep fingerprints, so they hash either way. The in-memory store can
 //! compare short encodings byte for byte instead: it skips the two or three SHA-256
-//! compressions a typical call's arguments take, which are a third of a replay from memory,
-//! and an exact comparison cannot collide.
+//! compressions that arguments of up to [`MAX_EXACT_ARGUMENTS`] bytes take (about 80 ns for a
+//! typical call's two, a sixth of a replay from memory), and an exact comparison cannot
+//! collide.
 
 use std::fmt;
 
