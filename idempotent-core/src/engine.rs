@@ -299,8 +299,8 @@ impl Idempotency {
     /// # use std::time::Duration;
     /// use idempotent_core::{Idempotency, Options};
     /// let engine = Idempotency::with_default_store()
-    ///     .with_options(Options::new().ttl(Duration::from_secs(600)));
-    /// assert_eq!(engine.options().get_ttl(), Duration::from_secs(600));
+    ///     .with_options(Options::new().with_ttl(Duration::from_secs(600)));
+    /// assert_eq!(engine.options().ttl(), Duration::from_secs(600));
     /// ```
     pub fn with_options(mut self, options: Options) -> Self {
         self.options = options;
@@ -415,13 +415,13 @@ where
     let borrowed = store.as_store();
     // When the claim that acquires was sent, for `OnLeaseLoss::Cancel` only: a clock read is a
     // noticeable share of a replay from memory.
-    let cancels = options.get_on_lease_loss() == OnLeaseLoss::Cancel;
+    let cancels = options.on_lease_loss() == OnLeaseLoss::Cancel;
     let mut claimed_at = None;
     let claim = || {
         if cancels {
             claimed_at = Some(tokio::time::Instant::now());
         }
-        borrowed.claim_arguments(&key, &arguments, options.get_lease())
+        borrowed.claim_arguments(&key, &arguments, options.lease())
     };
     let fence = match acquire::<R, T, E, _>(claim, borrowed, &key, options, &mut trace).await {
         Ok(fence) => fence,
@@ -499,7 +499,7 @@ where
                 return Err(Err(Error::Store(error).into()));
             }
         };
-        let OnConflict::Wait { timeout } = options.get_on_conflict() else {
+        let OnConflict::Wait { timeout } = options.on_conflict() else {
             trace.emit(CallOutcome::Conflict);
             return Err(Err(Error::Conflict { retry_after }.into()));
         };
@@ -530,8 +530,8 @@ where
     E: From<Error>,
     F: Future<Output = Result<T, E>>,
 {
-    let lease = options.get_lease();
-    let run = holder.run_with_heartbeat(lease, options.get_on_lease_loss(), claimed_at, body);
+    let lease = options.lease();
+    let run = holder.run_with_heartbeat(lease, options.on_lease_loss(), claimed_at, body);
     let Ok(result) = run.await else {
         holder.lost();
         trace.emit(CallOutcome::LeaseLost);
@@ -559,10 +559,10 @@ where
     let write = holder
         .record(PendingRecord {
             output: bytes,
-            ttl: options.get_ttl(),
+            ttl: options.ttl(),
             // Half a lease after the body ended: the rest is the margin before a retry may
             // find the claim dead.
-            give_up: tokio::time::Instant::now() + options.get_lease() / 2,
+            give_up: tokio::time::Instant::now() + options.lease() / 2,
             recorded,
         })
         .await;
@@ -597,10 +597,10 @@ pub(crate) fn encode_result<R: Recording<T, E>, T, E>(
         },
     };
     match encoded {
-        Ok(bytes) if bytes.len() > options.get_max_output_bytes() => {
+        Ok(bytes) if bytes.len() > options.max_output_bytes() => {
             Encoded::Refused(Error::OutputTooLarge {
                 size: bytes.len(),
-                limit: options.get_max_output_bytes(),
+                limit: options.max_output_bytes(),
             })
         }
         // What is recorded must replay: serde_json writes NaN and infinities as `null`, which

@@ -88,18 +88,18 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
     let ttl = attr
         .ttl
         .as_ref()
-        .map(|ttl| duration_call(&private, "ttl", ttl));
+        .map(|ttl| duration_call(&private, "with_ttl", ttl));
     let lease = attr
         .lease
         .as_ref()
-        .map(|lease| duration_call(&private, "lease", lease));
+        .map(|lease| duration_call(&private, "with_lease", lease));
     let on_conflict = match attr.on_conflict {
-        Some(OnConflict::Reject) => Some(quote!(.on_conflict(#private::OnConflict::Reject))),
+        Some(OnConflict::Reject) => Some(quote!(.with_on_conflict(#private::OnConflict::Reject))),
         Some(OnConflict::Wait) | None => None,
     };
     let on_lease_loss = attr
         .cancel_on_lease_loss
-        .then(|| quote!(.on_lease_loss(#private::OnLeaseLoss::Cancel)));
+        .then(|| quote!(.with_on_lease_loss(#private::OnLeaseLoss::Cancel)));
 
     // In the transactional mode the body sees the transaction through a shared reborrow
     // (`tx` shadowed with the user's own name), so the engine can write in it too.

@@ -191,7 +191,7 @@ impl PostgresStore {
                     (&key.as_bytes().as_slice(), Type::BYTEA),
                     (&super::fence_param(fence), Type::INT8),
                     (&bytes, Type::BYTEA),
-                    (&millis(options.get_ttl()), Type::INT8),
+                    (&millis(options.ttl()), Type::INT8),
                 ],
             )
             .await;
@@ -234,7 +234,7 @@ impl PostgresStore {
         T: Serialize + DeserializeOwned,
         E: From<Error>,
     {
-        let deadline = match options.get_on_conflict() {
+        let deadline = match options.on_conflict() {
             OnConflict::Wait { timeout } => Some(tokio::time::Instant::now() + timeout),
             OnConflict::Reject => None,
         };
@@ -280,7 +280,7 @@ impl PostgresStore {
                 }
                 // The other transaction's claim has no lease yet that could be told; its
                 // lease will be at most this call's kind of lease once it commits.
-                Ok(Found::LockTimeout) => return conflict(trace, options.get_lease()),
+                Ok(Found::LockTimeout) => return conflict(trace, options.lease()),
                 Ok(Found::Claim(Claim::InProgress { retry_after })) => retry_after,
                 Err(error) => {
                     trace.emit(CallOutcome::StoreError);
@@ -313,7 +313,7 @@ impl PostgresStore {
     ) -> Result<Found, StoreError> {
         let key_param = key.as_bytes().as_slice();
         let fingerprint_param = fingerprint.as_bytes().as_slice();
-        let lease = millis(options.get_lease());
+        let lease = millis(options.lease());
         let lock_timeout = format!("{}ms", millis(lock_wait).min(i64::from(i32::MAX)));
         for _ in 0..CLAIM_ATTEMPTS {
             let set_params: [(&(dyn ToSql + Sync), Type); 1] = [(&lock_timeout, Type::TEXT)];
