@@ -27,8 +27,8 @@ mod error;
 mod fingerprint;
 mod hex;
 mod holder;
+mod idempotency_key;
 mod key;
-mod key_source;
 mod options;
 #[doc(hidden)]
 pub mod __private {
@@ -52,8 +52,8 @@ pub use default_store::{DefaultStoreAlreadySet, default_store, set_default_store
 pub use engine::{Call, Idempotency, Outcome};
 pub use error::{BoxError, Error, JsonError, StoreError};
 pub use fingerprint::{Fingerprint, FingerprintError, Fingerprinter};
+pub use idempotency_key::IdempotencyKey;
 pub use key::{KeyError, MAX_KEY_BYTES, StorageKey};
-pub use key_source::IdempotencyKey;
 pub use options::{OnConflict, OnLeaseLoss, Options};
 pub use store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, MAX_DURATION, Store, held_millis};
 pub use stores::memory::{MemoryStore, MemoryStoreBuilder};

@@ -8,8 +8,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use crate::default_store::default_store;
+pub use crate::idempotency_key::IdempotencyKey;
 pub use crate::key::Namespace;
-pub use crate::key_source::IdempotencyKey;
 pub use crate::options::{OnConflict, OnLeaseLoss, Options};
 pub use core::time::Duration;
 pub use std::borrow::Cow;
@@ -21,13 +21,14 @@ use crate::fingerprint::{FingerprintError, Fingerprinter};
 use crate::recorded::{OkAndErr, OkOnly};
 use crate::store::Store;
 
-/// Fingerprints the arguments one by one, keeping the first failure to report it.
-pub struct ArgumentHasher {
+/// Collects the arguments one by one into their canonical encoding, which is hashed only once
+/// it outgrows `MAX_EXACT_ARGUMENTS`; keeps the first failure to report it.
+pub struct ArgumentCollector {
     fingerprinter: Fingerprinter,
     error: Option<FingerprintError>,
 }
 
-impl ArgumentHasher {
+impl ArgumentCollector {
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
         Self {
@@ -37,18 +38,18 @@ impl ArgumentHasher {
     }
 }
 
-pub fn push_argument<T: Serialize + ?Sized>(hasher: &mut ArgumentHasher, argument: &T) {
-    if hasher.error.is_none()
-        && let Err(error) = hasher.fingerprinter.push(argument)
+pub fn push_argument<T: Serialize + ?Sized>(collector: &mut ArgumentCollector, argument: &T) {
+    if collector.error.is_none()
+        && let Err(error) = collector.fingerprinter.push(argument)
     {
-        hasher.error = Some(error);
+        collector.error = Some(error);
     }
 }
 
-pub fn finish(hasher: ArgumentHasher) -> Result<CanonicalArguments, FingerprintError> {
-    match hasher.error {
+pub fn finish(collector: ArgumentCollector) -> Result<CanonicalArguments, FingerprintError> {
+    match collector.error {
         Some(error) => Err(error),
-        None => Ok(hasher.fingerprinter.into_arguments()),
+        None => Ok(collector.fingerprinter.into_arguments()),
     }
 }
 

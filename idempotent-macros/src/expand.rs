@@ -20,7 +20,7 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
         .unwrap_or_else(|| syn::parse_quote!(::idempotent_core));
     let private = quote!(#krate::__private);
 
-    let fingerprinter = generated("__idempotent_fingerprinter");
+    let arguments = generated("__idempotent_arguments");
     let prepared = generated("__idempotent_call");
     let key_bytes = generated("__idempotent_key");
     let scope_bytes = generated("__idempotent_scope");
@@ -38,7 +38,7 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
         .map(|arg| {
             let binding = &arg.binding;
             quote_spanned! {arg.ty.span()=>
-                #private::push_argument(&mut #fingerprinter, &#binding);
+                #private::push_argument(&mut #arguments, &#binding);
             }
         });
 
@@ -154,12 +154,12 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
             let #prepared = {
                 // The function's namespace hashes its part of every storage key once.
                 static #namespace: #private::Namespace = #private::Namespace::new(#name);
-                let mut #fingerprinter = #private::ArgumentHasher::new();
+                let mut #arguments = #private::ArgumentCollector::new();
                 #(#pushes)*
                 match (#key, #scope) {
                     (#key_bytes, #scope_bytes) => #private::prepare(
                         &#namespace,
-                        #private::finish(#fingerprinter),
+                        #private::finish(#arguments),
                         #key_bytes.as_deref(),
                         #scope_bytes.as_deref(),
                     ),
