@@ -120,36 +120,47 @@ pub fn store_handle<S: StoreHandle>(store: &S) -> &dyn StoreHandle {
     store
 }
 
-pub async fn run<T, E, F>(
+/// Runs the body as `execute` does. The return type `R` is the function's own, as written
+/// (an alias of `Result` or not): a type that is not a `Result` is reported once, as an unmet
+/// `IsResult` bound, rather than as mismatched types.
+pub async fn run<R, T, E, F>(
     store: &dyn StoreHandle,
     options: &Options,
     call: Prepared,
     body: F,
-) -> Result<T, E>
+) -> R
 where
+    R: IsResult<Ok = T, Err = E>,
     T: Serialize + DeserializeOwned,
     E: From<Error>,
-    F: Future<Output = Result<T, E>>,
+    F: Future<Output = R>,
 {
-    execute::<OkOnly, T, E, F>(store, options, call, body)
-        .await
-        .map(crate::Outcome::into_value)
+    let body = async move { body.await.into_result() };
+    R::from_result(
+        execute::<OkOnly, T, E, _>(store, options, call, body)
+            .await
+            .map(crate::Outcome::into_value),
+    )
 }
 
-pub async fn run_caching_errors<T, E, F>(
+pub async fn run_caching_errors<R, F>(
     store: &dyn StoreHandle,
     options: &Options,
     call: Prepared,
     body: F,
-) -> Result<T, E>
+) -> R
 where
-    T: Serialize + DeserializeOwned,
-    E: Serialize + DeserializeOwned + From<Error>,
-    F: Future<Output = Result<T, E>>,
+    R: IsResult,
+    R::Ok: Serialize + DeserializeOwned,
+    R::Err: Serialize + DeserializeOwned + From<Error>,
+    F: Future<Output = R>,
 {
-    execute::<OkAndErr, T, E, F>(store, options, call, body)
-        .await
-        .map(crate::Outcome::into_value)
+    let body = async move { body.await.into_result() };
+    R::from_result(
+        execute::<OkAndErr, R::Ok, R::Err, _>(store, options, call, body)
+            .await
+            .map(crate::Outcome::into_value),
+    )
 }
 
 /// The `Ok` type is recorded as JSON and read back.
@@ -161,15 +172,34 @@ pub fn assert_error<E: From<Error>>() {}
 /// With `cache_errors`, the `Err` type is recorded too.
 pub fn assert_recorded_error<E: Serialize + DeserializeOwned>() {}
 
-/// Names `T` and `E` of a return type written as an alias (`io::Result<T>`).
+/// Names `T` and `E` of the function's return type, whatever it is written as: `Result<T, E>`,
+/// `anyhow::Result<T>`, `type Res<T> = Result<T, AppError>`. Any other type is reported here, on
+/// the return type.
+#[diagnostic::on_unimplemented(
+    message = "an #[idempotent] function must return a `Result`, found `{Self}`",
+    label = "not a `Result`",
+    note = "its `Ok` value is what is recorded and replayed: return `Result<T, E>` or an alias of it, such as `type Res<T> = Result<T, AppError>`"
+)]
 pub trait IsResult {
     type Ok;
     type Err;
+    fn into_result(self) -> Result<Self::Ok, Self::Err>;
+    fn from_result(result: Result<Self::Ok, Self::Err>) -> Self;
 }
 
 impl<T, E> IsResult for Result<T, E> {
     type Ok = T;
     type Err = E;
+
+    #[inline]
+    fn into_result(self) -> Self {
+        self
+    }
+
+    #[inline]
+    fn from_result(result: Self) -> Self {
+        result
+    }
 }
 
 /// Decodes a completed record's output as a replay does: `OkAndErr` with `cache_errors`,
@@ -248,21 +278,25 @@ mod postgres_mode {
         store.postgres_store()
     }
 
-    pub async fn run_in_transaction<T, E, F>(
+    pub async fn run_in_transaction<R, F>(
         store: &PostgresStore,
         tx: &(impl PostgresTransaction + ?Sized),
         options: &Options,
         call: Prepared,
         body: F,
-    ) -> Result<T, E>
+    ) -> R
     where
-        T: Serialize + DeserializeOwned,
-        E: From<Error>,
-        F: Future<Output = Result<T, E>>,
+        R: IsResult,
+        R::Ok: Serialize + DeserializeOwned,
+        R::Err: From<Error>,
+        F: Future<Output = R>,
     {
-        store
-            .execute_in(tx.transaction(), options, call, body)
-            .await
-            .map(crate::Outcome::into_value)
+        let body = async move { body.await.into_result() };
+        R::from_result(
+            store
+                .execute_in(tx.transaction(), options, call, body)
+                .await
+                .map(crate::Outcome::into_value),
+        )
     }
 }

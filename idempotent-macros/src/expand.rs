@@ -29,8 +29,6 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
     let fake_return = generated("__idempotent_fake_return");
     let namespace = generated("__IDEMPOTENT_NAMESPACE");
 
-    let assertions = assertions(attr, checked, &private);
-
     let pushes = checked
         .arguments
         .iter()
@@ -113,6 +111,7 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
         None => (quote!(run), quote!(), quote!()),
     };
     let output = &checked.output;
+    let private_at_output = respan(private.clone(), output.span());
     let destructure = checked.arguments.iter().filter_map(|arg| {
         let pattern = arg.pattern.as_ref()?;
         let binding = &arg.binding;
@@ -121,15 +120,10 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
     let block = &function.block;
     // The fake return edge (as in tracing-attributes) gives the async block the function's
     // return type, so `?` and `return` in the body infer as they did in the function.
-    // With `T` and `E` written out, they go in the turbofish as the user's own tokens: an
-    // unmet bound is then reported once, on them, rather than on the attribute.
-    let turbofish = match (&checked.ok_type, &checked.err_type) {
-        (Some(ok), Some(err)) => quote!(::<#ok, #err, _>),
-        _ => TokenStream::new(),
-    };
-    let private_at_output = respan(private.clone(), output.span());
+    // The runner takes the return type as written and names `T` and `E` through `IsResult`,
+    // which works for any alias of `Result` and reports any other type on the return type.
     let run = quote_spanned! {output.span()=>
-        #private_at_output::#runner #turbofish (#store, #tx_arg &#options, #prepared, async move {
+        #private_at_output::#runner(#store, #tx_arg &#options, #prepared, async move {
             #[allow(
                 unknown_lints,
                 unreachable_code,
@@ -148,6 +142,7 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
         .await
     };
 
+    let assertions = assertions(attr, checked, &private);
     let body = quote! {
         {
             #assertions
@@ -176,36 +171,25 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
     function.into_token_stream()
 }
 
-/// For a return type written as an alias (`io::Result<T>`), type checks placed on the
-/// user's own tokens, so errors point at them rather than at the attribute.
+/// Where `T` and `E` are written out (`Result<T, E>`, `Result<T>`), their bounds are checked
+/// on those tokens too, so that an unmet one is reported on the type the user wrote rather
+/// than only on the whole return type.
 fn assertions(attr: &Attr, checked: &Checked, private: &TokenStream) -> TokenStream {
-    if checked.ok_type.is_some() && checked.err_type.is_some() {
-        return TokenStream::new();
-    }
     let output = &checked.output;
-    let ok = match &checked.ok_type {
-        Some(ty) => quote_spanned!(ty.span()=> #private::assert_output::<#ty>();),
-        None => {
-            quote_spanned!(output.span()=> #private::assert_output::<<#output as #private::IsResult>::Ok>();)
+    let ok = checked.ok_span.map(|span| {
+        quote_spanned!(span=> #private::assert_output::<<#output as #private::IsResult>::Ok>();)
+    });
+    let err = checked.err_span.map(|span| {
+        let err = quote_spanned!(span=> <#output as #private::IsResult>::Err);
+        let recorded = attr
+            .cache_errors
+            .then(|| quote_spanned!(span=> #private::assert_recorded_error::<#err>();));
+        quote_spanned! {span=>
+            #private::assert_error::<#err>();
+            #recorded
         }
-    };
-    let err_type = match &checked.err_type {
-        Some(ty) => ty.to_token_stream(),
-        None => quote!(<#output as #private::IsResult>::Err),
-    };
-    let err_span = checked
-        .err_type
-        .as_ref()
-        .map_or_else(|| output.span(), |ty| ty.span());
-    let err = quote_spanned!(err_span=> #private::assert_error::<#err_type>(););
-    let recorded_err = attr
-        .cache_errors
-        .then(|| quote_spanned!(err_span=> #private::assert_recorded_error::<#err_type>();));
-    quote! {
-        #ok
-        #err
-        #recorded_err
-    }
+    });
+    quote!(#ok #err)
 }
 
 fn duration_call(private: &TokenStream, setter: &str, option: &DurationOption) -> TokenStream {
