@@ -3,9 +3,10 @@
 use proc_macro2::{Span, TokenStream};
 use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{FnArg, Ident, ItemFn, Pat, PatIdent, PatType, Path};
+use syn::{FnArg, Ident, Pat, PatIdent, PatType, Path, Signature};
 
 use crate::attr::{Attr, DurationOption, OnConflict};
+use crate::item::MaybeItemFn;
 use crate::validate::Checked;
 
 /// A name for generated code that user code can neither see nor shadow.
@@ -13,7 +14,7 @@ fn generated(name: &str) -> Ident {
     Ident::new(name, Span::mixed_site())
 }
 
-pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> TokenStream {
+pub(crate) fn expand(attr: &Attr, mut function: MaybeItemFn, checked: &Checked) -> TokenStream {
     let krate: Path = attr
         .krate
         .clone()
@@ -117,7 +118,7 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
         let binding = &arg.binding;
         Some(quote!(let #pattern = #binding;))
     });
-    let block = &function.block;
+    let block = &function.body;
     // The fake return edge (as in tracing-attributes) gives the async block the function's
     // return type, so `?` and `return` in the body infer as they did in the function.
     // The runner takes the return type as written and names `T` and `E` through `IsResult`,
@@ -144,7 +145,6 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
 
     let assertions = assertions(attr, checked, &private);
     let body = quote! {
-        {
             #assertions
             let #prepared = {
                 // The function's namespace hashes its part of every storage key once.
@@ -164,11 +164,9 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
             #tx_reborrow
             let #options = #private::Options::new() #ttl #lease #on_conflict #on_lease_loss;
             #run
-        }
     };
-    rename_pattern_arguments(&mut function, checked);
-    function.block = Box::new(syn::parse2(body).expect("generated body is a block"));
-    function.into_token_stream()
+    rename_pattern_arguments(&mut function.sig, checked);
+    function.with_body(body)
 }
 
 /// Where `T` and `E` are written out (`Result<T, E>`, `Result<T>`), their bounds are checked
@@ -206,13 +204,13 @@ fn duration_call(private: &TokenStream, setter: &str, option: &DurationOption) -
 
 /// Pattern arguments become plain bindings in the signature (so they can be fingerprinted
 /// whole), and are destructured again at the top of the body.
-fn rename_pattern_arguments(function: &mut ItemFn, checked: &Checked) {
+fn rename_pattern_arguments(sig: &mut Signature, checked: &Checked) {
     let mut renamed = checked
         .arguments
         .iter()
         .filter(|arg| arg.pattern.is_some())
         .map(|arg| arg.binding.clone());
-    for input in function.sig.inputs.iter_mut() {
+    for input in sig.inputs.iter_mut() {
         let FnArg::Typed(PatType { pat, .. }) = input else {
             continue;
         };

@@ -3,7 +3,7 @@
 
 use proc_macro2::{Span, TokenStream};
 use syn::spanned::Spanned;
-use syn::{FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments, ReturnType, Type};
+use syn::{FnArg, GenericArgument, Ident, Pat, PathArguments, ReturnType, Signature, Type};
 
 use crate::attr::Attr;
 use crate::errors::Errors;
@@ -66,8 +66,7 @@ pub(crate) fn not_a_function(item: &TokenStream) -> syn::Error {
 }
 
 /// Checks `function` against `attr`, recording every problem in `errors`.
-pub(crate) fn check(attr: &Attr, function: &ItemFn, errors: &Errors) -> Option<Checked> {
-    let sig = &function.sig;
+pub(crate) fn check(attr: &Attr, sig: &Signature, errors: &Errors) -> Option<Checked> {
     if sig.asyncness.is_none() {
         errors.error_spanned_by(
             sig.fn_token,
@@ -84,7 +83,7 @@ pub(crate) fn check(attr: &Attr, function: &ItemFn, errors: &Errors) -> Option<C
         );
     }
 
-    let arguments = arguments(function);
+    let arguments = arguments(sig);
     for skipped in &attr.skip {
         if skipped == "self" {
             errors.error_spanned_by(
@@ -190,10 +189,8 @@ fn result_argument_spans(ty: &Type) -> (Option<Span>, Option<Span>) {
     (types.next(), types.next())
 }
 
-fn arguments(function: &ItemFn) -> Vec<Argument> {
-    function
-        .sig
-        .inputs
+fn arguments(sig: &Signature) -> Vec<Argument> {
+    sig.inputs
         .iter()
         .enumerate()
         .filter_map(|(index, input)| match input {
