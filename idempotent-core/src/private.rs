@@ -11,6 +11,7 @@ pub use crate::default_store::default_store;
 pub use crate::idempotency_key::IdempotencyKey;
 pub use crate::key::Namespace;
 pub use crate::options::{OnConflict, OnLeaseLoss, Options};
+pub use crate::store::MAX_DURATION;
 pub use core::time::Duration;
 pub use std::borrow::Cow;
 

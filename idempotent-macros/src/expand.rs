@@ -96,6 +96,11 @@ pub(crate) fn expand(attr: &Attr, mut function: MaybeItemFn, checked: &Checked) 
         Some(OnConflict::Reject) => Some(quote!(.with_on_conflict(#private::OnConflict::Reject))),
         Some(OnConflict::Wait) | None => None,
     };
+    let max_output_bytes = attr.max_output_bytes.as_ref().map(|limit| {
+        let limit = syn::LitInt::new(&format!("{}usize", limit.base10_digits()), limit.span());
+        quote_spanned!(limit.span()=> .with_max_output_bytes(#limit))
+    });
+    let const_checks = const_checks(attr, &private);
     let on_lease_loss = attr
         .cancel_on_lease_loss
         .then(|| quote!(.with_on_lease_loss(#private::OnLeaseLoss::Cancel)));
@@ -145,6 +150,7 @@ pub(crate) fn expand(attr: &Attr, mut function: MaybeItemFn, checked: &Checked) 
 
     let assertions = assertions(attr, checked, &private);
     let body = quote! {
+            #const_checks
             #assertions
             let #prepared = {
                 // The function's namespace hashes its part of every storage key once.
@@ -162,7 +168,7 @@ pub(crate) fn expand(attr: &Attr, mut function: MaybeItemFn, checked: &Checked) 
             };
             #store_init
             #tx_reborrow
-            let #options = #private::Options::new() #ttl #lease #on_conflict #on_lease_loss;
+            let #options = #private::Options::new() #ttl #lease #on_conflict #on_lease_loss #max_output_bytes;
             #run
     };
     rename_pattern_arguments(&mut function.sig, checked);
@@ -188,6 +194,55 @@ fn assertions(attr: &Attr, checked: &Checked, private: &TokenStream) -> TokenStr
         }
     });
     quote!(#ok #err)
+}
+
+/// The checks of literal durations that need a default or a limit of the runtime: constant
+/// assertions naming `Options::DEFAULT_TTL`, `Options::DEFAULT_LEASE` and `MAX_DURATION`, so
+/// that their values are stated once, in `idempotent_core`, and a mistake is still a compile
+/// error on the literal.
+fn const_checks(attr: &Attr, private: &TokenStream) -> TokenStream {
+    fn literal(option: &Option<DurationOption>) -> Option<(u128, &syn::LitStr)> {
+        match option {
+            Some(DurationOption::Literal { value, literal }) => Some((value.as_nanos(), literal)),
+            _ => None,
+        }
+    }
+    let ttl = literal(&attr.ttl);
+    let lease = literal(&attr.lease);
+    let mut checks = TokenStream::new();
+    for (option, given) in [("ttl", ttl), ("lease", lease)] {
+        if let Some((nanos, literal)) = given {
+            let message = format!(
+                "{option} \"{}\" is longer than idempotent_core::MAX_DURATION (about 100 years), the longest any store can hold; use at most that",
+                literal.value()
+            );
+            checks.extend(quote_spanned! {literal.span()=>
+                const _: () = ::core::assert!(#nanos <= #private::MAX_DURATION.as_nanos(), #message);
+            });
+        }
+    }
+    match (ttl, lease, &attr.ttl, &attr.lease) {
+        (None, Some((lease, literal)), None, _) => {
+            let message = format!(
+                "lease \"{}\" is longer than the default ttl (idempotent_core::Options::DEFAULT_TTL): a claim would outlive the record it protects; set a longer ttl or a shorter lease",
+                literal.value()
+            );
+            checks.extend(quote_spanned! {literal.span()=>
+                const _: () = ::core::assert!(#lease <= #private::Options::DEFAULT_TTL.as_nanos(), #message);
+            });
+        }
+        (Some((ttl, literal)), None, _, None) => {
+            let message = format!(
+                "the default lease (idempotent_core::Options::DEFAULT_LEASE) is longer than ttl \"{}\": a claim would outlive the record it protects; set a shorter lease or a longer ttl",
+                literal.value()
+            );
+            checks.extend(quote_spanned! {literal.span()=>
+                const _: () = ::core::assert!(#private::Options::DEFAULT_LEASE.as_nanos() <= #ttl, #message);
+            });
+        }
+        _ => {}
+    }
+    checks
 }
 
 fn duration_call(private: &TokenStream, setter: &str, option: &DurationOption) -> TokenStream {
