@@ -20,6 +20,9 @@
 //! (or [`run_all`]) against a store it has set up itself. Every property uses its own fresh keys
 //! (see [`Harness::key`]), so several properties may share one store or one server. A property
 //! fails by panicking with what the protocol requires and what the store did.
+//!
+//! [`Forwarding`] wraps a store for tests that change one operation (inject a fault, note
+//! what a `complete` met) and pass the others on: they write [`Hooks`] for what differs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,9 +37,11 @@ use crate::store::{Claim, Fence, FencedWrite};
 
 mod calls;
 mod durations;
+mod forwarding;
 mod harness;
 pub use calls::*;
 pub use durations::*;
+pub use forwarding::{Forwarding, Hooks};
 pub use harness::Harness;
 use harness::Time;
 

@@ -10,74 +10,19 @@ use std::time::Duration;
 use idempotent_core::conformance::Harness;
 use idempotent_core::stores::sqlite::SqliteStore;
 use idempotent_core::{
-    BoxFuture, Bytes, Call, CanonicalArguments, Claim, Fence, FencedWrite, Fingerprint,
-    Idempotency, StorageKey, Store, StoreError,
+    Bytes, Call, CanonicalArguments, Claim, Fence, FencedWrite, Fingerprint, Idempotency,
+    StorageKey, Store, StoreError,
 };
 use support::{AppError, Runs};
 use tempfile::TempDir;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
-/// A store that owns its temporary folder, so the folder lives exactly as long as the store.
-#[derive(Debug)]
-struct InTempDir {
-    store: SqliteStore,
-    _dir: TempDir,
-}
-
-impl Store for InTempDir {
-    fn claim<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        arguments: &'a CanonicalArguments,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.store.claim(key, arguments, lease)
-    }
-    fn complete<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-        output: Bytes,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.store.complete(key, fence, output, ttl)
-    }
-    fn release<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.store.release(key, fence)
-    }
-    fn extend<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.store.extend(key, fence, lease)
-    }
-    fn wait<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        max: Duration,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.store.wait(key, max)
-    }
-    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.store.purge_expired()
-    }
-    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.store.remove(key)
-    }
-}
-
+/// A store on a fresh database file; the harness keeps its temporary folder alive.
 fn conformance_harness() -> Harness {
     let dir = tempfile::tempdir().expect("a temporary folder");
     let store = SqliteStore::open(dir.path().join("conformance.sqlite3")).expect("open");
-    let store = InTempDir { store, _dir: dir };
-    Harness::with_real_time(Arc::new(store), Duration::from_millis(300))
+    Harness::with_real_time(Arc::new(store), Duration::from_millis(300)).keep(dir)
 }
 
 idempotent_core::conformance_suite!(conformance_harness());

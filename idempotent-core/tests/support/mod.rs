@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use idempotent_core::conformance::{Forwarding, Hooks};
 use idempotent_core::{
     BoxFuture, Bytes, CanonicalArguments, Claim, Clock, Error, Fence, FencedWrite, StorageKey,
     Store, StoreError,
@@ -144,26 +145,35 @@ impl fmt::Debug for Unserializable {
     }
 }
 
-/// A memory store whose first `failures` completes fail as if the connection dropped: before
-/// the write, or, with `lost_after_write`, after it was applied (only the answer is lost).
+/// Hooks whose first `failures` completes fail as if the connection dropped: before the
+/// write, or, with `lost_after_write`, after it was applied (only the answer is lost).
 #[derive(Debug)]
 pub struct FlakyComplete {
-    pub inner: idempotent_core::MemoryStore,
     pub failures: AtomicU32,
     pub lost_after_write: bool,
 }
 
-impl Store for FlakyComplete {
-    fn claim<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        arguments: &'a CanonicalArguments,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.inner.claim(key, arguments, lease)
+impl FlakyComplete {
+    /// `inner` behind these hooks.
+    pub fn around(
+        inner: impl Store + 'static,
+        failures: u32,
+        lost_after_write: bool,
+    ) -> Arc<Forwarding<Self>> {
+        Arc::new(Forwarding::new(
+            Arc::new(inner),
+            FlakyComplete {
+                failures: AtomicU32::new(failures),
+                lost_after_write,
+            },
+        ))
     }
+}
+
+impl Hooks for FlakyComplete {
     fn complete<'a>(
         &'a self,
+        inner: &'a dyn Store,
         key: &'a StorageKey,
         fence: Fence,
         output: Bytes,
@@ -175,41 +185,13 @@ impl Store for FlakyComplete {
             .is_ok();
         if fail && self.lost_after_write {
             return Box::pin(async move {
-                self.inner.complete(key, fence, output, ttl).await?;
+                inner.complete(key, fence, output, ttl).await?;
                 down().await
             });
         }
         if fail {
             return down();
         }
-        self.inner.complete(key, fence, output, ttl)
-    }
-    fn release<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.inner.release(key, fence)
-    }
-    fn extend<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.inner.extend(key, fence, lease)
-    }
-    fn wait<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        max: Duration,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.wait(key, max)
-    }
-    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.inner.purge_expired()
-    }
-    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.remove(key)
+        inner.complete(key, fence, output, ttl)
     }
 }
