@@ -71,10 +71,7 @@ pub async fn current_fence(kind: Kind, url: &str, key: &str) -> u64 {
     match kind {
         #[cfg(feature = "postgres")]
         Kind::Postgres => {
-            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-                .await
-                .expect("connect to PostgreSQL");
-            tokio::spawn(connection);
+            let client = crate::support::postgres_client(url).await;
             let fence: i64 = client
                 .query_one(
                     "SELECT fence FROM idempotent_records WHERE key = $1",
