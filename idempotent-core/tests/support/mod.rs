@@ -8,9 +8,42 @@ use std::time::Duration;
 
 use idempotent_core::conformance::{Forwarding, Hooks};
 use idempotent_core::{
-    BoxFuture, Bytes, CanonicalArguments, Claim, Clock, Error, Fence, FencedWrite, StorageKey,
-    Store, StoreError,
+    BoxFuture, Bytes, CanonicalArguments, Claim, Clock, Error, Fence, FencedWrite, Fingerprint,
+    StorageKey, Store, StoreError,
 };
+
+/// The fingerprint `n` repeated: distinct `n`s are distinct arguments.
+pub fn fingerprint(n: u8) -> Fingerprint {
+    Fingerprint::from_bytes([n; 32])
+}
+
+/// Arguments known by their fingerprint, [`fingerprint(n)`](fingerprint).
+pub fn args(n: u8) -> CanonicalArguments {
+    CanonicalArguments::from(fingerprint(n))
+}
+
+/// Key number `i` of `label`: distinct labels or numbers are distinct keys.
+pub fn key(label: &str, i: usize) -> StorageKey {
+    StorageKey::derive("tests", Some(label.as_bytes()), format!("k{i}").as_bytes())
+        .expect("a short, non-empty key is valid")
+}
+
+/// Claims `key`, which must be free, with `arguments` and `lease`; returns the fence.
+pub async fn acquire(
+    store: &dyn Store,
+    key: &StorageKey,
+    arguments: &CanonicalArguments,
+    lease: Duration,
+) -> Fence {
+    match store
+        .claim(key, arguments, lease)
+        .await
+        .unwrap_or_else(|err| panic!("claim({key}) failed with a store error: {err}"))
+    {
+        Claim::Acquired { fence } => fence,
+        other => panic!("expected to acquire the free key {key}, got {other:?}"),
+    }
+}
 
 /// The error type of the functions under test.
 #[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
