@@ -1,6 +1,8 @@
 //! Shared pieces of the engine tests.
 #![allow(dead_code)]
 
+pub mod model;
+
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
