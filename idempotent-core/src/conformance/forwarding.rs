@@ -160,9 +160,18 @@ impl<H: fmt::Debug> fmt::Debug for Forwarding<H> {
     }
 }
 
-/// An error from [`Hooks::before`] as an operation's answer.
-fn refused<'a, T: Send + 'a>(error: StoreError) -> BoxFuture<'a, Result<T, StoreError>> {
-    Box::pin(async move { Err(error) })
+impl<H: Hooks> Forwarding<H> {
+    /// Runs [`Hooks::before`], then `operation` (a hook given the inner store), or answers
+    /// with the error `before` returned.
+    fn through<'a, T: Send + 'a>(
+        &'a self,
+        operation: impl FnOnce(&'a H, &'a dyn Store) -> BoxFuture<'a, Result<T, StoreError>>,
+    ) -> BoxFuture<'a, Result<T, StoreError>> {
+        match self.hooks.before() {
+            Ok(()) => operation(&self.hooks, &*self.inner),
+            Err(error) => Box::pin(async move { Err(error) }),
+        }
+    }
 }
 
 impl<H: Hooks> Store for Forwarding<H> {
@@ -172,10 +181,7 @@ impl<H: Hooks> Store for Forwarding<H> {
         arguments: &'a CanonicalArguments,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        match self.hooks.before() {
-            Ok(()) => self.hooks.claim(&*self.inner, key, arguments, lease),
-            Err(error) => refused(error),
-        }
+        self.through(|hooks, inner| hooks.claim(inner, key, arguments, lease))
     }
 
     fn complete<'a>(
@@ -185,10 +191,7 @@ impl<H: Hooks> Store for Forwarding<H> {
         output: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        match self.hooks.before() {
-            Ok(()) => self.hooks.complete(&*self.inner, key, fence, output, ttl),
-            Err(error) => refused(error),
-        }
+        self.through(|hooks, inner| hooks.complete(inner, key, fence, output, ttl))
     }
 
     fn release<'a>(
@@ -196,10 +199,7 @@ impl<H: Hooks> Store for Forwarding<H> {
         key: &'a StorageKey,
         fence: Fence,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        match self.hooks.before() {
-            Ok(()) => self.hooks.release(&*self.inner, key, fence),
-            Err(error) => refused(error),
-        }
+        self.through(|hooks, inner| hooks.release(inner, key, fence))
     }
 
     fn extend<'a>(
@@ -208,10 +208,7 @@ impl<H: Hooks> Store for Forwarding<H> {
         fence: Fence,
         lease: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        match self.hooks.before() {
-            Ok(()) => self.hooks.extend(&*self.inner, key, fence, lease),
-            Err(error) => refused(error),
-        }
+        self.through(|hooks, inner| hooks.extend(inner, key, fence, lease))
     }
 
     fn wait<'a>(
@@ -219,23 +216,14 @@ impl<H: Hooks> Store for Forwarding<H> {
         key: &'a StorageKey,
         max: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        match self.hooks.before() {
-            Ok(()) => self.hooks.wait(&*self.inner, key, max),
-            Err(error) => refused(error),
-        }
+        self.through(|hooks, inner| hooks.wait(inner, key, max))
     }
 
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        match self.hooks.before() {
-            Ok(()) => self.hooks.purge_expired(&*self.inner),
-            Err(error) => refused(error),
-        }
+        self.through(|hooks, inner| hooks.purge_expired(inner))
     }
 
     fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
-        match self.hooks.before() {
-            Ok(()) => self.hooks.remove(&*self.inner, key),
-            Err(error) => refused(error),
-        }
+        self.through(|hooks, inner| hooks.remove(inner, key))
     }
 }
