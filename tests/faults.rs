@@ -8,6 +8,8 @@
 //! one value afterwards.
 #![cfg(any(feature = "redis", feature = "postgres"))]
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -448,11 +450,10 @@ async fn survives_restart(store: Arc<dyn Store>, restart: impl AsyncFnOnce() -> 
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
-    use idempotent_core::stores::redis::RedisStore;
     use idempotent_test_support::{RedisOptions, RedisServer};
 
     fn store(server: &RedisServer) -> Arc<dyn Store> {
-        Arc::new(RedisStore::builder(server.url()).build().unwrap())
+        crate::support::redis_store(&server.url())
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

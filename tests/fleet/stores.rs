@@ -51,11 +51,7 @@ pub async fn connect(kind: Kind, url: &str) -> Arc<dyn Store> {
                 .expect("connect to PostgreSQL"),
         ),
         #[cfg(feature = "redis")]
-        Kind::Redis => Arc::new(
-            idempotent_core::stores::redis::RedisStore::builder(url)
-                .build()
-                .expect("a valid Redis URL"),
-        ),
+        Kind::Redis => crate::support::redis_store(url),
         #[cfg(feature = "sqlite")]
         Kind::Sqlite => Arc::new(
             idempotent_core::stores::sqlite::SqliteStore::open(url)

@@ -12,3 +12,13 @@ pub async fn postgres_client(url: &str) -> tokio_postgres::Client {
     tokio::spawn(connection);
     client
 }
+
+/// A Redis store at `url` with the default settings, as the fault and fleet tests use it.
+#[cfg(feature = "redis")]
+pub fn redis_store(url: &str) -> std::sync::Arc<dyn idempotent_core::Store> {
+    std::sync::Arc::new(
+        idempotent_core::stores::redis::RedisStore::builder(url)
+            .build()
+            .expect("a valid Redis URL"),
+    )
+}
