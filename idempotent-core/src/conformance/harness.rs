@@ -35,7 +35,8 @@ pub struct Harness {
     pub(super) time: Time,
     fences_grow: bool,
     pub(super) native_expiry: bool,
-    /// What the harness keeps alive for the store (see [`Harness::keep`]).
+    /// What the harness keeps alive for the store (see [`Harness::keep`]). Declared after
+    /// `store`, so a harness lets go of its store before its guards.
     guards: Vec<Arc<dyn Any + Send + Sync>>,
 }
 
