@@ -1,4 +1,4 @@
-//! The protocol's conformance suite: one property test per rule of [`Store`], generic over any
+//! The protocol's conformance suite: one property test per rule of [`Store`](crate::Store), generic over any
 //! store.
 //!
 //! A store's test file runs the whole suite with one line:
@@ -955,7 +955,7 @@ pub async fn keys_are_independent(h: &Harness) {
 }
 
 /// Fences never repeat over many claim / release / complete / expire cycles of one key and of
-/// several keys (also across [`Store::purge_expired`]); where the store says fences grow, they
+/// several keys (also across [`Store::purge_expired`](crate::Store::purge_expired)); where the store says fences grow, they
 /// grow strictly per key.
 pub async fn fences_never_repeat(h: &Harness) {
     const KEYS: usize = 4;
@@ -1022,7 +1022,7 @@ pub async fn fences_never_repeat(h: &Harness) {
     }
 }
 
-/// [`Store::purge_expired`] removes expired records (counting at least those) and never a live
+/// [`Store::purge_expired`](crate::Store::purge_expired) removes expired records (counting at least those) and never a live
 /// one: live in-progress and completed records answer the same after it.
 pub async fn purge_removes_only_expired(h: &Harness) {
     let (fp, other) = (fingerprint(1), fingerprint(2));
@@ -1207,8 +1207,8 @@ pub async fn remove_deletes_any_record(h: &Harness) {
 // `run_all`, made from the one list of properties.
 macro_rules! define_run_all {
     ([$($property:ident),* $(,)?]) => {
-        /// Every property in turn, on one harness: the same list [`conformance_suite!`]
-        /// makes one test each of.
+        /// Every property in turn, on one harness: the same list of properties that
+        /// [`conformance_suite!`](crate::conformance_suite!) makes one test each of.
         pub async fn run_all(h: &Harness) {
             $($property(h).await;)*
         }
