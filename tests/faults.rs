@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idempotent_core::conformance::{Forwarding, Hooks};
+use idempotent_core::conformance::{Completing, Forwarding, Hooks};
 use idempotent_core::{
-    BoxFuture, Bytes, Call, Error, Fence, FencedWrite, Fingerprint, Idempotency, OnConflict,
-    Options, Outcome, StorageKey, Store, StoreError,
+    BoxFuture, Call, Error, FencedWrite, Fingerprint, Idempotency, OnConflict, Options, Outcome,
+    StorageKey, Store, StoreError,
 };
 
 /// How long each body runs: long enough that, with 64 callers, dozens of bodies are running at
@@ -263,20 +263,17 @@ struct Witness {
 impl Hooks for Witness {
     fn complete<'a>(
         &'a self,
-        inner: &'a dyn Store,
-        key: &'a StorageKey,
-        fence: Fence,
-        output: Bytes,
-        ttl: Duration,
+        op: Completing<'a>,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        let key = *op.key;
         Box::pin(async move {
-            let write = inner.complete(key, fence, output, ttl).await;
+            let write = op.send().await;
             let answered = Instant::now();
             let result = match &write {
                 Ok(write) => Ok(*write),
                 Err(error) => Err(format!("{error:?}")),
             };
-            self.ledger.completed(key, Complete { answered, result });
+            self.ledger.completed(&key, Complete { answered, result });
             write
         })
     }

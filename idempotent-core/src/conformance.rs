@@ -41,7 +41,9 @@ mod forwarding;
 mod harness;
 pub use calls::*;
 pub use durations::*;
-pub use forwarding::{Forwarding, Hooks};
+pub use forwarding::{
+    Claiming, Completing, Extending, Forwarding, Hooks, Purging, Releasing, Removing, Waiting,
+};
 pub use harness::Harness;
 use harness::Time;
 

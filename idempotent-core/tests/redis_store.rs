@@ -6,11 +6,11 @@ mod support;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use idempotent_core::conformance::{Forwarding, Harness, Hooks};
+use idempotent_core::conformance::{Completing, Forwarding, Harness, Hooks};
 use idempotent_core::stores::redis::RedisStore;
 use idempotent_core::{
-    BoxFuture, Bytes, Call, CanonicalArguments, Claim, Fence, FencedWrite, Fingerprint,
-    Idempotency, OnConflict, Options, Outcome, StorageKey, Store, StoreError,
+    BoxFuture, Bytes, Call, CanonicalArguments, Claim, FencedWrite, Fingerprint, Idempotency,
+    OnConflict, Options, Outcome, StorageKey, Store, StoreError,
 };
 use idempotent_test_support::{ProxyMode, RedisOptions, RedisServer, TcpProxy};
 use support::{AppError, Runs};
@@ -884,14 +884,10 @@ impl CompletesSeen {
 impl Hooks for CompletesSeen {
     fn complete<'a>(
         &'a self,
-        inner: &'a dyn Store,
-        key: &'a StorageKey,
-        fence: Fence,
-        output: Bytes,
-        ttl: Duration,
+        op: Completing<'a>,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         Box::pin(async move {
-            let write = inner.complete(key, fence, output, ttl).await;
+            let write = op.send().await;
             let seen = match &write {
                 Ok(applied) => Ok(*applied),
                 Err(error) => Err(format!("{error:?}")),

@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::{Forwarding, Harness, Hooks, LONG, WAIT_BOUND, expect_replay, fingerprint};
+use super::{Completing, Forwarding, Harness, Hooks, LONG, WAIT_BOUND, expect_replay, fingerprint};
 use crate::engine::{Call, Idempotency, Outcome};
 use crate::error::{Error, StoreError};
 use crate::fingerprint::CanonicalArguments;
-use crate::key::StorageKey;
 use crate::options::{OnConflict, Options};
-use crate::store::{BoxFuture, Bytes, Fence, FencedWrite, Store};
+use crate::store::{BoxFuture, FencedWrite, Store};
 
 /// How long [`SlowComplete`] holds each `complete` before passing it on: long enough that a
 /// call cancelled while recording is still recording when its retry arrives.
@@ -32,11 +31,7 @@ struct SlowComplete {
 impl Hooks for SlowComplete {
     fn complete<'a>(
         &'a self,
-        inner: &'a dyn Store,
-        key: &'a StorageKey,
-        fence: Fence,
-        output: Bytes,
-        ttl: Duration,
+        op: Completing<'a>,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         Box::pin(async move {
             self.completes.fetch_add(1, Ordering::SeqCst);
@@ -48,7 +43,7 @@ impl Hooks for SlowComplete {
                 });
             }
             tokio::time::sleep(COMPLETE_DELAY).await;
-            inner.complete(key, fence, output, ttl).await
+            op.send().await
         })
     }
 }

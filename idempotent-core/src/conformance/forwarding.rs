@@ -12,38 +12,31 @@ use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 
 /// What a [`Forwarding`] store does in place of passing an operation on: every method's
-/// default passes the operation to `inner` unchanged, so a test overrides only the ones it
-/// changes (and [`before`](Hooks::before), to refuse every operation at once).
+/// default passes the operation to the inner store unchanged ([`send`](Completing::send)), so
+/// a test overrides only the ones it changes (and [`before`](Hooks::before), to refuse every
+/// operation at once). Each method gets its operation as one value: the inner store and the
+/// operation's arguments.
 ///
 /// ```
 /// use std::sync::Arc;
 /// use std::sync::atomic::{AtomicU32, Ordering};
-/// use std::time::Duration;
-/// use idempotent_core::conformance::{Forwarding, Hooks};
-/// use idempotent_core::{BoxFuture, Bytes, Fence, FencedWrite, MemoryStore, StorageKey, Store, StoreError};
+/// use idempotent_core::conformance::{Completing, Forwarding, Hooks};
+/// use idempotent_core::{BoxFuture, FencedWrite, MemoryStore, StoreError};
 ///
 /// /// Counts the `complete`s sent to the store.
 /// #[derive(Debug, Default)]
 /// struct CountCompletes(AtomicU32);
 ///
 /// impl Hooks for CountCompletes {
-///     fn complete<'a>(
-///         &'a self,
-///         inner: &'a dyn Store,
-///         key: &'a StorageKey,
-///         fence: Fence,
-///         output: Bytes,
-///         ttl: Duration,
-///     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+///     fn complete<'a>(&'a self, op: Completing<'a>) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
 ///         self.0.fetch_add(1, Ordering::SeqCst);
-///         inner.complete(key, fence, output, ttl)
+///         op.send()
 ///     }
 /// }
 ///
 /// let store = Forwarding::new(Arc::new(MemoryStore::new()), CountCompletes::default());
 /// assert_eq!(store.0.load(Ordering::SeqCst), 0, "the hooks are reached through the store");
 /// ```
-#[allow(unused_variables)]
 pub trait Hooks: fmt::Debug + Send + Sync {
     /// Runs as each operation is called, before it is passed on (or to the hook that replaces
     /// it): an error is returned in place of the operation's answer, and the operation is not
@@ -53,72 +46,86 @@ pub trait Hooks: fmt::Debug + Send + Sync {
     }
 
     /// [`Store::claim`]; the default passes it on.
-    fn claim<'a>(
-        &'a self,
-        inner: &'a dyn Store,
-        key: &'a StorageKey,
-        arguments: &'a CanonicalArguments,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        inner.claim(key, arguments, lease)
+    fn claim<'a>(&'a self, op: Claiming<'a>) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        op.send()
     }
 
     /// [`Store::complete`]; the default passes it on.
     fn complete<'a>(
         &'a self,
-        inner: &'a dyn Store,
-        key: &'a StorageKey,
-        fence: Fence,
-        output: Bytes,
-        ttl: Duration,
+        op: Completing<'a>,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        inner.complete(key, fence, output, ttl)
+        op.send()
     }
 
     /// [`Store::release`]; the default passes it on.
-    fn release<'a>(
-        &'a self,
-        inner: &'a dyn Store,
-        key: &'a StorageKey,
-        fence: Fence,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        inner.release(key, fence)
+    fn release<'a>(&'a self, op: Releasing<'a>) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        op.send()
     }
 
     /// [`Store::extend`]; the default passes it on.
-    fn extend<'a>(
-        &'a self,
-        inner: &'a dyn Store,
-        key: &'a StorageKey,
-        fence: Fence,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        inner.extend(key, fence, lease)
+    fn extend<'a>(&'a self, op: Extending<'a>) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        op.send()
     }
 
     /// [`Store::wait`]; the default passes it on.
-    fn wait<'a>(
-        &'a self,
-        inner: &'a dyn Store,
-        key: &'a StorageKey,
-        max: Duration,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        inner.wait(key, max)
+    fn wait<'a>(&'a self, op: Waiting<'a>) -> BoxFuture<'a, Result<(), StoreError>> {
+        op.send()
     }
 
     /// [`Store::purge_expired`]; the default passes it on.
-    fn purge_expired<'a>(&'a self, inner: &'a dyn Store) -> BoxFuture<'a, Result<u64, StoreError>> {
-        inner.purge_expired()
+    fn purge_expired<'a>(&'a self, op: Purging<'a>) -> BoxFuture<'a, Result<u64, StoreError>> {
+        op.send()
     }
 
     /// [`Store::remove`]; the default passes it on.
-    fn remove<'a>(
-        &'a self,
-        inner: &'a dyn Store,
-        key: &'a StorageKey,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        inner.remove(key)
+    fn remove<'a>(&'a self, op: Removing<'a>) -> BoxFuture<'a, Result<bool, StoreError>> {
+        op.send()
     }
+}
+
+/// One type per operation a [`Hooks`] method is given: the inner store and the operation's
+/// arguments, and `send` to pass it on unchanged.
+macro_rules! operations {
+    ($(
+        $(#[$doc:meta])*
+        $name:ident => $method:ident($($field:ident: $ty:ty),*) -> $answer:ty;
+    )*) => {$(
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name<'a> {
+            /// The store the operation is passed on to.
+            pub inner: &'a dyn Store,
+            $(
+                #[doc = concat!("The operation's `", stringify!($field), "`.")]
+                pub $field: $ty,
+            )*
+        }
+
+        impl<'a> $name<'a> {
+            /// Passes the operation on to the inner store, unchanged.
+            pub fn send(self) -> BoxFuture<'a, Result<$answer, StoreError>> {
+                self.inner.$method($(self.$field),*)
+            }
+        }
+    )*};
+}
+
+operations! {
+    /// A [`Store::claim`] on its way to the inner store.
+    Claiming => claim(key: &'a StorageKey, arguments: &'a CanonicalArguments, lease: Duration) -> Claim;
+    /// A [`Store::complete`] on its way to the inner store.
+    Completing => complete(key: &'a StorageKey, fence: Fence, output: Bytes, ttl: Duration) -> FencedWrite;
+    /// A [`Store::release`] on its way to the inner store.
+    Releasing => release(key: &'a StorageKey, fence: Fence) -> FencedWrite;
+    /// A [`Store::extend`] on its way to the inner store.
+    Extending => extend(key: &'a StorageKey, fence: Fence, lease: Duration) -> FencedWrite;
+    /// A [`Store::wait`] on its way to the inner store.
+    Waiting => wait(key: &'a StorageKey, max: Duration) -> ();
+    /// A [`Store::purge_expired`] on its way to the inner store.
+    Purging => purge_expired() -> u64;
+    /// A [`Store::remove`] on its way to the inner store.
+    Removing => remove(key: &'a StorageKey) -> bool;
 }
 
 /// A [`Store`] that passes every operation on to `inner` through its [`Hooks`], which change
@@ -181,7 +188,14 @@ impl<H: Hooks> Store for Forwarding<H> {
         arguments: &'a CanonicalArguments,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.through(|hooks, inner| hooks.claim(inner, key, arguments, lease))
+        self.through(|hooks, inner| {
+            hooks.claim(Claiming {
+                inner,
+                key,
+                arguments,
+                lease,
+            })
+        })
     }
 
     fn complete<'a>(
@@ -191,7 +205,15 @@ impl<H: Hooks> Store for Forwarding<H> {
         output: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.through(|hooks, inner| hooks.complete(inner, key, fence, output, ttl))
+        self.through(|hooks, inner| {
+            hooks.complete(Completing {
+                inner,
+                key,
+                fence,
+                output,
+                ttl,
+            })
+        })
     }
 
     fn release<'a>(
@@ -199,7 +221,7 @@ impl<H: Hooks> Store for Forwarding<H> {
         key: &'a StorageKey,
         fence: Fence,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.through(|hooks, inner| hooks.release(inner, key, fence))
+        self.through(|hooks, inner| hooks.release(Releasing { inner, key, fence }))
     }
 
     fn extend<'a>(
@@ -208,7 +230,14 @@ impl<H: Hooks> Store for Forwarding<H> {
         fence: Fence,
         lease: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.through(|hooks, inner| hooks.extend(inner, key, fence, lease))
+        self.through(|hooks, inner| {
+            hooks.extend(Extending {
+                inner,
+                key,
+                fence,
+                lease,
+            })
+        })
     }
 
     fn wait<'a>(
@@ -216,14 +245,14 @@ impl<H: Hooks> Store for Forwarding<H> {
         key: &'a StorageKey,
         max: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.through(|hooks, inner| hooks.wait(inner, key, max))
+        self.through(|hooks, inner| hooks.wait(Waiting { inner, key, max }))
     }
 
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.through(|hooks, inner| hooks.purge_expired(inner))
+        self.through(|hooks, inner| hooks.purge_expired(Purging { inner }))
     }
 
     fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.through(|hooks, inner| hooks.remove(inner, key))
+        self.through(|hooks, inner| hooks.remove(Removing { inner, key }))
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idempotent_core::conformance::{Forwarding, Hooks};
+use idempotent_core::conformance::{Completing, Forwarding, Hooks};
 use idempotent_core::{
     BoxFuture, Bytes, CanonicalArguments, Claim, Clock, Error, Fence, FencedWrite, Fingerprint,
     StorageKey, Store, StoreError,
@@ -208,11 +208,7 @@ impl FlakyComplete {
 impl Hooks for FlakyComplete {
     fn complete<'a>(
         &'a self,
-        inner: &'a dyn Store,
-        key: &'a StorageKey,
-        fence: Fence,
-        output: Bytes,
-        ttl: Duration,
+        op: Completing<'a>,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         let fail = self
             .failures
@@ -220,13 +216,13 @@ impl Hooks for FlakyComplete {
             .is_ok();
         if fail && self.lost_after_write {
             return Box::pin(async move {
-                inner.complete(key, fence, output, ttl).await?;
+                op.send().await?;
                 down().await
             });
         }
         if fail {
             return down();
         }
-        inner.complete(key, fence, output, ttl)
+        op.send()
     }
 }
