@@ -20,8 +20,9 @@ use crate::error::Error;
 use crate::fingerprint::CanonicalArguments;
 use crate::fingerprint::{FingerprintError, Fingerprinter};
 use crate::ledger::Leased;
+use crate::ledger::Ledger;
 pub use crate::ledger::StoreHandle;
-use crate::recorded::{OkAndErr, OkOnly};
+use crate::recorded::{OkAndErr, OkOnly, Recording};
 
 /// Collects the arguments one by one into their canonical encoding, which is hashed only once
 /// it outgrows `MAX_EXACT_ARGUMENTS`; keeps the first failure to report it.
@@ -94,12 +95,7 @@ where
     E: From<Error>,
     F: Future<Output = R>,
 {
-    let body = async move { body.await.into_result() };
-    R::from_result(
-        execute::<OkOnly, T, E, _>(&Leased::new(store), options, call, body)
-            .await
-            .map(crate::Outcome::into_value),
-    )
+    run_over::<OkOnly, R, F>(&Leased::new(store), options, call, body).await
 }
 
 pub async fn run_caching_errors<R, F>(
@@ -114,12 +110,21 @@ where
     R::Err: Serialize + DeserializeOwned + From<Error>,
     F: Future<Output = R>,
 {
+    run_over::<OkAndErr, R, F>(&Leased::new(store), options, call, body).await
+}
+
+/// The engine over `ledger`, recording as `Rec` does, with the body's value and the answer
+/// in the function's own return type.
+async fn run_over<Rec, R, F>(ledger: &impl Ledger, options: &Options, call: Prepared, body: F) -> R
+where
+    Rec: Recording<R::Ok, R::Err>,
+    R: IsResult,
+    R::Err: From<Error>,
+    F: Future<Output = R>,
+{
     let body = async move { body.await.into_result() };
-    R::from_result(
-        execute::<OkAndErr, R::Ok, R::Err, _>(&Leased::new(store), options, call, body)
-            .await
-            .map(crate::Outcome::into_value),
-    )
+    let answer = execute::<Rec, R::Ok, R::Err, _>(ledger, options, call, body).await;
+    R::from_result(answer.map(crate::Outcome::into_value))
 }
 
 /// The `Ok` type is recorded as JSON and read back.
@@ -167,7 +172,7 @@ pub use postgres_mode::*;
 #[cfg(feature = "postgres")]
 mod postgres_mode {
     use super::*;
-    use crate::stores::postgres::{PostgresStore, PostgresTransaction};
+    use crate::stores::postgres::{InTransaction, PostgresStore, PostgresTransaction};
 
     /// What `store = ...` accepts in the transactional mode.
     #[diagnostic::on_unimplemented(
@@ -213,12 +218,7 @@ mod postgres_mode {
         R::Err: From<Error>,
         F: Future<Output = R>,
     {
-        let body = async move { body.await.into_result() };
-        R::from_result(
-            store
-                .execute_in(tx.transaction(), options, call, body)
-                .await
-                .map(crate::Outcome::into_value),
-        )
+        let ledger = InTransaction::new(store, tx.transaction());
+        run_over::<OkOnly, R, F>(&ledger, options, call, body).await
     }
 }

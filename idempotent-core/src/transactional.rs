@@ -7,7 +7,7 @@ use std::future::Future;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::engine::{Call, Outcome, Prepared, execute};
+use crate::engine::{Call, Outcome, execute};
 use crate::error::Error;
 use crate::options::Options;
 use crate::recorded::OkOnly;
@@ -68,24 +68,7 @@ impl PostgresStore {
         E: From<Error>,
         F: Future<Output = Result<T, E>>,
     {
-        self.execute_in(tx.transaction(), options, call.prepare(), body)
-            .await
-    }
-
-    /// Records `Ok` values only: an `Err` releases the claim (the attribute refuses
-    /// `cache_errors` with `tx`).
-    pub(crate) async fn execute_in<T, E, F>(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        options: &Options,
-        call: Prepared,
-        body: F,
-    ) -> Result<Outcome<T>, E>
-    where
-        T: Serialize + DeserializeOwned,
-        E: From<Error>,
-        F: Future<Output = Result<T, E>>,
-    {
-        execute::<OkOnly, T, E, F>(&InTransaction::new(self, tx), options, call, body).await
+        let ledger = InTransaction::new(self, tx.transaction());
+        execute::<OkOnly, T, E, F>(&ledger, options, call.prepare(), body).await
     }
 }
