@@ -4,15 +4,7 @@ use idempotent_core::idempotent;
 #[allow(unused_imports)]
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug)]
-pub struct AppError(idempotent_core::Error);
-impl From<idempotent_core::Error> for AppError {
-    fn from(error: idempotent_core::Error) -> Self {
-        AppError(error)
-    }
-}
-
-pub type Result<T> = std::result::Result<T, AppError>;
+pub type Result<T> = std::result::Result<T, idempotent_core::Error>;
 
 #[derive(Deserialize)]
 pub struct Receipt {

@@ -2,21 +2,13 @@ use idempotent_core::idempotent;
 #[allow(unused_imports)]
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug)]
-pub struct AppError(idempotent_core::Error);
-impl From<idempotent_core::Error> for AppError {
-    fn from(error: idempotent_core::Error) -> Self {
-        AppError(error)
-    }
-}
-
 #[idempotent(key = id, ttl = "soon")]
-async fn charge(id: u64) -> Result<u64, AppError> {
+async fn charge(id: u64) -> Result<u64, idempotent_core::Error> {
     Ok(id)
 }
 
 // Only the attribute error is reported: the function is still there for its callers.
-async fn caller() -> Result<u64, AppError> {
+async fn caller() -> Result<u64, idempotent_core::Error> {
     charge(7).await
 }
 

@@ -3,14 +3,6 @@ use idempotent_core::idempotent;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug)]
-pub struct AppError(idempotent_core::Error);
-impl From<idempotent_core::Error> for AppError {
-    fn from(error: idempotent_core::Error) -> Self {
-        AppError(error)
-    }
-}
-
-#[derive(Debug)]
 pub struct PlainError;
 
 #[idempotent(key = id)]

@@ -3,21 +3,13 @@
 //! `MAX_DURATION` rather than copying them.
 use idempotent_core::idempotent;
 
-#[derive(Debug)]
-pub struct AppError(idempotent_core::Error);
-impl From<idempotent_core::Error> for AppError {
-    fn from(error: idempotent_core::Error) -> Self {
-        AppError(error)
-    }
-}
-
 #[idempotent(key = id, lease = "48h")]
-async fn lease_over_the_default_ttl(id: u64) -> Result<u64, AppError> {
+async fn lease_over_the_default_ttl(id: u64) -> Result<u64, idempotent_core::Error> {
     Ok(id)
 }
 
 #[idempotent(key = id, ttl = "10s")]
-async fn ttl_under_the_default_lease(id: u64) -> Result<u64, AppError> {
+async fn ttl_under_the_default_lease(id: u64) -> Result<u64, idempotent_core::Error> {
     Ok(id)
 }
 

@@ -2,21 +2,13 @@ use idempotent_core::idempotent;
 #[allow(unused_imports)]
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug)]
-pub struct AppError(idempotent_core::Error);
-impl From<idempotent_core::Error> for AppError {
-    fn from(error: idempotent_core::Error) -> Self {
-        AppError(error)
-    }
-}
-
 #[derive(Deserialize)]
 pub struct Receipt {
     id: u64,
 }
 
 #[idempotent(key = id)]
-async fn charge(id: u64) -> Result<Receipt, AppError> {
+async fn charge(id: u64) -> Result<Receipt, idempotent_core::Error> {
     Ok(Receipt { id })
 }
 

@@ -2,17 +2,9 @@ use idempotent_core::idempotent;
 #[allow(unused_imports)]
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug)]
-pub struct AppError(idempotent_core::Error);
-impl From<idempotent_core::Error> for AppError {
-    fn from(error: idempotent_core::Error) -> Self {
-        AppError(error)
-    }
-}
-
 trait Payments {
     #[idempotent(key = id)]
-    async fn charge(&self, id: u64) -> Result<u64, AppError>;
+    async fn charge(&self, id: u64) -> Result<u64, idempotent_core::Error>;
 }
 
 fn main() {}

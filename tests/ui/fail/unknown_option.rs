@@ -2,16 +2,8 @@ use idempotent_core::idempotent;
 #[allow(unused_imports)]
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug)]
-pub struct AppError(idempotent_core::Error);
-impl From<idempotent_core::Error> for AppError {
-    fn from(error: idempotent_core::Error) -> Self {
-        AppError(error)
-    }
-}
-
 #[idempotent(key = id, tll = "1h")]
-async fn charge(id: u64) -> Result<u64, AppError> {
+async fn charge(id: u64) -> Result<u64, idempotent_core::Error> {
     Ok(id)
 }
 
