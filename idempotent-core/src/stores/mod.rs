@@ -8,4 +8,4 @@ pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
-mod waiters;
+mod wake_table;

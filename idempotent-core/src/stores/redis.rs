@@ -15,7 +15,7 @@
 //! falls back to sleeping for a short poll interval.
 
 mod scripts;
-mod waiters;
+mod subscriptions;
 
 use std::fmt::{self, Write as _};
 
@@ -32,7 +32,7 @@ use crate::hex::hex32;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 use scripts::Scripts;
-use waiters::Waiters;
+use subscriptions::Subscriptions;
 
 /// How long a released record is kept as a tombstone carrying its fence.
 const TOMBSTONE: Duration = Duration::from_secs(1);
@@ -131,7 +131,7 @@ impl RedisStoreBuilder {
             connection: Arc::new(connection),
             deadline: self.connect_timeout + self.response_timeout,
             scripts: Arc::new(Scripts::new()),
-            waiters: Arc::new(Waiters::new(client, self.connect_timeout)),
+            subscriptions: Arc::new(Subscriptions::new(client, self.connect_timeout)),
             key_prefix: self.key_prefix,
             poll_interval: self.poll_interval,
         })
@@ -189,7 +189,7 @@ pub struct RedisStore {
     /// The longest one operation may take: the connect timeout plus the response timeout.
     deadline: Duration,
     scripts: Arc<Scripts>,
-    waiters: Arc<Waiters>,
+    subscriptions: Arc<Subscriptions>,
     key_prefix: String,
     poll_interval: Duration,
 }
@@ -587,7 +587,7 @@ impl Store for RedisStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             // Subscribe first, then look: a completion after the look is then always heard.
-            let subscription = self.waiters.subscribe(self.channel(key)).await;
+            let subscription = self.subscriptions.subscribe(self.channel(key)).await;
             let Some(left) = self.lease_left(key).await? else {
                 return Ok(());
             };

@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::stores::waiters::{Registration, Waiters};
+use crate::stores::wake_table::{Registration, WakeTable};
 
 struct Listening {
     // Kept alive: dropping the client would close the listening connection.
@@ -22,7 +22,7 @@ pub(super) struct Listener {
     connect_timeout: Duration,
     connection: tokio::sync::Mutex<Option<Listening>>,
     /// By key in hex, the notifications' payload.
-    waiting: Arc<Waiters<String>>,
+    waiting: Arc<WakeTable<String>>,
 }
 
 impl Listener {
