@@ -1,6 +1,8 @@
 //! The stores. The in-memory store is always there; the others are behind cargo features.
 
 pub mod memory;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+mod millis;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redis")]

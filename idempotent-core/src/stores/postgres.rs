@@ -30,6 +30,8 @@ use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
+// A lease or ttl as the statements take it, which a `bigint` and an `interval` hold.
+use crate::stores::millis::held_i64 as millis;
 use listener::Listener;
 use sql::Statements;
 
@@ -309,16 +311,20 @@ async fn cancel(pooled: managed::Object<ConnectionManager>, timeout: Duration) {
     }
 }
 
+/// A timeout as the server's `statement_timeout` and `lock_timeout` take it: `int`
+/// milliseconds, where 0 would mean no limit. Whole ms rounded up, at least 1, as
+/// [`held_millis`](crate::held_millis) rounds, and at most `i32::MAX` (about 24 days).
+fn timeout_ms(timeout: Duration) -> i32 {
+    i32::try_from(crate::store::held_millis(timeout)).unwrap_or(i32::MAX)
+}
+
 /// The startup options of the store's connections: `existing` (from the URL) and the server
 /// settings the store relies on.
 fn server_settings(existing: Option<&str>, timeout: Duration) -> String {
-    // Both timeouts are `int` milliseconds on the server, 0 meaning no limit. READ COMMITTED
-    // whatever the database's default: the statements are written for it (each sees what
-    // committed before it), and under REPEATABLE READ or SERIALIZABLE concurrent claims of a
-    // key fail with serialization errors instead of waiting for each other.
-    let limit = i32::try_from(timeout.as_millis())
-        .unwrap_or(i32::MAX)
-        .max(1);
+    // READ COMMITTED whatever the database's default: the statements are written for it (each
+    // sees what committed before it), and under REPEATABLE READ or SERIALIZABLE concurrent
+    // claims of a key fail with serialization errors instead of waiting for each other.
+    let limit = timeout_ms(timeout);
     let ours = format!(
         "-c statement_timeout={limit} -c lock_timeout={limit} \
          -c default_transaction_isolation=read\\ committed"
@@ -362,12 +368,6 @@ impl fmt::Debug for PostgresStore {
             .field("table", &self.table)
             .finish_non_exhaustive()
     }
-}
-
-/// A lease or ttl as the statements take it: whole ms, rounded up, 1 ms to
-/// [`MAX_DURATION`](crate::MAX_DURATION), which a `bigint` and an `interval` hold.
-fn millis(duration: Duration) -> i64 {
-    i64::try_from(crate::store::held_millis(duration)).unwrap_or(i64::MAX)
 }
 
 fn fence_param(fence: Fence) -> i64 {
@@ -523,7 +523,7 @@ fn judge_claim(
     match state {
         Some(0) => Ok(Some(Claim::InProgress {
             // Whole ms, rounded down: a lease with less than a millisecond left is still live.
-            retry_after: Duration::from_millis(u64::try_from(left).unwrap_or(0).max(1)),
+            retry_after: crate::stores::millis::left(left),
         })),
         Some(1) => {
             let output: Option<Vec<u8>> = row
@@ -710,8 +710,8 @@ impl PostgresStore {
             transaction
                 .batch_execute(&format!(
                     "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
-                    millis(self.timeout),
-                    millis(budget)
+                    timeout_ms(self.timeout),
+                    timeout_ms(budget)
                 ))
                 .await
                 .map_err(|error| from_pg("could not set the schema's timeouts", error))?;
@@ -777,7 +777,7 @@ impl PostgresStore {
         let rows = self.query(Kind::LeaseLeft, &[&key]).await?;
         Ok(rows.first().map(|row| {
             let left: Option<i64> = row.try_get(0).unwrap_or(None);
-            Duration::from_millis(left.and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0))
+            crate::stores::millis::left(left.unwrap_or(0))
         }))
     }
 }

@@ -31,6 +31,8 @@ use crate::fingerprint::Fingerprint;
 use crate::hex::hex32;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
+// A lease or ttl as `PX` takes it.
+use crate::stores::millis::held_u64 as millis;
 use scripts::Scripts;
 use subscriptions::Subscriptions;
 
@@ -361,11 +363,6 @@ impl RedisStore {
     }
 }
 
-/// A lease or ttl as `PX` takes it: whole ms, rounded up, 1 ms to [`MAX_DURATION`](crate::MAX_DURATION).
-fn millis(duration: Duration) -> u64 {
-    crate::store::held_millis(duration)
-}
-
 /// Whether `error` says the server the connection reaches is not a primary: demoted to a
 /// replica by a failover (`READONLY`), or a replica cut off from its primary (`MASTERDOWN`).
 /// A new connection to the same address may reach the new primary.
@@ -462,9 +459,7 @@ impl Reply {
         Ok(match (tag.as_slice(), arg) {
             (b"p", Some(Value::Int(left))) => {
                 // `PTTL` rounds down: a lease with less than a millisecond left is still live.
-                Reply::InProgress(Duration::from_millis(
-                    u64::try_from(left).unwrap_or(0).max(1),
-                ))
+                Reply::InProgress(crate::stores::millis::left(left))
             }
             (b"m", _) => Reply::Mismatch,
             (b"n", _) => Reply::NotInProgress,
