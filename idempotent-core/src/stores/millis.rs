@@ -7,13 +7,15 @@ use crate::store::held_millis;
 
 /// A lease or ttl in whole ms, by the one rule of [`held_millis`]: rounded up, 1 ms to
 /// [`MAX_DURATION`](crate::MAX_DURATION). As Redis's `PX` takes it.
+#[cfg(feature = "redis")]
 pub(crate) fn held_u64(duration: Duration) -> u64 {
     held_millis(duration)
 }
 
-/// [`held_u64`] as a signed 64-bit integer, as a PostgreSQL `bigint` or an SQLite `INTEGER`
+/// The same whole ms as a signed 64-bit integer, as a PostgreSQL `bigint` or an SQLite `INTEGER`
 /// holds it. [`MAX_DURATION`](crate::MAX_DURATION) in ms is far below `i64::MAX`, so every
 /// value fits; the clamp is never reached.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub(crate) fn held_i64(duration: Duration) -> i64 {
     i64::try_from(held_millis(duration)).unwrap_or(i64::MAX)
 }
