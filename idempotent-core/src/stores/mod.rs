@@ -9,5 +9,7 @@ pub mod postgres;
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(any(feature = "postgres", feature = "redis"))]
+mod wait;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod wake_table;

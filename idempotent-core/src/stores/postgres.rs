@@ -32,6 +32,7 @@ use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 // A lease or ttl as the statements take it, which a `bigint` and an `interval` hold.
 use crate::stores::millis::held_i64 as millis;
+use crate::stores::wait::wait_turn;
 use listener::Listener;
 use sql::Statements;
 
@@ -860,21 +861,20 @@ impl Store for PostgresStore {
         key: &'a StorageKey,
         max: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            // Listen first, then look: a notification after the look is always heard.
-            let interest = self.listener.interest(key.to_hex()).await;
-            let Some(left) = self.lease_left(key).await? else {
-                return Ok(());
-            };
-            let limit = max.min(left);
-            match interest {
-                Some(mut interest) => {
-                    let _ = tokio::time::timeout(limit, interest.notified()).await;
-                }
-                None => tokio::time::sleep(limit.min(self.poll_interval)).await,
-            }
-            Ok(())
-        })
+        // Listen first, then look: a notification after the look is always heard.
+        let interest = async {
+            let interest = self.listener.interest(key.to_hex()).await?;
+            Some(async move {
+                let mut interest = interest;
+                interest.notified().await;
+            })
+        };
+        Box::pin(wait_turn(
+            interest,
+            self.lease_left(key),
+            max,
+            self.poll_interval,
+        ))
     }
 
     fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {

@@ -33,6 +33,7 @@ use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 // A lease or ttl as `PX` takes it.
 use crate::stores::millis::held_u64 as millis;
+use crate::stores::wait::wait_turn;
 use scripts::Scripts;
 use subscriptions::Subscriptions;
 
@@ -580,21 +581,17 @@ impl Store for RedisStore {
         key: &'a StorageKey,
         max: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            // Subscribe first, then look: a completion after the look is then always heard.
-            let subscription = self.subscriptions.subscribe(self.channel(key)).await;
-            let Some(left) = self.lease_left(key).await? else {
-                return Ok(());
-            };
-            let limit = max.min(left);
-            match subscription {
-                Some(subscription) => {
-                    let _ = tokio::time::timeout(limit, subscription.notified()).await;
-                }
-                None => tokio::time::sleep(limit.min(self.poll_interval)).await,
-            }
-            Ok(())
-        })
+        // Subscribe first, then look: a completion after the look is then always heard.
+        let subscription = async {
+            let subscription = self.subscriptions.subscribe(self.channel(key)).await?;
+            Some(subscription.notified())
+        };
+        Box::pin(wait_turn(
+            subscription,
+            self.lease_left(key),
+            max,
+            self.poll_interval,
+        ))
     }
 
     fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
