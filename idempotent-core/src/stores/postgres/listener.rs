@@ -1,5 +1,6 @@
 //! Waiting by LISTEN/NOTIFY: one connection listens on the store's channel; `complete` and
-//! `release` notify it with the key (at commit), and the waiters of that key are woken.
+//! `release` notify it with the key (at commit) when a waiter marked the record, and the
+//! waiters of that key are woken.
 
 use std::sync::Arc;
 use std::time::Duration;

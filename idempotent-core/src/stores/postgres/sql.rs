@@ -203,14 +203,15 @@ impl Statements {
                      WHERE key = $1 AND state = 0 AND until > statement_timestamp() AND NOT waiting
                      RETURNING until
                  )
-                 SELECT ceil(extract(epoch FROM (until - statement_timestamp())) * 1000)::bigint FROM marked
+                 SELECT ceil(extract(epoch FROM (until - statement_timestamp())) * 1000)::bigint AS left_ms
+                 FROM marked
                  UNION ALL
                  SELECT ceil(extract(epoch FROM (until - statement_timestamp())) * 1000)::bigint FROM live
                  WHERE live.waiting"
             ),
             purge: format!(
                 "WITH gone AS (DELETE FROM {table} WHERE until <= statement_timestamp() RETURNING 1)
-                 SELECT count(*) FROM gone"
+                 SELECT count(*) AS purged FROM gone"
             ),
             remove: format!("DELETE FROM {table} WHERE key = $1 RETURNING key"),
             listen: format!("LISTEN {channel}"),
@@ -233,4 +234,23 @@ pub(super) fn check_table_name(table: &str) -> Result<(), String> {
             "invalid table name {table:?}: use 1 to 40 lowercase letters, digits and underscores, not starting with a digit"
         ))
     }
+}
+
+/// The schema, claim and complete statement texts the store uses for `table`, for the
+/// benches' raw-driver baseline (through `__private`).
+pub(crate) fn statement_texts(
+    table: &str,
+) -> Result<crate::private::PostgresStatementTexts, String> {
+    check_table_name(table)?;
+    let Statements {
+        schema,
+        claim,
+        complete,
+        ..
+    } = Statements::new(table);
+    Ok(crate::private::PostgresStatementTexts {
+        schema,
+        claim,
+        complete,
+    })
 }
