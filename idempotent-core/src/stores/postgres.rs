@@ -186,16 +186,8 @@ impl PostgresStore {
                 .await
                 .map_err(|error| from_pg("a statement failed", error))
         };
-        match tokio::time::timeout_at(deadline, work).await {
-            Ok(result) => {
-                running.done();
-                result
-            }
-            Err(_) => {
-                running.abandon().await;
-                Err(timed_out("a statement", self.timeout))
-            }
-        }
+        let outcome = tokio::time::timeout_at(deadline, work).await;
+        running.end(outcome, "a statement", self.timeout).await
     }
 
     async fn fenced_write(

@@ -6,9 +6,10 @@ use std::time::Duration;
 use deadpool::Runtime;
 use deadpool::managed::{self, Metrics, RecycleResult};
 use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, RecyclingMethod};
+use tokio::time::error::Elapsed;
 use tokio_postgres::{NoTls, Statement};
 
-use super::error::{describe, from_pg};
+use super::error::{describe, from_pg, timed_out};
 use super::sql::Statements;
 use crate::error::StoreError;
 
@@ -161,14 +162,35 @@ impl Running {
             .expect("a running connection is present until done or abandoned")
     }
 
+    /// Ends the run with what its statements gave (`outcome`), the connection going back to
+    /// the pool; or, when they ran out of time, abandons it and fails as `what` taking longer
+    /// than `limit`.
+    pub(super) async fn end<T>(
+        self,
+        outcome: Result<Result<T, StoreError>, Elapsed>,
+        what: &str,
+        limit: Duration,
+    ) -> Result<T, StoreError> {
+        match outcome {
+            Ok(result) => {
+                self.done();
+                result
+            }
+            Err(_) => {
+                self.abandon().await;
+                Err(timed_out(what, limit))
+            }
+        }
+    }
+
     /// The statements ended: the connection goes back to the pool.
-    pub(super) fn done(mut self) {
+    fn done(mut self) {
         self.pooled.take();
     }
 
     /// Closes the connection and cancels its statement, waiting (up to the timeout) until the
     /// server has the cancel request.
-    pub(super) async fn abandon(mut self) {
+    async fn abandon(mut self) {
         if let Some(pooled) = self.pooled.take() {
             cancel(pooled, self.timeout).await;
         }

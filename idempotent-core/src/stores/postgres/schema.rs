@@ -135,15 +135,7 @@ impl PostgresStore {
                 .await
                 .map_err(|error| from_pg("could not commit the schema", error))
         };
-        match tokio::time::timeout(budget, work).await {
-            Ok(result) => {
-                running.done();
-                result
-            }
-            Err(_) => {
-                running.abandon().await;
-                Err(timed_out("creating the tables", budget))
-            }
-        }
+        let outcome = tokio::time::timeout(budget, work).await;
+        running.end(outcome, "creating the tables", budget).await
     }
 }
