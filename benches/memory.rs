@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use idempotent_core::stores::memory::DEFAULT_CAPACITY;
 use idempotent_core::{
-    BoxFuture, Bytes, Claim, Fingerprint, ManualClock, MemoryStore, StorageKey, Store, StoreError,
+    BoxFuture, Bytes, CanonicalArguments, Claim, Fingerprint, ManualClock, MemoryStore, StorageKey,
+    Store, StoreError,
 };
 use tokio::sync::Notify;
 
@@ -267,7 +268,10 @@ impl Turnover {
         let key = self.key();
         let fingerprint = Fingerprint::from_bytes([7; 32]);
         let started = Instant::now();
-        let claim = now(self.store.claim(&key, &fingerprint, TURNOVER_LEASE))?;
+        let claim =
+            now(self
+                .store
+                .claim(&key, &CanonicalArguments::from(fingerprint), TURNOVER_LEASE))?;
         let took = started.elapsed();
         let Claim::Acquired { fence } = claim else {
             panic!("a new key was not acquired: {claim:?}");

@@ -27,7 +27,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use idempotent_core::__private::{PostgresStatementTexts, postgres_statement_texts};
+use idempotent_core::__hooks::{PostgresStatementTexts, postgres_statement_texts};
 use idempotent_core::stores::postgres::PostgresStore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

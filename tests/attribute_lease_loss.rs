@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idempotent_core::{CallContext, Claim, Error, Fingerprint, MemoryStore, Store, idempotent};
+use idempotent_core::{
+    CallContext, CanonicalArguments, Claim, Error, Fingerprint, MemoryStore, Store, idempotent,
+};
 
 struct Shop {
     store: Arc<dyn Store>,
@@ -53,7 +55,7 @@ async fn fence_out(shop: Arc<Shop>, cancel: bool) -> Option<Result<String, Error
         .store
         .claim(
             &key,
-            &Fingerprint::of("other").unwrap(),
+            &CanonicalArguments::from(Fingerprint::of("other").unwrap()),
             Duration::from_secs(30),
         )
         .await

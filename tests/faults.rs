@@ -262,18 +262,10 @@ impl Store for Witness {
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,
-        fingerprint: &'a Fingerprint,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.inner.claim(key, fingerprint, lease)
-    }
-    fn claim_arguments<'a>(
-        &'a self,
-        key: &'a StorageKey,
         arguments: &'a CanonicalArguments,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.inner.claim_arguments(key, arguments, lease)
+        self.inner.claim(key, arguments, lease)
     }
     fn complete<'a>(
         &'a self,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use idempotent_core::stores::postgres::PostgresStore;
 use idempotent_core::{
-    Bytes, Claim, Error, FencedWrite, Fingerprinter, OnConflict, Options, StorageKey, Store,
-    idempotent,
+    Bytes, CanonicalArguments, Claim, Error, FencedWrite, Fingerprinter, OnConflict, Options,
+    StorageKey, Store, idempotent,
 };
 use idempotent_test_support::shared_postgres;
 use tokio_postgres::{Client, NoTls, Transaction};
@@ -291,7 +291,11 @@ async fn a_lease_that_ran_out_after_the_transaction_began_is_taken_over() {
     arguments.push("E-1").unwrap().push(&100i64).unwrap();
     let fingerprint = arguments.finish();
     let lease = Duration::from_millis(300);
-    let Claim::Acquired { fence } = shop.store.claim(&key, &fingerprint, lease).await.unwrap()
+    let Claim::Acquired { fence } = shop
+        .store
+        .claim(&key, &CanonicalArguments::from(fingerprint), lease)
+        .await
+        .unwrap()
     else {
         panic!("a fresh key is free");
     };

@@ -8,7 +8,7 @@
 
 use std::fmt::Debug;
 
-use idempotent_core::__private::decode_recorded_output;
+use idempotent_core::__hooks::decode_recorded_output;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 

@@ -28,11 +28,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::task::JoinHandle;
 
-use crate::arguments::CanonicalArguments;
-use crate::clock::ManualClock;
+use crate::fingerprint::CanonicalArguments;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
+use crate::stores::memory::ManualClock;
 
 mod calls;
 mod durations;
@@ -217,7 +217,7 @@ impl Harness {
 
     async fn claim(&self, key: &StorageKey, fingerprint: &Fingerprint, lease: Duration) -> Claim {
         self.store
-            .claim(key, fingerprint, lease)
+            .claim(key, &CanonicalArguments::from(*fingerprint), lease)
             .await
             .unwrap_or_else(|err| panic!("claim({key}) failed with a store error: {err}"))
     }
@@ -542,97 +542,6 @@ pub async fn other_fingerprint_is_mismatch(h: &Harness) {
         b"first",
         "a claim with the original fingerprint after a mismatched one (complete keeps the fingerprint)",
     );
-}
-
-/// How a property presents a call's arguments to the store.
-#[derive(Debug, Clone, Copy)]
-enum Presented {
-    /// `claim_arguments` with the arguments as they are (exact when short).
-    Arguments,
-    /// `claim_arguments` with the arguments known only by their fingerprint.
-    FingerprintForm,
-    /// `claim` with the fingerprint.
-    Claim,
-}
-
-impl Harness {
-    async fn claim_as(
-        &self,
-        key: &StorageKey,
-        arguments: &CanonicalArguments,
-        how: Presented,
-        lease: Duration,
-    ) -> Claim {
-        let claimed = match how {
-            Presented::Arguments => self.store.claim_arguments(key, arguments, lease).await,
-            Presented::FingerprintForm => {
-                let digest_only = CanonicalArguments::from(arguments.fingerprint());
-                self.store.claim_arguments(key, &digest_only, lease).await
-            }
-            Presented::Claim => self.store.claim(key, &arguments.fingerprint(), lease).await,
-        };
-        claimed.unwrap_or_else(|err| {
-            panic!("claim({key}) as {how:?} failed with a store error: {err}")
-        })
-    }
-}
-
-/// [`Store::claim_arguments`] agrees with [`Store::claim`]: a record claimed with a call's
-/// arguments in one form (exact, fingerprint-only, or through `claim`) is found with them in
-/// every form, in progress and completed, and other arguments are a mismatch in every form.
-/// Both for arguments short enough to be kept exactly and for longer ones.
-pub async fn arguments_match_in_every_form(h: &Harness) {
-    let forms = [
-        Presented::Arguments,
-        Presented::FingerprintForm,
-        Presented::Claim,
-    ];
-    let short = CanonicalArguments::of(&("order-7", 4200)).expect("plain values serialize");
-    let other_short = CanonicalArguments::of(&("order-7", 4201)).expect("plain values serialize");
-    let long = CanonicalArguments::of(&"x".repeat(300)).expect("plain values serialize");
-    let other_long = CanonicalArguments::of(&"y".repeat(300)).expect("plain values serialize");
-    assert!(short.exact().is_some() && long.exact().is_none());
-    for (size, arguments, other) in [("short", short, other_short), ("long", long, other_long)] {
-        for first in forms {
-            let key = h.key("arguments_match_in_every_form");
-            let fence = match h.claim_as(&key, &arguments, first, LONG).await {
-                Claim::Acquired { fence } => fence,
-                claim => panic!(
-                    "the first claim of {size} arguments as {first:?}: the protocol requires \
-                     Claim::Acquired, the store returned {}",
-                    show(&claim)
-                ),
-            };
-            for then in forms {
-                let why =
-                    format!("{size} arguments claimed as {first:?}, claimed again as {then:?}");
-                expect_in_progress(&h.claim_as(&key, &arguments, then, LONG).await, LONG, &why);
-                expect_mismatch(
-                    &h.claim_as(&key, &other, then, LONG).await,
-                    &format!("{why} with other arguments"),
-                );
-            }
-            expect_write(
-                h.complete(&key, fence, b"done", LONG).await,
-                FencedWrite::Applied,
-                &format!("the holder's complete of {size} arguments claimed as {first:?}"),
-            );
-            for then in forms {
-                let why = format!(
-                    "{size} arguments completed after a claim as {first:?}, claimed as {then:?}"
-                );
-                expect_replay(
-                    &h.claim_as(&key, &arguments, then, LONG).await,
-                    b"done",
-                    &why,
-                );
-                expect_mismatch(
-                    &h.claim_as(&key, &other, then, LONG).await,
-                    &format!("{why} with other arguments"),
-                );
-            }
-        }
-    }
 }
 
 /// `complete`, `release` and `extend` with a stale fence (a holder whose lease expired and
@@ -1171,9 +1080,12 @@ pub async fn concurrent_claims_have_one_winner(h: &Harness) {
                 tokio::spawn(async move {
                     let fp = fingerprint(1);
                     barrier.wait().await;
-                    store.claim(&key, &fp, LONG).await.unwrap_or_else(|err| {
-                        panic!("claim({key}) failed with a store error: {err}")
-                    })
+                    store
+                        .claim(&key, &CanonicalArguments::from(fp), LONG)
+                        .await
+                        .unwrap_or_else(|err| {
+                            panic!("claim({key}) failed with a store error: {err}")
+                        })
                 })
             })
             .collect();
@@ -1524,7 +1436,6 @@ pub async fn run_all(h: &Harness) {
     second_claim_is_in_progress(h).await;
     completed_claim_replays_exact_bytes(h).await;
     other_fingerprint_is_mismatch(h).await;
-    arguments_match_in_every_form(h).await;
     stale_fence_is_fenced(h).await;
     expired_lease_can_be_claimed_again(h).await;
     expired_completed_record_can_be_claimed_again(h).await;
@@ -1579,7 +1490,6 @@ macro_rules! conformance_suite {
             second_claim_is_in_progress,
             completed_claim_replays_exact_bytes,
             other_fingerprint_is_mismatch,
-            arguments_match_in_every_form,
             stale_fence_is_fenced,
             expired_lease_can_be_claimed_again,
             expired_completed_record_can_be_claimed_again,

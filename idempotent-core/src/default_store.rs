@@ -45,3 +45,14 @@ pub fn set_default_store(store: Arc<dyn Store>) -> Result<(), DefaultStoreAlread
     "the default idempotency store was already set or used; set it once at startup, before the first idempotent call"
 )]
 pub struct DefaultStoreAlreadySet;
+
+impl crate::engine::Idempotency {
+    /// An engine over the process-wide [`default_store`].
+    ///
+    /// ```
+    /// let engine = idempotent_core::Idempotency::with_default_store();
+    /// ```
+    pub fn with_default_store() -> Self {
+        Self::new(Arc::clone(default_store()))
+    }
+}

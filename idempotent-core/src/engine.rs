@@ -7,17 +7,16 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::arguments::CanonicalArguments;
 use crate::context;
-use crate::default_store::default_store;
-use crate::error::{Error, JsonError, StoreError};
+use crate::error::{Error, JsonError};
+use crate::fingerprint::CanonicalArguments;
 use crate::fingerprint::Fingerprint;
 use crate::holder::{Holder, PendingRecord, settled_outcome};
 use crate::key::StorageKey;
+use crate::ledger::{Claimed, Leased, Ledger, WaitBudget};
 use crate::options::{OnConflict, OnLeaseLoss, Options};
-use crate::private::StoreHandle;
 use crate::recorded::{OkAndErr, OkOnly, Recording};
-use crate::store::{Bytes, Claim, Fence, Store};
+use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
 use crate::telemetry::{CallOutcome, CallTrace};
 
 /// One call to make idempotent: which function, which key, which arguments.
@@ -147,31 +146,43 @@ impl<'a> Call<'a> {
     pub(crate) fn prepare(self) -> Prepared {
         Prepared {
             name: self.name,
-            target: target(self.key, self.arguments.to_owned(), |key| {
+            keyed: KeyedArguments::new(self.key, self.arguments.to_owned(), |key| {
                 StorageKey::derive(self.name, self.scope, key)
             }),
         }
     }
 }
 
-/// The storage key `derive` gives for `key`, and the arguments the store compares. Without a
-/// key the fingerprint is the key; computed for it, it is also what the store compares, so no
-/// store hashes the arguments a second time.
-pub(crate) fn target(
-    key: Option<&[u8]>,
-    arguments: CanonicalArguments,
-    derive: impl FnOnce(&[u8]) -> Result<StorageKey, crate::KeyError>,
-) -> Result<(StorageKey, CanonicalArguments), Error> {
-    Ok(match key {
-        Some(key) => (derive(key)?, arguments),
-        None => {
-            let fingerprint = arguments.fingerprint();
-            (
-                derive(fingerprint.as_bytes())?,
-                CanonicalArguments::from(fingerprint),
-            )
-        }
-    })
+/// A call's storage key and the arguments its store compares.
+#[derive(Debug)]
+pub(crate) struct KeyedArguments {
+    pub(crate) key: StorageKey,
+    pub(crate) arguments: CanonicalArguments,
+}
+
+impl KeyedArguments {
+    /// The storage key `derive` gives for `key`, and the arguments. Without a key the
+    /// fingerprint is the key; computed for it, it is also what the store compares, so no
+    /// store hashes the arguments a second time.
+    pub(crate) fn new(
+        key: Option<&[u8]>,
+        arguments: CanonicalArguments,
+        derive: impl FnOnce(&[u8]) -> Result<StorageKey, crate::KeyError>,
+    ) -> Result<Self, Error> {
+        Ok(match key {
+            Some(key) => Self {
+                key: derive(key)?,
+                arguments,
+            },
+            None => {
+                let fingerprint = arguments.fingerprint();
+                Self {
+                    key: derive(fingerprint.as_bytes())?,
+                    arguments: CanonicalArguments::from(fingerprint),
+                }
+            }
+        })
+    }
 }
 
 /// A call ready to run: its name, and its storage key and arguments, or why there are none.
@@ -179,7 +190,7 @@ pub(crate) fn target(
 #[derive(Debug)]
 pub struct Prepared {
     pub(crate) name: &'static str,
-    pub(crate) target: Result<(StorageKey, CanonicalArguments), Error>,
+    pub(crate) keyed: Result<KeyedArguments, Error>,
 }
 
 /// What a call returned, and whether the body ran for it.
@@ -284,15 +295,6 @@ impl Idempotency {
         }
     }
 
-    /// An engine over the process-wide [`default_store`].
-    ///
-    /// ```
-    /// let engine = idempotent_core::Idempotency::with_default_store();
-    /// ```
-    pub fn with_default_store() -> Self {
-        Self::new(Arc::clone(default_store()))
-    }
-
     /// The same engine with other options.
     ///
     /// ```
@@ -359,7 +361,8 @@ impl Idempotency {
         E: From<Error>,
         F: Future<Output = Result<T, E>>,
     {
-        execute::<OkOnly, T, E, F>(&self.store, &self.options, call.prepare(), body).await
+        let ledger = Leased::new(&self.store);
+        execute::<OkOnly, T, E, F>(&ledger, &self.options, call.prepare(), body).await
     }
 
     /// Like [`Idempotency::run`], but an `Err` is recorded and replayed too: for errors that a
@@ -395,13 +398,14 @@ impl Idempotency {
         E: Serialize + DeserializeOwned + From<Error>,
         F: Future<Output = Result<T, E>>,
     {
-        execute::<OkAndErr, T, E, F>(&self.store, &self.options, call.prepare(), body).await
+        let ledger = Leased::new(&self.store);
+        execute::<OkAndErr, T, E, F>(&ledger, &self.options, call.prepare(), body).await
     }
 }
 
-/// The whole protocol for one call.
+/// The whole protocol for one call, with its records written where `ledger` writes them.
 pub(crate) async fn execute<R, T, E, F>(
-    store: &dyn StoreHandle,
+    ledger: &impl Ledger,
     options: &Options,
     call: Prepared,
     body: F,
@@ -411,37 +415,29 @@ where
     E: From<Error>,
     F: Future<Output = Result<T, E>>,
 {
-    let (mut trace, key, arguments) = start_call(call, options)?;
-    let borrowed = store.as_store();
-    // When the claim that acquires was sent, for `OnLeaseLoss::Cancel` only: a clock read is a
-    // noticeable share of a replay from memory.
-    let cancels = options.get_on_lease_loss() == OnLeaseLoss::Cancel;
-    let mut claimed_at = None;
-    let claim = || {
-        if cancels {
-            claimed_at = Some(tokio::time::Instant::now());
+    let (mut trace, KeyedArguments { key, arguments }) = start_call(call, options)?;
+    let (fence, claimed_at) =
+        match acquire::<R, T, E>(ledger, &key, &arguments, options, &mut trace).await {
+            Acquisition::Held { fence, claimed_at } => (fence, claimed_at),
+            Acquisition::Answered(answer) => return answer,
+        };
+    match ledger.leased() {
+        Some(store) => {
+            let body = context::hold(store.as_store(), key, fence, body);
+            let holder = Holder::new(store.to_store(), key, fence, trace.clone());
+            run_leased::<R, T, E, _>(holder, options, claimed_at, trace, body).await
         }
-        borrowed.claim_arguments(&key, &arguments, options.get_lease())
-    };
-    let fence = match acquire::<R, T, E, _>(claim, borrowed, &key, options, &mut trace).await {
-        Ok(fence) => fence,
-        Err(done) => return done,
-    };
-    let body = context::hold(borrowed, key, fence, body);
-    let holder = Holder::new(store.to_store(), key, fence, trace.clone());
-    run_body::<R, T, E, _>(holder, options, claimed_at, trace, body).await
+        None => run_unleased::<R, T, E, _>(ledger, key, fence, options, trace, body).await,
+    }
 }
 
 /// Validates the call and starts its trace; an invalid call is traced and refused.
-pub(crate) fn start_call(
-    call: Prepared,
-    options: &Options,
-) -> Result<(CallTrace, StorageKey, CanonicalArguments), Error> {
+fn start_call(call: Prepared, options: &Options) -> Result<(CallTrace, KeyedArguments), Error> {
     let mut trace = CallTrace::start(call.name);
-    match options.validate().and(call.target) {
-        Ok((key, arguments)) => {
-            trace.set_key(key);
-            Ok((trace, key, arguments))
+    match options.validate().and(call.keyed) {
+        Ok(keyed) => {
+            trace.set_key(keyed.key);
+            Ok((trace, keyed))
         }
         Err(error) => {
             trace.emit(CallOutcome::InvalidInput);
@@ -450,27 +446,52 @@ pub(crate) fn start_call(
     }
 }
 
-/// Claims with `claim` until the key is this call's (its fence) or the call is answered
-/// without running (`Err`: the replay, or why not): waiting for a holder, while `on_conflict`
-/// allows, between claims.
-pub(crate) async fn acquire<R, T, E, C>(
-    mut claim: impl FnMut() -> C,
-    store: &dyn Store,
+/// How a call's claim ended.
+enum Acquisition<T, E> {
+    /// The key is this call's, under `fence`. `claimed_at`: when the claim that acquired was
+    /// sent, read only for [`OnLeaseLoss::Cancel`].
+    Held {
+        fence: Fence,
+        claimed_at: Option<tokio::time::Instant>,
+    },
+    /// The call is answered without running its body: the replay, or why not.
+    Answered(Result<Outcome<T>, E>),
+}
+
+/// Claims until the key is this call's or the call has its answer, waiting for another holder
+/// between claims while `on_conflict` allows.
+async fn acquire<R, T, E>(
+    ledger: &impl Ledger,
     key: &StorageKey,
+    arguments: &CanonicalArguments,
     options: &Options,
     trace: &mut CallTrace,
-) -> Result<Fence, Result<Outcome<T>, E>>
+) -> Acquisition<T, E>
 where
     R: Recording<T, E>,
     E: From<Error>,
-    C: Future<Output = Result<Claim, StoreError>>,
 {
-    let mut wait_deadline = None;
+    let answered = |trace: &mut CallTrace, outcome, error: Error| {
+        trace.emit(outcome);
+        Acquisition::Answered(Err(error.into()))
+    };
+    // A clock read is a noticeable share of a replay from memory: only this mode needs one.
+    let cancels = options.get_on_lease_loss() == OnLeaseLoss::Cancel;
+    let mut wait = WaitBudget::new(match options.get_on_conflict() {
+        OnConflict::Wait { timeout } => Some(timeout),
+        OnConflict::Reject => None,
+    });
     loop {
-        let retry_after = match claim().await {
-            Ok(Claim::Acquired { fence }) => return Ok(fence),
-            Ok(Claim::Completed { output }) => {
-                return Err(match R::decode(&output) {
+        let claimed_at = cancels.then(tokio::time::Instant::now);
+        let claimed = ledger
+            .claim(key, arguments, options.get_lease(), &mut wait)
+            .await;
+        let retry_after = match claimed {
+            Ok(Claimed::Claim(Claim::Acquired { fence })) => {
+                return Acquisition::Held { fence, claimed_at };
+            }
+            Ok(Claimed::Claim(Claim::Completed { output })) => {
+                return Acquisition::Answered(match R::decode(&output) {
                     Ok(result) => {
                         trace.emit(if trace.waited {
                             CallOutcome::Waited
@@ -485,40 +506,36 @@ where
                     }
                 });
             }
-            Ok(Claim::Mismatch) => {
-                trace.emit(CallOutcome::Mismatch);
-                return Err(Err(Error::KeyReused.into()));
+            Ok(Claimed::Claim(Claim::Mismatch)) => {
+                return answered(trace, CallOutcome::Mismatch, Error::KeyReused);
             }
-            Ok(Claim::InProgress { .. }) if context::held_by_this_task(store, key) => {
-                trace.emit(CallOutcome::Reentered);
-                return Err(Err(Error::Reentered.into()));
+            Ok(Claimed::Refused(error)) => {
+                let outcome = match error {
+                    Error::Reentered => CallOutcome::Reentered,
+                    _ => CallOutcome::Conflict,
+                };
+                return answered(trace, outcome, error);
             }
-            Ok(Claim::InProgress { retry_after }) => retry_after,
-            Err(error) => {
-                trace.emit(CallOutcome::StoreError);
-                return Err(Err(Error::Store(error).into()));
-            }
+            Ok(Claimed::Claim(Claim::InProgress { retry_after })) => retry_after,
+            Err(error) => return answered(trace, CallOutcome::StoreError, Error::Store(error)),
         };
-        let OnConflict::Wait { timeout } = options.get_on_conflict() else {
-            trace.emit(CallOutcome::Conflict);
-            return Err(Err(Error::Conflict { retry_after }.into()));
-        };
-        let deadline = *wait_deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            trace.emit(CallOutcome::Conflict);
-            return Err(Err(Error::Conflict { retry_after }.into()));
+        let left = wait.left();
+        if !wait.waits() || left.is_zero() {
+            return answered(
+                trace,
+                CallOutcome::Conflict,
+                Error::Conflict { retry_after },
+            );
         }
         trace.waited = true;
-        if let Err(error) = store.wait(key, left).await {
-            trace.emit(CallOutcome::StoreError);
-            return Err(Err(Error::Store(error).into()));
+        if let Err(error) = ledger.wait(key, left).await {
+            return answered(trace, CallOutcome::StoreError, Error::Store(error));
         }
     }
 }
 
-/// The key is ours: run the body and settle the claim whatever happens.
-async fn run_body<R, T, E, F>(
+/// The key is ours under a lease: run the body and settle the claim whatever happens.
+async fn run_leased<R, T, E, F>(
     holder: Holder,
     options: &Options,
     claimed_at: Option<tokio::time::Instant>,
@@ -537,24 +554,18 @@ where
         trace.emit(CallOutcome::LeaseLost);
         return Err(Error::LeaseLost.into());
     };
-    let bytes = match encode_result::<R, T, E>(&result, options) {
-        Encoded::Record(bytes) => Bytes::from(bytes),
-        Encoded::NotRecorded => {
-            // An error we do not record: give the key back so a retry runs again.
+    let (bytes, recorded) = match encode_result::<R, T, E>(&result, options) {
+        ToRecord::Bytes(bytes, recorded) => (bytes, recorded),
+        ToRecord::Nothing(outcome, answer) => {
+            // An error we do not record, or an output we cannot: give the key back so a retry
+            // runs again.
             holder.release().await;
-            trace.emit(CallOutcome::Failed);
-            return result.map(Outcome::Executed);
+            trace.emit(outcome);
+            return answer.map_or_else(
+                |error| Err(error.into()),
+                |()| result.map(Outcome::Executed),
+            );
         }
-        Encoded::Refused(error) => {
-            holder.release().await;
-            trace.emit(CallOutcome::EncodeError);
-            return Err(error.into());
-        }
-    };
-    let recorded = if result.is_ok() {
-        CallOutcome::Executed
-    } else {
-        CallOutcome::Failed
     };
     let write = holder
         .record(PendingRecord {
@@ -575,30 +586,74 @@ where
     }
 }
 
-/// What to record for a body's result.
-pub(crate) enum Encoded {
-    /// These bytes.
-    Record(Vec<u8>),
-    /// Nothing: an `Err` that is not recorded.
-    NotRecorded,
-    /// Nothing can be: the output does not serialize or is over the size limit.
-    Refused(Error),
+/// The key is ours in something that settles the claim when it ends (a transaction): run the
+/// body, then record its result or give the key back, once each.
+async fn run_unleased<R, T, E, F>(
+    ledger: &impl Ledger,
+    key: StorageKey,
+    fence: Fence,
+    options: &Options,
+    trace: CallTrace,
+    body: F,
+) -> Result<Outcome<T>, E>
+where
+    R: Recording<T, E>,
+    E: From<Error>,
+    F: Future<Output = Result<T, E>>,
+{
+    let result = body.await;
+    let (bytes, recorded) = match encode_result::<R, T, E>(&result, options) {
+        ToRecord::Bytes(bytes, recorded) => (bytes, recorded),
+        ToRecord::Nothing(outcome, answer) => {
+            ledger.release(&key, fence).await;
+            trace.emit(outcome);
+            return answer.map_or_else(
+                |error| Err(error.into()),
+                |()| result.map(Outcome::Executed),
+            );
+        }
+    };
+    match ledger.complete(&key, fence, bytes, options.get_ttl()).await {
+        Ok(FencedWrite::Applied) => {
+            trace.emit(recorded);
+            result.map(Outcome::Executed)
+        }
+        Ok(FencedWrite::Fenced) => {
+            trace.emit(CallOutcome::Fenced);
+            result.map(Outcome::Unrecorded)
+        }
+        // What holds the claim is unusable now (a transaction that will not commit, nor will
+        // the body's writes in it): say so rather than hand back a value whose effects will be
+        // rolled back.
+        Err(error) => {
+            trace.emit(CallOutcome::StoreError);
+            Err(Error::Store(error).into())
+        }
+    }
 }
 
-pub(crate) fn encode_result<R: Recording<T, E>, T, E>(
-    result: &Result<T, E>,
-    options: &Options,
-) -> Encoded {
-    let encoded = match result {
-        Ok(value) => R::encode_ok(value),
+/// What to record for a body's result.
+enum ToRecord {
+    /// These bytes, and the event once they are recorded.
+    Bytes(Bytes, CallOutcome),
+    /// Nothing: the event, and `Ok` to return the body's own result (an `Err` that is not
+    /// recorded) or the error that refused it (an output that does not serialize, does not
+    /// decode back or is over the size limit).
+    Nothing(CallOutcome, Result<(), Error>),
+}
+
+fn encode_result<R: Recording<T, E>, T, E>(result: &Result<T, E>, options: &Options) -> ToRecord {
+    let (encoded, recorded) = match result {
+        Ok(value) => (R::encode_ok(value), CallOutcome::Executed),
         Err(error) => match R::encode_err(error) {
-            Some(encoded) => encoded,
-            None => return Encoded::NotRecorded,
+            Some(encoded) => (encoded, CallOutcome::Failed),
+            None => return ToRecord::Nothing(CallOutcome::Failed, Ok(())),
         },
     };
+    let refused = |error| ToRecord::Nothing(CallOutcome::EncodeError, Err(error));
     match encoded {
         Ok(bytes) if bytes.len() > options.get_max_output_bytes() => {
-            Encoded::Refused(Error::OutputTooLarge {
+            refused(Error::OutputTooLarge {
                 size: bytes.len(),
                 limit: options.get_max_output_bytes(),
             })
@@ -607,10 +662,10 @@ pub(crate) fn encode_result<R: Recording<T, E>, T, E>(
         // no float decodes from, and a hand-written impl can be lopsided. Finding out now
         // releases the key; finding out on replay would fail every retry for the whole ttl.
         Ok(bytes) => match R::decode(&bytes) {
-            Ok(_) => Encoded::Record(bytes),
-            Err(error) => Encoded::Refused(Error::Encode(JsonError::new(error))),
+            Ok(_) => ToRecord::Bytes(Bytes::from(bytes), recorded),
+            Err(error) => refused(Error::Encode(JsonError::new(error))),
         },
-        Err(error) => Encoded::Refused(Error::Encode(JsonError::new(error))),
+        Err(error) => refused(Error::Encode(JsonError::new(error))),
     }
 }
 
@@ -626,12 +681,15 @@ mod tests {
         let keyed = Call::with_arguments("shop::checkout", &arguments)
             .key("order-7")
             .prepare();
-        let (_, compared) = keyed.target.unwrap();
+        let compared = keyed.keyed.unwrap().arguments;
         assert_eq!(compared.exact(), arguments.exact());
 
         let keyless = Call::with_arguments("shop::checkout", &arguments);
         let expected_key = keyless.storage_key().unwrap();
-        let (key, compared) = keyless.prepare().target.unwrap();
+        let KeyedArguments {
+            key,
+            arguments: compared,
+        } = keyless.prepare().keyed.unwrap();
         assert_eq!(key, expected_key);
         assert_eq!(compared.exact(), None);
         assert_eq!(compared, arguments);

@@ -12,7 +12,8 @@
 //!
 //! Two values get the same fingerprint iff their JSON representations (as
 //! `serde_json` would write them) are equal, ignoring the order of map entries
-//! and of hash-set elements, with the exceptions listed under *Deviations*.
+//! and of the elements of the hash sets the serializer recognises (see *Hash
+//! sets*), with the exceptions listed under *Deviations*.
 //!
 //! - **Integers** of every width are one kind: `1u8`, `1i64` and `1u128` are
 //!   equal. Integers and floats differ (`1` vs `1.0`), as JSON writes them
@@ -45,8 +46,9 @@
 //! handed through a generic entry point (struct fields, sequence elements, map
 //! keys and values, `Some`, newtype structs and variants, and
 //! [`Fingerprinter::push`] itself). After stripping `&`, `&mut`, `Box`, `Arc`
-//! and `Rc`, a `std::collections::HashSet` or `hashbrown::HashSet` is hashed as
-//! a multiset: its elements are encoded separately and sorted.
+//! and `Rc`, a `std::collections::HashSet` or `hashbrown::HashSet`, whatever its
+//! hasher (so aliases such as `FxHashSet` too), is hashed as a multiset: its
+//! elements are encoded separately and sorted.
 //!
 //! - **A hash set never equals a sequence**, not even a `Vec` or `BTreeSet`
 //!   with the same elements in the same order, although JSON writes them the
@@ -55,10 +57,19 @@
 //! - `type_name` output is not guaranteed stable by Rust. A unit test pins the
 //!   spellings relied on, so a compiler change fails the test suite instead of
 //!   silently making hash sets ordered.
-//! - A hash set behind a custom `Serialize` impl that forwards to the inner set
-//!   (rather than through a newtype struct or one of the wrappers above) is not
-//!   recognised and is hashed in iteration order, which differs between
-//!   processes. Use a `BTreeSet` there, or skip the field.
+//! - Only those two set types are recognised, by their type name at those entry
+//!   points. A hash set the serializer is never handed by its own type is an
+//!   ordinary sequence, hashed in iteration order: one behind a `Serialize`
+//!   impl that forwards to the inner set (`#[serde(transparent)]`, `Cow`, a
+//!   hand-written impl, `ahash::AHashSet`) and any other set type
+//!   (`dashmap::DashSet`). A derived newtype struct (`struct Tags(HashSet<u32>)`
+//!   without `transparent`) is recognised, as are the wrappers above.
+//! - What an unrecognised set costs: its iteration order differs between
+//!   processes and runs, so a retry with the same elements can get another
+//!   fingerprint. With an explicit key, that retry is refused with
+//!   `Error::KeyReused`; without one the fingerprint *is* the key, so the retry
+//!   gets another key and runs the body again. Use a `BTreeSet` there, or skip
+//!   the argument.
 //!
 //! # Arguments
 //!
@@ -86,7 +97,10 @@
 //! process; any change to the encoding must bump that tag, and a test pins
 //! known fingerprints.
 
+mod arguments;
 mod canonical;
+
+pub use arguments::{CanonicalArguments, MAX_EXACT_ARGUMENTS};
 
 use std::cell::Cell;
 use std::fmt;
@@ -96,8 +110,6 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use canonical::{Buffer, tag};
-
-use crate::arguments::{CanonicalArguments, MAX_EXACT_ARGUMENTS};
 
 use crate::hex::write_hex32;
 
@@ -124,9 +136,21 @@ const fn pad_to_block(tag: &[u8]) -> [u8; 64] {
 
 /// SHA-256 fingerprint of a call's arguments.
 ///
-/// Equal arguments (in the JSON sense described in the module docs) give equal
-/// fingerprints in every process, whatever the iteration order of their maps
-/// and hash sets.
+/// Equal arguments (in the JSON sense: the rules are the module docs of
+/// `fingerprint.rs`) give equal fingerprints in every process, whatever the
+/// iteration order of their maps and of their hash sets, with one exception.
+///
+/// A hash set is recognised by its type name where the serializer is handed a
+/// value (an argument, a field, an element, a map key or value, `Some`, a
+/// newtype): a `std::collections::HashSet` or `hashbrown::HashSet`, with any
+/// hasher, also behind `&`, `&mut`, `Box`, `Arc` or `Rc`. A set it is never
+/// handed by its own type (behind a forwarding `Serialize` impl such as
+/// `#[serde(transparent)]`, `Cow` or `ahash::AHashSet`, or of another set type
+/// such as `dashmap::DashSet`) is fingerprinted in iteration order, which
+/// differs between processes. A retry with the same elements can then get
+/// another fingerprint: with an explicit key it is refused with
+/// [`Error::KeyReused`](crate::Error::KeyReused); without one, the fingerprint being the key, it gets
+/// another key and runs again. Use a `BTreeSet` there.
 ///
 /// ```
 /// use std::collections::HashMap;

@@ -18,8 +18,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod arguments;
-mod clock;
 mod context;
 mod default_store;
 mod engine;
@@ -27,8 +25,15 @@ mod error;
 mod fingerprint;
 mod hex;
 mod holder;
+#[doc(hidden)]
+pub mod __hooks {
+    //! For the project's fuzz targets and benchmarks; not part of the API.
+    pub use crate::hooks::*;
+}
+mod hooks;
 mod key;
 mod key_source;
+mod ledger;
 mod options;
 #[doc(hidden)]
 pub mod __private {
@@ -41,22 +46,26 @@ mod redact;
 mod store;
 pub mod stores;
 mod telemetry;
+#[cfg(feature = "postgres")]
+mod transactional;
 
 #[doc = include_str!("attribute_docs.md")]
 pub use idempotent_macros::idempotent;
 
-pub use arguments::{CanonicalArguments, MAX_EXACT_ARGUMENTS};
-pub use clock::{Clock, ManualClock, SystemClock};
 pub use context::CallContext;
 pub use default_store::{DefaultStoreAlreadySet, default_store, set_default_store};
 pub use engine::{Call, Idempotency, Outcome};
 pub use error::{BoxError, Error, JsonError, StoreError};
-pub use fingerprint::{Fingerprint, FingerprintError, Fingerprinter};
+pub use fingerprint::{
+    CanonicalArguments, Fingerprint, FingerprintError, Fingerprinter, MAX_EXACT_ARGUMENTS,
+};
 pub use key::{KeyError, MAX_KEY_BYTES, StorageKey};
 pub use key_source::IdempotencyKey;
 pub use options::{OnConflict, OnLeaseLoss, Options};
 pub use store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, MAX_DURATION, Store, held_millis};
-pub use stores::memory::{MemoryStore, MemoryStoreBuilder};
+// The clocks belong to the memory store (the only store that reads one) and are re-exported
+// here because tests of code built on any store move time with `ManualClock`.
+pub use stores::memory::{Clock, ManualClock, MemoryStore, MemoryStoreBuilder, SystemClock};
 
 #[cfg(feature = "conformance")]
 pub mod conformance;

@@ -14,12 +14,13 @@ pub use crate::options::{OnConflict, OnLeaseLoss, Options};
 pub use core::time::Duration;
 pub use std::borrow::Cow;
 
-use crate::arguments::CanonicalArguments;
-use crate::engine::{Prepared, execute, target};
+use crate::engine::{KeyedArguments, Prepared, execute};
 use crate::error::Error;
+use crate::fingerprint::CanonicalArguments;
 use crate::fingerprint::{FingerprintError, Fingerprinter};
+use crate::ledger::Leased;
+pub use crate::ledger::StoreHandle;
 use crate::recorded::{OkAndErr, OkOnly};
-use crate::store::Store;
 
 /// Fingerprints the arguments one by one, keeping the first failure to report it.
 pub struct ArgumentHasher {
@@ -61,55 +62,12 @@ pub fn prepare(
     match arguments {
         Ok(arguments) => Prepared {
             name: namespace.name(),
-            target: target(key, arguments, |key| namespace.storage_key(scope, key)),
+            keyed: KeyedArguments::new(key, arguments, |key| namespace.storage_key(scope, key)),
         },
         Err(error) => Prepared {
             name: namespace.name(),
-            target: Err(Error::Fingerprint(error)),
+            keyed: Err(Error::Fingerprint(error)),
         },
-    }
-}
-
-/// What `store = ...` accepts.
-#[diagnostic::on_unimplemented(
-    message = "`store = ...` needs an `Arc` of a store, found `{Self}`",
-    label = "not an `Arc<impl Store>` or `Arc<dyn Store>`",
-    note = "keep the store in an `Arc` (for example `Arc<MemoryStore>` or `Arc<dyn Store>`) and pass that"
-)]
-pub trait StoreHandle: Sync {
-    /// The store, borrowed: all a call needs unless it runs its body.
-    fn as_store(&self) -> &dyn Store;
-    /// The store, shared: kept by a call that runs its body until its claim is settled.
-    fn to_store(&self) -> Arc<dyn Store>;
-}
-
-impl<S: Store + 'static> StoreHandle for Arc<S> {
-    fn as_store(&self) -> &dyn Store {
-        &**self
-    }
-
-    fn to_store(&self) -> Arc<dyn Store> {
-        Arc::clone(self) as Arc<dyn Store>
-    }
-}
-
-impl StoreHandle for Arc<dyn Store> {
-    fn as_store(&self) -> &dyn Store {
-        &**self
-    }
-
-    fn to_store(&self) -> Arc<dyn Store> {
-        Arc::clone(self)
-    }
-}
-
-impl<T: StoreHandle + ?Sized> StoreHandle for &T {
-    fn as_store(&self) -> &dyn Store {
-        (**self).as_store()
-    }
-
-    fn to_store(&self) -> Arc<dyn Store> {
-        (**self).to_store()
     }
 }
 
@@ -130,7 +88,7 @@ where
     E: From<Error>,
     F: Future<Output = Result<T, E>>,
 {
-    execute::<OkOnly, T, E, F>(store, options, call, body)
+    execute::<OkOnly, T, E, F>(&Leased::new(store), options, call, body)
         .await
         .map(crate::Outcome::into_value)
 }
@@ -146,7 +104,7 @@ where
     E: Serialize + DeserializeOwned + From<Error>,
     F: Future<Output = Result<T, E>>,
 {
-    execute::<OkAndErr, T, E, F>(store, options, call, body)
+    execute::<OkAndErr, T, E, F>(&Leased::new(store), options, call, body)
         .await
         .map(crate::Outcome::into_value)
 }
@@ -169,25 +127,6 @@ pub trait IsResult {
 impl<T, E> IsResult for Result<T, E> {
     type Ok = T;
     type Err = E;
-}
-
-/// Decodes a completed record's output as a replay does: `OkAndErr` with `cache_errors`,
-/// `OkOnly` without. For the fuzz targets in `fuzz/`.
-#[doc(hidden)]
-pub fn decode_recorded_output<T, E>(
-    bytes: &[u8],
-    cache_errors: bool,
-) -> serde_json::Result<Result<T, E>>
-where
-    T: Serialize + DeserializeOwned,
-    E: Serialize + DeserializeOwned,
-{
-    use crate::recorded::Recording;
-    if cache_errors {
-        <OkAndErr as Recording<T, E>>::decode(bytes)
-    } else {
-        <OkOnly as Recording<T, E>>::decode(bytes)
-    }
 }
 
 #[cfg(feature = "postgres")]
@@ -223,24 +162,6 @@ mod postgres_mode {
         fn postgres_store(&self) -> &PostgresStore {
             (**self).postgres_store()
         }
-    }
-
-    /// The SQL the PostgreSQL store runs for a table: the schema it creates, its claim
-    /// statement (`$1` key, `$2` fingerprint, `$3` lease in ms) and its complete statement
-    /// (`$1` key, `$2` fence, `$3` output, `$4` ttl in ms).
-    #[doc(hidden)]
-    #[derive(Debug, Clone)]
-    pub struct PostgresStatementTexts {
-        pub schema: String,
-        pub claim: String,
-        pub complete: String,
-    }
-
-    /// The statement texts the store uses for `table`, so the benches can run the same
-    /// statements on the raw driver. Fails on a table name the store would refuse.
-    #[doc(hidden)]
-    pub fn postgres_statement_texts(table: &str) -> Result<PostgresStatementTexts, String> {
-        crate::stores::postgres::statement_texts(table)
     }
 
     pub fn postgres_store<S: PostgresStoreHandle + ?Sized>(store: &S) -> &PostgresStore {

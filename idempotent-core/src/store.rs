@@ -20,9 +20,8 @@ use std::time::Duration;
 
 pub use bytes::Bytes;
 
-use crate::arguments::CanonicalArguments;
 use crate::error::StoreError;
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::CanonicalArguments;
 use crate::key::StorageKey;
 
 /// A boxed `Send` future: what [`Store`] methods return, so the trait stays object safe.
@@ -187,70 +186,61 @@ impl FencedWrite {
 /// ```
 /// use std::sync::Arc;
 /// use std::time::Duration;
-/// use idempotent_core::{Bytes, Claim, Fingerprint, MemoryStore, StorageKey, Store, FencedWrite};
+/// use idempotent_core::{Bytes, CanonicalArguments, Claim, MemoryStore, StorageKey, Store, FencedWrite};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
 /// let key = StorageKey::derive("docs", None, b"order-1")?;
-/// let fingerprint = Fingerprint::from_bytes([1; 32]);
+/// let arguments = CanonicalArguments::of(&("order-1", 4200))?;
 ///
-/// let Claim::Acquired { fence } = store.claim(&key, &fingerprint, Duration::from_secs(30)).await? else {
+/// let Claim::Acquired { fence } = store.claim(&key, &arguments, Duration::from_secs(30)).await? else {
 ///     unreachable!("a fresh key is free");
 /// };
 /// let write = store.complete(&key, fence, Bytes::from_static(b"\"receipt\""), Duration::from_secs(3600)).await?;
 /// assert_eq!(write, FencedWrite::Applied);
 /// assert_eq!(
-///     store.claim(&key, &fingerprint, Duration::from_secs(30)).await?,
+///     store.claim(&key, &arguments, Duration::from_secs(30)).await?,
 ///     Claim::Completed { output: Bytes::from_static(b"\"receipt\"") }
 /// );
 /// # Ok(()) }
 /// ```
 pub trait Store: Send + Sync + fmt::Debug {
-    /// Claims `key` for a call whose arguments have `fingerprint`.
+    /// Claims `key` for a call whose arguments are `arguments`.
     ///
     /// Absent (or expired) → in progress with a new fence and a lease of `lease`:
     /// [`Claim::Acquired`]. In progress with a live lease → [`Claim::InProgress`].
-    /// Completed and live → [`Claim::Completed`]. Either, with another fingerprint →
+    /// Completed and live → [`Claim::Completed`]. Either, with other arguments →
     /// [`Claim::Mismatch`].
-    fn claim<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fingerprint: &'a Fingerprint,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, StoreError>>;
-
-    /// [`claim`](Self::claim), for a call whose arguments are `arguments`: what the engine
-    /// calls. The provided method claims with their fingerprint; a store that can compare
-    /// short arguments exactly (the in-memory store) overrides it to skip the hashing. Either
-    /// way the outcome is the one `claim` with `arguments.fingerprint()` would give, and a
-    /// record claimed one way is found the other way.
+    ///
+    /// A store compares arguments in the form it keeps: a networked store keeps
+    /// `arguments.fingerprint()`; the in-memory store keeps short arguments as they are
+    /// ([`CanonicalArguments::exact`]) and compares their bytes, which skips the hashing.
+    /// Both forms of the same arguments are equal ([`CanonicalArguments`]), so the outcome
+    /// does not depend on the form a caller passes.
     ///
     /// ```
     /// use std::time::Duration;
-    /// use idempotent_core::{CanonicalArguments, Claim, MemoryStore, StorageKey, Store};
+    /// use idempotent_core::{CanonicalArguments, Claim, Fingerprint, MemoryStore, StorageKey, Store};
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let store = MemoryStore::new();
     /// let key = StorageKey::derive("docs", None, b"order-1")?;
-    /// let arguments = CanonicalArguments::of(&("order-1", 4200))?;
     /// let lease = Duration::from_secs(30);
     ///
-    /// assert!(matches!(store.claim_arguments(&key, &arguments, lease).await?, Claim::Acquired { .. }));
-    /// assert!(matches!(
-    ///     store.claim(&key, &arguments.fingerprint(), lease).await?,
-    ///     Claim::InProgress { .. }
-    /// ));
+    /// let arguments = CanonicalArguments::of(&("order-1", 4200))?;
+    /// assert!(matches!(store.claim(&key, &arguments, lease).await?, Claim::Acquired { .. }));
+    ///
+    /// // Arguments known only by their fingerprint are the same arguments.
+    /// let hashed = CanonicalArguments::from(Fingerprint::of(&("order-1", 4200))?);
+    /// assert!(matches!(store.claim(&key, &hashed, lease).await?, Claim::InProgress { .. }));
     /// # Ok(()) }
     /// ```
-    fn claim_arguments<'a>(
+    fn claim<'a>(
         &'a self,
         key: &'a StorageKey,
         arguments: &'a CanonicalArguments,
         lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        let fingerprint = arguments.fingerprint();
-        Box::pin(async move { self.claim(key, &fingerprint, lease).await })
-    }
+    ) -> BoxFuture<'a, Result<Claim, StoreError>>;
 
     /// Records `output` for `key`, kept for `ttl`, if `key` is in progress under `fence` with a
     /// live lease; otherwise changes nothing and returns [`FencedWrite::Fenced`].

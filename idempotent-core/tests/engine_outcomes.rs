@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idempotent_core::{
-    Bytes, Call, Claim, Fingerprint, Idempotency, MAX_DURATION, ManualClock, MemoryStore,
-    OnConflict, Options, Outcome, Store,
+    Bytes, Call, CanonicalArguments, Claim, Fingerprint, Idempotency, MAX_DURATION, ManualClock,
+    MemoryStore, OnConflict, Options, Outcome, Store,
 };
 use support::{AppError, DownStore, Runs, TokioClock, Unserializable};
 use tokio::sync::oneshot;
@@ -44,7 +44,11 @@ async fn executed_runs_the_body_once_and_records() {
     let fingerprint = Fingerprint::of(&("cart", 4200)).unwrap();
     assert_eq!(
         store
-            .claim(&key, &fingerprint, Duration::from_secs(1))
+            .claim(
+                &key,
+                &CanonicalArguments::from(fingerprint),
+                Duration::from_secs(1)
+            )
             .await
             .unwrap(),
         Claim::Completed {
@@ -118,7 +122,10 @@ async fn conflict_in_reject_mode() {
     let fingerprint = Fingerprint::of(&("cart", 4200)).unwrap();
     let lease = Duration::from_secs(30);
     assert!(matches!(
-        store.claim(&key, &fingerprint, lease).await.unwrap(),
+        store
+            .claim(&key, &CanonicalArguments::from(fingerprint), lease)
+            .await
+            .unwrap(),
         Claim::Acquired { .. }
     ));
     let runs = Runs::default();
@@ -137,7 +144,11 @@ async fn waiting_gives_up_with_a_conflict_after_its_timeout() {
     let key = call("k").storage_key().unwrap();
     let fingerprint = Fingerprint::of(&("cart", 4200)).unwrap();
     store
-        .claim(&key, &fingerprint, Duration::from_secs(30))
+        .claim(
+            &key,
+            &CanonicalArguments::from(fingerprint),
+            Duration::from_secs(30),
+        )
         .await
         .unwrap();
     let runs = Runs::default();
@@ -279,7 +290,11 @@ async fn assert_released(store: &Arc<dyn Store>, key: &'static str) {
     let acquired = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match store
-                .claim(&storage_key, &fingerprint, Duration::from_secs(3600))
+                .claim(
+                    &storage_key,
+                    &CanonicalArguments::from(fingerprint),
+                    Duration::from_secs(3600),
+                )
                 .await
                 .unwrap()
             {
@@ -667,7 +682,11 @@ async fn corrupt_recorded_output_is_a_decode_error_until_an_operator_forgets_it(
     ] {
         engine.forget(call("k")).await.unwrap();
         let Claim::Acquired { fence } = store
-            .claim(&key, &fingerprint, Duration::from_secs(30))
+            .claim(
+                &key,
+                &CanonicalArguments::from(fingerprint),
+                Duration::from_secs(30),
+            )
             .await
             .unwrap()
         else {

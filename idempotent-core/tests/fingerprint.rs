@@ -398,6 +398,30 @@ fn hash_set_behind_forwarding_impl_is_hashed_in_iteration_order() {
     assert_ne!(fp(&Forwarding(a.clone())), fp(&a));
 }
 
+/// The same limitation through the two forwarding impls the docs name: serde's
+/// `#[serde(transparent)]` and `Cow` hand the set's elements to the serializer as a
+/// sequence it cannot tell from a `Vec`, so they are hashed in iteration order (and two
+/// processes' orders differ: a keyless call's retry would get another key).
+#[test]
+fn a_set_behind_serde_transparent_or_cow_is_hashed_in_iteration_order() {
+    #[derive(Serialize)]
+    #[serde(transparent)]
+    struct Transparent(HashSet<u32>);
+
+    let (a, b) = shuffled_sets();
+    let order = |set: &HashSet<u32>| set.iter().copied().collect::<Vec<u32>>();
+    assert_ne!(
+        order(&a),
+        order(&b),
+        "the sets iterate alike; the test would prove nothing"
+    );
+    assert_eq!(fp(&Transparent(a.clone())), fp(&order(&a)));
+    assert_ne!(fp(&Transparent(a.clone())), fp(&Transparent(b.clone())));
+    let cow = |set: &HashSet<u32>| fp(&std::borrow::Cow::<HashSet<u32>>::Borrowed(set));
+    assert_eq!(cow(&a), fp(&order(&a)));
+    assert_ne!(cow(&a), cow(&b));
+}
+
 // ---------------------------------------------------------------------------
 // Integers: every width the serializer has a method for is one kind.
 

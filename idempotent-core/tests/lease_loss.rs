@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idempotent_core::{
-    BoxFuture, Bytes, Call, CallContext, Claim, Error, Fence, FencedWrite, Fingerprint,
-    Idempotency, MemoryStore, OnConflict, OnLeaseLoss, Options, StorageKey, Store, StoreError,
+    BoxFuture, Bytes, Call, CallContext, CanonicalArguments, Claim, Error, Fence, FencedWrite,
+    Fingerprint, Idempotency, MemoryStore, OnConflict, OnLeaseLoss, Options, StorageKey, Store,
+    StoreError,
 };
 use support::TokioClock;
 
@@ -44,12 +45,12 @@ impl Store for Partitioned {
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,
-        fingerprint: &'a Fingerprint,
+        arguments: &'a CanonicalArguments,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         Box::pin(async move {
             self.check()?;
-            self.inner.claim(key, fingerprint, lease).await
+            self.inner.claim(key, arguments, lease).await
         })
     }
     fn complete<'a>(
@@ -303,7 +304,11 @@ async fn a_holder_whose_renewal_is_fenced_is_cancelled_at_once() {
     let key = call().storage_key().unwrap();
     assert!(shared.remove(&key).await.unwrap(), "the operator's purge");
     let fingerprint = Fingerprint::of(&4200).unwrap();
-    let Claim::Acquired { .. } = shared.claim(&key, &fingerprint, LEASE).await.unwrap() else {
+    let Claim::Acquired { .. } = shared
+        .claim(&key, &CanonicalArguments::from(fingerprint), LEASE)
+        .await
+        .unwrap()
+    else {
         panic!("the purged key is free");
     };
     let started = tokio::time::Instant::now();

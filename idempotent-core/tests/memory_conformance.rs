@@ -8,7 +8,8 @@ use std::time::Duration;
 use idempotent_core::conformance::Harness;
 use idempotent_core::stores::memory::RECORD_OVERHEAD_BYTES;
 use idempotent_core::{
-    Bytes, Claim, FencedWrite, Fingerprint, ManualClock, MemoryStore, StorageKey, Store, StoreError,
+    Bytes, CanonicalArguments, Claim, FencedWrite, Fingerprint, ManualClock, MemoryStore,
+    StorageKey, Store, StoreError,
 };
 use tokio::task::JoinHandle;
 
@@ -64,7 +65,11 @@ async fn acquire(
     key: &StorageKey,
     lease: Duration,
 ) -> idempotent_core::Fence {
-    match store.claim(key, &fp(1), lease).await.expect("claim") {
+    match store
+        .claim(key, &CanonicalArguments::from(fp(1)), lease)
+        .await
+        .expect("claim")
+    {
         Claim::Acquired { fence } => fence,
         other => panic!("expected Acquired for a free key, got {other:?}"),
     }
@@ -112,7 +117,14 @@ async fn full_store_refuses_new_keys_and_never_evicts_live_records() {
 
     // Full: a new key is refused, with the capacity in the message.
     for attempt in 0..2 {
-        match store.claim(&key("capacity-new", 0), &fp(1), HOUR).await {
+        match store
+            .claim(
+                &key("capacity-new", 0),
+                &CanonicalArguments::from(fp(1)),
+                HOUR,
+            )
+            .await
+        {
             Err(err @ StoreError::Full { capacity }) => {
                 assert_eq!(capacity, CAPACITY);
                 let message = err.to_string();
@@ -130,7 +142,10 @@ async fn full_store_refuses_new_keys_and_never_evicts_live_records() {
     // Nothing was evicted: every live record still answers.
     for (key, output) in &completed {
         assert_eq!(
-            store.claim(key, &fp(1), HOUR).await.unwrap(),
+            store
+                .claim(key, &CanonicalArguments::from(fp(1)), HOUR)
+                .await
+                .unwrap(),
             Claim::Completed {
                 output: output.clone().into()
             },
@@ -140,7 +155,10 @@ async fn full_store_refuses_new_keys_and_never_evicts_live_records() {
     for key in &held {
         assert!(
             matches!(
-                store.claim(key, &fp(1), HOUR).await.unwrap(),
+                store
+                    .claim(key, &CanonicalArguments::from(fp(1)), HOUR)
+                    .await
+                    .unwrap(),
                 Claim::InProgress { .. }
             ),
             "a live in-progress record must survive a refused claim"
@@ -162,14 +180,23 @@ async fn full_store_refuses_new_keys_and_never_evicts_live_records() {
     for key in held.iter().chain([&completed[0].0]) {
         assert!(
             matches!(
-                store.claim(key, &fp(1), HOUR).await.unwrap(),
+                store
+                    .claim(key, &CanonicalArguments::from(fp(1)), HOUR)
+                    .await
+                    .unwrap(),
                 Claim::InProgress { .. }
             ),
             "a live in-progress record must never be evicted to make room"
         );
     }
     assert!(matches!(
-        store.claim(&key("capacity-new", 5), &fp(1), HOUR).await,
+        store
+            .claim(
+                &key("capacity-new", 5),
+                &CanonicalArguments::from(fp(1)),
+                HOUR
+            )
+            .await,
         Err(StoreError::Full { capacity: CAPACITY })
     ));
 }
@@ -200,7 +227,10 @@ async fn byte_budget_refuses_new_keys_and_never_evicts_live_records() {
     let mut recorded = Vec::new();
     let refused = loop {
         let key = key("budget", recorded.len());
-        let fence = match store.claim(&key, &fp(1), HOUR).await {
+        let fence = match store
+            .claim(&key, &CanonicalArguments::from(fp(1)), HOUR)
+            .await
+        {
             Ok(Claim::Acquired { fence }) => fence,
             Ok(other) => panic!("a new key must be acquired or refused, got {other:?}"),
             Err(error) => break error,
@@ -235,7 +265,10 @@ async fn byte_budget_refuses_new_keys_and_never_evicts_live_records() {
     // Nothing was evicted: every live record still replays.
     for (key, output) in &recorded {
         assert_eq!(
-            store.claim(key, &fp(1), HOUR).await.unwrap(),
+            store
+                .claim(key, &CanonicalArguments::from(fp(1)), HOUR)
+                .await
+                .unwrap(),
             Claim::Completed {
                 output: output.clone().into()
             },
@@ -280,7 +313,10 @@ async fn a_completed_output_is_recorded_even_past_the_budget() {
             "complete {i} must record the output of a body that ran, budget or not"
         );
         assert_eq!(
-            store.claim(key, &fp(1), HOUR).await.unwrap(),
+            store
+                .claim(key, &CanonicalArguments::from(fp(1)), HOUR)
+                .await
+                .unwrap(),
             Claim::Completed {
                 output: output.into()
             }
@@ -289,7 +325,13 @@ async fn a_completed_output_is_recorded_even_past_the_budget() {
     assert_eq!(memory.bytes(), 3 * (RECORD_OVERHEAD_BYTES + BUDGET));
     assert!(
         matches!(
-            store.claim(&key("over-budget", 9), &fp(1), HOUR).await,
+            store
+                .claim(
+                    &key("over-budget", 9),
+                    &CanonicalArguments::from(fp(1)),
+                    HOUR
+                )
+                .await,
             Err(StoreError::ByteBudgetFull { max_bytes: BUDGET })
         ),
         "over its budget, the store refuses new keys"
@@ -316,13 +358,15 @@ async fn kept_arguments_count_against_the_budget() {
     let arguments = CanonicalArguments::of("order-7").unwrap();
     let kept = arguments.exact().expect("short arguments are kept").len();
     let claim = store
-        .claim_arguments(&key("arguments", 0), &arguments, HOUR)
+        .claim(&key("arguments", 0), &arguments, HOUR)
         .await
         .unwrap();
     assert!(matches!(claim, Claim::Acquired { .. }));
     assert_eq!(memory.bytes(), RECORD_OVERHEAD_BYTES + kept);
     assert!(matches!(
-        store.claim(&key("arguments", 1), &fp(1), HOUR).await,
+        store
+            .claim(&key("arguments", 1), &CanonicalArguments::from(fp(1)), HOUR)
+            .await,
         Err(StoreError::ByteBudgetFull { .. })
     ));
 }
@@ -475,4 +519,74 @@ fn the_store_works_as_a_shared_trait_object() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     shareable(&store);
     assert!(format!("{store:?}").contains("MemoryStore"));
+}
+
+/// The memory store keeps short arguments as they are and compares bytes, and keeps long ones
+/// (or ones given only by their fingerprint) as a fingerprint. A record claimed with arguments
+/// in one form is found with them in the other, in progress and completed, and other arguments
+/// are a mismatch in either form: for short arguments and for long ones.
+#[tokio::test]
+async fn arguments_match_in_either_form() {
+    let (_, store, _) = manual_store(64);
+    let either = |arguments: &CanonicalArguments| {
+        [
+            ("as they are", arguments.clone()),
+            (
+                "by fingerprint",
+                CanonicalArguments::from(arguments.fingerprint()),
+            ),
+        ]
+    };
+    let of = |value: &str| CanonicalArguments::of(value).expect("a string serializes");
+    let cases = [
+        ("short", of("order-7"), of("order-8")),
+        ("long", of(&"x".repeat(300)), of(&"y".repeat(300))),
+    ];
+    assert!(cases[0].1.exact().is_some() && cases[1].1.exact().is_none());
+    for (i, (size, arguments, other)) in cases.iter().enumerate() {
+        for (j, (first, claimed)) in either(arguments).into_iter().enumerate() {
+            let key = key("either-form", i * 2 + j);
+            let Claim::Acquired { fence } = store.claim(&key, &claimed, HOUR).await.unwrap() else {
+                panic!("the first claim of {size} arguments {first} must acquire");
+            };
+            for (then, again) in either(arguments) {
+                let why = format!("{size} arguments claimed {first}, claimed again {then}");
+                let claim = store.claim(&key, &again, HOUR).await.unwrap();
+                assert!(
+                    matches!(claim, Claim::InProgress { .. }),
+                    "{why}: {claim:?}"
+                );
+            }
+            for (then, different) in either(other) {
+                let claim = store.claim(&key, &different, HOUR).await.unwrap();
+                assert_eq!(
+                    claim,
+                    Claim::Mismatch,
+                    "{size} {first}, other arguments {then}"
+                );
+            }
+            let write = store.complete(&key, fence, b"done".to_vec().into(), HOUR);
+            assert_eq!(write.await.unwrap(), FencedWrite::Applied);
+            for (then, again) in either(arguments) {
+                let claim = store.claim(&key, &again, HOUR).await.unwrap();
+                let why =
+                    format!("{size} arguments completed after a claim {first}, claimed {then}");
+                assert_eq!(
+                    claim,
+                    Claim::Completed {
+                        output: b"done".to_vec().into()
+                    },
+                    "{why}"
+                );
+            }
+            for (then, different) in either(other) {
+                let claim = store.claim(&key, &different, HOUR).await.unwrap();
+                assert_eq!(
+                    claim,
+                    Claim::Mismatch,
+                    "{size} completed {first}, other arguments {then}"
+                );
+            }
+        }
+    }
 }

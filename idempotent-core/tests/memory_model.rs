@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use idempotent_core::stores::memory::RECORD_OVERHEAD_BYTES;
 use idempotent_core::{
-    Claim, Fence, FencedWrite, Fingerprint, ManualClock, MemoryStore, StorageKey, Store,
+    CanonicalArguments, Claim, Fence, FencedWrite, Fingerprint, ManualClock, MemoryStore,
+    StorageKey, Store,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -277,7 +278,11 @@ fn check(ops: &[Op]) -> Result<(), TestCaseError> {
         match op {
             Op::Claim { key, fp } => {
                 let got = runtime
-                    .block_on(store.claim(&keys[*key], &fingerprint(*fp), LEASE))
+                    .block_on(store.claim(
+                        &keys[*key],
+                        &CanonicalArguments::from(fingerprint(*fp)),
+                        LEASE,
+                    ))
                     .expect("claim");
                 match model.claim(*key, *fp) {
                     Some(want) => prop_assert_eq!(got, want, "step {}: {:?}", step, op),

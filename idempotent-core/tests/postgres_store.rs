@@ -9,7 +9,7 @@ use std::time::Duration;
 use idempotent_core::conformance::Harness;
 use idempotent_core::stores::postgres::PostgresStore;
 use idempotent_core::{
-    Bytes, Call, Claim, Fingerprint, Idempotency, StorageKey, Store, StoreError,
+    Bytes, Call, CanonicalArguments, Claim, Fingerprint, Idempotency, StorageKey, Store, StoreError,
 };
 use idempotent_test_support::{PostgresServer, database_of, shared_postgres};
 use support::{AppError, Runs};
@@ -141,7 +141,11 @@ async fn a_version_1_table_is_brought_up_to_version_2() {
     let key = StorageKey::derive("pg::upgraded", None, b"k").unwrap();
     let fingerprint = Fingerprint::from_bytes([1; 32]);
     let Claim::Acquired { fence } = store
-        .claim(&key, &fingerprint, Duration::from_secs(30))
+        .claim(
+            &key,
+            &CanonicalArguments::from(fingerprint),
+            Duration::from_secs(30),
+        )
         .await
         .unwrap()
     else {
@@ -203,7 +207,10 @@ async fn completions_and_releases_notify_only_when_a_waiter_marked_the_record() 
     let (_client, mut notified) = notifications(&url, "idempotent_records_done").await;
     let fingerprint = Fingerprint::from_bytes([1; 32]);
     let hour = Duration::from_secs(3600);
-    let claim = async |key: &StorageKey| match store.claim(key, &fingerprint, hour).await {
+    let claim = async |key: &StorageKey| match store
+        .claim(key, &CanonicalArguments::from(fingerprint), hour)
+        .await
+    {
         Ok(Claim::Acquired { fence }) => fence,
         other => panic!("a fresh key is free: {other:?}"),
     };
@@ -291,7 +298,10 @@ async fn corrupt_rows_are_a_typed_error_and_can_be_purged() {
         (ours.as_str(), 1, "NULL", 1),      // completed without output
     ] {
         insert(fingerprint_hex, state, output, format);
-        match store.claim(&key, &fingerprint, lease).await {
+        match store
+            .claim(&key, &CanonicalArguments::from(fingerprint), lease)
+            .await
+        {
             Err(StoreError::Corrupt { key: at, message }) => {
                 assert_eq!(at, hex);
                 assert!(!message.is_empty());
@@ -304,7 +314,10 @@ async fn corrupt_rows_are_a_typed_error_and_can_be_purged() {
         &format!("DELETE FROM idempotent_records WHERE key = '\\x{hex}'"),
     );
     assert!(matches!(
-        store.claim(&key, &fingerprint, lease).await.unwrap(),
+        store
+            .claim(&key, &CanonicalArguments::from(fingerprint), lease)
+            .await
+            .unwrap(),
         Claim::Acquired { .. }
     ));
 }
@@ -370,7 +383,10 @@ async fn a_start_on_a_healthy_schema_takes_no_table_lock() {
     let lease = Duration::from_secs(30);
     let held = StorageKey::derive("pg::startup", None, b"held").unwrap();
     assert!(matches!(
-        store.claim(&held, &fingerprint, lease).await.unwrap(),
+        store
+            .claim(&held, &CanonicalArguments::from(fingerprint), lease)
+            .await
+            .unwrap(),
         Claim::Acquired { .. }
     ));
 
@@ -394,7 +410,9 @@ async fn a_start_on_a_healthy_schema_takes_no_table_lock() {
     // The first server's calls on other keys go on within the store's timeout.
     for n in 0..3 {
         let key = StorageKey::derive("pg::startup", None, format!("other {n}").as_bytes()).unwrap();
-        let claimed = store.claim(&key, &fingerprint, lease).await;
+        let claimed = store
+            .claim(&key, &CanonicalArguments::from(fingerprint), lease)
+            .await;
         assert!(
             matches!(claimed, Ok(Claim::Acquired { .. })),
             "a call on another key while a second store starts (which waited for a lock: \
@@ -530,7 +548,9 @@ async fn a_statement_that_times_out_is_ended_on_the_server() {
         .await
         .unwrap();
 
-    let timed_out = store.claim(&locked, &fingerprint, lease).await;
+    let timed_out = store
+        .claim(&locked, &CanonicalArguments::from(fingerprint), lease)
+        .await;
     assert!(
         matches!(timed_out, Err(StoreError::Unavailable { .. })),
         "the claim cannot have the row in time: {timed_out:?}"
@@ -538,7 +558,9 @@ async fn a_statement_that_times_out_is_ended_on_the_server() {
     // The only pooled connection is not left queued behind that claim: the next call, on
     // another key, works.
     let other = StorageKey::derive("pg::timeouts", None, b"other").unwrap();
-    let next = store.claim(&other, &fingerprint, lease).await;
+    let next = store
+        .claim(&other, &CanonicalArguments::from(fingerprint), lease)
+        .await;
     assert!(
         matches!(next, Ok(Claim::Acquired { .. })),
         "the next call after a timeout: {next:?}"
@@ -568,7 +590,9 @@ async fn a_statement_that_times_out_is_ended_on_the_server() {
         "0",
         "a claim that timed out applied afterwards, held by nobody"
     );
-    let retried = store.claim(&locked, &fingerprint, lease).await;
+    let retried = store
+        .claim(&locked, &CanonicalArguments::from(fingerprint), lease)
+        .await;
     assert!(
         matches!(retried, Ok(Claim::Acquired { .. })),
         "a retry of the timed-out call takes the key: {retried:?}"
@@ -613,14 +637,15 @@ async fn a_cancelled_call_leaves_no_statement_running_on_the_server() {
 
     // The caller gives up on the claim while it waits for the row (its future is dropped).
     let observer = connect(&url).await;
-    let claim = store.claim(&locked, &fingerprint, lease);
+    let arguments = CanonicalArguments::from(fingerprint);
+    let claim = store.claim(&locked, &arguments, lease);
     let gave_up = tokio::time::timeout(Duration::from_millis(300), claim).await;
     assert!(gave_up.is_err(), "the claim waits for the row: {gave_up:?}");
 
     let other = StorageKey::derive("pg::cancelled", None, b"other").unwrap();
     let next = tokio::time::timeout(
         Duration::from_secs(5),
-        store.claim(&other, &fingerprint, lease),
+        store.claim(&other, &CanonicalArguments::from(fingerprint), lease),
     )
     .await;
     assert!(

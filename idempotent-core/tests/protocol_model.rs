@@ -44,8 +44,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use idempotent_core::{
-    BoxFuture, Bytes, Claim, Fence, FencedWrite, Fingerprint, ManualClock, MemoryStore, StorageKey,
-    Store, StoreError,
+    BoxFuture, Bytes, CanonicalArguments, Claim, Fence, FencedWrite, Fingerprint, ManualClock,
+    MemoryStore, StorageKey, Store, StoreError,
 };
 use stateright::{Checker, Model, Property};
 
@@ -714,8 +714,9 @@ impl Real {
                 None
             }
             Action::Claim(c) => {
-                let fingerprint = Fingerprint::from_bytes([FINGERPRINTS[c]; 32]);
-                let claim = self.store.claim(&self.key, &fingerprint, lease);
+                let arguments =
+                    CanonicalArguments::from(Fingerprint::from_bytes([FINGERPRINTS[c]; 32]));
+                let claim = self.store.claim(&self.key, &arguments, lease);
                 Some(match ready(claim).unwrap() {
                     Claim::Acquired { fence } => Answer::Acquired {
                         fence: u8::try_from(fence.get()).unwrap(),

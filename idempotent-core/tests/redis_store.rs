@@ -94,7 +94,11 @@ async fn waiters_are_woken_by_pub_sub_not_by_polling() {
     let key = StorageKey::derive("redis::wait", None, b"k").unwrap();
     let fingerprint = Fingerprint::from_bytes([1; 32]);
     let hour = Duration::from_secs(3600);
-    let Claim::Acquired { fence } = store.claim(&key, &fingerprint, hour).await.unwrap() else {
+    let Claim::Acquired { fence } = store
+        .claim(&key, &CanonicalArguments::from(fingerprint), hour)
+        .await
+        .unwrap()
+    else {
         panic!("a fresh key is free");
     };
     // Load the script that looks at the record (its first EVALSHA meets NOSCRIPT).
@@ -278,7 +282,10 @@ async fn foreign_data_under_a_key_is_a_typed_error_and_can_be_purged() {
     ] {
         server.command(&["DEL", &record_key]);
         server.command(&foreign);
-        match store.claim(&key, &fingerprint, lease).await {
+        match store
+            .claim(&key, &CanonicalArguments::from(fingerprint), lease)
+            .await
+        {
             Err(StoreError::Corrupt { key: hex, message }) => {
                 assert_eq!(hex, key.to_hex());
                 assert!(!message.is_empty());
@@ -289,7 +296,10 @@ async fn foreign_data_under_a_key_is_a_typed_error_and_can_be_purged() {
     // An operator deletes the record; the key works again.
     server.command(&["DEL", &record_key]);
     assert!(matches!(
-        store.claim(&key, &fingerprint, lease).await.unwrap(),
+        store
+            .claim(&key, &CanonicalArguments::from(fingerprint), lease)
+            .await
+            .unwrap(),
         Claim::Acquired { .. }
     ));
 }
@@ -313,11 +323,15 @@ async fn the_key_prefix_namespaces_records() {
     let fingerprint = Fingerprint::from_bytes([1; 32]);
     let lease = Duration::from_secs(30);
     assert!(matches!(
-        a.claim(&key, &fingerprint, lease).await.unwrap(),
+        a.claim(&key, &CanonicalArguments::from(fingerprint), lease)
+            .await
+            .unwrap(),
         Claim::Acquired { .. }
     ));
     assert!(matches!(
-        b.claim(&key, &fingerprint, lease).await.unwrap(),
+        b.claim(&key, &CanonicalArguments::from(fingerprint), lease)
+            .await
+            .unwrap(),
         Claim::Acquired { .. }
     ));
     assert!(
@@ -480,7 +494,10 @@ async fn a_key_fences_grow_past_its_tombstone_even_from_a_clock_ahead() {
     // Each release leaves a tombstone with the fence, so the next claim grows past it, though
     // the clock reads an hour less.
     for round in 0..3 {
-        let Claim::Acquired { fence } = store.claim(&key, &fingerprint, lease).await.unwrap()
+        let Claim::Acquired { fence } = store
+            .claim(&key, &CanonicalArguments::from(fingerprint), lease)
+            .await
+            .unwrap()
         else {
             panic!("round {round}: a released key is free");
         };
@@ -526,7 +543,11 @@ async fn waiters_cancelled_at_any_point_leave_no_channel_subscribed() {
         .collect();
     let mut fences = Vec::new();
     for key in &keys {
-        let Claim::Acquired { fence } = store.claim(key, &fingerprint, hour).await.unwrap() else {
+        let Claim::Acquired { fence } = store
+            .claim(key, &CanonicalArguments::from(fingerprint), hour)
+            .await
+            .unwrap()
+        else {
             panic!("a fresh key is free");
         };
         fences.push(fence);
@@ -700,7 +721,11 @@ async fn a_response_timeout_leaves_what_the_server_did() {
     // What is left: the claim, holding the key until its lease ends.
     let key = StorageKey::derive("redis::lost-answer", None, b"k").unwrap();
     let fingerprint = Fingerprint::of(&0).unwrap();
-    match direct.claim(&key, &fingerprint, lease).await.unwrap() {
+    match direct
+        .claim(&key, &CanonicalArguments::from(fingerprint), lease)
+        .await
+        .unwrap()
+    {
         Claim::InProgress { retry_after } => assert!(retry_after <= lease),
         other => panic!("the lost claim holds the key: {other:?}"),
     }
@@ -721,7 +746,11 @@ async fn a_response_timeout_leaves_what_the_server_did() {
 
     // A write whose answer is lost may have been applied: a complete is.
     let other = StorageKey::derive("redis::lost-answer", None, b"other").unwrap();
-    let Claim::Acquired { fence } = direct.claim(&other, &fingerprint, lease).await.unwrap() else {
+    let Claim::Acquired { fence } = direct
+        .claim(&other, &CanonicalArguments::from(fingerprint), lease)
+        .await
+        .unwrap()
+    else {
         panic!("a fresh key is free");
     };
     proxy.set_mode(ProxyMode::DropReplies);
@@ -737,7 +766,11 @@ async fn a_response_timeout_leaves_what_the_server_did() {
         matches!(lost, Err(StoreError::Unavailable { .. })),
         "a timeout is Unavailable: {lost:?}"
     );
-    match direct.claim(&other, &fingerprint, lease).await.unwrap() {
+    match direct
+        .claim(&other, &CanonicalArguments::from(fingerprint), lease)
+        .await
+        .unwrap()
+    {
         Claim::Completed { output } => assert_eq!(&output[..], b"{}"),
         other => panic!("the complete was applied though its answer was lost: {other:?}"),
     }
@@ -768,7 +801,10 @@ async fn a_subscriber_connection_given_up_is_closed_and_leaves_no_channel_subscr
     let key = |name: &str| StorageKey::derive("redis::late", None, name.as_bytes()).unwrap();
     let mut fences = std::collections::HashMap::new();
     for name in ["first", "second", "third"] {
-        let Claim::Acquired { fence } = direct.claim(&key(name), &fingerprint, hour).await.unwrap()
+        let Claim::Acquired { fence } = direct
+            .claim(&key(name), &CanonicalArguments::from(fingerprint), hour)
+            .await
+            .unwrap()
         else {
             panic!("a fresh key is free");
         };
@@ -847,18 +883,10 @@ impl Store for CompletesSeen {
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,
-        fingerprint: &'a Fingerprint,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.inner.claim(key, fingerprint, lease)
-    }
-    fn claim_arguments<'a>(
-        &'a self,
-        key: &'a StorageKey,
         arguments: &'a CanonicalArguments,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.inner.claim_arguments(key, arguments, lease)
+        self.inner.claim(key, arguments, lease)
     }
     fn complete<'a>(
         &'a self,

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotent_core::{Call, Claim, Fingerprint, Idempotency, MemoryStore, Store};
+use idempotent_core::{
+    Call, CanonicalArguments, Claim, Fingerprint, Idempotency, MemoryStore, Store,
+};
 
 /// Everything a log could show of an error: its message, its `Debug`, and each source's.
 fn everything_shown(error: &(dyn std::error::Error + 'static)) -> String {
@@ -98,7 +100,11 @@ async fn decode_errors_quote_no_recorded_value() {
     let fingerprint = Fingerprint::of(&1).unwrap();
     assert!(matches!(
         store
-            .claim(&key, &fingerprint, Duration::from_secs(1))
+            .claim(
+                &key,
+                &CanonicalArguments::from(fingerprint),
+                Duration::from_secs(1)
+            )
             .await
             .unwrap(),
         Claim::Completed { .. }

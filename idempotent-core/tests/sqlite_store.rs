@@ -10,8 +10,8 @@ use std::time::Duration;
 use idempotent_core::conformance::Harness;
 use idempotent_core::stores::sqlite::SqliteStore;
 use idempotent_core::{
-    BoxFuture, Bytes, Call, Claim, Fence, FencedWrite, Fingerprint, Idempotency, StorageKey, Store,
-    StoreError,
+    BoxFuture, Bytes, Call, CanonicalArguments, Claim, Fence, FencedWrite, Fingerprint,
+    Idempotency, StorageKey, Store, StoreError,
 };
 use support::{AppError, Runs};
 use tempfile::TempDir;
@@ -29,10 +29,10 @@ impl Store for InTempDir {
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,
-        fingerprint: &'a Fingerprint,
+        arguments: &'a CanonicalArguments,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.store.claim(key, fingerprint, lease)
+        self.store.claim(key, arguments, lease)
     }
     fn complete<'a>(
         &'a self,
@@ -94,7 +94,11 @@ fn key(name: &str) -> StorageKey {
 }
 
 async fn acquire(store: &dyn Store, key: &StorageKey, fingerprint: &Fingerprint) -> Fence {
-    match store.claim(key, fingerprint, HOUR).await.unwrap() {
+    match store
+        .claim(key, &CanonicalArguments::from(*fingerprint), HOUR)
+        .await
+        .unwrap()
+    {
         Claim::Acquired { fence } => fence,
         other => panic!("expected to acquire {key}, got {other:?}"),
     }
@@ -126,7 +130,11 @@ async fn completed_records_survive_a_restart() {
     let second = SqliteStore::open(&path).unwrap();
     assert_eq!(
         second
-            .claim(&key("restart"), &fingerprint, HOUR)
+            .claim(
+                &key("restart"),
+                &CanonicalArguments::from(fingerprint),
+                HOUR
+            )
             .await
             .unwrap(),
         Claim::Completed {
@@ -178,7 +186,11 @@ async fn concurrent_claims_through_several_store_objects_have_one_winner() {
                 tokio::spawn(async move {
                     barrier.wait().await;
                     store
-                        .claim(&key, &Fingerprint::from_bytes([1; 32]), HOUR)
+                        .claim(
+                            &key,
+                            &CanonicalArguments::from(Fingerprint::from_bytes([1; 32])),
+                            HOUR,
+                        )
                         .await
                         .unwrap()
                 })
@@ -266,7 +278,7 @@ async fn corrupt_rows_are_typed_errors_until_deleted() {
         };
         let claim = || async {
             store
-                .claim(&key, &fingerprint, HOUR)
+                .claim(&key, &CanonicalArguments::from(fingerprint), HOUR)
                 .await
                 .map(|c| format!("{c:?}"))
         };
@@ -405,7 +417,11 @@ async fn a_database_locked_past_the_busy_timeout_is_unavailable() {
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
     let started = std::time::Instant::now();
     let error = store
-        .claim(&key("locked"), &Fingerprint::from_bytes([1; 32]), HOUR)
+        .claim(
+            &key("locked"),
+            &CanonicalArguments::from(Fingerprint::from_bytes([1; 32])),
+            HOUR,
+        )
         .await
         .unwrap_err();
     assert!(

@@ -9,10 +9,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use super::{Harness, LONG, WAIT_BOUND, expect_replay, fingerprint};
-use crate::arguments::CanonicalArguments;
 use crate::engine::{Call, Idempotency, Outcome};
 use crate::error::{Error, StoreError};
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::CanonicalArguments;
 use crate::key::StorageKey;
 use crate::options::{OnConflict, Options};
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
@@ -35,19 +34,10 @@ impl Store for SlowComplete {
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,
-        fingerprint: &'a Fingerprint,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.inner.claim(key, fingerprint, lease)
-    }
-
-    fn claim_arguments<'a>(
-        &'a self,
-        key: &'a StorageKey,
         arguments: &'a CanonicalArguments,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.inner.claim_arguments(key, arguments, lease)
+        self.inner.claim(key, arguments, lease)
     }
 
     fn complete<'a>(
@@ -192,7 +182,7 @@ pub async fn a_call_dropped_after_its_body_ran_keeps_its_key(h: &Harness) {
         let storage_key = call.storage_key().expect("a valid key");
         let stored = h
             .store()
-            .claim(&storage_key, &fingerprint, LONG)
+            .claim(&storage_key, &CanonicalArguments::from(fingerprint), LONG)
             .await
             .unwrap_or_else(|err| panic!("{what}: claim failed with a store error: {err}"));
         expect_replay(

@@ -17,7 +17,8 @@
 //!
 //! An entry is `key item ‖ value item`. Items are self-delimiting, so sorted
 //! entries concatenate without ambiguity, and sorting their bytes (rather than
-//! hashing each one, as v1 did) keeps one SHA-256 pass per fingerprint.
+//! hashing each one and sorting the digests, a SHA-256 finalisation per entry)
+//! keeps one SHA-256 pass per fingerprint.
 //! Fixed-width payloads carry no length: their tag fixes it. Sequences end
 //! with a terminator rather than a count because `serialize_seq` may not know
 //! its length up front.

@@ -39,14 +39,16 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::arguments::CanonicalArguments;
-use crate::clock::{Clock, SystemClock};
 use crate::error::StoreError;
+use crate::fingerprint::CanonicalArguments;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 
+mod clock;
 mod shard;
+
+pub use clock::{Clock, ManualClock, SystemClock};
 
 use shard::{Shard, Swept};
 
@@ -265,7 +267,7 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// The clock leases and expiry are measured on, e.g. a [`ManualClock`](crate::ManualClock)
+    /// The clock leases and expiry are measured on, e.g. a [`ManualClock`]
     /// in tests.
     pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
         self.clock = Arc::new(clock);
@@ -624,16 +626,6 @@ impl fmt::Debug for MemoryStore {
 
 impl Store for MemoryStore {
     fn claim<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fingerprint: &'a Fingerprint,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        let claim = self.claim_or_purge(key, &CanonicalArguments::from(*fingerprint), lease);
-        Box::pin(std::future::ready(claim))
-    }
-
-    fn claim_arguments<'a>(
         &'a self,
         key: &'a StorageKey,
         arguments: &'a CanonicalArguments,

@@ -74,7 +74,7 @@ use deadpool::managed;
 use tokio_postgres::types::ToSql;
 
 use crate::error::StoreError;
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::CanonicalArguments;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 // A lease or ttl as the statements take it, which a `bigint` and an `interval` hold.
@@ -88,6 +88,7 @@ use sql::Statements;
 
 pub use builder::PostgresStoreBuilder;
 pub(crate) use sql::statement_texts;
+pub(crate) use transaction::InTransaction;
 pub use transaction::PostgresTransaction;
 
 /// A [`Store`] in PostgreSQL.
@@ -213,10 +214,11 @@ impl Store for PostgresStore {
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,
-        fingerprint: &'a Fingerprint,
+        arguments: &'a CanonicalArguments,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         Box::pin(async move {
+            let fingerprint = &arguments.fingerprint();
             let key_param = key.as_bytes().as_slice();
             let fingerprint_param = fingerprint.as_bytes().as_slice();
             let lease = millis(lease);

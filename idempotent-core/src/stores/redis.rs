@@ -69,7 +69,7 @@ use std::time::Duration;
 use redis::Value;
 
 use crate::error::StoreError;
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::CanonicalArguments;
 use crate::hex::hex32;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
@@ -235,11 +235,11 @@ impl Store for RedisStore {
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,
-        fingerprint: &'a Fingerprint,
+        arguments: &'a CanonicalArguments,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         Box::pin(async move {
-            let fingerprint = hex32(fingerprint.as_bytes());
+            let fingerprint = hex32(arguments.fingerprint().as_bytes());
             let args = |command: &mut redis::Cmd| {
                 command.arg(&fingerprint[..]).arg(millis(lease));
             };

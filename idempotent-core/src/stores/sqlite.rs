@@ -56,7 +56,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 use crate::error::StoreError;
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::CanonicalArguments;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 use crate::stores::wake_table::WakeTable;
@@ -78,15 +78,15 @@ pub use builder::{
 /// use std::sync::Arc;
 /// use std::time::Duration;
 /// use idempotent_core::stores::sqlite::SqliteStore;
-/// use idempotent_core::{Bytes, Claim, Fingerprint, StorageKey, Store};
+/// use idempotent_core::{Bytes, CanonicalArguments, Claim, StorageKey, Store};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let path = std::env::temp_dir().join(format!("idempotent-store-{}.sqlite3", std::process::id()));
 /// # let _ = std::fs::remove_file(&path);
 /// let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path)?);
 /// let key = StorageKey::derive("docs", None, b"order-1")?;
-/// let fingerprint = Fingerprint::from_bytes([1; 32]);
-/// let Claim::Acquired { fence } = store.claim(&key, &fingerprint, Duration::from_secs(30)).await? else {
+/// let arguments = CanonicalArguments::of(&("order-1", 4200))?;
+/// let Claim::Acquired { fence } = store.claim(&key, &arguments, Duration::from_secs(30)).await? else {
 ///     unreachable!("a fresh key is free");
 /// };
 /// store.complete(&key, fence, Bytes::from_static(b"\"receipt\""), Duration::from_secs(3600)).await?;
@@ -95,7 +95,7 @@ pub use builder::{
 /// // Another process, or this one after a restart, finds the record.
 /// let store = SqliteStore::open(&path)?;
 /// assert_eq!(
-///     store.claim(&key, &fingerprint, Duration::from_secs(30)).await?,
+///     store.claim(&key, &arguments, Duration::from_secs(30)).await?,
 ///     Claim::Completed { output: Bytes::from_static(b"\"receipt\"") }
 /// );
 /// # drop(store);
@@ -219,10 +219,10 @@ impl Store for SqliteStore {
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,
-        fingerprint: &'a Fingerprint,
+        arguments: &'a CanonicalArguments,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        let (key, fingerprint) = (*key, *fingerprint);
+        let (key, fingerprint) = (*key, arguments.fingerprint());
         Box::pin(self.run(Access::Write, move |connection| {
             ops::claim(connection, &key, &fingerprint, lease)
         }))

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use idempotent_core::{
-    BoxFuture, Bytes, Claim, Clock, Error, Fence, FencedWrite, Fingerprint, StorageKey, Store,
-    StoreError,
+    BoxFuture, Bytes, CanonicalArguments, Claim, Clock, Error, Fence, FencedWrite, StorageKey,
+    Store, StoreError,
 };
 
 /// The error type of the functions under test.
@@ -83,7 +83,7 @@ impl Store for DownStore {
     fn claim<'a>(
         &'a self,
         _: &'a StorageKey,
-        _: &'a Fingerprint,
+        _: &'a CanonicalArguments,
         _: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         down()
@@ -157,10 +157,10 @@ impl Store for FlakyComplete {
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,
-        fingerprint: &'a Fingerprint,
+        arguments: &'a CanonicalArguments,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.inner.claim(key, fingerprint, lease)
+        self.inner.claim(key, arguments, lease)
     }
     fn complete<'a>(
         &'a self,

@@ -237,10 +237,8 @@ pub(super) fn check_table_name(table: &str) -> Result<(), String> {
 }
 
 /// The schema, claim and complete statement texts the store uses for `table`, for the
-/// benches' raw-driver baseline (through `__private`).
-pub(crate) fn statement_texts(
-    table: &str,
-) -> Result<crate::private::PostgresStatementTexts, String> {
+/// benches' raw-driver baseline (through `__hooks`).
+pub(crate) fn statement_texts(table: &str) -> Result<(String, String, String), String> {
     check_table_name(table)?;
     let Statements {
         schema,
@@ -248,9 +246,5 @@ pub(crate) fn statement_texts(
         complete,
         ..
     } = Statements::new(table);
-    Ok(crate::private::PostgresStatementTexts {
-        schema,
-        claim,
-        complete,
-    })
+    Ok((schema, claim, complete))
 }

@@ -21,19 +21,14 @@
 use std::future::Future;
 use std::time::Duration;
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tokio_postgres::types::{ToSql, Type};
 
-use super::{CLAIM_ATTEMPTS, PostgresStore, from_pg, judge_claim, millis, sql};
-use crate::engine::{Call, Encoded, Outcome, Prepared, encode_result, start_call};
+use super::{CLAIM_ATTEMPTS, PostgresStore, fence_param, from_pg, judge_claim, millis, sql};
 use crate::error::{Error, StoreError};
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::{CanonicalArguments, Fingerprint};
 use crate::key::StorageKey;
-use crate::options::{OnConflict, Options};
-use crate::recorded::{OkOnly, Recording};
-use crate::store::{Claim, Fence, Store};
-use crate::telemetry::{CallOutcome, CallTrace};
+use crate::ledger::{Claimed, Ledger, StoreHandle, WaitBudget};
+use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
 
 /// What a claim in the caller's transaction found.
 enum Found {
@@ -87,233 +82,118 @@ impl<T: PostgresTransaction + ?Sized + Send> PostgresTransaction for &mut T {
     }
 }
 
-impl PostgresStore {
-    /// Runs `body` under `call` inside the caller's transaction `tx`: the claim and the
-    /// recorded value are written in `tx`, so they commit (or roll back) with the body's own
-    /// writes in `tx`. The caller commits; on an `Err` the claim is deleted again, and the
-    /// caller should roll back.
-    ///
-    /// Another transaction's uncommitted claim of the same key blocks this call's claim until
-    /// that transaction ends, for no longer than `options`' `on_conflict` allows (at once when
-    /// rejecting, else the rest of the wait): then [`Error::Conflict`], and `tx` is aborted
-    /// (PostgreSQL aborts a transaction whose statement failed), so roll it back and retry in a
-    /// new one. A key that `tx` itself holds, claimed by an earlier call in it that was
-    /// cancelled (or is still running), is [`Error::HeldByThisTransaction`] at once: that call's
-    /// writes may be in `tx`, so the body is not run again in it.
-    ///
-    /// ```no_run
-    /// use idempotent_core::{Call, Fingerprint, Options, stores::postgres::PostgresStore};
-    ///
-    /// #[derive(Debug)]
-    /// enum ShopError { Database(tokio_postgres::Error), Idempotency(idempotent_core::Error) }
-    /// impl From<idempotent_core::Error> for ShopError {
-    ///     fn from(e: idempotent_core::Error) -> Self { ShopError::Idempotency(e) }
-    /// }
-    ///
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let store = PostgresStore::builder("postgres://app@127.0.0.1/shop").build().await?;
-    /// let (mut client, connection) =
-    ///     tokio_postgres::connect("postgres://app@127.0.0.1/shop", tokio_postgres::NoTls).await?;
-    /// tokio::spawn(connection);
-    /// let tx = client.transaction().await?;
-    /// let call = Call::new("orders::create", Fingerprint::of(&42)?).key("order-42");
-    /// let order = store
-    ///     .run_in_transaction(&tx, &Options::new(), call, async {
-    ///         tx.execute("INSERT INTO orders (id) VALUES (42)", &[])
-    ///             .await
-    ///             .map_err(ShopError::Database)?;
-    ///         Ok::<_, ShopError>(42)
-    ///     })
-    ///     .await;
-    /// if order.is_ok() {
-    ///     tx.commit().await?;
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub async fn run_in_transaction<T, E, F>(
-        &self,
-        tx: &(impl PostgresTransaction + ?Sized),
-        options: &Options,
-        call: Call<'_>,
-        body: F,
-    ) -> Result<Outcome<T>, E>
-    where
-        T: Serialize + DeserializeOwned,
-        E: From<Error>,
-        F: Future<Output = Result<T, E>>,
-    {
-        self.execute_in(tx.transaction(), options, call.prepare(), body)
-            .await
+/// The caller's transaction as a [`Ledger`]: the claim, the record and the release are
+/// statements in it.
+pub(crate) struct InTransaction<'a> {
+    store: &'a PostgresStore,
+    tx: &'a tokio_postgres::Transaction<'a>,
+}
+
+impl<'a> InTransaction<'a> {
+    pub(crate) fn new(store: &'a PostgresStore, tx: &'a tokio_postgres::Transaction<'a>) -> Self {
+        Self { store, tx }
+    }
+}
+
+impl Ledger for InTransaction<'_> {
+    /// Another transaction's uncommitted claim blocks the claim statement; that wait is bounded
+    /// by `lock_timeout` (at once when the call rejects conflicts, else what is left of its
+    /// wait). A claim held outside any transaction is answered in progress, as by the store.
+    fn claim<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        arguments: &'a CanonicalArguments,
+        lease: Duration,
+        wait: &'a mut WaitBudget,
+    ) -> impl Future<Output = Result<Claimed, StoreError>> + Send + 'a {
+        let lock_wait = wait.left().max(REJECT_LOCK_WAIT);
+        async move {
+            let fingerprint = arguments.fingerprint();
+            Ok(
+                match self.claim_in(key, &fingerprint, lease, lock_wait).await? {
+                    Found::Claim(claim) => Claimed::Claim(claim),
+                    Found::Own => Claimed::Refused(Error::HeldByThisTransaction),
+                    // The other transaction's claim has no lease yet that could be told; its
+                    // lease will be at most this call's kind of lease once it commits.
+                    Found::LockTimeout => Claimed::Refused(Error::Conflict { retry_after: lease }),
+                },
+            )
+        }
     }
 
-    /// Records `Ok` values only: an `Err` releases the claim (the attribute refuses
-    /// `cache_errors` with `tx`).
-    pub(crate) async fn execute_in<T, E, F>(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        options: &Options,
-        call: Prepared,
-        body: F,
-    ) -> Result<Outcome<T>, E>
-    where
-        T: Serialize + DeserializeOwned,
-        E: From<Error>,
-        F: Future<Output = Result<T, E>>,
-    {
-        let (mut trace, key, arguments) = start_call(call, options)?;
-        let fingerprint = arguments.fingerprint();
-        let fence = match self
-            .acquire_in::<T, E>(tx, &key, &fingerprint, options, &mut trace)
-            .await
-        {
-            Ok(fence) => fence,
-            Err(done) => return done,
-        };
+    fn wait<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        max: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a {
+        Store::wait(self.store, key, max)
+    }
 
-        let result = body.await;
-        let bytes = match encode_result::<OkOnly, T, E>(&result, options) {
-            Encoded::Record(bytes) => bytes,
-            Encoded::NotRecorded => {
-                self.release_in(tx, &key, fence).await;
-                trace.emit(CallOutcome::Failed);
-                return result.map(Outcome::Executed);
-            }
-            Encoded::Refused(error) => {
-                self.release_in(tx, &key, fence).await;
-                trace.emit(CallOutcome::EncodeError);
-                return Err(error.into());
-            }
-        };
-        let completed = tx
+    /// The claim's row stays locked until the transaction ends, which settles it: no lease.
+    fn leased(&self) -> Option<&dyn StoreHandle> {
+        None
+    }
+
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        fence: Fence,
+        output: Bytes,
+        ttl: Duration,
+    ) -> Result<FencedWrite, StoreError> {
+        let completed = self
+            .tx
             .query_typed(
-                &self.statements.complete_in_transaction,
+                &self.store.statements.complete_in_transaction,
                 &[
                     (&key.as_bytes().as_slice(), Type::BYTEA),
-                    (&super::fence_param(fence), Type::INT8),
-                    (&bytes, Type::BYTEA),
-                    (&millis(options.get_ttl()), Type::INT8),
+                    (&fence_param(fence), Type::INT8),
+                    (&&output[..], Type::BYTEA),
+                    (&millis(ttl), Type::INT8),
+                ],
+            )
+            .await
+            .map_err(|error| from_pg("could not record the result in the transaction", error))?;
+        Ok(if completed.is_empty() {
+            FencedWrite::Fenced
+        } else {
+            FencedWrite::Applied
+        })
+    }
+
+    /// Deletes the claim again; should it fail, the caller's rollback removes it anyway.
+    async fn release(&self, key: &StorageKey, fence: Fence) {
+        let released = self
+            .tx
+            .query_typed(
+                &self.store.statements.release_in_transaction,
+                &[
+                    (&key.as_bytes().as_slice(), Type::BYTEA),
+                    (&fence_param(fence), Type::INT8),
                 ],
             )
             .await;
-        match completed {
-            Ok(rows) if !rows.is_empty() => {
-                trace.emit(CallOutcome::Executed);
-                result.map(Outcome::Executed)
-            }
-            Ok(_) => {
-                trace.emit(CallOutcome::Fenced);
-                result.map(Outcome::Unrecorded)
-            }
-            // The transaction is unusable now: it will not commit, so neither will the body's
-            // writes. Say so rather than hand back a value whose effects will be rolled back.
-            Err(error) => {
-                trace.emit(CallOutcome::StoreError);
-                Err(Error::Store(from_pg(
-                    "could not record the result in the transaction",
-                    error,
-                ))
-                .into())
-            }
+        if let Err(error) = released {
+            tracing::warn!(target: "idempotent", %error, "could not delete a claim in the transaction; rolling it back removes it");
         }
     }
+}
 
-    /// Claims `key` in `tx` until the claim is acquired or the call has its answer, under the
-    /// call's `on_conflict`: a claim held outside any transaction is waited for as by the
-    /// engine; another transaction's uncommitted claim blocks the claim statement, and that
-    /// wait is bounded by `lock_timeout` (a conflict at once when rejecting, else what is left
-    /// of the wait); this transaction's own claim is answered at once.
-    async fn acquire_in<T, E>(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        key: &StorageKey,
-        fingerprint: &Fingerprint,
-        options: &Options,
-        trace: &mut CallTrace,
-    ) -> Result<Fence, Result<Outcome<T>, E>>
-    where
-        T: Serialize + DeserializeOwned,
-        E: From<Error>,
-    {
-        let deadline = match options.get_on_conflict() {
-            OnConflict::Wait { timeout } => Some(tokio::time::Instant::now() + timeout),
-            OnConflict::Reject => None,
-        };
-        let left = || {
-            deadline.map_or(Duration::ZERO, |deadline| {
-                deadline.saturating_duration_since(tokio::time::Instant::now())
-            })
-        };
-        let conflict = |trace: &CallTrace, retry_after: Duration| {
-            trace.emit(CallOutcome::Conflict);
-            Err(Err(Error::Conflict { retry_after }.into()))
-        };
-        loop {
-            let lock_wait = left().max(REJECT_LOCK_WAIT);
-            let retry_after = match self
-                .claim_in(tx, key, fingerprint, options, lock_wait)
-                .await
-            {
-                Ok(Found::Claim(Claim::Acquired { fence })) => return Ok(fence),
-                Ok(Found::Claim(Claim::Completed { output })) => {
-                    return Err(match <OkOnly as Recording<T, E>>::decode(&output) {
-                        Ok(result) => {
-                            trace.emit(if trace.waited {
-                                CallOutcome::Waited
-                            } else {
-                                CallOutcome::Replayed
-                            });
-                            result.map(Outcome::Replayed)
-                        }
-                        Err(error) => {
-                            trace.emit(CallOutcome::DecodeError);
-                            Err(Error::Decode(crate::error::JsonError::new(error)).into())
-                        }
-                    });
-                }
-                Ok(Found::Claim(Claim::Mismatch)) => {
-                    trace.emit(CallOutcome::Mismatch);
-                    return Err(Err(Error::KeyReused.into()));
-                }
-                Ok(Found::Own) => {
-                    trace.emit(CallOutcome::Conflict);
-                    return Err(Err(Error::HeldByThisTransaction.into()));
-                }
-                // The other transaction's claim has no lease yet that could be told; its
-                // lease will be at most this call's kind of lease once it commits.
-                Ok(Found::LockTimeout) => return conflict(trace, options.get_lease()),
-                Ok(Found::Claim(Claim::InProgress { retry_after })) => retry_after,
-                Err(error) => {
-                    trace.emit(CallOutcome::StoreError);
-                    return Err(Err(Error::Store(error).into()));
-                }
-            };
-            // Held outside any transaction (a call not in the transactional mode).
-            let left = left();
-            if left.is_zero() {
-                return conflict(trace, retry_after);
-            }
-            trace.waited = true;
-            if let Err(error) = Store::wait(self, key, left).await {
-                trace.emit(CallOutcome::StoreError);
-                return Err(Err(Error::Store(error).into()));
-            }
-        }
-    }
-
+impl InTransaction<'_> {
     /// One claim in `tx`, waiting at most `lock_wait` for another transaction's uncommitted
     /// claim of the key. `lock_timeout` is set for the claim and given its value back after
     /// it; the three statements are sent together, so they cost one round trip.
     async fn claim_in(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
         key: &StorageKey,
         fingerprint: &Fingerprint,
-        options: &Options,
+        lease: Duration,
         lock_wait: Duration,
     ) -> Result<Found, StoreError> {
+        let tx = self.tx;
         let key_param = key.as_bytes().as_slice();
         let fingerprint_param = fingerprint.as_bytes().as_slice();
-        let lease = millis(options.get_lease());
+        let lease = millis(lease);
         let lock_timeout = format!("{}ms", millis(lock_wait).min(i64::from(i32::MAX)));
         for _ in 0..CLAIM_ATTEMPTS {
             let set_params: [(&(dyn ToSql + Sync), Type); 1] = [(&lock_timeout, Type::TEXT)];
@@ -324,7 +204,7 @@ impl PostgresStore {
             ];
             let (set, claimed, restored) = tokio::join!(
                 tx.query_typed(sql::SET_LOCK_TIMEOUT, &set_params),
-                tx.query_typed(&self.statements.claim_in_transaction, &claim_params),
+                tx.query_typed(&self.store.statements.claim_in_transaction, &claim_params),
                 tx.query_typed(sql::RESTORE_LOCK_TIMEOUT, &[]),
             );
             set.map_err(|error| from_pg("could not bound the claim's wait", error))?;
@@ -356,26 +236,5 @@ impl PostgresStore {
             message: format!("the record under key {key} kept changing during the claim"),
             source: None,
         })
-    }
-
-    /// Deletes the claim again; should it fail, the caller's rollback removes it anyway.
-    async fn release_in(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        key: &StorageKey,
-        fence: Fence,
-    ) {
-        let released = tx
-            .query_typed(
-                &self.statements.release_in_transaction,
-                &[
-                    (&key.as_bytes().as_slice(), Type::BYTEA),
-                    (&super::fence_param(fence), Type::INT8),
-                ],
-            )
-            .await;
-        if let Err(error) = released {
-            tracing::warn!(target: "idempotent", %error, "could not delete a claim in the transaction; rolling it back removes it");
-        }
     }
 }
