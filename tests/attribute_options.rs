@@ -1,7 +1,8 @@
 //! Each option of `#[idempotent]`, checked by what it does on a real call rather than by the
-//! code it expands to: `scope`, `ttl`, `lease`, `on_conflict`, `cache_errors`, `skip`, `name`
-//! and `store`. Each test fails if the attribute drops its option (falls back to the default);
-//! leases and expiry are measured on a [`ManualClock`], so no test sleeps to see time pass.
+//! code it expands to: `scope`, `ttl`, `lease`, `on_conflict`, `cache_errors`, `skip`, `name`,
+//! `store` and `max_output_bytes`. Each test fails if the attribute drops its option (falls
+//! back to the default); leases and expiry are measured on a [`ManualClock`], so no test
+//! sleeps to see time pass.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -532,4 +533,62 @@ async fn store_holds_the_record_of_the_call() {
         2,
         "once removed from the store, the call runs again"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// max_output_bytes
+
+static SMALL_LIMIT_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+/// Far under the default limit (`Options::DEFAULT_MAX_OUTPUT_BYTES`, 1 MiB).
+#[idempotent(key = order, max_output_bytes = 64)]
+async fn limited_to_64_bytes(order: &str, size: usize) -> Result<String, AppError> {
+    SMALL_LIMIT_RUNS.fetch_add(1, Ordering::SeqCst);
+    Ok("x".repeat(size))
+}
+
+#[tokio::test]
+async fn max_output_bytes_refuses_a_larger_output_and_releases_the_key() {
+    match limited_to_64_bytes("limit-small-1", 100).await {
+        Err(AppError::Idempotency(Error::OutputTooLarge { size, limit: 64 })) => {
+            assert!(size > 100, "the JSON string with its quotes: {size}")
+        }
+        other => panic!("expected Error::OutputTooLarge with limit 64, got {other:?}"),
+    }
+    // The key was released: a retry runs the body again (and is refused again).
+    assert!(limited_to_64_bytes("limit-small-1", 100).await.is_err());
+    assert_eq!(runs(&SMALL_LIMIT_RUNS), 2);
+    // An output within the limit is recorded.
+    assert_eq!(
+        limited_to_64_bytes("limit-small-2", 10)
+            .await
+            .unwrap()
+            .len(),
+        10
+    );
+}
+
+static LARGE_LIMIT_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+/// Over the default limit: the default would refuse an output of 1.5 MiB.
+#[idempotent(key = order, max_output_bytes = 2_097_152)]
+async fn limited_to_2_mib(order: &str, size: usize) -> Result<String, AppError> {
+    LARGE_LIMIT_RUNS.fetch_add(1, Ordering::SeqCst);
+    Ok("x".repeat(size))
+}
+
+#[tokio::test]
+async fn max_output_bytes_above_the_default_records_a_larger_output() {
+    let size = 1536 * 1024;
+    assert!(size > idempotent_core::Options::DEFAULT_MAX_OUTPUT_BYTES);
+    assert_eq!(
+        limited_to_2_mib("limit-large-1", size).await.unwrap().len(),
+        size
+    );
+    assert_eq!(runs(&LARGE_LIMIT_RUNS), 1, "the first call runs the body");
+    assert_eq!(
+        limited_to_2_mib("limit-large-1", size).await.unwrap().len(),
+        size
+    );
+    assert_eq!(runs(&LARGE_LIMIT_RUNS), 1, "the retry replays");
 }

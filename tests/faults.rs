@@ -320,11 +320,13 @@ fn engine(store: Arc<dyn Store>, ledger: &Arc<Ledger>) -> Idempotency {
         inner: store,
         ledger: Arc::clone(ledger),
     };
-    Idempotency::new(Arc::new(witness)).with_options(Options::new().lease(LEASE).on_conflict(
-        OnConflict::Wait {
-            timeout: Duration::from_secs(2),
-        },
-    ))
+    Idempotency::new(Arc::new(witness)).with_options(
+        Options::new()
+            .with_lease(LEASE)
+            .with_on_conflict(OnConflict::Wait {
+                timeout: Duration::from_secs(2),
+            }),
+    )
 }
 
 /// One call of key `key`; its body records its execution in the ledger.

@@ -465,7 +465,7 @@ async fn a_claim_behind_another_transactions_claim_waits_no_longer_than_its_poli
         ),
     ] {
         let tx = second.transaction().await.unwrap();
-        let options = Options::new().on_conflict(on_conflict);
+        let options = Options::new().with_on_conflict(on_conflict);
         let started = std::time::Instant::now();
         let answer = tokio::time::timeout(
             Duration::from_secs(10),

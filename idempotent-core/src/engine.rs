@@ -301,8 +301,8 @@ impl Idempotency {
     /// # use std::time::Duration;
     /// use idempotent_core::{Idempotency, Options};
     /// let engine = Idempotency::with_default_store()
-    ///     .with_options(Options::new().ttl(Duration::from_secs(600)));
-    /// assert_eq!(engine.options().get_ttl(), Duration::from_secs(600));
+    ///     .with_options(Options::new().with_ttl(Duration::from_secs(600)));
+    /// assert_eq!(engine.options().ttl(), Duration::from_secs(600));
     /// ```
     pub fn with_options(mut self, options: Options) -> Self {
         self.options = options;
@@ -476,15 +476,15 @@ where
         Acquisition::Answered(Err(error.into()))
     };
     // A clock read is a noticeable share of a replay from memory: only this mode needs one.
-    let cancels = options.get_on_lease_loss() == OnLeaseLoss::Cancel;
-    let mut wait = WaitBudget::new(match options.get_on_conflict() {
+    let cancels = options.on_lease_loss() == OnLeaseLoss::Cancel;
+    let mut wait = WaitBudget::new(match options.on_conflict() {
         OnConflict::Wait { timeout } => Some(timeout),
         OnConflict::Reject => None,
     });
     loop {
         let claimed_at = cancels.then(tokio::time::Instant::now);
         let claimed = ledger
-            .claim(key, arguments, options.get_lease(), &mut wait)
+            .claim(key, arguments, options.lease(), &mut wait)
             .await;
         let retry_after = match claimed {
             Ok(Claimed::Claim(Claim::Acquired { fence })) => {
@@ -547,8 +547,8 @@ where
     E: From<Error>,
     F: Future<Output = Result<T, E>>,
 {
-    let lease = options.get_lease();
-    let run = holder.run_with_heartbeat(lease, options.get_on_lease_loss(), claimed_at, body);
+    let lease = options.lease();
+    let run = holder.run_with_heartbeat(lease, options.on_lease_loss(), claimed_at, body);
     let Ok(result) = run.await else {
         holder.lost();
         trace.emit(CallOutcome::LeaseLost);
@@ -570,10 +570,10 @@ where
     let write = holder
         .record(PendingRecord {
             output: bytes,
-            ttl: options.get_ttl(),
+            ttl: options.ttl(),
             // Half a lease after the body ended: the rest is the margin before a retry may
             // find the claim dead.
-            give_up: tokio::time::Instant::now() + options.get_lease() / 2,
+            give_up: tokio::time::Instant::now() + options.lease() / 2,
             recorded,
         })
         .await;
@@ -613,7 +613,7 @@ where
             );
         }
     };
-    match ledger.complete(&key, fence, bytes, options.get_ttl()).await {
+    match ledger.complete(&key, fence, bytes, options.ttl()).await {
         Ok(FencedWrite::Applied) => {
             trace.emit(recorded);
             result.map(Outcome::Executed)
@@ -652,12 +652,10 @@ fn encode_result<R: Recording<T, E>, T, E>(result: &Result<T, E>, options: &Opti
     };
     let refused = |error| ToRecord::Nothing(CallOutcome::EncodeError, Err(error));
     match encoded {
-        Ok(bytes) if bytes.len() > options.get_max_output_bytes() => {
-            refused(Error::OutputTooLarge {
-                size: bytes.len(),
-                limit: options.get_max_output_bytes(),
-            })
-        }
+        Ok(bytes) if bytes.len() > options.max_output_bytes() => refused(Error::OutputTooLarge {
+            size: bytes.len(),
+            limit: options.max_output_bytes(),
+        }),
         // What is recorded must replay: serde_json writes NaN and infinities as `null`, which
         // no float decodes from, and a hand-written impl can be lopsided. Finding out now
         // releases the key; finding out on replay would fail every retry for the whole ttl.

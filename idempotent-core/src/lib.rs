@@ -31,8 +31,8 @@ pub mod __hooks {
     pub use crate::hooks::*;
 }
 mod hooks;
+mod idempotency_key;
 mod key;
-mod key_source;
 mod ledger;
 mod options;
 #[doc(hidden)]
@@ -59,8 +59,8 @@ pub use error::{BoxError, Error, JsonError, StoreError};
 pub use fingerprint::{
     CanonicalArguments, Fingerprint, FingerprintError, Fingerprinter, MAX_EXACT_ARGUMENTS,
 };
+pub use idempotency_key::IdempotencyKey;
 pub use key::{KeyError, MAX_KEY_BYTES, StorageKey};
-pub use key_source::IdempotencyKey;
 pub use options::{OnConflict, OnLeaseLoss, Options};
 pub use store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, MAX_DURATION, Store, held_millis};
 // The clocks belong to the memory store (the only store that reads one) and are re-exported

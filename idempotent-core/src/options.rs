@@ -42,9 +42,9 @@ pub enum OnConflict {
 ///
 /// ```
 /// use idempotent_core::{OnLeaseLoss, Options};
-/// let options = Options::new().on_lease_loss(OnLeaseLoss::Cancel);
-/// assert_eq!(options.get_on_lease_loss(), OnLeaseLoss::Cancel);
-/// assert_eq!(Options::new().get_on_lease_loss(), OnLeaseLoss::Continue);
+/// let options = Options::new().with_on_lease_loss(OnLeaseLoss::Cancel);
+/// assert_eq!(options.on_lease_loss(), OnLeaseLoss::Cancel);
+/// assert_eq!(Options::new().on_lease_loss(), OnLeaseLoss::Continue);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnLeaseLoss {
@@ -65,11 +65,11 @@ pub enum OnLeaseLoss {
 /// use std::time::Duration;
 ///
 /// let options = Options::default()
-///     .ttl(Duration::from_secs(3600))
-///     .lease(Duration::from_secs(10))
-///     .on_conflict(OnConflict::Reject)
-///     .max_output_bytes(64 * 1024);
-/// assert_eq!(options.get_ttl(), Duration::from_secs(3600));
+///     .with_ttl(Duration::from_secs(3600))
+///     .with_lease(Duration::from_secs(10))
+///     .with_on_conflict(OnConflict::Reject)
+///     .with_max_output_bytes(64 * 1024);
+/// assert_eq!(options.ttl(), Duration::from_secs(3600));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
@@ -116,10 +116,10 @@ impl Options {
     ///
     /// ```
     /// # use idempotent_core::Options; use std::time::Duration;
-    /// let options = Options::new().ttl(Duration::from_secs(60));
-    /// # assert_eq!(options.get_ttl(), Duration::from_secs(60));
+    /// let options = Options::new().with_ttl(Duration::from_secs(60));
+    /// # assert_eq!(options.ttl(), Duration::from_secs(60));
     /// ```
-    pub const fn ttl(mut self, ttl: Duration) -> Self {
+    pub const fn with_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
     }
@@ -129,10 +129,10 @@ impl Options {
     ///
     /// ```
     /// # use idempotent_core::Options; use std::time::Duration;
-    /// let options = Options::new().lease(Duration::from_secs(5));
-    /// # assert_eq!(options.get_lease(), Duration::from_secs(5));
+    /// let options = Options::new().with_lease(Duration::from_secs(5));
+    /// # assert_eq!(options.lease(), Duration::from_secs(5));
     /// ```
-    pub const fn lease(mut self, lease: Duration) -> Self {
+    pub const fn with_lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
     }
@@ -141,10 +141,10 @@ impl Options {
     ///
     /// ```
     /// # use idempotent_core::{OnConflict, Options};
-    /// let options = Options::new().on_conflict(OnConflict::Reject);
-    /// # assert_eq!(options.get_on_conflict(), OnConflict::Reject);
+    /// let options = Options::new().with_on_conflict(OnConflict::Reject);
+    /// # assert_eq!(options.on_conflict(), OnConflict::Reject);
     /// ```
-    pub const fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
+    pub const fn with_on_conflict(mut self, on_conflict: OnConflict) -> Self {
         self.on_conflict = on_conflict;
         self
     }
@@ -153,9 +153,9 @@ impl Options {
     ///
     /// ```
     /// use idempotent_core::{OnLeaseLoss, Options};
-    /// let options = Options::new().on_lease_loss(OnLeaseLoss::Cancel);
+    /// let options = Options::new().with_on_lease_loss(OnLeaseLoss::Cancel);
     /// ```
-    pub const fn on_lease_loss(mut self, on_lease_loss: OnLeaseLoss) -> Self {
+    pub const fn with_on_lease_loss(mut self, on_lease_loss: OnLeaseLoss) -> Self {
         self.on_lease_loss = on_lease_loss;
         self
     }
@@ -165,10 +165,10 @@ impl Options {
     ///
     /// ```
     /// # use idempotent_core::Options;
-    /// let options = Options::new().max_output_bytes(4096);
-    /// # assert_eq!(options.get_max_output_bytes(), 4096);
+    /// let options = Options::new().with_max_output_bytes(4096);
+    /// # assert_eq!(options.max_output_bytes(), 4096);
     /// ```
-    pub const fn max_output_bytes(mut self, limit: usize) -> Self {
+    pub const fn with_max_output_bytes(mut self, limit: usize) -> Self {
         self.max_output_bytes = limit;
         self
     }
@@ -177,9 +177,9 @@ impl Options {
     ///
     /// ```
     /// # use idempotent_core::Options;
-    /// assert_eq!(Options::new().get_ttl(), Options::DEFAULT_TTL);
+    /// assert_eq!(Options::new().ttl(), Options::DEFAULT_TTL);
     /// ```
-    pub const fn get_ttl(&self) -> Duration {
+    pub const fn ttl(&self) -> Duration {
         self.ttl
     }
 
@@ -187,9 +187,9 @@ impl Options {
     ///
     /// ```
     /// # use idempotent_core::Options;
-    /// assert_eq!(Options::new().get_lease(), Options::DEFAULT_LEASE);
+    /// assert_eq!(Options::new().lease(), Options::DEFAULT_LEASE);
     /// ```
-    pub const fn get_lease(&self) -> Duration {
+    pub const fn lease(&self) -> Duration {
         self.lease
     }
 
@@ -197,9 +197,9 @@ impl Options {
     ///
     /// ```
     /// # use idempotent_core::{OnConflict, Options};
-    /// assert!(matches!(Options::new().get_on_conflict(), OnConflict::Wait { .. }));
+    /// assert!(matches!(Options::new().on_conflict(), OnConflict::Wait { .. }));
     /// ```
-    pub const fn get_on_conflict(&self) -> OnConflict {
+    pub const fn on_conflict(&self) -> OnConflict {
         self.on_conflict
     }
 
@@ -207,9 +207,9 @@ impl Options {
     ///
     /// ```
     /// # use idempotent_core::{OnLeaseLoss, Options};
-    /// assert_eq!(Options::new().get_on_lease_loss(), OnLeaseLoss::Continue);
+    /// assert_eq!(Options::new().on_lease_loss(), OnLeaseLoss::Continue);
     /// ```
-    pub const fn get_on_lease_loss(&self) -> OnLeaseLoss {
+    pub const fn on_lease_loss(&self) -> OnLeaseLoss {
         self.on_lease_loss
     }
 
@@ -217,9 +217,9 @@ impl Options {
     ///
     /// ```
     /// # use idempotent_core::Options;
-    /// assert_eq!(Options::new().get_max_output_bytes(), Options::DEFAULT_MAX_OUTPUT_BYTES);
+    /// assert_eq!(Options::new().max_output_bytes(), Options::DEFAULT_MAX_OUTPUT_BYTES);
     /// ```
-    pub const fn get_max_output_bytes(&self) -> usize {
+    pub const fn max_output_bytes(&self) -> usize {
         self.max_output_bytes
     }
 
@@ -228,9 +228,9 @@ impl Options {
     /// ```
     /// # use idempotent_core::Options; use std::time::Duration;
     /// assert!(Options::new().validate().is_ok());
-    /// assert!(Options::new().ttl(Duration::ZERO).validate().is_err());
+    /// assert!(Options::new().with_ttl(Duration::ZERO).validate().is_err());
     /// // Longer than any store holds (`MAX_DURATION`, about 100 years):
-    /// assert!(Options::new().ttl(Duration::MAX).validate().is_err());
+    /// assert!(Options::new().with_ttl(Duration::MAX).validate().is_err());
     /// ```
     pub fn validate(&self) -> Result<(), Error> {
         let problem = if self.ttl.is_zero() {

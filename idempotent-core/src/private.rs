@@ -8,9 +8,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use crate::default_store::default_store;
+pub use crate::idempotency_key::IdempotencyKey;
 pub use crate::key::Namespace;
-pub use crate::key_source::IdempotencyKey;
 pub use crate::options::{OnConflict, OnLeaseLoss, Options};
+pub use crate::store::MAX_DURATION;
 pub use core::time::Duration;
 pub use std::borrow::Cow;
 
@@ -22,13 +23,14 @@ use crate::ledger::Leased;
 pub use crate::ledger::StoreHandle;
 use crate::recorded::{OkAndErr, OkOnly};
 
-/// Fingerprints the arguments one by one, keeping the first failure to report it.
-pub struct ArgumentHasher {
+/// Collects the arguments one by one into their canonical encoding, which is hashed only once
+/// it outgrows `MAX_EXACT_ARGUMENTS`; keeps the first failure to report it.
+pub struct ArgumentCollector {
     fingerprinter: Fingerprinter,
     error: Option<FingerprintError>,
 }
 
-impl ArgumentHasher {
+impl ArgumentCollector {
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
         Self {
@@ -38,18 +40,18 @@ impl ArgumentHasher {
     }
 }
 
-pub fn push_argument<T: Serialize + ?Sized>(hasher: &mut ArgumentHasher, argument: &T) {
-    if hasher.error.is_none()
-        && let Err(error) = hasher.fingerprinter.push(argument)
+pub fn push_argument<T: Serialize + ?Sized>(collector: &mut ArgumentCollector, argument: &T) {
+    if collector.error.is_none()
+        && let Err(error) = collector.fingerprinter.push(argument)
     {
-        hasher.error = Some(error);
+        collector.error = Some(error);
     }
 }
 
-pub fn finish(hasher: ArgumentHasher) -> Result<CanonicalArguments, FingerprintError> {
-    match hasher.error {
+pub fn finish(collector: ArgumentCollector) -> Result<CanonicalArguments, FingerprintError> {
+    match collector.error {
         Some(error) => Err(error),
-        None => Ok(hasher.fingerprinter.into_arguments()),
+        None => Ok(collector.fingerprinter.into_arguments()),
     }
 }
 
@@ -77,36 +79,47 @@ pub fn store_handle<S: StoreHandle>(store: &S) -> &dyn StoreHandle {
     store
 }
 
-pub async fn run<T, E, F>(
+/// Runs the body as `execute` does. The return type `R` is the function's own, as written
+/// (an alias of `Result` or not): a type that is not a `Result` is reported once, as an unmet
+/// `IsResult` bound, rather than as mismatched types.
+pub async fn run<R, T, E, F>(
     store: &dyn StoreHandle,
     options: &Options,
     call: Prepared,
     body: F,
-) -> Result<T, E>
+) -> R
 where
+    R: IsResult<Ok = T, Err = E>,
     T: Serialize + DeserializeOwned,
     E: From<Error>,
-    F: Future<Output = Result<T, E>>,
+    F: Future<Output = R>,
 {
-    execute::<OkOnly, T, E, F>(&Leased::new(store), options, call, body)
-        .await
-        .map(crate::Outcome::into_value)
+    let body = async move { body.await.into_result() };
+    R::from_result(
+        execute::<OkOnly, T, E, _>(&Leased::new(store), options, call, body)
+            .await
+            .map(crate::Outcome::into_value),
+    )
 }
 
-pub async fn run_caching_errors<T, E, F>(
+pub async fn run_caching_errors<R, F>(
     store: &dyn StoreHandle,
     options: &Options,
     call: Prepared,
     body: F,
-) -> Result<T, E>
+) -> R
 where
-    T: Serialize + DeserializeOwned,
-    E: Serialize + DeserializeOwned + From<Error>,
-    F: Future<Output = Result<T, E>>,
+    R: IsResult,
+    R::Ok: Serialize + DeserializeOwned,
+    R::Err: Serialize + DeserializeOwned + From<Error>,
+    F: Future<Output = R>,
 {
-    execute::<OkAndErr, T, E, F>(&Leased::new(store), options, call, body)
-        .await
-        .map(crate::Outcome::into_value)
+    let body = async move { body.await.into_result() };
+    R::from_result(
+        execute::<OkAndErr, R::Ok, R::Err, _>(&Leased::new(store), options, call, body)
+            .await
+            .map(crate::Outcome::into_value),
+    )
 }
 
 /// The `Ok` type is recorded as JSON and read back.
@@ -118,15 +131,34 @@ pub fn assert_error<E: From<Error>>() {}
 /// With `cache_errors`, the `Err` type is recorded too.
 pub fn assert_recorded_error<E: Serialize + DeserializeOwned>() {}
 
-/// Names `T` and `E` of a return type written as an alias (`io::Result<T>`).
+/// Names `T` and `E` of the function's return type, whatever it is written as: `Result<T, E>`,
+/// `anyhow::Result<T>`, `type Res<T> = Result<T, AppError>`. Any other type is reported here, on
+/// the return type.
+#[diagnostic::on_unimplemented(
+    message = "an #[idempotent] function must return a `Result`, found `{Self}`",
+    label = "not a `Result`",
+    note = "its `Ok` value is what is recorded and replayed: return `Result<T, E>` or an alias of it, such as `type Res<T> = Result<T, AppError>`"
+)]
 pub trait IsResult {
     type Ok;
     type Err;
+    fn into_result(self) -> Result<Self::Ok, Self::Err>;
+    fn from_result(result: Result<Self::Ok, Self::Err>) -> Self;
 }
 
 impl<T, E> IsResult for Result<T, E> {
     type Ok = T;
     type Err = E;
+
+    #[inline]
+    fn into_result(self) -> Self {
+        self
+    }
+
+    #[inline]
+    fn from_result(result: Self) -> Self {
+        result
+    }
 }
 
 #[cfg(feature = "postgres")]
@@ -168,21 +200,25 @@ mod postgres_mode {
         store.postgres_store()
     }
 
-    pub async fn run_in_transaction<T, E, F>(
+    pub async fn run_in_transaction<R, F>(
         store: &PostgresStore,
         tx: &(impl PostgresTransaction + ?Sized),
         options: &Options,
         call: Prepared,
         body: F,
-    ) -> Result<T, E>
+    ) -> R
     where
-        T: Serialize + DeserializeOwned,
-        E: From<Error>,
-        F: Future<Output = Result<T, E>>,
+        R: IsResult,
+        R::Ok: Serialize + DeserializeOwned,
+        R::Err: From<Error>,
+        F: Future<Output = R>,
     {
-        store
-            .execute_in(tx.transaction(), options, call, body)
-            .await
-            .map(crate::Outcome::into_value)
+        let body = async move { body.await.into_result() };
+        R::from_result(
+            store
+                .execute_in(tx.transaction(), options, call, body)
+                .await
+                .map(crate::Outcome::into_value),
+        )
     }
 }

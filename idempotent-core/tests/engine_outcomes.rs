@@ -22,7 +22,7 @@ fn call(key: &'static str) -> Call<'static> {
 }
 
 fn reject() -> Options {
-    Options::new().on_conflict(OnConflict::Reject)
+    Options::new().with_on_conflict(OnConflict::Reject)
 }
 
 async fn charge(runs: &Runs, receipt: &str) -> Result<String, AppError> {
@@ -152,7 +152,7 @@ async fn waiting_gives_up_with_a_conflict_after_its_timeout() {
         .await
         .unwrap();
     let runs = Runs::default();
-    let options = Options::new().on_conflict(OnConflict::Wait {
+    let options = Options::new().with_on_conflict(OnConflict::Wait {
         timeout: Duration::from_millis(100),
     });
     let error = engine(store)
@@ -218,7 +218,8 @@ async fn output_that_fails_to_serialize_releases_the_key() {
 
 #[tokio::test]
 async fn output_over_the_size_limit_is_refused_and_released() {
-    let engine = engine(Arc::new(MemoryStore::new())).with_options(reject().max_output_bytes(64));
+    let engine =
+        engine(Arc::new(MemoryStore::new())).with_options(reject().with_max_output_bytes(64));
     let runs = Runs::default();
     let error = engine
         .run(call("k"), charge(&runs, &"x".repeat(100)))
@@ -318,7 +319,7 @@ async fn assert_released(store: &Arc<dyn Store>, key: &'static str) {
 async fn panic_in_the_body_releases_and_propagates() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let engine =
-        engine(store.clone()).with_options(Options::new().lease(Duration::from_secs(3600)));
+        engine(store.clone()).with_options(Options::new().with_lease(Duration::from_secs(3600)));
     let task = tokio::spawn(async move {
         engine
             .run(call("k"), async {
@@ -338,7 +339,7 @@ async fn panic_in_the_body_releases_and_propagates() {
 async fn cancelled_call_releases_promptly() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let engine =
-        engine(store.clone()).with_options(Options::new().lease(Duration::from_secs(3600)));
+        engine(store.clone()).with_options(Options::new().with_lease(Duration::from_secs(3600)));
     let (started_tx, started_rx) = oneshot::channel();
     let task = tokio::spawn(async move {
         engine
@@ -359,7 +360,7 @@ async fn cancelled_call_releases_promptly() {
 async fn a_body_longer_than_the_lease_keeps_its_claim() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::builder().clock(TokioClock::new()).build());
     let lease = Duration::from_secs(3);
-    let engine = engine(store.clone()).with_options(reject().lease(lease));
+    let engine = engine(store.clone()).with_options(reject().with_lease(lease));
     let runs = Runs::default();
     let holder = {
         let (engine, runs) = (engine.clone(), runs.clone());
@@ -401,7 +402,7 @@ async fn a_holder_whose_lease_was_taken_over_reports_unrecorded() {
     let clock = ManualClock::new();
     let store: Arc<dyn Store> = Arc::new(MemoryStore::builder().clock(clock.clone()).build());
     let lease = Duration::from_secs(30);
-    let engine = engine(store.clone()).with_options(reject().lease(lease));
+    let engine = engine(store.clone()).with_options(reject().with_lease(lease));
     let (started_tx, started_rx) = oneshot::channel();
     let (finish_tx, finish_rx) = oneshot::channel::<()>();
     let slow = {
@@ -462,28 +463,33 @@ async fn invalid_keys_and_options_are_refused_before_claiming() {
         "{error:?}"
     );
     let refused_options = [
-        ("a zero ttl", Options::new().ttl(Duration::ZERO)),
-        ("a zero lease", Options::new().lease(Duration::ZERO)),
+        ("a zero ttl", Options::new().with_ttl(Duration::ZERO)),
+        ("a zero lease", Options::new().with_lease(Duration::ZERO)),
         (
             "a lease longer than the ttl",
             Options::new()
-                .ttl(Duration::from_secs(1))
-                .lease(Duration::from_secs(2)),
+                .with_ttl(Duration::from_secs(1))
+                .with_lease(Duration::from_secs(2)),
         ),
-        ("a ttl of Duration::MAX", Options::new().ttl(Duration::MAX)),
+        (
+            "a ttl of Duration::MAX",
+            Options::new().with_ttl(Duration::MAX),
+        ),
         (
             "a ttl just over MAX_DURATION",
-            Options::new().ttl(MAX_DURATION + Duration::from_millis(1)),
+            Options::new().with_ttl(MAX_DURATION + Duration::from_millis(1)),
         ),
         (
             "a lease of Duration::MAX",
-            Options::new().ttl(Duration::MAX).lease(Duration::MAX),
+            Options::new()
+                .with_ttl(Duration::MAX)
+                .with_lease(Duration::MAX),
         ),
         (
             "a lease just over MAX_DURATION",
             Options::new()
-                .ttl(MAX_DURATION)
-                .lease(MAX_DURATION + Duration::from_millis(1)),
+                .with_ttl(MAX_DURATION)
+                .with_lease(MAX_DURATION + Duration::from_millis(1)),
         ),
     ];
     for (what, options) in refused_options {
@@ -499,7 +505,9 @@ async fn invalid_keys_and_options_are_refused_before_claiming() {
         );
     }
     // The maximum itself is accepted: the call goes on to the store (which is down).
-    let at_the_maximum = Options::new().ttl(MAX_DURATION).lease(MAX_DURATION);
+    let at_the_maximum = Options::new()
+        .with_ttl(MAX_DURATION)
+        .with_lease(MAX_DURATION);
     let error = engine
         .with_options(at_the_maximum)
         .run(call("k"), charge(&runs, "x"))
@@ -577,7 +585,7 @@ async fn a_store_that_stays_down_after_the_body_ran_gives_the_value_unrecorded()
         failures: std::sync::atomic::AtomicU32::new(u32::MAX),
         lost_after_write: false,
     });
-    let engine = engine(store).with_options(reject().lease(Duration::from_millis(200)));
+    let engine = engine(store).with_options(reject().with_lease(Duration::from_millis(200)));
     let runs = Runs::default();
     assert_eq!(
         engine.run(call("k"), charge(&runs, "done")).await.unwrap(),

@@ -175,8 +175,11 @@ fn setup() -> Setup {
 /// The other caller: claims every 100 ms (reject mode) until it runs its body; returns whether
 /// the first execution was still running when the second began, and the second's context.
 async fn take_over(shared: Arc<dyn Store>, first: Arc<Execution>) -> (bool, Seen) {
-    let engine = Idempotency::new(shared)
-        .with_options(Options::new().lease(LEASE).on_conflict(OnConflict::Reject));
+    let engine = Idempotency::new(shared).with_options(
+        Options::new()
+            .with_lease(LEASE)
+            .with_on_conflict(OnConflict::Reject),
+    );
     loop {
         let first = Arc::clone(&first);
         let ran = engine
@@ -200,8 +203,8 @@ async fn a_holder_cut_off_from_the_store_is_cancelled_before_its_lease_runs_out(
     let holder = {
         let engine = Idempotency::new(partition.clone()).with_options(
             Options::new()
-                .lease(LEASE)
-                .on_lease_loss(OnLeaseLoss::Cancel),
+                .with_lease(LEASE)
+                .with_on_lease_loss(OnLeaseLoss::Cancel),
         );
         let first = Arc::clone(&first);
         tokio::spawn(async move { engine.run(call(), endless(first)).await })
@@ -267,7 +270,8 @@ async fn by_default_a_cut_off_holder_runs_on_beside_the_next_one() {
     let Setup { shared, partition } = setup();
     let first = Arc::new(Execution::default());
     let holder = {
-        let engine = Idempotency::new(partition.clone()).with_options(Options::new().lease(LEASE));
+        let engine =
+            Idempotency::new(partition.clone()).with_options(Options::new().with_lease(LEASE));
         let first = Arc::clone(&first);
         tokio::spawn(async move { engine.run(call(), endless(first)).await })
     };
@@ -292,8 +296,8 @@ async fn a_holder_whose_renewal_is_fenced_is_cancelled_at_once() {
     let holder = {
         let engine = Idempotency::new(Arc::clone(&shared)).with_options(
             Options::new()
-                .lease(LEASE)
-                .on_lease_loss(OnLeaseLoss::Cancel),
+                .with_lease(LEASE)
+                .with_on_lease_loss(OnLeaseLoss::Cancel),
         );
         let first = Arc::clone(&first);
         tokio::spawn(async move { engine.run(call(), endless(first)).await })
@@ -330,8 +334,8 @@ async fn a_healthy_holder_is_never_cancelled() {
     let Setup { shared, .. } = setup();
     let engine = Idempotency::new(shared).with_options(
         Options::new()
-            .lease(LEASE)
-            .on_lease_loss(OnLeaseLoss::Cancel),
+            .with_lease(LEASE)
+            .with_on_lease_loss(OnLeaseLoss::Cancel),
     );
     let outcome = engine
         .run(call(), async {

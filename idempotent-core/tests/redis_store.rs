@@ -138,7 +138,7 @@ async fn waiters_are_woken_by_pub_sub_not_by_polling() {
 async fn an_outage_fails_calls_fast_without_running_the_body_and_recovery_needs_no_restart() {
     let mut server = RedisServer::start();
     let engine = Idempotency::new(store_at(&server.url()))
-        .with_options(Options::new().on_conflict(OnConflict::Reject));
+        .with_options(Options::new().with_on_conflict(OnConflict::Reject));
     let runs = Runs::default();
     let body = |value: u32| {
         let runs = runs.clone();
@@ -622,7 +622,7 @@ async fn a_black_holed_host_fails_calls_within_the_connect_and_response_timeouts
     // The defaults: 1 s to connect, 1 s for an answer, so "within 2 s" (RedisStoreBuilder).
     let bound = Duration::from_secs(2);
     let engine = Idempotency::new(store_at(&proxy.redis_url()))
-        .with_options(Options::new().on_conflict(OnConflict::Reject));
+        .with_options(Options::new().with_on_conflict(OnConflict::Reject));
     let runs = Runs::default();
     let body = || async {
         runs.hit();
@@ -691,8 +691,11 @@ async fn a_response_timeout_leaves_what_the_server_did() {
     );
     let direct = store_at(&server.url());
     let lease = Duration::from_secs(1);
-    let engine = Idempotency::new(through_proxy.clone())
-        .with_options(Options::new().lease(lease).on_conflict(OnConflict::Reject));
+    let engine = Idempotency::new(through_proxy.clone()).with_options(
+        Options::new()
+            .with_lease(lease)
+            .with_on_conflict(OnConflict::Reject),
+    );
     let runs = Runs::default();
     let body = || async {
         runs.hit();

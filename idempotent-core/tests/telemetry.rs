@@ -108,7 +108,7 @@ fn every_outcome_is_an_event_with_function_key_outcome_and_duration() {
         .unwrap();
 
     let engine = Idempotency::new(Arc::new(MemoryStore::new()))
-        .with_options(Options::new().on_conflict(OnConflict::Reject));
+        .with_options(Options::new().with_on_conflict(OnConflict::Reject));
     let args = Fingerprint::of(&42).unwrap();
     let call = Call::new("shop::checkout", args).key("order-1");
     let expected_key = &call.storage_key().unwrap().to_hex()[..16];

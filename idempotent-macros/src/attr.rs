@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::TokenStream;
 use quote::ToTokens;
 use syn::meta::ParseNestedMeta;
-use syn::{Expr, Ident, LitStr, Path, Token};
+use syn::{Expr, Ident, LitInt, LitStr, Path, Token};
 
 use crate::errors::Errors;
 use crate::suggest::closest;
@@ -22,18 +22,14 @@ const OPTIONS: &[&str] = &[
     "on_conflict",
     "on_lease_loss",
     "cache_errors",
+    "max_output_bytes",
     "crate",
     "tx",
 ];
 
-/// The runtime's defaults, needed here only to check `lease` against an unset `ttl` (and the
-/// reverse) at compile time; `idempotent_core::Options` has the same values.
-pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
-pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(30);
-
-/// `idempotent_core::MAX_DURATION`, which this crate cannot name (the runtime depends on it);
-/// the ui test `ttl_too_long` and the runtime's `Options::validate` hold the same limit.
-const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(36_500 * 24 * 60 * 60);
+// The defaults (`Options::DEFAULT_TTL`, ...) and the limit `idempotent_core::MAX_DURATION`
+// are not copied here (this crate cannot name them: the runtime depends on it). A check that
+// needs one is emitted as a constant assertion that names it (see `expand::const_checks`).
 
 /// A `ttl` or `lease`: a humantime string checked now, or a `Duration` expression.
 pub(crate) enum DurationOption {
@@ -61,6 +57,8 @@ pub(crate) struct Attr {
     /// `on_lease_loss = "cancel"`: drop the body once its lease can no longer be renewed.
     pub(crate) cancel_on_lease_loss: bool,
     pub(crate) cache_errors: bool,
+    /// The largest recorded output, in bytes.
+    pub(crate) max_output_bytes: Option<LitInt>,
     pub(crate) krate: Option<Path>,
     /// The argument holding the caller's PostgreSQL transaction (transactional mode).
     pub(crate) tx: Option<Ident>,
@@ -113,6 +111,29 @@ impl Attr {
                     skip_value(meta)?;
                 }
                 self.cache_errors = true;
+            }
+            "max_output_bytes" => {
+                let value = meta.value()?;
+                if !value.peek(LitInt) {
+                    let expr: Expr = value.parse()?;
+                    errors.error_spanned_by(
+                        &expr,
+                        "`max_output_bytes` takes an integer literal, the largest recorded output in bytes, e.g. `max_output_bytes = 65536`",
+                    );
+                    return Ok(());
+                }
+                let limit: LitInt = value.parse()?;
+                match limit.base10_parse::<usize>() {
+                    Ok(0) => errors.error_spanned_by(
+                        &limit,
+                        "max_output_bytes must be more than zero: no output could be recorded",
+                    ),
+                    Ok(_) => self.max_output_bytes = Some(limit),
+                    Err(error) => errors.error_spanned_by(
+                        &limit,
+                        format!("invalid max_output_bytes: {error}; write a number of bytes, e.g. `65536`"),
+                    ),
+                }
             }
             "skip" => meta.parse_nested_meta(|inner| {
                 match inner.path.get_ident() {
@@ -203,35 +224,28 @@ impl Attr {
         Ok(())
     }
 
+    /// Checks a literal `lease` against a literal `ttl`. Against a default (one of them not
+    /// given), the check is a constant assertion in the expansion, which names the default.
     fn check_lease_within_ttl(&self, errors: &Errors) {
-        fn literal(option: &Option<DurationOption>, default: Duration) -> Option<Duration> {
-            match option {
-                None => Some(default),
-                Some(DurationOption::Literal { value, .. }) => Some(*value),
-                Some(DurationOption::Expr(_)) => None,
-            }
-        }
-        let (Some(ttl), Some(lease)) = (
-            literal(&self.ttl, DEFAULT_TTL),
-            literal(&self.lease, DEFAULT_LEASE),
-        ) else {
+        let (
+            Some(DurationOption::Literal { value: ttl, .. }),
+            Some(DurationOption::Literal {
+                value: lease,
+                literal,
+            }),
+        ) = (&self.ttl, &self.lease)
+        else {
             return;
         };
         if lease > ttl {
-            let message = format!(
-                "lease ({}) is longer than ttl ({}): a claim would outlive the record it protects",
-                humantime::format_duration(lease),
-                humantime::format_duration(ttl),
+            errors.error_spanned_by(
+                literal,
+                format!(
+                    "lease ({}) is longer than ttl ({}): a claim would outlive the record it protects",
+                    humantime::format_duration(*lease),
+                    humantime::format_duration(*ttl),
+                ),
             );
-            match (&self.lease, &self.ttl) {
-                (Some(DurationOption::Literal { literal, .. }), _) => {
-                    errors.error_spanned_by(literal, message)
-                }
-                (_, Some(DurationOption::Literal { literal, .. })) => {
-                    errors.error_spanned_by(literal, message)
-                }
-                _ => errors.push(syn::Error::new(Span::call_site(), message)),
-            }
         }
     }
 }
@@ -249,15 +263,6 @@ fn parse_duration(
     match humantime::parse_duration(&literal.value()) {
         Ok(duration) if duration.is_zero() => {
             errors.error_spanned_by(&literal, format!("{option} must be longer than zero"));
-            Ok(None)
-        }
-        Ok(duration) if duration > MAX_DURATION => {
-            errors.error_spanned_by(
-                &literal,
-                format!(
-                    "{option} is longer than 36500 days (idempotent_core::MAX_DURATION), the longest any store can hold"
-                ),
-            );
             Ok(None)
         }
         Ok(duration) => Ok(Some(DurationOption::Literal {

@@ -3,9 +3,10 @@
 use proc_macro2::{Span, TokenStream};
 use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{FnArg, Ident, ItemFn, Pat, PatIdent, PatType, Path};
+use syn::{FnArg, Ident, Pat, PatIdent, PatType, Path, Signature};
 
 use crate::attr::{Attr, DurationOption, OnConflict};
+use crate::item::MaybeItemFn;
 use crate::validate::Checked;
 
 /// A name for generated code that user code can neither see nor shadow.
@@ -13,14 +14,14 @@ fn generated(name: &str) -> Ident {
     Ident::new(name, Span::mixed_site())
 }
 
-pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> TokenStream {
+pub(crate) fn expand(attr: &Attr, mut function: MaybeItemFn, checked: &Checked) -> TokenStream {
     let krate: Path = attr
         .krate
         .clone()
         .unwrap_or_else(|| syn::parse_quote!(::idempotent_core));
     let private = quote!(#krate::__private);
 
-    let fingerprinter = generated("__idempotent_fingerprinter");
+    let arguments = generated("__idempotent_arguments");
     let prepared = generated("__idempotent_call");
     let key_bytes = generated("__idempotent_key");
     let scope_bytes = generated("__idempotent_scope");
@@ -29,8 +30,6 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
     let fake_return = generated("__idempotent_fake_return");
     let namespace = generated("__IDEMPOTENT_NAMESPACE");
 
-    let assertions = assertions(attr, checked, &private);
-
     let pushes = checked
         .arguments
         .iter()
@@ -38,7 +37,7 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
         .map(|arg| {
             let binding = &arg.binding;
             quote_spanned! {arg.ty.span()=>
-                #private::push_argument(&mut #fingerprinter, &#binding);
+                #private::push_argument(&mut #arguments, &#binding);
             }
         });
 
@@ -88,18 +87,23 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
     let ttl = attr
         .ttl
         .as_ref()
-        .map(|ttl| duration_call(&private, "ttl", ttl));
+        .map(|ttl| duration_call(&private, "with_ttl", ttl));
     let lease = attr
         .lease
         .as_ref()
-        .map(|lease| duration_call(&private, "lease", lease));
+        .map(|lease| duration_call(&private, "with_lease", lease));
     let on_conflict = match attr.on_conflict {
-        Some(OnConflict::Reject) => Some(quote!(.on_conflict(#private::OnConflict::Reject))),
+        Some(OnConflict::Reject) => Some(quote!(.with_on_conflict(#private::OnConflict::Reject))),
         Some(OnConflict::Wait) | None => None,
     };
+    let max_output_bytes = attr.max_output_bytes.as_ref().map(|limit| {
+        let limit = syn::LitInt::new(&format!("{}usize", limit.base10_digits()), limit.span());
+        quote_spanned!(limit.span()=> .with_max_output_bytes(#limit))
+    });
+    let const_checks = const_checks(attr, &private);
     let on_lease_loss = attr
         .cancel_on_lease_loss
-        .then(|| quote!(.on_lease_loss(#private::OnLeaseLoss::Cancel)));
+        .then(|| quote!(.with_on_lease_loss(#private::OnLeaseLoss::Cancel)));
 
     // In the transactional mode the body sees the transaction through a shared reborrow
     // (`tx` shadowed with the user's own name), so the engine can write in it too.
@@ -113,23 +117,19 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
         None => (quote!(run), quote!(), quote!()),
     };
     let output = &checked.output;
+    let private_at_output = respan(private.clone(), output.span());
     let destructure = checked.arguments.iter().filter_map(|arg| {
         let pattern = arg.pattern.as_ref()?;
         let binding = &arg.binding;
         Some(quote!(let #pattern = #binding;))
     });
-    let block = &function.block;
+    let block = &function.body;
     // The fake return edge (as in tracing-attributes) gives the async block the function's
     // return type, so `?` and `return` in the body infer as they did in the function.
-    // With `T` and `E` written out, they go in the turbofish as the user's own tokens: an
-    // unmet bound is then reported once, on them, rather than on the attribute.
-    let turbofish = match (&checked.ok_type, &checked.err_type) {
-        (Some(ok), Some(err)) => quote!(::<#ok, #err, _>),
-        _ => TokenStream::new(),
-    };
-    let private_at_output = respan(private.clone(), output.span());
+    // The runner takes the return type as written and names `T` and `E` through `IsResult`,
+    // which works for any alias of `Result` and reports any other type on the return type.
     let run = quote_spanned! {output.span()=>
-        #private_at_output::#runner #turbofish (#store, #tx_arg &#options, #prepared, async move {
+        #private_at_output::#runner(#store, #tx_arg &#options, #prepared, async move {
             #[allow(
                 unknown_lints,
                 unreachable_code,
@@ -148,18 +148,19 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
         .await
     };
 
+    let assertions = assertions(attr, checked, &private);
     let body = quote! {
-        {
+            #const_checks
             #assertions
             let #prepared = {
                 // The function's namespace hashes its part of every storage key once.
                 static #namespace: #private::Namespace = #private::Namespace::new(#name);
-                let mut #fingerprinter = #private::ArgumentHasher::new();
+                let mut #arguments = #private::ArgumentCollector::new();
                 #(#pushes)*
                 match (#key, #scope) {
                     (#key_bytes, #scope_bytes) => #private::prepare(
                         &#namespace,
-                        #private::finish(#fingerprinter),
+                        #private::finish(#arguments),
                         #key_bytes.as_deref(),
                         #scope_bytes.as_deref(),
                     ),
@@ -167,45 +168,81 @@ pub(crate) fn expand(attr: &Attr, mut function: ItemFn, checked: &Checked) -> To
             };
             #store_init
             #tx_reborrow
-            let #options = #private::Options::new() #ttl #lease #on_conflict #on_lease_loss;
+            let #options = #private::Options::new() #ttl #lease #on_conflict #on_lease_loss #max_output_bytes;
             #run
-        }
     };
-    rename_pattern_arguments(&mut function, checked);
-    function.block = Box::new(syn::parse2(body).expect("generated body is a block"));
-    function.into_token_stream()
+    rename_pattern_arguments(&mut function.sig, checked);
+    function.with_body(body)
 }
 
-/// For a return type written as an alias (`io::Result<T>`), type checks placed on the
-/// user's own tokens, so errors point at them rather than at the attribute.
+/// Where `T` and `E` are written out (`Result<T, E>`, `Result<T>`), their bounds are checked
+/// on those tokens too, so that an unmet one is reported on the type the user wrote rather
+/// than only on the whole return type.
 fn assertions(attr: &Attr, checked: &Checked, private: &TokenStream) -> TokenStream {
-    if checked.ok_type.is_some() && checked.err_type.is_some() {
-        return TokenStream::new();
-    }
     let output = &checked.output;
-    let ok = match &checked.ok_type {
-        Some(ty) => quote_spanned!(ty.span()=> #private::assert_output::<#ty>();),
-        None => {
-            quote_spanned!(output.span()=> #private::assert_output::<<#output as #private::IsResult>::Ok>();)
+    let ok = checked.ok_span.map(|span| {
+        quote_spanned!(span=> #private::assert_output::<<#output as #private::IsResult>::Ok>();)
+    });
+    let err = checked.err_span.map(|span| {
+        let err = quote_spanned!(span=> <#output as #private::IsResult>::Err);
+        let recorded = attr
+            .cache_errors
+            .then(|| quote_spanned!(span=> #private::assert_recorded_error::<#err>();));
+        quote_spanned! {span=>
+            #private::assert_error::<#err>();
+            #recorded
         }
-    };
-    let err_type = match &checked.err_type {
-        Some(ty) => ty.to_token_stream(),
-        None => quote!(<#output as #private::IsResult>::Err),
-    };
-    let err_span = checked
-        .err_type
-        .as_ref()
-        .map_or_else(|| output.span(), |ty| ty.span());
-    let err = quote_spanned!(err_span=> #private::assert_error::<#err_type>(););
-    let recorded_err = attr
-        .cache_errors
-        .then(|| quote_spanned!(err_span=> #private::assert_recorded_error::<#err_type>();));
-    quote! {
-        #ok
-        #err
-        #recorded_err
+    });
+    quote!(#ok #err)
+}
+
+/// The checks of literal durations that need a default or a limit of the runtime: constant
+/// assertions naming `Options::DEFAULT_TTL`, `Options::DEFAULT_LEASE` and `MAX_DURATION`, so
+/// that their values are stated once, in `idempotent_core`, and a mistake is still a compile
+/// error on the literal.
+fn const_checks(attr: &Attr, private: &TokenStream) -> TokenStream {
+    fn literal(option: &Option<DurationOption>) -> Option<(u128, &syn::LitStr)> {
+        match option {
+            Some(DurationOption::Literal { value, literal }) => Some((value.as_nanos(), literal)),
+            _ => None,
+        }
     }
+    let ttl = literal(&attr.ttl);
+    let lease = literal(&attr.lease);
+    let mut checks = TokenStream::new();
+    for (option, given) in [("ttl", ttl), ("lease", lease)] {
+        if let Some((nanos, literal)) = given {
+            let message = format!(
+                "{option} \"{}\" is longer than idempotent_core::MAX_DURATION (about 100 years), the longest any store can hold; use at most that",
+                literal.value()
+            );
+            checks.extend(quote_spanned! {literal.span()=>
+                const _: () = ::core::assert!(#nanos <= #private::MAX_DURATION.as_nanos(), #message);
+            });
+        }
+    }
+    match (ttl, lease, &attr.ttl, &attr.lease) {
+        (None, Some((lease, literal)), None, _) => {
+            let message = format!(
+                "lease \"{}\" is longer than the default ttl (idempotent_core::Options::DEFAULT_TTL): a claim would outlive the record it protects; set a longer ttl or a shorter lease",
+                literal.value()
+            );
+            checks.extend(quote_spanned! {literal.span()=>
+                const _: () = ::core::assert!(#lease <= #private::Options::DEFAULT_TTL.as_nanos(), #message);
+            });
+        }
+        (Some((ttl, literal)), None, _, None) => {
+            let message = format!(
+                "the default lease (idempotent_core::Options::DEFAULT_LEASE) is longer than ttl \"{}\": a claim would outlive the record it protects; set a shorter lease or a longer ttl",
+                literal.value()
+            );
+            checks.extend(quote_spanned! {literal.span()=>
+                const _: () = ::core::assert!(#private::Options::DEFAULT_LEASE.as_nanos() <= #ttl, #message);
+            });
+        }
+        _ => {}
+    }
+    checks
 }
 
 fn duration_call(private: &TokenStream, setter: &str, option: &DurationOption) -> TokenStream {
@@ -222,13 +259,13 @@ fn duration_call(private: &TokenStream, setter: &str, option: &DurationOption) -
 
 /// Pattern arguments become plain bindings in the signature (so they can be fingerprinted
 /// whole), and are destructured again at the top of the body.
-fn rename_pattern_arguments(function: &mut ItemFn, checked: &Checked) {
+fn rename_pattern_arguments(sig: &mut Signature, checked: &Checked) {
     let mut renamed = checked
         .arguments
         .iter()
         .filter(|arg| arg.pattern.is_some())
         .map(|arg| arg.binding.clone());
-    for input in function.sig.inputs.iter_mut() {
+    for input in sig.inputs.iter_mut() {
         let FnArg::Typed(PatType { pat, .. }) = input else {
             continue;
         };

@@ -4,6 +4,7 @@
 mod attr;
 mod errors;
 mod expand;
+mod item;
 mod suggest;
 mod validate;
 
@@ -14,28 +15,25 @@ use quote::quote;
 #[proc_macro_attribute]
 pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     let item = proc_macro2::TokenStream::from(item);
-    let errors = errors::Errors::default();
+    let errors = errors::Errors::new();
     let attr = attr::Attr::parse(args.into(), &errors);
-    let function = match syn::parse2::<syn::ItemFn>(item.clone()) {
+    let function = match syn::parse2::<item::MaybeItemFn>(item.clone()) {
         Ok(function) => function,
         Err(_) => {
             errors.push(validate::not_a_function(&item));
-            return with_errors(item, errors);
+            return unchanged_with(item, errors.check());
         }
     };
-    let checked = validate::check(&attr, &function, &errors);
-    match (checked, errors.finish()) {
+    let checked = validate::check(&attr, &function.sig, &errors);
+    match (checked, errors.check()) {
         (Some(checked), Ok(())) => expand::expand(&attr, function, &checked).into(),
-        (_, result) => {
-            let error = result.err().map(|error| error.to_compile_error());
-            quote!(#item #error).into()
-        }
+        (_, result) => unchanged_with(item, result),
     }
 }
 
-/// On a mistake, the item is still emitted as written, so that its callers do not fail too
-/// ("cannot find function") and hide the one error that matters.
-fn with_errors(item: proc_macro2::TokenStream, errors: errors::Errors) -> TokenStream {
-    let error = errors.finish().err().map(|error| error.to_compile_error());
+/// On a mistake, the item is emitted as written beside the errors, so that its callers do not
+/// fail too ("cannot find function") and hide the one error that matters.
+fn unchanged_with(item: proc_macro2::TokenStream, result: syn::Result<()>) -> TokenStream {
+    let error = result.err().map(|error| error.to_compile_error());
     quote!(#item #error).into()
 }

@@ -1,9 +1,9 @@
-//! Checks the annotated item: an async fn with a body, returning `Result`, whose `skip`ped
+//! Checks the annotated item: an async fn with a body and a return type, whose `skip`ped
 //! names are its arguments. Finds what expansion needs: the arguments and the output types.
 
 use proc_macro2::{Span, TokenStream};
 use syn::spanned::Spanned;
-use syn::{FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments, ReturnType, Type};
+use syn::{FnArg, GenericArgument, Ident, Pat, PathArguments, ReturnType, Signature, Type};
 
 use crate::attr::Attr;
 use crate::errors::Errors;
@@ -25,11 +25,14 @@ pub(crate) struct Argument {
 /// What expansion needs to know of the signature.
 pub(crate) struct Checked {
     pub(crate) arguments: Vec<Argument>,
-    /// The declared return type.
+    /// The declared return type. Its `Ok` and `Err` types are named through
+    /// `__private::IsResult`, so any alias of `Result` works, whatever its name.
     pub(crate) output: Box<Type>,
-    /// `T` and `E` of `Result<T, E>`, where written out.
-    pub(crate) ok_type: Option<Type>,
-    pub(crate) err_type: Option<Type>,
+    /// The written `T` and `E` of `Result<T, E>` (or of an alias named `Result`), where errors
+    /// about the `Ok` and `Err` types point. Only spans: the types themselves always come from
+    /// `IsResult`.
+    pub(crate) ok_span: Option<Span>,
+    pub(crate) err_span: Option<Span>,
 }
 
 /// Tells the user what the attribute was put on, when that is not a function with a body.
@@ -63,8 +66,7 @@ pub(crate) fn not_a_function(item: &TokenStream) -> syn::Error {
 }
 
 /// Checks `function` against `attr`, recording every problem in `errors`.
-pub(crate) fn check(attr: &Attr, function: &ItemFn, errors: &Errors) -> Option<Checked> {
-    let sig = &function.sig;
+pub(crate) fn check(attr: &Attr, sig: &Signature, errors: &Errors) -> Option<Checked> {
     if sig.asyncness.is_none() {
         errors.error_spanned_by(
             sig.fn_token,
@@ -81,7 +83,7 @@ pub(crate) fn check(attr: &Attr, function: &ItemFn, errors: &Errors) -> Option<C
         );
     }
 
-    let arguments = arguments(function);
+    let arguments = arguments(sig);
     for skipped in &attr.skip {
         if skipped == "self" {
             errors.error_spanned_by(
@@ -154,49 +156,41 @@ pub(crate) fn check(attr: &Attr, function: &ItemFn, errors: &Errors) -> Option<C
             return None;
         }
     };
-    let Some((ok_type, err_type)) = result_parts(&output) else {
-        errors.error_spanned_by(
-            &output,
-            "an #[idempotent] function must return `Result<T, E>` (or an alias named `Result`): its `Ok` value is what is recorded and replayed",
-        );
-        return None;
-    };
+    // Whether the type is a `Result` at all is left to the compiler (`IsResult` reports it,
+    // spanned on the return type): only it can see through aliases.
+    let (ok_span, err_span) = result_argument_spans(&output);
     Some(Checked {
         arguments,
+        ok_span,
+        err_span,
         output,
-        ok_type,
-        err_type,
     })
 }
 
-type ResultParts = (Option<Type>, Option<Type>);
-
-/// `Some` if `ty` is a path ending in `Result`; with `T` and `E` where they are written out.
-fn result_parts(ty: &Type) -> Option<ResultParts> {
-    let Type::Path(path) = ty else { return None };
-    let last = path.path.segments.last()?;
-    if last.ident != "Result" {
-        return None;
-    }
-    let types: Vec<Type> = match &last.arguments {
-        PathArguments::AngleBracketed(args) => args
-            .args
-            .iter()
-            .filter_map(|arg| match arg {
-                GenericArgument::Type(ty) => Some(ty.clone()),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
+/// The spans of `T` and `E` where the return type is written `Result<T, E>` (or `Result<T>`,
+/// an alias), so that an unmet bound on either is reported on it.
+fn result_argument_spans(ty: &Type) -> (Option<Span>, Option<Span>) {
+    let Type::Path(path) = ty else {
+        return (None, None);
     };
-    let mut types = types.into_iter();
-    Some((types.next(), types.next()))
+    let Some(last) = path.path.segments.last() else {
+        return (None, None);
+    };
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return (None, None);
+    };
+    if last.ident != "Result" {
+        return (None, None);
+    }
+    let mut types = args.args.iter().filter_map(|arg| match arg {
+        GenericArgument::Type(ty) => Some(ty.span()),
+        _ => None,
+    });
+    (types.next(), types.next())
 }
 
-fn arguments(function: &ItemFn) -> Vec<Argument> {
-    function
-        .sig
-        .inputs
+fn arguments(sig: &Signature) -> Vec<Argument> {
+    sig.inputs
         .iter()
         .enumerate()
         .filter_map(|(index, input)| match input {

@@ -406,6 +406,7 @@ impl PostgresServer {
     /// After a kill, the server's System V shared memory segment (a few bytes; its id is in the
     /// lock file `postmaster.pid`) is left behind until the next start in the same folder:
     /// removes it when no process is attached any more, so that killed servers leak nothing.
+    #[allow(unsafe_code)] // A libc call; see its SAFETY comment.
     fn remove_stale_shared_memory(&self) {
         let Ok(lock) = fs::read_to_string(self.data_dir().join("postmaster.pid")) else {
             return;

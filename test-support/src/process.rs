@@ -43,6 +43,7 @@ pub(crate) fn server_dir(prefix: &str) -> TempDir {
 }
 
 /// Bytes available to unprivileged users in the file system of `path`, if it is a writable folder.
+#[allow(unsafe_code)] // A libc call; see its SAFETY comment.
 fn free_bytes(path: &Path) -> Option<u64> {
     let metadata = fs::metadata(path).ok()?;
     if !metadata.is_dir() || metadata.permissions().readonly() {
@@ -171,6 +172,7 @@ pub(crate) fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitS
 }
 
 /// Sends `signal` to one process.
+#[allow(unsafe_code)] // A libc call; see its SAFETY comment.
 pub(crate) fn signal(pid: u32, signal: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
@@ -182,6 +184,7 @@ pub(crate) fn signal(pid: u32, signal: libc::c_int) {
 }
 
 /// The effective user id of this process.
+#[allow(unsafe_code)] // A libc call; see its SAFETY comment.
 pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid(2) cannot fail and touches no memory.
     unsafe { libc::geteuid() }

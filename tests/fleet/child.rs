@@ -119,7 +119,7 @@ async fn call_every_key(process: usize, dir: &Path) {
 /// Claims the crash key and hangs in the body until killed.
 async fn hold_and_hang(dir: &Path) {
     let engine =
-        Idempotency::new(Arc::clone(store())).with_options(Options::new().lease(CRASH_LEASE));
+        Idempotency::new(Arc::clone(store())).with_options(Options::new().with_lease(CRASH_LEASE));
     let started = dir.join("started");
     let call = Call::new(NAME, Fingerprint::of(&0u32).unwrap()).key(CRASH_KEY);
     let _ = engine
@@ -139,8 +139,8 @@ pub async fn take_over_after_crash(kind: Kind, url: &str, dir: &Path, old_fence:
 
     let rejecting = Idempotency::new(Arc::clone(&store)).with_options(
         Options::new()
-            .lease(CRASH_LEASE)
-            .on_conflict(OnConflict::Reject),
+            .with_lease(CRASH_LEASE)
+            .with_on_conflict(OnConflict::Reject),
     );
     let early = rejecting
         .run(call, async { Ok::<_, Error>("too early".to_string()) })
@@ -152,8 +152,8 @@ pub async fn take_over_after_crash(kind: Kind, url: &str, dir: &Path, old_fence:
 
     let waiting = Idempotency::new(Arc::clone(&store)).with_options(
         Options::new()
-            .lease(CRASH_LEASE)
-            .on_conflict(OnConflict::Wait {
+            .with_lease(CRASH_LEASE)
+            .with_on_conflict(OnConflict::Wait {
                 timeout: Duration::from_secs(30),
             }),
     );

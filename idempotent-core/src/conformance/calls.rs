@@ -109,7 +109,8 @@ pub async fn a_call_dropped_after_its_body_ran_keeps_its_key(h: &Harness) {
             entered: Notify::new(),
         });
         let dyn_store: Arc<dyn Store> = store.clone();
-        let engine = Idempotency::new(dyn_store).with_options(Options::new().lease(LONG).ttl(LONG));
+        let engine = Idempotency::new(dyn_store)
+            .with_options(Options::new().with_lease(LONG).with_ttl(LONG));
         let key = h.key("dropped-while-recording").to_string();
         let fingerprint = fingerprint(9);
         let runs = Arc::new(AtomicU32::new(0));
@@ -144,9 +145,9 @@ pub async fn a_call_dropped_after_its_body_ran_keeps_its_key(h: &Harness) {
         let call = Call::new("conformance::dropped", fingerprint).key(&key);
         let rejecting = engine.clone().with_options(
             Options::new()
-                .lease(LONG)
-                .ttl(LONG)
-                .on_conflict(OnConflict::Reject),
+                .with_lease(LONG)
+                .with_ttl(LONG)
+                .with_on_conflict(OnConflict::Reject),
         );
         let retry = rejecting
             .run(call, async {
@@ -159,11 +160,14 @@ pub async fn a_call_dropped_after_its_body_ran_keeps_its_key(h: &Harness) {
             "{what}: a retry at once must find the key still held (Error::Conflict under reject), got {retry:?}"
         );
 
-        let waiting = engine.with_options(Options::new().lease(LONG).ttl(LONG).on_conflict(
-            OnConflict::Wait {
-                timeout: WAIT_BOUND,
-            },
-        ));
+        let waiting = engine.with_options(
+            Options::new()
+                .with_lease(LONG)
+                .with_ttl(LONG)
+                .with_on_conflict(OnConflict::Wait {
+                    timeout: WAIT_BOUND,
+                }),
+        );
         let retry = waiting
             .run(call, async {
                 runs.fetch_add(1, Ordering::SeqCst);
@@ -199,9 +203,9 @@ pub async fn a_call_dropped_after_its_body_ran_keeps_its_key(h: &Harness) {
 pub async fn a_body_that_reenters_its_own_key_is_refused_at_once(h: &Harness) {
     let engine = Idempotency::new(Arc::clone(h.store())).with_options(
         Options::new()
-            .lease(LONG)
-            .ttl(LONG)
-            .on_conflict(OnConflict::Wait {
+            .with_lease(LONG)
+            .with_ttl(LONG)
+            .with_on_conflict(OnConflict::Wait {
                 timeout: WAIT_BOUND * 2,
             }),
     );
@@ -211,9 +215,9 @@ pub async fn a_body_that_reenters_its_own_key_is_refused_at_once(h: &Harness) {
     let inner = Call::new("conformance::reentered", fingerprint(5)).key(&inner_key);
     let rejecting = engine.clone().with_options(
         Options::new()
-            .lease(LONG)
-            .ttl(LONG)
-            .on_conflict(OnConflict::Reject),
+            .with_lease(LONG)
+            .with_ttl(LONG)
+            .with_on_conflict(OnConflict::Reject),
     );
 
     let body = async {

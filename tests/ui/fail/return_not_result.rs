@@ -1,3 +1,5 @@
+//! A return type that is not a `Result` is reported on that type, once, whether the attribute
+//! can tell from its spelling (`Option<u64>`) or not (`u32`).
 use idempotent_core::idempotent;
 #[allow(unused_imports)]
 use serde::{Deserialize, Serialize};
@@ -13,6 +15,11 @@ impl From<idempotent_core::Error> for AppError {
 #[idempotent(key = id)]
 async fn charge(id: u64) -> Option<u64> {
     Some(id)
+}
+
+#[idempotent(key = id)]
+async fn count(id: u64) -> u32 {
+    id as u32
 }
 
 fn main() {}

@@ -15,6 +15,20 @@ mod errors {
     pub type Result<T, E = super::AppError> = std::result::Result<T, E>;
 }
 
+/// Named otherwise than `Result`, and with its parameters swapped.
+type Res<T> = std::result::Result<T, AppError>;
+type Swapped<E, T> = std::result::Result<T, E>;
+
+#[idempotent(key = id)]
+async fn alias_not_named_result(id: u64) -> Res<u64> {
+    Ok(id)
+}
+
+#[idempotent(key = id)]
+async fn swapped_alias(id: u64) -> Swapped<AppError, u64> {
+    Ok(id)
+}
+
 #[idempotent(key = id)]
 async fn one_parameter_alias(id: u64) -> Result<u64> {
     Ok(id)
@@ -35,6 +49,8 @@ async fn question_mark_and_early_return(id: u64) -> Result<u64> {
 }
 
 fn main() {
+    let _ = alias_not_named_result(1);
+    let _ = swapped_alias(1);
     let _ = one_parameter_alias(1);
     let _ = qualified_alias(1);
     let _ = question_mark_and_early_return(1);
