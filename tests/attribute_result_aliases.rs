@@ -98,3 +98,30 @@ async fn an_alias_with_swapped_parameters_runs_once_then_replays() {
     assert_eq!(with_swapped_alias(7).await.unwrap(), vec![7, 8]);
     assert_eq!(SWAPPED_RUNS.load(Ordering::SeqCst), 1, "the retry replays");
 }
+
+static IO_RUNS: AtomicU32 = AtomicU32::new(0);
+
+/// `std::io::Result<T>`: its error, `std::io::Error`, takes the library's errors through
+/// `From<idempotent_core::Error>` (as `ErrorKind::Other` with the error as its source).
+#[idempotent(key = path)]
+async fn with_io_result(path: &str) -> std::io::Result<u64> {
+    IO_RUNS.fetch_add(1, Ordering::SeqCst);
+    Ok(path.len() as u64)
+}
+
+#[tokio::test]
+async fn std_io_result_runs_once_then_replays() {
+    assert_eq!(with_io_result("io-1/report.csv").await.unwrap(), 15);
+    assert_eq!(
+        IO_RUNS.load(Ordering::SeqCst),
+        1,
+        "the first call runs the body"
+    );
+    assert_eq!(with_io_result("io-1/report.csv").await.unwrap(), 15);
+    assert_eq!(IO_RUNS.load(Ordering::SeqCst), 1, "the retry replays");
+    // The library's own errors reach the caller as an io::Error that keeps them.
+    let error = with_io_result("").await.unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::Other);
+    let inner = error.get_ref().and_then(|e| e.downcast_ref::<Error>());
+    assert!(matches!(inner, Some(Error::InvalidKey(_))), "{error:?}");
+}

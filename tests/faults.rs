@@ -8,14 +8,17 @@
 //! one value afterwards.
 #![cfg(any(feature = "redis", feature = "postgres"))]
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use idempotent_core::conformance::{Forwarding, Hooks};
 use idempotent_core::{
-    BoxFuture, Bytes, Call, CanonicalArguments, Claim, Error, Fence, FencedWrite, Fingerprint,
-    Idempotency, OnConflict, Options, Outcome, StorageKey, Store, StoreError,
+    BoxFuture, Bytes, Call, Error, Fence, FencedWrite, Fingerprint, Idempotency, OnConflict,
+    Options, Outcome, StorageKey, Store, StoreError,
 };
 
 /// How long each body runs: long enough that, with 64 callers, dozens of bodies are running at
@@ -251,31 +254,23 @@ fn storage_key(key: u64) -> StorageKey {
         .unwrap()
 }
 
-/// A store that notes every `complete` sent through it, and what it met, in the ledger.
+/// Hooks that note every `complete` sent through them, and what it met, in the ledger.
 #[derive(Debug)]
 struct Witness {
-    inner: Arc<dyn Store>,
     ledger: Arc<Ledger>,
 }
 
-impl Store for Witness {
-    fn claim<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        arguments: &'a CanonicalArguments,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.inner.claim(key, arguments, lease)
-    }
+impl Hooks for Witness {
     fn complete<'a>(
         &'a self,
+        inner: &'a dyn Store,
         key: &'a StorageKey,
         fence: Fence,
         output: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         Box::pin(async move {
-            let write = self.inner.complete(key, fence, output, ttl).await;
+            let write = inner.complete(key, fence, output, ttl).await;
             let answered = Instant::now();
             let result = match &write {
                 Ok(write) => Ok(*write),
@@ -285,41 +280,15 @@ impl Store for Witness {
             write
         })
     }
-    fn release<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.inner.release(key, fence)
-    }
-    fn extend<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.inner.extend(key, fence, lease)
-    }
-    fn wait<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        max: Duration,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.wait(key, max)
-    }
-    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.inner.purge_expired()
-    }
-    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.remove(key)
-    }
 }
 
 fn engine(store: Arc<dyn Store>, ledger: &Arc<Ledger>) -> Idempotency {
-    let witness = Witness {
-        inner: store,
-        ledger: Arc::clone(ledger),
-    };
+    let witness = Forwarding::new(
+        store,
+        Witness {
+            ledger: Arc::clone(ledger),
+        },
+    );
     Idempotency::new(Arc::new(witness)).with_options(
         Options::new()
             .with_lease(LEASE)
@@ -483,11 +452,10 @@ async fn survives_restart(store: Arc<dyn Store>, restart: impl AsyncFnOnce() -> 
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
-    use idempotent_core::stores::redis::RedisStore;
     use idempotent_test_support::{RedisOptions, RedisServer};
 
     fn store(server: &RedisServer) -> Arc<dyn Store> {
-        Arc::new(RedisStore::builder(server.url()).build().unwrap())
+        crate::support::redis_store(&server.url())
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,8 @@
 //! caller's transaction, so business writes and the record commit together or not at all.
 #![cfg(feature = "postgres")]
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -12,7 +14,8 @@ use idempotent_core::{
     StorageKey, Store, idempotent,
 };
 use idempotent_test_support::shared_postgres;
-use tokio_postgres::{Client, NoTls, Transaction};
+use support::postgres_client;
+use tokio_postgres::{Client, Transaction};
 
 #[derive(Debug)]
 enum ShopError {
@@ -105,16 +108,10 @@ async fn insert_order(
     .map(drop)
 }
 
-async fn connect(url: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-    tokio::spawn(connection);
-    client
-}
-
 /// A shop on a database of its own, with its orders table.
 async fn shop() -> (Shop, String) {
     let url = shared_postgres().create_unique_database("tx");
-    connect(&url)
+    postgres_client(&url)
         .await
         .batch_execute("CREATE TABLE orders (id text PRIMARY KEY, amount bigint NOT NULL)")
         .await
@@ -138,7 +135,7 @@ async fn count(client: &Client, sql: &str) -> i64 {
 }
 
 async fn orders_and_records(url: &str) -> (i64, i64) {
-    let client = connect(url).await;
+    let client = postgres_client(url).await;
     (
         count(&client, "SELECT count(*) FROM orders").await,
         count(&client, "SELECT count(*) FROM idempotent_records").await,
@@ -148,7 +145,7 @@ async fn orders_and_records(url: &str) -> (i64, i64) {
 #[tokio::test]
 async fn committed_together_and_replayed_in_a_later_transaction() {
     let (shop, url) = shop().await;
-    let mut client = connect(&url).await;
+    let mut client = postgres_client(&url).await;
     for _ in 0..3 {
         let mut tx = client.transaction().await.unwrap();
         let receipt = shop
@@ -172,7 +169,7 @@ async fn committed_together_and_replayed_in_a_later_transaction() {
 #[tokio::test]
 async fn a_body_that_fails_after_its_insert_leaves_neither_row_nor_record() {
     let (shop, url) = shop().await;
-    let mut client = connect(&url).await;
+    let mut client = postgres_client(&url).await;
     let mut tx = client.transaction().await.unwrap();
     let declined = shop.create_order(&mut tx, "B-1".into(), 100, true).await;
     assert!(matches!(declined, Err(ShopError::Declined)), "{declined:?}");
@@ -192,7 +189,7 @@ async fn a_body_that_fails_after_its_insert_leaves_neither_row_nor_record() {
 #[tokio::test]
 async fn a_failed_call_in_a_transaction_the_caller_commits_leaves_no_record() {
     let (shop, url) = shop().await;
-    let mut client = connect(&url).await;
+    let mut client = postgres_client(&url).await;
     let mut tx = client.transaction().await.unwrap();
     let declined = shop.create_checked_order(&mut tx, "G-1".into(), 0).await;
     assert!(matches!(declined, Err(ShopError::Declined)), "{declined:?}");
@@ -223,7 +220,7 @@ async fn sixteen_concurrent_transactions_with_one_key_make_one_order() {
         .map(|_| {
             let (shop, url) = (Arc::clone(&shop), url.clone());
             tokio::spawn(async move {
-                let mut client = connect(&url).await;
+                let mut client = postgres_client(&url).await;
                 let mut tx = client.transaction().await.unwrap();
                 let receipt = shop.create_order(&mut tx, "C-1".into(), 250, false).await;
                 tx.commit().await.unwrap();
@@ -244,7 +241,7 @@ async fn sixteen_concurrent_transactions_with_one_key_make_one_order() {
 #[tokio::test]
 async fn a_connection_lost_before_commit_leaves_nothing_and_the_retry_runs_once() {
     let (shop, url) = shop().await;
-    let mut doomed = connect(&url).await;
+    let mut doomed = postgres_client(&url).await;
     let pid: i32 = doomed
         .query_one("SELECT pg_backend_pid()", &[])
         .await
@@ -255,7 +252,7 @@ async fn a_connection_lost_before_commit_leaves_nothing_and_the_retry_runs_once(
         .await
         .unwrap();
     // The connection dies after the business insert and the record, before the commit.
-    connect(&url)
+    postgres_client(&url)
         .await
         .execute("SELECT pg_terminate_backend($1)", &[&pid])
         .await
@@ -266,7 +263,7 @@ async fn a_connection_lost_before_commit_leaves_nothing_and_the_retry_runs_once(
     );
     assert_eq!(orders_and_records(&url).await, (0, 0));
 
-    let mut client = connect(&url).await;
+    let mut client = postgres_client(&url).await;
     for _ in 0..2 {
         let mut tx = client.transaction().await.unwrap();
         shop.create_order(&mut tx, "D-1".into(), 100, false)
@@ -301,7 +298,7 @@ async fn a_lease_that_ran_out_after_the_transaction_began_is_taken_over() {
     };
 
     // A transaction that began, and ran a statement, while the holder's lease was alive.
-    let mut client = connect(&url).await;
+    let mut client = postgres_client(&url).await;
     let mut tx = client.transaction().await.unwrap();
     tx.execute("SELECT 1", &[]).await.unwrap();
     tokio::time::sleep(lease * 2).await;
@@ -337,7 +334,7 @@ async fn a_lease_that_ran_out_after_the_transaction_began_is_taken_over() {
 #[tokio::test]
 async fn a_body_that_outlasts_its_lease_is_still_recorded_with_its_writes() {
     let (shop, url) = shop().await;
-    let mut client = connect(&url).await;
+    let mut client = postgres_client(&url).await;
     for _ in 0..2 {
         let mut tx = client.transaction().await.unwrap();
         let receipt = shop
@@ -356,7 +353,7 @@ async fn a_body_that_outlasts_its_lease_is_still_recorded_with_its_writes() {
 #[tokio::test]
 async fn a_call_retried_in_its_transaction_after_it_was_cancelled_is_refused_at_once() {
     let (shop, url) = shop().await;
-    let mut client = connect(&url).await;
+    let mut client = postgres_client(&url).await;
     let mut tx = client.transaction().await.unwrap();
     // Cancelled in its body, after the claim and the order's insert (the body sleeps 600 ms,
     // past its 200 ms lease).
@@ -445,7 +442,7 @@ fn create_order_call(order_id: &str) -> idempotent_core::Call<'_> {
 #[tokio::test]
 async fn a_claim_behind_another_transactions_claim_waits_no_longer_than_its_policy() {
     let (shop, url) = shop().await;
-    let mut first = connect(&url).await;
+    let mut first = postgres_client(&url).await;
     let first_tx = first.transaction().await.unwrap();
     let mut first_tx = first_tx;
     shop.create_order(&mut first_tx, "I-1".into(), 100, false)
@@ -453,7 +450,7 @@ async fn a_claim_behind_another_transactions_claim_waits_no_longer_than_its_poli
         .unwrap();
     // The first transaction stays open: its claim is uncommitted.
 
-    let mut second = connect(&url).await;
+    let mut second = postgres_client(&url).await;
     for (name, on_conflict, allowed) in [
         ("reject", OnConflict::Reject, Duration::ZERO),
         (
@@ -507,7 +504,7 @@ async fn a_claim_behind_another_transactions_claim_waits_no_longer_than_its_poli
 #[tokio::test]
 async fn the_callers_lock_timeout_is_left_as_it_was() {
     let (shop, url) = shop().await;
-    let mut client = connect(&url).await;
+    let mut client = postgres_client(&url).await;
     let tx = client.transaction().await.unwrap();
     tx.batch_execute("SET LOCAL lock_timeout = '7s'")
         .await

@@ -1,4 +1,4 @@
-//! The protocol's conformance suite: one property test per rule of [`Store`], generic over any
+//! The protocol's conformance suite: one property test per rule of [`Store`](crate::Store), generic over any
 //! store.
 //!
 //! A store's test file runs the whole suite with one line:
@@ -20,29 +20,33 @@
 //! (or [`run_all`]) against a store it has set up itself. Every property uses its own fresh keys
 //! (see [`Harness::key`]), so several properties may share one store or one server. A property
 //! fails by panicking with what the protocol requires and what the store did.
+//!
+//! [`Forwarding`] wraps a store for tests that change one operation (inject a fault, note
+//! what a `complete` met) and pass the others on: they write [`Hooks`] for what differs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
 use crate::fingerprint::CanonicalArguments;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
-use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
-use crate::stores::memory::ManualClock;
+use crate::store::{Claim, Fence, FencedWrite};
 
 mod calls;
 mod durations;
+mod forwarding;
+mod harness;
 pub use calls::*;
 pub use durations::*;
+pub use forwarding::{Forwarding, Hooks};
+pub use harness::Harness;
+use harness::Time;
 
 /// A lease or ttl long enough that it never runs out during a property.
 const LONG: Duration = Duration::from_secs(3600);
-/// The lease the suite uses when time is manual.
-const MANUAL_LEASE: Duration = Duration::from_secs(1);
 /// The `max` passed to `wait` where the wait must end for another reason.
 const WAIT_MAX: Duration = Duration::from_secs(30);
 /// How long the suite lets a `wait` that must end (it was woken, or had nothing to wait for)
@@ -52,236 +56,6 @@ const WAIT_MAX: Duration = Duration::from_secs(30);
 const WAIT_BOUND: Duration = WAIT_MAX.checked_div(3).unwrap();
 /// How many claims race in [`concurrent_claims_have_one_winner`].
 const RACERS: usize = 64;
-
-/// Makes every key unique within the process, whatever the harness.
-static KEY_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A store under test plus how time moves for it.
-///
-/// Build one with [`Harness::with_manual_clock`] for a store that reads a
-/// [`ManualClock`] (the suite then never sleeps to make a lease run out), or with
-/// [`Harness::with_real_time`] for a store that reads a real clock, such as its server's.
-///
-/// A manual-clock harness should not be shared by properties that run at the same time: one
-/// property's [`advance`](Harness::advance) would expire the other's leases.
-#[derive(Debug, Clone)]
-pub struct Harness {
-    store: Arc<dyn Store>,
-    time: Time,
-    fences_grow: bool,
-    native_expiry: bool,
-}
-
-#[derive(Debug, Clone)]
-enum Time {
-    Manual(ManualClock),
-    Real { short: Duration },
-}
-
-impl Harness {
-    /// Time moves only when the test says: [`advance`](Harness::advance) moves this
-    /// [`ManualClock`], which the store must read.
-    ///
-    /// The suite's short lease is then 1 s of manual time.
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use idempotent_core::conformance::Harness;
-    /// use idempotent_core::{ManualClock, MemoryStore};
-    ///
-    /// let clock = ManualClock::new();
-    /// let store = MemoryStore::builder().clock(clock.clone()).build();
-    /// let harness = Harness::with_manual_clock(Arc::new(store), clock);
-    /// assert_eq!(harness.lease(), std::time::Duration::from_secs(1));
-    /// ```
-    pub fn with_manual_clock(store: Arc<dyn Store>, clock: ManualClock) -> Self {
-        Self {
-            store,
-            time: Time::Manual(clock),
-            fences_grow: true,
-            native_expiry: false,
-        }
-    }
-
-    /// The store reads a real clock (e.g. a server's): [`advance`](Harness::advance) sleeps,
-    /// so the leases and ttls the suite lets run out are `short` (e.g. 300 ms).
-    ///
-    /// `short` must be long enough for a few round trips to the store: the suite expects a
-    /// lease of `short` to still be live two thirds of `short` after it was taken.
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::time::Duration;
-    /// use idempotent_core::conformance::Harness;
-    /// use idempotent_core::MemoryStore;
-    ///
-    /// let harness = Harness::with_real_time(Arc::new(MemoryStore::new()), Duration::from_millis(300));
-    /// assert_eq!(harness.lease(), Duration::from_millis(300));
-    /// ```
-    pub fn with_real_time(store: Arc<dyn Store>, short: Duration) -> Self {
-        Self {
-            store,
-            time: Time::Real { short },
-            fences_grow: true,
-            native_expiry: false,
-        }
-    }
-
-    /// Whether the store promises that a key's fences only grow (the default, `true`). With
-    /// `false` the suite only checks that fences never repeat.
-    ///
-    /// ```
-    /// # use std::sync::Arc;
-    /// # use idempotent_core::{conformance::Harness, ManualClock, MemoryStore};
-    /// # let clock = ManualClock::new();
-    /// # let store = Arc::new(MemoryStore::builder().clock(clock.clone()).build());
-    /// let harness = Harness::with_manual_clock(store, clock).fences_grow(false);
-    /// ```
-    pub fn fences_grow(mut self, grow: bool) -> Self {
-        self.fences_grow = grow;
-        self
-    }
-
-    /// Whether the store deletes expired records by itself (e.g. Redis key expiry), so that
-    /// [`Store::purge_expired`] may find nothing left to count. Default `false`: the suite
-    /// then requires `purge_expired` to count at least the records it let expire. With `true`
-    /// it still requires expired records to be gone and live ones to be kept.
-    ///
-    /// ```
-    /// # use std::sync::Arc;
-    /// # use std::time::Duration;
-    /// # use idempotent_core::{conformance::Harness, MemoryStore};
-    /// let harness = Harness::with_real_time(Arc::new(MemoryStore::new()), Duration::from_millis(300))
-    ///     .expiry_is_native(true);
-    /// ```
-    pub fn expiry_is_native(mut self, native: bool) -> Self {
-        self.native_expiry = native;
-        self
-    }
-
-    /// The store under test.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
-    /// Lets `by` pass for the store: moves the manual clock, or sleeps in real time.
-    pub async fn advance(&self, by: Duration) {
-        match &self.time {
-            Time::Manual(clock) => {
-                clock.advance(by);
-                tokio::task::yield_now().await;
-            }
-            Time::Real { .. } => tokio::time::sleep(by).await,
-        }
-    }
-
-    /// The short lease (and unit of short ttls) the suite uses where it lets time run out.
-    pub fn lease(&self) -> Duration {
-        match &self.time {
-            Time::Manual(_) => MANUAL_LEASE,
-            Time::Real { short } => *short,
-        }
-    }
-
-    /// A fresh key, unique across calls, processes and runs (it mixes `label`, the process id,
-    /// a counter and the system time), so that several tests can share one store or server.
-    ///
-    /// ```
-    /// # use std::sync::Arc;
-    /// # use std::time::Duration;
-    /// # use idempotent_core::{conformance::Harness, MemoryStore};
-    /// let harness = Harness::with_real_time(Arc::new(MemoryStore::new()), Duration::from_millis(300));
-    /// assert_ne!(harness.key("order"), harness.key("order"));
-    /// ```
-    pub fn key(&self, label: &str) -> StorageKey {
-        let count = KEY_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| since.as_nanos());
-        let unique = format!("{}:{count}:{nanos}", std::process::id());
-        StorageKey::derive(
-            &format!("idempotent_core::conformance::{label}"),
-            None,
-            unique.as_bytes(),
-        )
-        .expect("a short, non-empty key is always valid")
-    }
-
-    /// `by` plus a margin: how far to advance so that something lasting `by` has surely ended.
-    fn beyond(&self, by: Duration) -> Duration {
-        match &self.time {
-            Time::Manual(_) => by + Duration::from_millis(1),
-            Time::Real { short } => by + (*short / 3).max(Duration::from_millis(20)),
-        }
-    }
-
-    async fn claim(&self, key: &StorageKey, fingerprint: &Fingerprint, lease: Duration) -> Claim {
-        self.store
-            .claim(key, &CanonicalArguments::from(*fingerprint), lease)
-            .await
-            .unwrap_or_else(|err| panic!("claim({key}) failed with a store error: {err}"))
-    }
-
-    /// Claims `key`, which must be free, and returns the fence.
-    async fn acquire(
-        &self,
-        key: &StorageKey,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-        why: &str,
-    ) -> Fence {
-        match self.claim(key, fingerprint, lease).await {
-            Claim::Acquired { fence } => fence,
-            other => panic!(
-                "{why}: the protocol requires Claim::Acquired, the store returned {}",
-                show(&other)
-            ),
-        }
-    }
-
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        fence: Fence,
-        output: &[u8],
-        ttl: Duration,
-    ) -> FencedWrite {
-        self.store
-            .complete(key, fence, Bytes::copy_from_slice(output), ttl)
-            .await
-            .unwrap_or_else(|err| {
-                panic!("complete({key}, {fence}) failed with a store error: {err}")
-            })
-    }
-
-    async fn release(&self, key: &StorageKey, fence: Fence) -> FencedWrite {
-        self.store.release(key, fence).await.unwrap_or_else(|err| {
-            panic!("release({key}, {fence}) failed with a store error: {err}")
-        })
-    }
-
-    async fn extend(&self, key: &StorageKey, fence: Fence, lease: Duration) -> FencedWrite {
-        self.store
-            .extend(key, fence, lease)
-            .await
-            .unwrap_or_else(|err| panic!("extend({key}, {fence}) failed with a store error: {err}"))
-    }
-
-    /// A fence that now holds `key`'s record must be newer than `old`.
-    fn check_newer(&self, old: Fence, new: Fence, why: &str) {
-        if self.fences_grow {
-            assert!(
-                new > old,
-                "{why}: the protocol requires a new fence greater than the earlier {old}, the store handed out {new}"
-            );
-        } else {
-            assert_ne!(
-                new, old,
-                "{why}: the protocol requires a new fence, never one handed out before; the store handed out {old} again"
-            );
-        }
-    }
-}
 
 fn fingerprint(n: u8) -> Fingerprint {
     Fingerprint::from_bytes([n; 32])
@@ -1181,7 +955,7 @@ pub async fn keys_are_independent(h: &Harness) {
 }
 
 /// Fences never repeat over many claim / release / complete / expire cycles of one key and of
-/// several keys (also across [`Store::purge_expired`]); where the store says fences grow, they
+/// several keys (also across [`Store::purge_expired`](crate::Store::purge_expired)); where the store says fences grow, they
 /// grow strictly per key.
 pub async fn fences_never_repeat(h: &Harness) {
     const KEYS: usize = 4;
@@ -1248,7 +1022,7 @@ pub async fn fences_never_repeat(h: &Harness) {
     }
 }
 
-/// [`Store::purge_expired`] removes expired records (counting at least those) and never a live
+/// [`Store::purge_expired`](crate::Store::purge_expired) removes expired records (counting at least those) and never a live
 /// one: live in-progress and completed records answer the same after it.
 pub async fn purge_removes_only_expired(h: &Harness) {
     let (fp, other) = (fingerprint(1), fingerprint(2));
@@ -1430,33 +1204,17 @@ pub async fn remove_deletes_any_record(h: &Harness) {
     );
 }
 
-/// Every property in turn, on one harness.
-pub async fn run_all(h: &Harness) {
-    first_claim_acquires(h).await;
-    second_claim_is_in_progress(h).await;
-    completed_claim_replays_exact_bytes(h).await;
-    other_fingerprint_is_mismatch(h).await;
-    stale_fence_is_fenced(h).await;
-    expired_lease_can_be_claimed_again(h).await;
-    expired_completed_record_can_be_claimed_again(h).await;
-    release_frees_key_at_once(h).await;
-    extend_keeps_lease_alive(h).await;
-    complete_after_lease_expired_is_fenced(h).await;
-    wait_returns_when_holder_completes(h).await;
-    wait_returns_when_holder_releases(h).await;
-    wait_returns_when_lease_runs_out(h).await;
-    wait_gives_up_after_max(h).await;
-    wait_returns_at_once_when_not_in_progress(h).await;
-    concurrent_claims_have_one_winner(h).await;
-    keys_are_independent(h).await;
-    fences_never_repeat(h).await;
-    purge_removes_only_expired(h).await;
-    remove_deletes_any_record(h).await;
-    durations_beyond_the_maximum_are_held_as_the_maximum(h).await;
-    sub_millisecond_leases_hold_one_millisecond(h).await;
-    a_call_dropped_after_its_body_ran_keeps_its_key(h).await;
-    a_body_that_reenters_its_own_key_is_refused_at_once(h).await;
+// `run_all`, made from the one list of properties.
+macro_rules! define_run_all {
+    ([$($property:ident),* $(,)?]) => {
+        /// Every property in turn, on one harness: the same list of properties that
+        /// [`conformance_suite!`](crate::conformance_suite!) makes one test each of.
+        pub async fn run_all(h: &Harness) {
+            $($property(h).await;)*
+        }
+    };
 }
+crate::__conformance_properties!(define_run_all!());
 
 /// Runs the whole conformance suite against a store: one test per property, each named after
 /// the property (`first_claim_acquires`, `stale_fence_is_fenced`, ...).
@@ -1484,8 +1242,22 @@ pub async fn run_all(h: &Harness) {
 #[macro_export]
 macro_rules! conformance_suite {
     ($make_harness:expr $(,)?) => {
-        $crate::__conformance_tests! {
-            ($make_harness)
+        $crate::__conformance_properties!($crate::__conformance_tests!(($make_harness)));
+    };
+}
+
+/// The suite's properties, listed once: calls `$then!(<its arguments> [property, ...])`.
+/// Both [`run_all`] and [`conformance_suite!`] are made from this list, so a property added
+/// here is run by both. A property is a `pub async fn(&Harness)` of this module (or of
+/// `calls` or `durations`, re-exported here); the test `every_property_is_listed` below fails
+/// while one is missing from the list.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_properties {
+    ($($then:ident)::+ ! ($($args:tt)*)) => {
+        $($then)::+! {
+            $($args)*
+            [
             first_claim_acquires,
             second_claim_is_in_progress,
             completed_claim_replays_exact_bytes,
@@ -1510,6 +1282,7 @@ macro_rules! conformance_suite {
             sub_millisecond_leases_hold_one_millisecond,
             a_call_dropped_after_its_body_ran_keeps_its_key,
             a_body_that_reenters_its_own_key_is_refused_at_once,
+            ]
         }
     };
 }
@@ -1518,7 +1291,7 @@ macro_rules! conformance_suite {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_tests {
-    (($make_harness:expr) $($property:ident),* $(,)?) => {
+    (($make_harness:expr) [$($property:ident),* $(,)?]) => {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $property() {
@@ -1527,4 +1300,40 @@ macro_rules! __conformance_tests {
             }
         )*
     };
+}
+
+#[cfg(test)]
+mod tests {
+    /// The names in the one list of properties.
+    macro_rules! listed {
+        ([$($property:ident),* $(,)?]) => {
+            [$(stringify!($property)),*]
+        };
+    }
+
+    /// Every `pub async fn` at the top level of the properties' files is in the list, once,
+    /// and the list names nothing else: a property written but not listed would be run by
+    /// neither `run_all` nor `conformance_suite!`.
+    #[test]
+    fn every_property_is_listed() {
+        let sources = [
+            include_str!("conformance.rs"),
+            include_str!("conformance/calls.rs"),
+            include_str!("conformance/durations.rs"),
+        ];
+        let mut written: Vec<&str> = sources
+            .iter()
+            .flat_map(|source| source.lines())
+            .filter_map(|line| line.strip_prefix("pub async fn "))
+            .map(|rest| rest.split('(').next().unwrap_or(rest))
+            .filter(|name| *name != "run_all")
+            .collect();
+        let mut listed: Vec<&str> = crate::__conformance_properties!(listed!()).to_vec();
+        written.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(
+            listed, written,
+            "the list in __conformance_properties! must name every `pub async fn` property of conformance.rs, conformance/calls.rs and conformance/durations.rs, once"
+        );
+    }
 }

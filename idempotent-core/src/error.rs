@@ -133,6 +133,22 @@ pub enum Error {
 /// ```
 pub struct JsonError(serde_json::Error);
 
+impl From<Error> for std::io::Error {
+    /// An [`Error`] as an `io::Error` of kind [`Other`](std::io::ErrorKind::Other) that keeps
+    /// it as its source, so a function returning `std::io::Result<T>` can be idempotent.
+    ///
+    /// ```
+    /// use idempotent_core::{Error, KeyError};
+    ///
+    /// let error = std::io::Error::from(Error::InvalidKey(KeyError::Empty));
+    /// assert_eq!(error.kind(), std::io::ErrorKind::Other);
+    /// assert!(error.get_ref().is_some_and(|inner| inner.is::<Error>()));
+    /// ```
+    fn from(error: Error) -> Self {
+        std::io::Error::other(error)
+    }
+}
+
 impl JsonError {
     pub(crate) fn new(error: serde_json::Error) -> Self {
         Self(error)

@@ -536,11 +536,7 @@ async fn without_a_key_the_fingerprint_is_the_key() {
 
 #[tokio::test]
 async fn a_complete_lost_to_a_dropped_connection_is_tried_again() {
-    let store = Arc::new(support::FlakyComplete {
-        inner: MemoryStore::new(),
-        failures: std::sync::atomic::AtomicU32::new(2),
-        lost_after_write: false,
-    });
+    let store = support::FlakyComplete::around(MemoryStore::new(), 2, false);
     let engine = engine(store.clone());
     let runs = Runs::default();
     assert_eq!(
@@ -557,11 +553,7 @@ async fn a_complete_lost_to_a_dropped_connection_is_tried_again() {
 
 #[tokio::test]
 async fn a_complete_applied_but_unanswered_is_fenced_on_retry_and_the_record_kept() {
-    let store = Arc::new(support::FlakyComplete {
-        inner: MemoryStore::new(),
-        failures: std::sync::atomic::AtomicU32::new(1),
-        lost_after_write: true,
-    });
+    let store = support::FlakyComplete::around(MemoryStore::new(), 1, true);
     let engine = engine(store);
     let runs = Runs::default();
     assert_eq!(
@@ -580,11 +572,11 @@ async fn a_complete_applied_but_unanswered_is_fenced_on_retry_and_the_record_kep
 // Paused time on the store's clock too: the retry below comes while the lease surely runs.
 #[tokio::test(start_paused = true)]
 async fn a_store_that_stays_down_after_the_body_ran_gives_the_value_unrecorded() {
-    let store = Arc::new(support::FlakyComplete {
-        inner: MemoryStore::builder().clock(TokioClock::new()).build(),
-        failures: std::sync::atomic::AtomicU32::new(u32::MAX),
-        lost_after_write: false,
-    });
+    let store = support::FlakyComplete::around(
+        MemoryStore::builder().clock(TokioClock::new()).build(),
+        u32::MAX,
+        false,
+    );
     let engine = engine(store).with_options(reject().with_lease(Duration::from_millis(200)));
     let runs = Runs::default();
     assert_eq!(

@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use idempotent_core::conformance::{Forwarding, Hooks};
 use idempotent_core::{
-    BoxFuture, Bytes, Call, CallContext, CanonicalArguments, Claim, Error, Fence, FencedWrite,
-    Fingerprint, Idempotency, MemoryStore, OnConflict, OnLeaseLoss, Options, StorageKey, Store,
-    StoreError,
+    Call, CallContext, CanonicalArguments, Claim, Error, Fingerprint, Idempotency, MemoryStore,
+    OnConflict, OnLeaseLoss, Options, Store, StoreError,
 };
 use support::TokioClock;
 
@@ -24,12 +24,11 @@ const LEASE: Duration = Duration::from_secs(30);
 /// an unreachable store's does. Other callers reach the store directly.
 #[derive(Debug)]
 struct Partitioned {
-    inner: Arc<dyn Store>,
     cut: AtomicBool,
 }
 
-impl Partitioned {
-    fn check(&self) -> Result<(), StoreError> {
+impl Hooks for Partitioned {
+    fn before(&self) -> Result<(), StoreError> {
         if self.cut.load(Ordering::SeqCst) {
             Err(StoreError::Unavailable {
                 message: "partitioned from the store".into(),
@@ -38,75 +37,6 @@ impl Partitioned {
         } else {
             Ok(())
         }
-    }
-}
-
-impl Store for Partitioned {
-    fn claim<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        arguments: &'a CanonicalArguments,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.claim(key, arguments, lease).await
-        })
-    }
-    fn complete<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-        output: Bytes,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.complete(key, fence, output, ttl).await
-        })
-    }
-    fn release<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.release(key, fence).await
-        })
-    }
-    fn extend<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.extend(key, fence, lease).await
-        })
-    }
-    fn wait<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        max: Duration,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.wait(key, max).await
-        })
-    }
-    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.purge_expired().await
-        })
-    }
-    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.remove(key).await
-        })
     }
 }
 
@@ -160,15 +90,17 @@ impl Seen {
 
 struct Setup {
     shared: Arc<dyn Store>,
-    partition: Arc<Partitioned>,
+    partition: Arc<Forwarding<Partitioned>>,
 }
 
 fn setup() -> Setup {
     let shared: Arc<dyn Store> = Arc::new(MemoryStore::builder().clock(TokioClock::new()).build());
-    let partition = Arc::new(Partitioned {
-        inner: Arc::clone(&shared),
-        cut: AtomicBool::new(false),
-    });
+    let partition = Arc::new(Forwarding::new(
+        Arc::clone(&shared),
+        Partitioned {
+            cut: AtomicBool::new(false),
+        },
+    ));
     Setup { shared, partition }
 }
 

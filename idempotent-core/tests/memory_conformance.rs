@@ -2,16 +2,20 @@
 //! promises: a capacity in records and a budget in bytes that never evict a live record, and
 //! waiters woken by notification.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use idempotent_core::conformance::Harness;
 use idempotent_core::stores::memory::RECORD_OVERHEAD_BYTES;
 use idempotent_core::{
-    Bytes, CanonicalArguments, Claim, FencedWrite, Fingerprint, ManualClock, MemoryStore,
-    StorageKey, Store, StoreError,
+    Bytes, CanonicalArguments, Claim, FencedWrite, ManualClock, MemoryStore, StorageKey, Store,
+    StoreError,
 };
 use tokio::task::JoinHandle;
+
+use support::{acquire, args, key};
 
 /// A fresh memory store on a fresh manual clock.
 fn manual_harness() -> Harness {
@@ -34,19 +38,6 @@ const HOUR: Duration = Duration::from_secs(3600);
 /// How long a wait that must end may take before the test fails instead of hanging.
 const BOUND: Duration = Duration::from_secs(5);
 
-fn key(label: &str, i: usize) -> StorageKey {
-    StorageKey::derive(
-        "memory_conformance",
-        Some(label.as_bytes()),
-        format!("k{i}").as_bytes(),
-    )
-    .expect("valid key")
-}
-
-fn fp(n: u8) -> Fingerprint {
-    Fingerprint::from_bytes([n; 32])
-}
-
 /// A memory store on a manual clock, as `Arc<dyn Store>` (object safety) and as itself.
 fn manual_store(capacity: usize) -> (Arc<MemoryStore>, Arc<dyn Store>, ManualClock) {
     let clock = ManualClock::new();
@@ -60,21 +51,6 @@ fn manual_store(capacity: usize) -> (Arc<MemoryStore>, Arc<dyn Store>, ManualClo
     (store, dyn_store, clock)
 }
 
-async fn acquire(
-    store: &Arc<dyn Store>,
-    key: &StorageKey,
-    lease: Duration,
-) -> idempotent_core::Fence {
-    match store
-        .claim(key, &CanonicalArguments::from(fp(1)), lease)
-        .await
-        .expect("claim")
-    {
-        Claim::Acquired { fence } => fence,
-        other => panic!("expected Acquired for a free key, got {other:?}"),
-    }
-}
-
 /// What the store reports of itself: the capacity it was built with, and whether it is empty
 /// before and after its first record, and once that record is removed.
 #[tokio::test]
@@ -83,7 +59,7 @@ async fn the_store_reports_its_capacity_and_whether_it_is_empty() {
     assert_eq!(memory.capacity(), 7);
     assert!(memory.is_empty());
     let key = key("reports", 0);
-    acquire(&store, &key, HOUR).await;
+    acquire(&*store, &key, &args(1), HOUR).await;
     assert!(!memory.is_empty(), "it holds a record in progress");
     assert_eq!(memory.len(), 1);
     assert!(store.remove(&key).await.unwrap());
@@ -100,7 +76,7 @@ async fn full_store_refuses_new_keys_and_never_evicts_live_records() {
     let mut completed = Vec::new();
     for i in 0..6 {
         let key = key("capacity-completed", i);
-        let fence = acquire(&store, &key, HOUR).await;
+        let fence = acquire(&*store, &key, &args(1), HOUR).await;
         let output = format!("output {i}").into_bytes();
         let write = store
             .complete(&key, fence, output.clone().into(), ttl)
@@ -111,20 +87,13 @@ async fn full_store_refuses_new_keys_and_never_evicts_live_records() {
     }
     let held: Vec<StorageKey> = (0..2).map(|i| key("capacity-held", i)).collect();
     for key in &held {
-        acquire(&store, key, HOUR).await;
+        acquire(&*store, key, &args(1), HOUR).await;
     }
     assert_eq!(memory.len(), CAPACITY);
 
     // Full: a new key is refused, with the capacity in the message.
     for attempt in 0..2 {
-        match store
-            .claim(
-                &key("capacity-new", 0),
-                &CanonicalArguments::from(fp(1)),
-                HOUR,
-            )
-            .await
-        {
+        match store.claim(&key("capacity-new", 0), &args(1), HOUR).await {
             Err(err @ StoreError::Full { capacity }) => {
                 assert_eq!(capacity, CAPACITY);
                 let message = err.to_string();
@@ -142,10 +111,7 @@ async fn full_store_refuses_new_keys_and_never_evicts_live_records() {
     // Nothing was evicted: every live record still answers.
     for (key, output) in &completed {
         assert_eq!(
-            store
-                .claim(key, &CanonicalArguments::from(fp(1)), HOUR)
-                .await
-                .unwrap(),
+            store.claim(key, &args(1), HOUR).await.unwrap(),
             Claim::Completed {
                 output: output.clone().into()
             },
@@ -155,10 +121,7 @@ async fn full_store_refuses_new_keys_and_never_evicts_live_records() {
     for key in &held {
         assert!(
             matches!(
-                store
-                    .claim(key, &CanonicalArguments::from(fp(1)), HOUR)
-                    .await
-                    .unwrap(),
+                store.claim(key, &args(1), HOUR).await.unwrap(),
                 Claim::InProgress { .. }
             ),
             "a live in-progress record must survive a refused claim"
@@ -169,34 +132,25 @@ async fn full_store_refuses_new_keys_and_never_evicts_live_records() {
     // The completed records expire; the in-progress ones (an hour) do not.
     clock.advance(ttl + Duration::from_millis(1));
     // An expired record's own key is taken over in place, even while the store is full.
-    acquire(&store, &completed[0].0, HOUR).await;
+    acquire(&*store, &completed[0].0, &args(1), HOUR).await;
     assert_eq!(memory.len(), CAPACITY);
     // New keys take the room of the 5 expired records, one each, and of nothing live.
     for i in 0..5 {
-        acquire(&store, &key("capacity-new", i), HOUR).await;
+        acquire(&*store, &key("capacity-new", i), &args(1), HOUR).await;
         assert!(memory.len() <= CAPACITY);
     }
     assert_eq!(memory.len(), CAPACITY);
     for key in held.iter().chain([&completed[0].0]) {
         assert!(
             matches!(
-                store
-                    .claim(key, &CanonicalArguments::from(fp(1)), HOUR)
-                    .await
-                    .unwrap(),
+                store.claim(key, &args(1), HOUR).await.unwrap(),
                 Claim::InProgress { .. }
             ),
             "a live in-progress record must never be evicted to make room"
         );
     }
     assert!(matches!(
-        store
-            .claim(
-                &key("capacity-new", 5),
-                &CanonicalArguments::from(fp(1)),
-                HOUR
-            )
-            .await,
+        store.claim(&key("capacity-new", 5), &args(1), HOUR).await,
         Err(StoreError::Full { capacity: CAPACITY })
     ));
 }
@@ -227,10 +181,7 @@ async fn byte_budget_refuses_new_keys_and_never_evicts_live_records() {
     let mut recorded = Vec::new();
     let refused = loop {
         let key = key("budget", recorded.len());
-        let fence = match store
-            .claim(&key, &CanonicalArguments::from(fp(1)), HOUR)
-            .await
-        {
+        let fence = match store.claim(&key, &args(1), HOUR).await {
             Ok(Claim::Acquired { fence }) => fence,
             Ok(other) => panic!("a new key must be acquired or refused, got {other:?}"),
             Err(error) => break error,
@@ -265,10 +216,7 @@ async fn byte_budget_refuses_new_keys_and_never_evicts_live_records() {
     // Nothing was evicted: every live record still replays.
     for (key, output) in &recorded {
         assert_eq!(
-            store
-                .claim(key, &CanonicalArguments::from(fp(1)), HOUR)
-                .await
-                .unwrap(),
+            store.claim(key, &args(1), HOUR).await.unwrap(),
             Claim::Completed {
                 output: output.clone().into()
             },
@@ -280,7 +228,7 @@ async fn byte_budget_refuses_new_keys_and_never_evicts_live_records() {
     // bytes back.
     clock.advance(ttl);
     for i in 0..10 {
-        acquire(&store, &key("budget-new", i), HOUR).await;
+        acquire(&*store, &key("budget-new", i), &args(1), HOUR).await;
         assert!(memory.bytes() <= BUDGET);
     }
     store.purge_expired().await.unwrap();
@@ -298,7 +246,7 @@ async fn a_completed_output_is_recorded_even_past_the_budget() {
     let running: Vec<StorageKey> = (0..3).map(|i| key("over-budget", i)).collect();
     let mut fences = Vec::new();
     for key in &running {
-        fences.push(acquire(&store, key, HOUR).await);
+        fences.push(acquire(&*store, key, &args(1), HOUR).await);
     }
     // Each output alone is larger than the whole budget.
     for (i, (key, fence)) in running.iter().zip(fences).enumerate() {
@@ -313,10 +261,7 @@ async fn a_completed_output_is_recorded_even_past_the_budget() {
             "complete {i} must record the output of a body that ran, budget or not"
         );
         assert_eq!(
-            store
-                .claim(key, &CanonicalArguments::from(fp(1)), HOUR)
-                .await
-                .unwrap(),
+            store.claim(key, &args(1), HOUR).await.unwrap(),
             Claim::Completed {
                 output: output.into()
             }
@@ -325,13 +270,7 @@ async fn a_completed_output_is_recorded_even_past_the_budget() {
     assert_eq!(memory.bytes(), 3 * (RECORD_OVERHEAD_BYTES + BUDGET));
     assert!(
         matches!(
-            store
-                .claim(
-                    &key("over-budget", 9),
-                    &CanonicalArguments::from(fp(1)),
-                    HOUR
-                )
-                .await,
+            store.claim(&key("over-budget", 9), &args(1), HOUR).await,
             Err(StoreError::ByteBudgetFull { max_bytes: BUDGET })
         ),
         "over its budget, the store refuses new keys"
@@ -341,7 +280,7 @@ async fn a_completed_output_is_recorded_even_past_the_budget() {
         assert!(store.remove(key).await.unwrap());
     }
     assert_eq!(memory.bytes(), 0);
-    acquire(&store, &key("over-budget", 9), HOUR).await;
+    acquire(&*store, &key("over-budget", 9), &args(1), HOUR).await;
 }
 
 /// Kept arguments count: a record keeps arguments of up to 128 bytes exactly, and they take
@@ -364,9 +303,7 @@ async fn kept_arguments_count_against_the_budget() {
     assert!(matches!(claim, Claim::Acquired { .. }));
     assert_eq!(memory.bytes(), RECORD_OVERHEAD_BYTES + kept);
     assert!(matches!(
-        store
-            .claim(&key("arguments", 1), &CanonicalArguments::from(fp(1)), HOUR)
-            .await,
+        store.claim(&key("arguments", 1), &args(1), HOUR).await,
         Err(StoreError::ByteBudgetFull { .. })
     ));
 }
@@ -382,7 +319,7 @@ async fn expired_records_are_removed_as_new_keys_arrive() {
     let mut most = 0;
     for i in 0..20 * LIVE {
         let key = key("turnover", i);
-        let fence = acquire(&store, &key, ttl).await;
+        let fence = acquire(&*store, &key, &args(1), ttl).await;
         let write = store
             .complete(&key, fence, Bytes::from_static(b"{}"), ttl)
             .await;
@@ -429,7 +366,7 @@ async fn expect_waiting(waiters: &[JoinHandle<()>]) {
 async fn waiters_are_woken_when_the_holder_completes() {
     let (_, store, _clock) = manual_store(100);
     let key = key("wake-complete", 0);
-    let fence = acquire(&store, &key, HOUR).await;
+    let fence = acquire(&*store, &key, &args(1), HOUR).await;
     let waiters: Vec<_> = (0..10).map(|_| spawn_wait(&store, key)).collect();
     expect_waiting(&waiters).await;
     let write = store
@@ -446,7 +383,7 @@ async fn waiters_are_woken_when_the_holder_completes() {
 async fn waiters_are_woken_when_the_holder_releases() {
     let (_, store, _clock) = manual_store(100);
     let key = key("wake-release", 0);
-    let fence = acquire(&store, &key, HOUR).await;
+    let fence = acquire(&*store, &key, &args(1), HOUR).await;
     let waiters: Vec<_> = (0..10).map(|_| spawn_wait(&store, key)).collect();
     expect_waiting(&waiters).await;
     assert_eq!(
@@ -462,11 +399,11 @@ async fn waiters_are_woken_when_the_holder_releases() {
 async fn waiters_are_woken_when_an_expired_lease_is_taken_over() {
     let (_, store, clock) = manual_store(100);
     let key = key("wake-takeover", 0);
-    acquire(&store, &key, HOUR).await;
+    acquire(&*store, &key, &args(1), HOUR).await;
     let waiters: Vec<_> = (0..3).map(|_| spawn_wait(&store, key)).collect();
     expect_waiting(&waiters).await;
     clock.advance(HOUR + Duration::from_millis(1));
-    acquire(&store, &key, HOUR).await;
+    acquire(&*store, &key, &args(1), HOUR).await;
     for waiter in waiters {
         expect_woken(waiter, "a claim taking over the expired lease").await;
     }
@@ -476,7 +413,7 @@ async fn waiters_are_woken_when_an_expired_lease_is_taken_over() {
 async fn waiters_are_woken_when_an_expired_lease_is_purged() {
     let (_, store, clock) = manual_store(100);
     let key = key("wake-purge", 0);
-    acquire(&store, &key, HOUR).await;
+    acquire(&*store, &key, &args(1), HOUR).await;
     let waiters: Vec<_> = (0..3).map(|_| spawn_wait(&store, key)).collect();
     expect_waiting(&waiters).await;
     clock.advance(HOUR + Duration::from_millis(1));
@@ -500,7 +437,7 @@ async fn wait_returns_at_once_when_the_key_is_not_in_progress() {
     at_once(&key("at-once", 0), "an absent key").await;
 
     let completed = key("at-once", 1);
-    let fence = acquire(&store, &completed, HOUR).await;
+    let fence = acquire(&*store, &completed, &args(1), HOUR).await;
     store
         .complete(&completed, fence, Bytes::new(), HOUR)
         .await
@@ -508,7 +445,7 @@ async fn wait_returns_at_once_when_the_key_is_not_in_progress() {
     at_once(&completed, "a completed key").await;
 
     let expired = key("at-once", 2);
-    acquire(&store, &expired, Duration::from_secs(1)).await;
+    acquire(&*store, &expired, &args(1), Duration::from_secs(1)).await;
     clock.advance(Duration::from_secs(1));
     at_once(&expired, "a key whose lease ended (not yet purged)").await;
 }

@@ -9,16 +9,17 @@
 //! `concurrent_claims_have_one_winner`. Nor does it see real time: its clock is manual, so
 //! `wait`, which sleeps in real time, is not among its operations.
 
+mod support;
+
 use std::time::Duration;
 
 use idempotent_core::stores::memory::RECORD_OVERHEAD_BYTES;
-use idempotent_core::{
-    CanonicalArguments, Claim, Fence, FencedWrite, Fingerprint, ManualClock, MemoryStore,
-    StorageKey, Store,
-};
+use idempotent_core::{Claim, Fence, FencedWrite, ManualClock, MemoryStore, StorageKey, Store};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError};
+use support::args;
+use support::model::{self, Found};
 
 const KEYS: usize = 3;
 const LEASE: Duration = Duration::from_millis(1000);
@@ -75,39 +76,15 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-#[derive(Debug, Clone, PartialEq)]
-enum ModelState {
-    InProgress {
-        lease_until: Duration,
-    },
-    Completed {
-        output: Vec<u8>,
-        expires_at: Duration,
-    },
-}
-
-#[derive(Debug, Clone)]
-struct ModelRecord {
-    fp: u8,
-    /// Index into [`Model::fences`].
-    fence_id: usize,
-    state: ModelState,
-}
-
-impl ModelRecord {
-    fn is_live(&self, now: Duration) -> bool {
-        match &self.state {
-            ModelState::InProgress { lease_until } => now < *lease_until,
-            ModelState::Completed { expires_at, .. } => now < *expires_at,
-        }
-    }
-}
+/// A key's record in the model (the rules are in `support/model.rs`, shared with
+/// `protocol_model`): its fence is an index into [`Model::fences`].
+type ModelRecord = model::Record<Duration, usize, u8, Vec<u8>>;
 
 /// The protocol as store.rs states it, for a few keys.
 #[derive(Debug, Default)]
 struct Model {
     now: Duration,
-    records: [Option<ModelRecord>; KEYS],
+    records: [ModelRecord; KEYS],
     /// Every fence issued so far: the key and the store's real fence. A model fence id is an
     /// index into this list.
     fences: Vec<(usize, Fence)>,
@@ -116,33 +93,21 @@ struct Model {
 impl Model {
     /// What a claim must return; `None` means "a new fence": the caller records the real one.
     fn claim(&mut self, key: usize, fp: u8) -> Option<Claim> {
-        let now = self.now;
-        match &self.records[key] {
-            Some(record) if record.is_live(now) => Some(if record.fp != fp {
-                Claim::Mismatch
-            } else {
-                match &record.state {
-                    ModelState::InProgress { lease_until } => Claim::InProgress {
-                        retry_after: *lease_until - now,
-                    },
-                    ModelState::Completed { output, .. } => Claim::Completed {
-                        output: output.clone().into(),
-                    },
-                }
-            }),
-            _ => None,
-        }
+        self.records[key]
+            .found(&fp, self.now)
+            .map(|found| match found {
+                Found::Mismatch => Claim::Mismatch,
+                Found::InProgress { retry_after } => Claim::InProgress { retry_after },
+                Found::Completed { output } => Claim::Completed {
+                    output: output.into(),
+                },
+            })
     }
 
     fn acquired(&mut self, key: usize, fp: u8, fence: Fence) {
         self.fences.push((key, fence));
-        self.records[key] = Some(ModelRecord {
-            fp,
-            fence_id: self.fences.len() - 1,
-            state: ModelState::InProgress {
-                lease_until: self.now + LEASE,
-            },
-        });
+        let fence_id = self.fences.len() - 1;
+        self.records[key].acquire(fp, fence_id, self.now, LEASE);
     }
 
     /// The model fence id and the real fence a choice stands for.
@@ -163,18 +128,9 @@ impl Model {
         (id, id.map_or(UNKNOWN_FENCE, |id| self.fences[id].1))
     }
 
-    /// The one rule: a fenced write applies only while the key is in progress under that fence
-    /// with a live lease.
-    fn held(&self, key: usize, fence_id: Option<usize>) -> bool {
-        matches!(
-            &self.records[key],
-            Some(ModelRecord { fence_id: held_by, state: ModelState::InProgress { lease_until }, .. })
-                if Some(*held_by) == fence_id && self.now < *lease_until
-        )
-    }
-
-    fn write(applied: bool) -> FencedWrite {
-        if applied {
+    /// A fenced write's answer; a fence the model never issued (`None`) holds no key.
+    fn write(fence_id: Option<usize>, write: impl FnOnce(usize) -> bool) -> FencedWrite {
+        if fence_id.is_some_and(write) {
             FencedWrite::Applied
         } else {
             FencedWrite::Fenced
@@ -182,42 +138,25 @@ impl Model {
     }
 
     fn complete(&mut self, key: usize, fence_id: Option<usize>, output: Vec<u8>) -> FencedWrite {
-        let applied = self.held(key, fence_id);
-        if applied {
-            let record = self.records[key].as_mut().expect("held");
-            record.state = ModelState::Completed {
-                output,
-                expires_at: self.now + TTL,
-            };
-        }
-        Self::write(applied)
+        let (record, now) = (&mut self.records[key], self.now);
+        Self::write(fence_id, |fence| record.complete(fence, output, now, TTL))
     }
 
     fn release(&mut self, key: usize, fence_id: Option<usize>) -> FencedWrite {
-        let applied = self.held(key, fence_id);
-        if applied {
-            self.records[key] = None;
-        }
-        Self::write(applied)
+        let (record, now) = (&mut self.records[key], self.now);
+        Self::write(fence_id, |fence| record.release(fence, now))
     }
 
     fn extend(&mut self, key: usize, fence_id: Option<usize>) -> FencedWrite {
-        let applied = self.held(key, fence_id);
-        if applied {
-            let record = self.records[key].as_mut().expect("held");
-            record.state = ModelState::InProgress {
-                lease_until: self.now + LEASE,
-            };
-        }
-        Self::write(applied)
+        let (record, now) = (&mut self.records[key], self.now);
+        Self::write(fence_id, |fence| record.extend(fence, now, LEASE))
     }
 
     fn purge(&mut self) -> u64 {
         let now = self.now;
         let mut purged = 0;
-        for slot in &mut self.records {
-            if slot.as_ref().is_some_and(|record| !record.is_live(now)) {
-                *slot = None;
+        for record in &mut self.records {
+            if record.expire(now) {
                 purged += 1;
             }
         }
@@ -225,13 +164,15 @@ impl Model {
     }
 
     fn len(&self) -> usize {
-        self.records.iter().flatten().count()
+        self.records
+            .iter()
+            .filter(|record| **record != ModelRecord::Absent)
+            .count()
     }
 
     fn live_len(&self) -> usize {
         self.records
             .iter()
-            .flatten()
             .filter(|record| record.is_live(self.now))
             .count()
     }
@@ -241,21 +182,14 @@ impl Model {
     fn bytes(&self, dead_too: bool) -> usize {
         self.records
             .iter()
-            .flatten()
             .filter(|record| dead_too || record.is_live(self.now))
-            .map(|record| {
-                RECORD_OVERHEAD_BYTES
-                    + match &record.state {
-                        ModelState::Completed { output, .. } => output.len(),
-                        ModelState::InProgress { .. } => 0,
-                    }
+            .map(|record| match record {
+                ModelRecord::Absent => 0,
+                ModelRecord::InProgress { .. } => RECORD_OVERHEAD_BYTES,
+                ModelRecord::Completed { output, .. } => RECORD_OVERHEAD_BYTES + output.len(),
             })
             .sum()
     }
-}
-
-fn fingerprint(fp: u8) -> Fingerprint {
-    Fingerprint::from_bytes([fp; 32])
 }
 
 /// Runs `ops` against a fresh store and a fresh model, comparing every result.
@@ -278,11 +212,7 @@ fn check(ops: &[Op]) -> Result<(), TestCaseError> {
         match op {
             Op::Claim { key, fp } => {
                 let got = runtime
-                    .block_on(store.claim(
-                        &keys[*key],
-                        &CanonicalArguments::from(fingerprint(*fp)),
-                        LEASE,
-                    ))
+                    .block_on(store.claim(&keys[*key], &args(*fp), LEASE))
                     .expect("claim");
                 match model.claim(*key, *fp) {
                     Some(want) => prop_assert_eq!(got, want, "step {}: {:?}", step, op),

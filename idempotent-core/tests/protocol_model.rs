@@ -39,15 +39,19 @@
 //! seen by the engine's own tests, not by this model. And time is in ticks: how long a real
 //! wait or heartbeat takes is outside it.
 
+mod support;
+
 use std::collections::HashMap;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use idempotent_core::{
-    BoxFuture, Bytes, CanonicalArguments, Claim, Fence, FencedWrite, Fingerprint, ManualClock,
-    MemoryStore, StorageKey, Store, StoreError,
+    BoxFuture, Bytes, Claim, Fence, FencedWrite, ManualClock, MemoryStore, StorageKey, Store,
+    StoreError,
 };
 use stateright::{Checker, Model, Property};
+use support::args;
+use support::model::{self, Found};
 
 /// Clients; the issue asks for three.
 const CLIENTS: usize = 3;
@@ -67,24 +71,11 @@ const FINGERPRINTS: [u8; CLIENTS] = [0, 0, 1];
 /// One tick of the model on the real store's clock.
 const TICK: Duration = Duration::from_secs(1);
 
-/// The key's record, as the store holds it. A record whose lease or expiry has passed is
-/// replaced by `Absent` when the clock moves: the store counts it as absent for every
+/// The key's record, as the store holds it, in ticks and small numbers (the rules are in
+/// `support/model.rs`, shared with `memory_model`). A record whose lease or expiry has passed
+/// is replaced by `Absent` when the clock moves: the store counts it as absent for every
 /// operation, and folding it keeps equivalent states equal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Record {
-    Absent,
-    InProgress {
-        fingerprint: u8,
-        fence: u8,
-        lease_until: u8,
-    },
-    Completed {
-        fingerprint: u8,
-        fence: u8,
-        output: u8,
-        expires_at: u8,
-    },
-}
+type Record = model::Record<u8, u8, u8, u8>;
 
 /// How a client's call ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -232,87 +223,46 @@ enum Action {
     Crash(usize),
 }
 
-/// The store's side of the protocol, for one key: the rules of `stores/memory.rs`.
+/// The store's side of the protocol, for one key: the rules of `stores/memory.rs`, as the
+/// shared [`model::Record`] states them, with the store-wide fence counter.
 impl State {
-    fn is_live(&self) -> bool {
-        match self.record {
-            Record::Absent => false,
-            Record::InProgress { lease_until, .. } => self.now < lease_until,
-            Record::Completed { expires_at, .. } => self.now < expires_at,
-        }
-    }
-
-    /// The one rule of every fenced write: in progress under `fence`, with a live lease.
-    fn held_by(&self, fence: u8) -> bool {
-        matches!(self.record, Record::InProgress { fence: held, lease_until, .. }
-            if held == fence && self.now < lease_until)
-    }
-
     fn claim(&mut self, fingerprint: u8) -> Answer {
-        if self.is_live() {
-            return match self.record {
-                Record::InProgress {
-                    fingerprint: held, ..
-                }
-                | Record::Completed {
-                    fingerprint: held, ..
-                } if held != fingerprint => Answer::Mismatch,
-                Record::InProgress { lease_until, .. } => Answer::InProgress {
-                    retry_after: lease_until - self.now,
-                },
-                Record::Completed { output, .. } => Answer::Completed { output },
-                Record::Absent => unreachable!("an absent record is not live"),
-            };
+        match self.record.found(&fingerprint, self.now) {
+            Some(Found::Mismatch) => Answer::Mismatch,
+            Some(Found::InProgress { retry_after }) => Answer::InProgress { retry_after },
+            Some(Found::Completed { output }) => Answer::Completed { output },
+            None => {
+                let fence = self.next_fence;
+                self.next_fence += 1;
+                self.record.acquire(fingerprint, fence, self.now, LEASE);
+                Answer::Acquired { fence }
+            }
         }
-        let fence = self.next_fence;
-        self.next_fence += 1;
-        self.record = Record::InProgress {
-            fingerprint,
-            fence,
-            lease_until: self.now + LEASE,
-        };
-        Answer::Acquired { fence }
     }
 
     fn complete(&mut self, fence: u8, output: u8) -> Answer {
-        if !self.held_by(fence) {
-            return Answer::Fenced;
-        }
-        let Record::InProgress { fingerprint, .. } = self.record else {
-            unreachable!("held_by means in progress")
-        };
-        self.record = Record::Completed {
-            fingerprint,
-            fence,
-            output,
-            expires_at: self.now + TTL,
-        };
-        Answer::Applied
+        write(self.record.complete(fence, output, self.now, TTL))
     }
 
     fn release(&mut self, fence: u8) -> Answer {
-        if !self.held_by(fence) {
-            return Answer::Fenced;
-        }
-        self.record = Record::Absent;
-        Answer::Applied
+        write(self.record.release(fence, self.now))
     }
 
     fn extend(&mut self, fence: u8) -> Answer {
-        if !self.held_by(fence) {
-            return Answer::Fenced;
-        }
-        if let Record::InProgress { lease_until, .. } = &mut self.record {
-            *lease_until = self.now + LEASE;
-        }
-        Answer::Applied
+        write(self.record.extend(fence, self.now, LEASE))
     }
 
     fn record_fence(&self) -> Option<u8> {
-        match self.record {
-            Record::Absent => None,
-            Record::InProgress { fence, .. } | Record::Completed { fence, .. } => Some(fence),
-        }
+        self.record.fence()
+    }
+}
+
+/// A fenced write's answer.
+fn write(applied: bool) -> Answer {
+    if applied {
+        Answer::Applied
+    } else {
+        Answer::Fenced
     }
 }
 
@@ -327,9 +277,7 @@ impl Protocol {
         let answer = match action {
             Action::Tick => {
                 s.now += 1;
-                if !s.is_live() {
-                    s.record = Record::Absent;
-                }
+                s.record.expire(s.now);
                 for client in &mut s.clients {
                     client.forget_expired_lease(s.now);
                 }
@@ -648,8 +596,8 @@ impl Model for Protocol {
 ///
 /// The checker can fail. Weakening one rule of the model at a time (and putting it back):
 ///
-/// - `complete` accepting any fence while the record's lease is live (`held_by` without
-///   `held == fence`) breaks "completion only from the current fence" in six steps: client 1
+/// - `complete` accepting any fence while the record's lease is live (`Record::held_by` in
+///   `support/model.rs` without `*held == fence`) breaks "completion only from the current fence" in six steps: client 1
 ///   claims (fence 1, lease to t=2); Tick; Tick (its lease lapses); its body returns Ok;
 ///   client 2, with the other fingerprint, claims and gets fence 2; client 1 completes with
 ///   fence 1 and is applied: the record becomes `Completed { fingerprint: 1, fence: 1,
@@ -714,8 +662,7 @@ impl Real {
                 None
             }
             Action::Claim(c) => {
-                let arguments =
-                    CanonicalArguments::from(Fingerprint::from_bytes([FINGERPRINTS[c]; 32]));
+                let arguments = args(FINGERPRINTS[c]);
                 let claim = self.store.claim(&self.key, &arguments, lease);
                 Some(match ready(claim).unwrap() {
                     Claim::Acquired { fence } => Answer::Acquired {

@@ -6,7 +6,7 @@ mod support;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use idempotent_core::conformance::Harness;
+use idempotent_core::conformance::{Forwarding, Harness, Hooks};
 use idempotent_core::stores::redis::RedisStore;
 use idempotent_core::{
     BoxFuture, Bytes, Call, CanonicalArguments, Claim, Fence, FencedWrite, Fingerprint,
@@ -869,10 +869,9 @@ async fn a_subscriber_connection_given_up_is_closed_and_leaves_no_channel_subscr
     assert!(left.is_empty(), "channels still subscribed: {left:?}");
 }
 
-/// A Redis store that keeps what each `complete` sent through it met.
-#[derive(Debug)]
+/// Hooks that keep what each `complete` sent through them met.
+#[derive(Debug, Default)]
 struct CompletesSeen {
-    inner: Arc<RedisStore>,
     completes: Mutex<Vec<Result<FencedWrite, String>>>,
 }
 
@@ -882,24 +881,17 @@ impl CompletesSeen {
     }
 }
 
-impl Store for CompletesSeen {
-    fn claim<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        arguments: &'a CanonicalArguments,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.inner.claim(key, arguments, lease)
-    }
+impl Hooks for CompletesSeen {
     fn complete<'a>(
         &'a self,
+        inner: &'a dyn Store,
         key: &'a StorageKey,
         fence: Fence,
         output: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         Box::pin(async move {
-            let write = self.inner.complete(key, fence, output, ttl).await;
+            let write = inner.complete(key, fence, output, ttl).await;
             let seen = match &write {
                 Ok(applied) => Ok(*applied),
                 Err(error) => Err(format!("{error:?}")),
@@ -907,34 +899,6 @@ impl Store for CompletesSeen {
             self.completes.lock().unwrap().push(seen);
             write
         })
-    }
-    fn release<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.inner.release(key, fence)
-    }
-    fn extend<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.inner.extend(key, fence, lease)
-    }
-    fn wait<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        max: Duration,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.wait(key, max)
-    }
-    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.inner.purge_expired()
-    }
-    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.remove(key)
     }
 }
 
@@ -944,10 +908,10 @@ impl Store for CompletesSeen {
 #[tokio::test]
 async fn a_complete_cut_off_by_a_killed_connection_is_sent_again() {
     let server = RedisServer::start();
-    let store = Arc::new(CompletesSeen {
-        inner: store_at(&server.url()),
-        completes: Mutex::new(Vec::new()),
-    });
+    let store = Arc::new(Forwarding::new(
+        store_at(&server.url()),
+        CompletesSeen::default(),
+    ));
     let engine = Idempotency::new(store.clone());
     let runs = Runs::default();
     let call = Call::new("redis::killed", Fingerprint::of(&0).unwrap()).key("order-1");

@@ -10,74 +10,18 @@ use std::time::Duration;
 use idempotent_core::conformance::Harness;
 use idempotent_core::stores::sqlite::SqliteStore;
 use idempotent_core::{
-    BoxFuture, Bytes, Call, CanonicalArguments, Claim, Fence, FencedWrite, Fingerprint,
-    Idempotency, StorageKey, Store, StoreError,
+    Bytes, Call, Claim, Fence, FencedWrite, Fingerprint, Idempotency, Store, StoreError,
 };
-use support::{AppError, Runs};
+use support::{AppError, Runs, acquire, args, key};
 use tempfile::TempDir;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
-/// A store that owns its temporary folder, so the folder lives exactly as long as the store.
-#[derive(Debug)]
-struct InTempDir {
-    store: SqliteStore,
-    _dir: TempDir,
-}
-
-impl Store for InTempDir {
-    fn claim<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        arguments: &'a CanonicalArguments,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.store.claim(key, arguments, lease)
-    }
-    fn complete<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-        output: Bytes,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.store.complete(key, fence, output, ttl)
-    }
-    fn release<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.store.release(key, fence)
-    }
-    fn extend<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.store.extend(key, fence, lease)
-    }
-    fn wait<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        max: Duration,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.store.wait(key, max)
-    }
-    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.store.purge_expired()
-    }
-    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.store.remove(key)
-    }
-}
-
+/// A store on a fresh database file; the harness keeps its temporary folder alive.
 fn conformance_harness() -> Harness {
     let dir = tempfile::tempdir().expect("a temporary folder");
     let store = SqliteStore::open(dir.path().join("conformance.sqlite3")).expect("open");
-    let store = InTempDir { store, _dir: dir };
-    Harness::with_real_time(Arc::new(store), Duration::from_millis(300))
+    Harness::with_real_time(Arc::new(store), Duration::from_millis(300)).keep(dir)
 }
 
 idempotent_core::conformance_suite!(conformance_harness());
@@ -87,21 +31,6 @@ fn database() -> (TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("a temporary folder");
     let path = dir.path().join("idempotent.sqlite3");
     (dir, path)
-}
-
-fn key(name: &str) -> StorageKey {
-    StorageKey::derive("sqlite::tests", None, name.as_bytes()).unwrap()
-}
-
-async fn acquire(store: &dyn Store, key: &StorageKey, fingerprint: &Fingerprint) -> Fence {
-    match store
-        .claim(key, &CanonicalArguments::from(*fingerprint), HOUR)
-        .await
-        .unwrap()
-    {
-        Claim::Acquired { fence } => fence,
-        other => panic!("expected to acquire {key}, got {other:?}"),
-    }
 }
 
 /// A plain connection beside the store, as an operator (or another program) would have.
@@ -115,12 +44,12 @@ fn raw(path: &Path) -> rusqlite::Connection {
 async fn completed_records_survive_a_restart() {
     let (_dir, path) = database();
     let output: Vec<u8> = (0..=255u8).chain(*b"{\"receipt\":1}").collect();
-    let fingerprint = Fingerprint::from_bytes([7; 32]);
+    let arguments = args(7);
     let first = SqliteStore::open(&path).unwrap();
-    let fence = acquire(&first, &key("restart"), &fingerprint).await;
+    let fence = acquire(&first, &key("restart", 0), &arguments, HOUR).await;
     assert_eq!(
         first
-            .complete(&key("restart"), fence, output.clone().into(), HOUR)
+            .complete(&key("restart", 0), fence, output.clone().into(), HOUR)
             .await
             .unwrap(),
         FencedWrite::Applied
@@ -130,11 +59,7 @@ async fn completed_records_survive_a_restart() {
     let second = SqliteStore::open(&path).unwrap();
     assert_eq!(
         second
-            .claim(
-                &key("restart"),
-                &CanonicalArguments::from(fingerprint),
-                HOUR
-            )
+            .claim(&key("restart", 0), &arguments, HOUR)
             .await
             .unwrap(),
         Claim::Completed {
@@ -177,7 +102,7 @@ async fn concurrent_claims_through_several_store_objects_have_one_winner() {
         .collect();
     let mut last_fence = Fence::new(0);
     for round in 0..3 {
-        let key = key(&format!("race-{round}"));
+        let key = key(&format!("race-{round}"), 0);
         let barrier = Arc::new(tokio::sync::Barrier::new(64));
         let racers: Vec<_> = (0..64)
             .map(|i| {
@@ -185,14 +110,7 @@ async fn concurrent_claims_through_several_store_objects_have_one_winner() {
                 let barrier = Arc::clone(&barrier);
                 tokio::spawn(async move {
                     barrier.wait().await;
-                    store
-                        .claim(
-                            &key,
-                            &CanonicalArguments::from(Fingerprint::from_bytes([1; 32])),
-                            HOUR,
-                        )
-                        .await
-                        .unwrap()
+                    store.claim(&key, &args(1), HOUR).await.unwrap()
                 })
             })
             .collect();
@@ -227,17 +145,22 @@ async fn concurrent_claims_through_several_store_objects_have_one_winner() {
 async fn fences_keep_growing_after_records_are_deleted() {
     let (_dir, path) = database();
     let store = SqliteStore::open(&path).unwrap();
-    let fingerprint = Fingerprint::from_bytes([1; 32]);
-    let first = acquire(&store, &key("deleted"), &fingerprint).await;
+    let arguments = args(1);
+    let first = acquire(&store, &key("deleted", 0), &arguments, HOUR).await;
     raw(&path)
         .execute("DELETE FROM idempotent_records", [])
         .unwrap();
     let reopened = SqliteStore::open(&path).unwrap();
-    let second = acquire(&reopened, &key("deleted"), &fingerprint).await;
+    let second = acquire(&reopened, &key("deleted", 0), &arguments, HOUR).await;
     assert!(second > first, "{second} after {first}");
     assert_eq!(
         store
-            .complete(&key("deleted"), first, Bytes::from_static(b"stale"), HOUR)
+            .complete(
+                &key("deleted", 0),
+                first,
+                Bytes::from_static(b"stale"),
+                HOUR
+            )
             .await
             .unwrap(),
         FencedWrite::Fenced
@@ -248,8 +171,8 @@ async fn fences_keep_growing_after_records_are_deleted() {
 async fn corrupt_rows_are_typed_errors_until_deleted() {
     let (_dir, path) = database();
     let store = SqliteStore::open(&path).unwrap();
-    let key = key("corrupt");
-    let fingerprint = Fingerprint::from_bytes([3; 32]);
+    let key = key("corrupt", 0);
+    let arguments = args(3);
     let connection = raw(&path);
     let cases = [
         // Expired too (`until = 0`), so housekeeping would delete them if it did not check
@@ -266,7 +189,7 @@ async fn corrupt_rows_are_typed_errors_until_deleted() {
         ),
     ];
     for (what, damage) in cases {
-        let fence = acquire(&store, &key, &fingerprint).await;
+        let fence = acquire(&store, &key, &arguments, HOUR).await;
         let damage = format!("UPDATE idempotent_records SET {damage}");
         assert_eq!(connection.execute(&damage, []).unwrap(), 1, "{what}");
         let corrupt = |operation: &str, result: Result<String, StoreError>| match result {
@@ -278,7 +201,7 @@ async fn corrupt_rows_are_typed_errors_until_deleted() {
         };
         let claim = || async {
             store
-                .claim(&key, &CanonicalArguments::from(fingerprint), HOUR)
+                .claim(&key, &arguments, HOUR)
                 .await
                 .map(|c| format!("{c:?}"))
         };
@@ -311,7 +234,7 @@ async fn corrupt_rows_are_typed_errors_until_deleted() {
                 [key.as_bytes().as_slice()],
             )
             .unwrap();
-        let fence = acquire(&store, &key, &fingerprint).await;
+        let fence = acquire(&store, &key, &arguments, HOUR).await;
         assert_eq!(
             store.release(&key, fence).await.unwrap(),
             FencedWrite::Applied
@@ -358,9 +281,9 @@ async fn in_process_waiters_are_woken_by_notification_not_polling() {
             .build()
             .unwrap(),
     );
-    let key = key("notified");
-    let fingerprint = Fingerprint::from_bytes([1; 32]);
-    let fence = acquire(store.as_ref(), &key, &fingerprint).await;
+    let key = key("notified", 0);
+    let arguments = args(1);
+    let fence = acquire(store.as_ref(), &key, &arguments, HOUR).await;
     let waiter = {
         let store = Arc::clone(&store);
         tokio::spawn(async move { store.wait(&key, Duration::from_secs(60)).await })
@@ -392,8 +315,8 @@ async fn completions_by_other_store_objects_are_seen_by_polling() {
             .unwrap(),
     );
     let holding = SqliteStore::open(&path).unwrap();
-    let key = key("polled");
-    let fence = acquire(&holding, &key, &Fingerprint::from_bytes([1; 32])).await;
+    let key = key("polled", 0);
+    let fence = acquire(&holding, &key, &args(1), HOUR).await;
     let waiter = {
         let waiting = Arc::clone(&waiting);
         tokio::spawn(async move { waiting.wait(&key, Duration::from_secs(60)).await })
@@ -417,11 +340,7 @@ async fn a_database_locked_past_the_busy_timeout_is_unavailable() {
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
     let started = std::time::Instant::now();
     let error = store
-        .claim(
-            &key("locked"),
-            &CanonicalArguments::from(Fingerprint::from_bytes([1; 32])),
-            HOUR,
-        )
+        .claim(&key("locked", 0), &args(1), HOUR)
         .await
         .unwrap_err();
     assert!(
@@ -435,5 +354,5 @@ async fn a_database_locked_past_the_busy_timeout_is_unavailable() {
         "a {busy_timeout:?} busy timeout gave up after {waited:?}"
     );
     blocker.execute_batch("COMMIT").unwrap();
-    acquire(&store, &key("locked"), &Fingerprint::from_bytes([1; 32])).await;
+    acquire(&store, &key("locked", 0), &args(1), HOUR).await;
 }

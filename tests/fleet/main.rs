@@ -8,6 +8,8 @@
 mod child;
 mod ledger;
 mod stores;
+#[path = "../support/mod.rs"]
+mod support;
 
 #[cfg(feature = "redis")]
 mod redis {

@@ -51,11 +51,7 @@ pub async fn connect(kind: Kind, url: &str) -> Arc<dyn Store> {
                 .expect("connect to PostgreSQL"),
         ),
         #[cfg(feature = "redis")]
-        Kind::Redis => Arc::new(
-            idempotent_core::stores::redis::RedisStore::builder(url)
-                .build()
-                .expect("a valid Redis URL"),
-        ),
+        Kind::Redis => crate::support::redis_store(url),
         #[cfg(feature = "sqlite")]
         Kind::Sqlite => Arc::new(
             idempotent_core::stores::sqlite::SqliteStore::open(url)
@@ -71,10 +67,7 @@ pub async fn current_fence(kind: Kind, url: &str, key: &str) -> u64 {
     match kind {
         #[cfg(feature = "postgres")]
         Kind::Postgres => {
-            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-                .await
-                .expect("connect to PostgreSQL");
-            tokio::spawn(connection);
+            let client = crate::support::postgres_client(url).await;
             let fence: i64 = client
                 .query_one(
                     "SELECT fence FROM idempotent_records WHERE key = $1",

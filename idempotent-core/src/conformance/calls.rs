@@ -8,40 +8,31 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::{Harness, LONG, WAIT_BOUND, expect_replay, fingerprint};
+use super::{Forwarding, Harness, Hooks, LONG, WAIT_BOUND, expect_replay, fingerprint};
 use crate::engine::{Call, Idempotency, Outcome};
 use crate::error::{Error, StoreError};
 use crate::fingerprint::CanonicalArguments;
 use crate::key::StorageKey;
 use crate::options::{OnConflict, Options};
-use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
+use crate::store::{BoxFuture, Bytes, Fence, FencedWrite, Store};
 
 /// How long [`SlowComplete`] holds each `complete` before passing it on: long enough that a
 /// call cancelled while recording is still recording when its retry arrives.
 const COMPLETE_DELAY: Duration = Duration::from_millis(300);
 
-/// A store whose `complete` is slow (a pool checkout, a writer queue), and optionally fails
+/// Hooks whose `complete` is slow (a pool checkout, a writer queue), and optionally fail
 /// its first attempt as an unreachable store does; every other operation passes through.
 #[derive(Debug)]
 struct SlowComplete {
-    inner: Arc<dyn Store>,
     fail_first: AtomicBool,
     completes: AtomicU32,
     entered: Notify,
 }
 
-impl Store for SlowComplete {
-    fn claim<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        arguments: &'a CanonicalArguments,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.inner.claim(key, arguments, lease)
-    }
-
+impl Hooks for SlowComplete {
     fn complete<'a>(
         &'a self,
+        inner: &'a dyn Store,
         key: &'a StorageKey,
         fence: Fence,
         output: Bytes,
@@ -57,41 +48,8 @@ impl Store for SlowComplete {
                 });
             }
             tokio::time::sleep(COMPLETE_DELAY).await;
-            self.inner.complete(key, fence, output, ttl).await
+            inner.complete(key, fence, output, ttl).await
         })
-    }
-
-    fn release<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.inner.release(key, fence)
-    }
-
-    fn extend<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.inner.extend(key, fence, lease)
-    }
-
-    fn wait<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        max: Duration,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.wait(key, max)
-    }
-
-    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.inner.purge_expired()
-    }
-
-    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.remove(key)
     }
 }
 
@@ -102,12 +60,14 @@ impl Store for SlowComplete {
 /// body ran once.
 pub async fn a_call_dropped_after_its_body_ran_keeps_its_key(h: &Harness) {
     for fail_first in [false, true] {
-        let store = Arc::new(SlowComplete {
-            inner: Arc::clone(h.store()),
-            fail_first: AtomicBool::new(fail_first),
-            completes: AtomicU32::new(0),
-            entered: Notify::new(),
-        });
+        let store = Arc::new(Forwarding::new(
+            Arc::clone(h.store()),
+            SlowComplete {
+                fail_first: AtomicBool::new(fail_first),
+                completes: AtomicU32::new(0),
+                entered: Notify::new(),
+            },
+        ));
         let dyn_store: Arc<dyn Store> = store.clone();
         let engine = Idempotency::new(dyn_store)
             .with_options(Options::new().with_lease(LONG).with_ttl(LONG));

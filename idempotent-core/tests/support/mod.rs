@@ -1,15 +1,51 @@
 //! Shared pieces of the engine tests.
 #![allow(dead_code)]
 
+pub mod model;
+
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use idempotent_core::conformance::{Forwarding, Hooks};
 use idempotent_core::{
-    BoxFuture, Bytes, CanonicalArguments, Claim, Clock, Error, Fence, FencedWrite, StorageKey,
-    Store, StoreError,
+    BoxFuture, Bytes, CanonicalArguments, Claim, Clock, Error, Fence, FencedWrite, Fingerprint,
+    StorageKey, Store, StoreError,
 };
+
+/// The fingerprint `n` repeated: distinct `n`s are distinct arguments.
+pub fn fingerprint(n: u8) -> Fingerprint {
+    Fingerprint::from_bytes([n; 32])
+}
+
+/// Arguments known by their fingerprint, [`fingerprint(n)`](fingerprint).
+pub fn args(n: u8) -> CanonicalArguments {
+    CanonicalArguments::from(fingerprint(n))
+}
+
+/// Key number `i` of `label`: distinct labels or numbers are distinct keys.
+pub fn key(label: &str, i: usize) -> StorageKey {
+    StorageKey::derive("tests", Some(label.as_bytes()), format!("k{i}").as_bytes())
+        .expect("a short, non-empty key is valid")
+}
+
+/// Claims `key`, which must be free, with `arguments` and `lease`; returns the fence.
+pub async fn acquire(
+    store: &dyn Store,
+    key: &StorageKey,
+    arguments: &CanonicalArguments,
+    lease: Duration,
+) -> Fence {
+    match store
+        .claim(key, arguments, lease)
+        .await
+        .unwrap_or_else(|err| panic!("claim({key}) failed with a store error: {err}"))
+    {
+        Claim::Acquired { fence } => fence,
+        other => panic!("expected to acquire the free key {key}, got {other:?}"),
+    }
+}
 
 /// The error type of the functions under test.
 #[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -144,26 +180,35 @@ impl fmt::Debug for Unserializable {
     }
 }
 
-/// A memory store whose first `failures` completes fail as if the connection dropped: before
-/// the write, or, with `lost_after_write`, after it was applied (only the answer is lost).
+/// Hooks whose first `failures` completes fail as if the connection dropped: before the
+/// write, or, with `lost_after_write`, after it was applied (only the answer is lost).
 #[derive(Debug)]
 pub struct FlakyComplete {
-    pub inner: idempotent_core::MemoryStore,
     pub failures: AtomicU32,
     pub lost_after_write: bool,
 }
 
-impl Store for FlakyComplete {
-    fn claim<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        arguments: &'a CanonicalArguments,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        self.inner.claim(key, arguments, lease)
+impl FlakyComplete {
+    /// `inner` behind these hooks.
+    pub fn around(
+        inner: impl Store + 'static,
+        failures: u32,
+        lost_after_write: bool,
+    ) -> Arc<Forwarding<Self>> {
+        Arc::new(Forwarding::new(
+            Arc::new(inner),
+            FlakyComplete {
+                failures: AtomicU32::new(failures),
+                lost_after_write,
+            },
+        ))
     }
+}
+
+impl Hooks for FlakyComplete {
     fn complete<'a>(
         &'a self,
+        inner: &'a dyn Store,
         key: &'a StorageKey,
         fence: Fence,
         output: Bytes,
@@ -175,41 +220,13 @@ impl Store for FlakyComplete {
             .is_ok();
         if fail && self.lost_after_write {
             return Box::pin(async move {
-                self.inner.complete(key, fence, output, ttl).await?;
+                inner.complete(key, fence, output, ttl).await?;
                 down().await
             });
         }
         if fail {
             return down();
         }
-        self.inner.complete(key, fence, output, ttl)
-    }
-    fn release<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.inner.release(key, fence)
-    }
-    fn extend<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.inner.extend(key, fence, lease)
-    }
-    fn wait<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        max: Duration,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.wait(key, max)
-    }
-    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.inner.purge_expired()
-    }
-    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.remove(key)
+        inner.complete(key, fence, output, ttl)
     }
 }

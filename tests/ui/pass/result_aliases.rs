@@ -40,6 +40,11 @@ async fn qualified_alias(id: u64) -> errors::Result<u64> {
 }
 
 #[idempotent(key = id)]
+async fn std_io_result(id: u64) -> std::io::Result<u64> {
+    Ok(id)
+}
+
+#[idempotent(key = id)]
 async fn question_mark_and_early_return(id: u64) -> Result<u64> {
     if id == 0 {
         return Err(AppError);
