@@ -1,11 +1,15 @@
 //! The stores. The in-memory store is always there; the others are behind cargo features.
 
 pub mod memory;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+mod millis;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(any(feature = "postgres", feature = "redis"))]
+mod wait;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
-mod waiters;
+mod wake_table;

@@ -59,7 +59,7 @@ use crate::error::StoreError;
 use crate::fingerprint::CanonicalArguments;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
-use crate::stores::waiters::Waiters;
+use crate::stores::wake_table::WakeTable;
 use ops::{OpError, OpResult};
 use pool::{Access, Pool, from_sqlite};
 
@@ -105,7 +105,7 @@ pub use builder::{
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: Arc<Pool>,
-    waiters: Arc<Waiters<StorageKey>>,
+    wakes: Arc<WakeTable<StorageKey>>,
     poll_interval: Duration,
 }
 
@@ -201,13 +201,13 @@ impl SqliteStore {
     where
         F: FnOnce(&mut Connection, &StorageKey) -> OpResult<FencedWrite> + Send + 'static,
     {
-        let waiters = Arc::clone(&self.waiters);
+        let wakes = Arc::clone(&self.wakes);
         self.run(Access::Write, move |connection| {
             let write = op(connection, &key)?;
             // Woken here, on the blocking thread, so that waiters hear of the change even if
             // the caller stopped waiting for it.
             if wake && write == FencedWrite::Applied {
-                waiters.wake(&key);
+                wakes.wake(&key);
             }
             Ok(write)
         })
@@ -269,7 +269,7 @@ impl Store for SqliteStore {
         let key = *key;
         Box::pin(async move {
             let started = tokio::time::Instant::now();
-            let mut registration = self.waiters.register(key);
+            let mut registration = self.wakes.register(key);
             loop {
                 // Listen first, then look: a completion after the look is always heard.
                 let notified = registration.notified();

@@ -1,5 +1,6 @@
 //! Waiting by LISTEN/NOTIFY: one connection listens on the store's channel; `complete` and
-//! `release` notify it with the key (at commit), and the waiters of that key are woken.
+//! `release` notify it with the key (at commit) when a waiter marked the record, and the
+//! waiters of that key are woken.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::stores::waiters::{Registration, Waiters};
+use crate::stores::wake_table::{Registration, WakeTable};
 
 struct Listening {
     // Kept alive: dropping the client would close the listening connection.
@@ -22,7 +23,7 @@ pub(super) struct Listener {
     connect_timeout: Duration,
     connection: tokio::sync::Mutex<Option<Listening>>,
     /// By key in hex, the notifications' payload.
-    waiting: Arc<Waiters<String>>,
+    waiting: Arc<WakeTable<String>>,
 }
 
 impl Listener {

@@ -66,6 +66,47 @@ impl Statements {
                  FROM gone"
             )
         };
+        // The parts both claims share, each with `also` added: the live record, if any
+        // (`live`); the insert, or the takeover of a dead record, when there is none
+        // (`claimed`); and the answer's row for each, with the columns `record.rs` reads.
+        let live = |also: &str| {
+            format!(
+                "live AS (
+                     SELECT r.fence, r.fingerprint, r.state, r.output, r.until, r.format
+                     FROM {table} r
+                     WHERE r.key = $1 AND r.until > statement_timestamp(){also}
+                 )"
+            )
+        };
+        let claimed = |also: &str| {
+            format!(
+                "claimed AS (
+                     INSERT INTO {table} AS r (key, fingerprint, fence, state, until, output, format)
+                     SELECT $1, $2, nextval('{table}_fences'), 0,
+                            statement_timestamp() + $3::bigint * interval '1 millisecond', NULL, {FORMAT}
+                     WHERE NOT EXISTS (SELECT 1 FROM live){also}
+                     ON CONFLICT (key) DO UPDATE
+                         SET fingerprint = EXCLUDED.fingerprint, fence = EXCLUDED.fence, state = 0,
+                             until = EXCLUDED.until, output = NULL, format = {FORMAT},
+                             waiting = false
+                         WHERE r.until <= statement_timestamp()
+                     RETURNING r.fence
+                 )"
+            )
+        };
+        let acquired = |also: &str| {
+            format!(
+                "SELECT true AS acquired, fence, NULL::bytea AS fingerprint, NULL::smallint AS state,
+                        NULL::bytea AS output, NULL::bigint AS left_ms, NULL::smallint AS format{also}"
+            )
+        };
+        let replay = |also: &str| {
+            format!(
+                "SELECT false, l.fence, l.fingerprint, l.state,
+                        CASE WHEN l.fingerprint = $2 AND l.state = 1 THEN l.output END,
+                        ceil(extract(epoch FROM (l.until - statement_timestamp())) * 1000)::bigint, l.format{also}"
+            )
+        };
         Self {
             schema: format!(
                 "CREATE TABLE IF NOT EXISTS {table}_schema (version integer NOT NULL);
@@ -89,31 +130,17 @@ impl Statements {
             // no row lock, no transaction id, no WAL, no fence taken from the sequence.
             // `extract` turns the lease left into whole milliseconds.
             claim: format!(
-                "WITH live AS (
-                     SELECT r.fence, r.fingerprint, r.state, r.output, r.until, r.format
-                     FROM {table} r
-                     WHERE r.key = $1 AND r.until > statement_timestamp()
-                 ),
-                 claimed AS (
-                     INSERT INTO {table} AS r (key, fingerprint, fence, state, until, output, format)
-                     SELECT $1, $2, nextval('{table}_fences'), 0,
-                            statement_timestamp() + $3::bigint * interval '1 millisecond', NULL, {FORMAT}
-                     WHERE NOT EXISTS (SELECT 1 FROM live)
-                     ON CONFLICT (key) DO UPDATE
-                         SET fingerprint = EXCLUDED.fingerprint, fence = EXCLUDED.fence, state = 0,
-                             until = EXCLUDED.until, output = NULL, format = {FORMAT},
-                             waiting = false
-                         WHERE r.until <= statement_timestamp()
-                     RETURNING r.fence
-                 )
-                 SELECT true AS acquired, fence, NULL::bytea AS fingerprint, NULL::smallint AS state,
-                        NULL::bytea AS output, NULL::bigint AS left_ms, NULL::smallint AS format
+                "WITH {live},
+                 {claimed}
+                 {acquired}
                  FROM claimed
                  UNION ALL
-                 SELECT false, l.fence, l.fingerprint, l.state,
-                        CASE WHEN l.fingerprint = $2 AND l.state = 1 THEN l.output END,
-                        ceil(extract(epoch FROM (l.until - statement_timestamp())) * 1000)::bigint, l.format
-                 FROM live l"
+                 {replay}
+                 FROM live l",
+                live = live(""),
+                claimed = claimed(""),
+                acquired = acquired(""),
+                replay = replay(""),
             ),
             // The claim of the transactional mode: the same, but a record in progress that the
             // caller's own transaction wrote (an earlier call in it was cancelled, or is still
@@ -139,37 +166,20 @@ impl Statements {
                                      = 'in progress'
                            END
                  ),
-                 live AS (
-                     SELECT r.fence, r.fingerprint, r.state, r.output, r.until, r.format
-                     FROM {table} r
-                     WHERE r.key = $1 AND r.until > statement_timestamp()
-                       AND NOT EXISTS (SELECT 1 FROM mine)
-                 ),
-                 claimed AS (
-                     INSERT INTO {table} AS r (key, fingerprint, fence, state, until, output, format)
-                     SELECT $1, $2, nextval('{table}_fences'), 0,
-                            statement_timestamp() + $3::bigint * interval '1 millisecond', NULL, {FORMAT}
-                     WHERE NOT EXISTS (SELECT 1 FROM live) AND NOT EXISTS (SELECT 1 FROM mine)
-                     ON CONFLICT (key) DO UPDATE
-                         SET fingerprint = EXCLUDED.fingerprint, fence = EXCLUDED.fence, state = 0,
-                             until = EXCLUDED.until, output = NULL, format = {FORMAT},
-                             waiting = false
-                         WHERE r.until <= statement_timestamp()
-                     RETURNING r.fence
-                 )
-                 SELECT true AS acquired, fence, NULL::bytea AS fingerprint, NULL::smallint AS state,
-                        NULL::bytea AS output, NULL::bigint AS left_ms, NULL::smallint AS format,
-                        false AS own
+                 {live},
+                 {claimed}
+                 {acquired}
                  FROM claimed
                  UNION ALL
-                 SELECT false, l.fence, l.fingerprint, l.state,
-                        CASE WHEN l.fingerprint = $2 AND l.state = 1 THEN l.output END,
-                        ceil(extract(epoch FROM (l.until - statement_timestamp())) * 1000)::bigint, l.format,
-                        false
+                 {replay}
                  FROM live l
                  UNION ALL
                  SELECT false, m.fence, NULL, 0::smallint, NULL, NULL, {FORMAT}::smallint, true
-                 FROM mine m"
+                 FROM mine m",
+                live = live(" AND NOT EXISTS (SELECT 1 FROM mine)"),
+                claimed = claimed(" AND NOT EXISTS (SELECT 1 FROM mine)"),
+                acquired = acquired(", false AS own"),
+                replay = replay(", false"),
             ),
             // A row when the write applied; a notification only when a waiter marked the
             // record (`lease_left`). A notifying transaction takes a database-wide lock at
@@ -203,14 +213,15 @@ impl Statements {
                      WHERE key = $1 AND state = 0 AND until > statement_timestamp() AND NOT waiting
                      RETURNING until
                  )
-                 SELECT ceil(extract(epoch FROM (until - statement_timestamp())) * 1000)::bigint FROM marked
+                 SELECT ceil(extract(epoch FROM (until - statement_timestamp())) * 1000)::bigint AS left_ms
+                 FROM marked
                  UNION ALL
                  SELECT ceil(extract(epoch FROM (until - statement_timestamp())) * 1000)::bigint FROM live
                  WHERE live.waiting"
             ),
             purge: format!(
                 "WITH gone AS (DELETE FROM {table} WHERE until <= statement_timestamp() RETURNING 1)
-                 SELECT count(*) FROM gone"
+                 SELECT count(*) AS purged FROM gone"
             ),
             remove: format!("DELETE FROM {table} WHERE key = $1 RETURNING key"),
             listen: format!("LISTEN {channel}"),
@@ -233,4 +244,17 @@ pub(super) fn check_table_name(table: &str) -> Result<(), String> {
             "invalid table name {table:?}: use 1 to 40 lowercase letters, digits and underscores, not starting with a digit"
         ))
     }
+}
+
+/// The schema, claim and complete statement texts the store uses for `table`, for the
+/// benches' raw-driver baseline (through `__hooks`).
+pub(crate) fn statement_texts(table: &str) -> Result<(String, String, String), String> {
+    check_table_name(table)?;
+    let Statements {
+        schema,
+        claim,
+        complete,
+        ..
+    } = Statements::new(table);
+    Ok((schema, claim, complete))
 }

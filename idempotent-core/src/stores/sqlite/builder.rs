@@ -174,7 +174,7 @@ impl SqliteStoreBuilder {
         schema::prepare(&mut first, &self.path, self.busy_timeout)?;
         Ok(SqliteStore {
             pool: Arc::new(Pool::new(self.path, settings, first, self.max_connections)),
-            waiters: Arc::default(),
+            wakes: Arc::default(),
             poll_interval: self.poll_interval,
         })
     }

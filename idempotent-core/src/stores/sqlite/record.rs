@@ -7,6 +7,7 @@ use rusqlite::types::ValueRef;
 
 use crate::error::StoreError;
 use crate::key::StorageKey;
+use crate::stores::millis;
 
 /// The record format this release writes and reads (the `format` column).
 pub(super) const FORMAT: i64 = 1;
@@ -158,13 +159,12 @@ pub(super) fn now_ms() -> i64 {
 /// rounded down, so a lease taken late in a millisecond would otherwise end up to a
 /// millisecond early; with the extra one it lasts at least `duration` and at most 1 ms more.
 pub(super) fn until(now: i64, duration: Duration) -> i64 {
-    let millis = i64::try_from(crate::store::held_millis(duration)).unwrap_or(i64::MAX);
-    now.saturating_add(millis).saturating_add(1)
+    now.saturating_add(millis::held_i64(duration))
+        .saturating_add(1)
 }
 
 /// What is left of a live lease ending at `until` (see [`until`]) at `now`, for a
 /// `retry_after`: at most the lease, at least 1 ms.
 pub(super) fn until_from(now: i64, until: i64) -> Duration {
-    let left = until.saturating_sub(now).saturating_sub(1).max(1);
-    Duration::from_millis(u64::try_from(left).unwrap_or(1))
+    millis::left(until.saturating_sub(now).saturating_sub(1))
 }

@@ -1,5 +1,5 @@
-//! The waiters of one store object, by key: a [`Notify`] per key that someone waits on,
-//! counted, and removed when its last waiter is gone. The store wakes a key's waiters when it
+//! The in-process wake-up table of one store object: by key, a [`Notify`] per key that someone
+//! waits on, counted, and removed when its last waiter is gone. The store wakes a key's waiters when it
 //! learns the key changed (its own write in SQLite, a notification in PostgreSQL).
 
 use std::borrow::Borrow;
@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
-pub(crate) struct Waiters<K> {
+pub(crate) struct WakeTable<K> {
     keys: Mutex<HashMap<K, Entry>>,
 }
 
@@ -19,7 +19,7 @@ struct Entry {
     waiters: usize,
 }
 
-impl<K> Default for Waiters<K> {
+impl<K> Default for WakeTable<K> {
     fn default() -> Self {
         Self {
             keys: Mutex::default(),
@@ -29,7 +29,7 @@ impl<K> Default for Waiters<K> {
 
 /// One waiter's registration on a key; unregisters on drop.
 pub(crate) struct Registration<K: Hash + Eq> {
-    waiters: Arc<Waiters<K>>,
+    table: Arc<WakeTable<K>>,
     key: K,
     notify: Arc<Notify>,
     /// Made under the registry's lock, at registration: the first [`notified`](Self::notified).
@@ -50,7 +50,7 @@ impl<K: Hash + Eq> Registration<K> {
 
 impl<K: Hash + Eq> Drop for Registration<K> {
     fn drop(&mut self) {
-        let mut keys = self.waiters.lock();
+        let mut keys = self.table.lock();
         if let Some(entry) = keys.get_mut(&self.key) {
             entry.waiters -= 1;
             if entry.waiters == 0 {
@@ -60,7 +60,7 @@ impl<K: Hash + Eq> Drop for Registration<K> {
     }
 }
 
-impl<K> Waiters<K> {
+impl<K> WakeTable<K> {
     fn lock(&self) -> MutexGuard<'_, HashMap<K, Entry>> {
         // Every update under this lock is a single insert, remove or counter change: a panic
         // cannot leave it torn.
@@ -78,7 +78,7 @@ impl<K> Waiters<K> {
     }
 }
 
-impl<K: Hash + Eq + Clone> Waiters<K> {
+impl<K: Hash + Eq + Clone> WakeTable<K> {
     pub(crate) fn register(self: &Arc<Self>, key: K) -> Registration<K> {
         let (notify, first) = {
             let mut keys = self.lock();
@@ -93,7 +93,7 @@ impl<K: Hash + Eq + Clone> Waiters<K> {
             )
         };
         Registration {
-            waiters: Arc::clone(self),
+            table: Arc::clone(self),
             key,
             notify,
             first: Some(first),
@@ -127,28 +127,28 @@ mod tests {
 
     #[test]
     fn a_wake_after_registering_is_heard_and_only_on_its_key() {
-        let waiters = Arc::new(Waiters::<String>::default());
-        let mut registration = waiters.register("a".to_string());
-        let mut other = waiters.register("b".to_string());
+        let table = Arc::new(WakeTable::<String>::default());
+        let mut registration = table.register("a".to_string());
+        let mut other = table.register("b".to_string());
         // Before the first notified() is asked for: it was made at registration.
-        waiters.wake("a");
+        table.wake("a");
         assert!(is_ready(registration.notified()));
         assert!(!is_ready(other.notified()));
 
         let later = registration.notified();
         assert!(!is_ready(registration.notified()), "no wake since");
-        waiters.wake("a");
+        table.wake("a");
         assert!(is_ready(later));
     }
 
     #[test]
     fn a_key_is_kept_while_someone_waits_on_it() {
-        let waiters = Arc::new(Waiters::<u8>::default());
-        let first = waiters.register(1);
-        let second = waiters.register(1);
+        let table = Arc::new(WakeTable::<u8>::default());
+        let first = table.register(1);
+        let second = table.register(1);
         drop(first);
-        assert_eq!(waiters.lock().get(&1).map(|entry| entry.waiters), Some(1));
+        assert_eq!(table.lock().get(&1).map(|entry| entry.waiters), Some(1));
         drop(second);
-        assert!(waiters.lock().is_empty());
+        assert!(table.lock().is_empty());
     }
 }

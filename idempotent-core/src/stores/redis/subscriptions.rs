@@ -56,7 +56,8 @@ struct Connection {
     generations: u64,
 }
 
-pub(super) struct Waiters {
+/// The store's pub/sub subscriber connection and the channels waiters are interested in.
+pub(super) struct Subscriptions {
     client: redis::Client,
     connect_timeout: Duration,
     // Held across subscribe and unsubscribe commands, so they reach the server in the order
@@ -69,7 +70,7 @@ pub(super) struct Waiters {
 pub(super) struct Subscription {
     notified: Option<OwnedNotified>,
     channel: String,
-    waiters: Arc<Waiters>,
+    subscriptions: Arc<Subscriptions>,
 }
 
 impl Subscription {
@@ -83,7 +84,7 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let now_unused = {
-            let mut channels = lock(&self.waiters.channels);
+            let mut channels = lock(&self.subscriptions.channels);
             match channels.get_mut(&self.channel) {
                 Some(channel) => {
                     channel.waiters = channel.waiters.saturating_sub(1);
@@ -93,8 +94,11 @@ impl Drop for Subscription {
             }
         };
         if now_unused && let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (waiters, channel) = (Arc::clone(&self.waiters), std::mem::take(&mut self.channel));
-            runtime.spawn(async move { waiters.unsubscribe_if_unused(channel).await });
+            let (subscriptions, channel) = (
+                Arc::clone(&self.subscriptions),
+                std::mem::take(&mut self.channel),
+            );
+            runtime.spawn(async move { subscriptions.unsubscribe_if_unused(channel).await });
         }
     }
 }
@@ -106,7 +110,7 @@ fn lock(channels: &Channels) -> MutexGuard<'_, HashMap<String, Channel>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl Waiters {
+impl Subscriptions {
     pub(super) fn new(client: redis::Client, connect_timeout: Duration) -> Self {
         Self {
             client,
@@ -157,7 +161,7 @@ impl Waiters {
         let subscription = Subscription {
             notified: Some(notified),
             channel,
-            waiters: Arc::clone(self),
+            subscriptions: Arc::clone(self),
         };
         if needs_subscribe {
             let confirmed = tokio::time::timeout(

@@ -1,0 +1,154 @@
+//! The rows the store's statements return, decoded by column name (the names and aliases of
+//! `sql.rs`), defensively: a record that does not fit is [`StoreError::Corrupt`], never a
+//! panic and never taken for an absent record.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio_postgres::Row;
+
+use super::sql;
+use crate::error::StoreError;
+use crate::fingerprint::Fingerprint;
+use crate::key::StorageKey;
+use crate::store::{Claim, Fence};
+use crate::stores::millis;
+
+/// A fence as the statements take it, a `bigint`.
+pub(super) fn fence_param(fence: Fence) -> i64 {
+    // Sequence values are positive `bigint`s, so every fence this store hands out fits.
+    i64::try_from(fence.get()).unwrap_or(-1)
+}
+
+/// How many times a claim statement is run again when a concurrent insert hid the record.
+pub(super) const CLAIM_ATTEMPTS: usize = 5;
+
+/// Runs a claim statement with `run` until its answer can be judged: a record a concurrent
+/// transaction inserted after the statement's snapshot hides from it, and the statement runs
+/// again with a new snapshot, at most [`CLAIM_ATTEMPTS`] times.
+pub(super) async fn claim_with<F>(
+    key: &StorageKey,
+    fingerprint: &Fingerprint,
+    mut run: impl FnMut() -> F,
+) -> Result<Claim, StoreError>
+where
+    F: Future<Output = Result<Vec<Row>, StoreError>>,
+{
+    for _ in 0..CLAIM_ATTEMPTS {
+        if let Some(claim) = judge_claim(&run().await?, key, fingerprint)? {
+            return Ok(claim);
+        }
+    }
+    Err(StoreError::Backend {
+        message: format!("the record under key {key} kept changing during the claim"),
+        source: None,
+    })
+}
+
+/// What a claim statement returned (`claim` or `claim_in_transaction`: the columns
+/// `acquired`, `fence`, `fingerprint`, `state`, `output`, `left_ms` and `format`), judged;
+/// `None` when it returned no row.
+pub(super) fn judge_claim(
+    rows: &[Row],
+    key: &StorageKey,
+    fingerprint: &Fingerprint,
+) -> Result<Option<Claim>, StoreError> {
+    let corrupt = |message: &str| StoreError::Corrupt {
+        key: key.to_hex(),
+        message: message.to_string(),
+    };
+    let Some(row) = rows.first() else {
+        // Another transaction inserted the record after this statement's snapshot was taken:
+        // the caller runs the statement again, with a new snapshot.
+        return Ok(None);
+    };
+    let read = |column: &str| -> Result<_, StoreError> {
+        row.try_get::<_, Option<i64>>(column)
+            .map_err(|_| corrupt("a column has an unexpected type"))
+    };
+    let acquired: bool = row
+        .try_get("acquired")
+        .map_err(|_| corrupt("unexpected claim row"))?;
+    let fence = read("fence")?.ok_or_else(|| corrupt("no fence"))?;
+    if acquired {
+        let fence = u64::try_from(fence).map_err(|_| corrupt("negative fence"))?;
+        return Ok(Some(Claim::Acquired {
+            fence: Fence::new(fence),
+        }));
+    }
+    let format: Option<i16> = row
+        .try_get("format")
+        .map_err(|_| corrupt("unexpected format column"))?;
+    if format != Some(sql::FORMAT) {
+        return Err(corrupt(&format!(
+            "record format {format:?} is not supported by this release (it reads {})",
+            sql::FORMAT
+        )));
+    }
+    // Borrowed from the row: the comparison needs no copy.
+    let stored: Option<&[u8]> = row
+        .try_get("fingerprint")
+        .map_err(|_| corrupt("unexpected fingerprint column"))?;
+    if stored.map(<[u8]>::len) != Some(32) {
+        return Err(corrupt("the fingerprint is not 32 bytes"));
+    }
+    if stored != Some(fingerprint.as_bytes().as_slice()) {
+        return Ok(Some(Claim::Mismatch));
+    }
+    let state: Option<i16> = row
+        .try_get("state")
+        .map_err(|_| corrupt("unexpected state column"))?;
+    match state {
+        Some(0) => Ok(Some(Claim::InProgress {
+            // Whole ms, rounded up by the statement.
+            retry_after: millis::left(read("left_ms")?.unwrap_or(0)),
+        })),
+        Some(1) => {
+            let output: Option<Vec<u8>> = row
+                .try_get("output")
+                .map_err(|_| corrupt("unexpected output column"))?;
+            output
+                .map(|output| {
+                    Some(Claim::Completed {
+                        output: output.into(),
+                    })
+                })
+                .ok_or_else(|| corrupt("a completed record without output"))
+        }
+        other => Err(corrupt(&format!("unknown state {other:?}"))),
+    }
+}
+
+/// What the `lease_left` statement returned (the column `left_ms`, whole ms rounded up): the
+/// lease left if the key is in progress.
+pub(super) fn lease_left(rows: &[Row]) -> Result<Option<Duration>, StoreError> {
+    rows.first()
+        .map(|row| {
+            let left: Option<i64> = row
+                .try_get("left_ms")
+                .map_err(|error| unexpected("the lease look-up", error))?;
+            Ok(millis::left(left.unwrap_or(0)))
+        })
+        .transpose()
+}
+
+/// What the `purge` statement returned (the column `purged`): how many records it deleted.
+pub(super) fn purged(rows: &[Row]) -> Result<u64, StoreError> {
+    let purged: i64 = match rows.first() {
+        Some(row) => row
+            .try_get("purged")
+            .map_err(|error| unexpected("the purge", error))?,
+        None => 0,
+    };
+    Ok(u64::try_from(purged).unwrap_or(0))
+}
+
+fn unexpected(statement: &str, error: tokio_postgres::Error) -> StoreError {
+    StoreError::Backend {
+        message: format!(
+            "the store's statement for {statement} answered with a column other than it \
+             writes ({error}): a bug in this release, to report with this message"
+        ),
+        source: Some(Box::new(error)),
+    }
+}
