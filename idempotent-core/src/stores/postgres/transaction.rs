@@ -224,7 +224,7 @@ impl InTransaction<'_> {
             restored.map_err(|error| from_pg("could not restore lock_timeout", error))?;
             let own = rows
                 .first()
-                .and_then(|row| row.try_get::<_, Option<bool>>(7).ok().flatten());
+                .and_then(|row| row.try_get::<_, Option<bool>>("own").ok().flatten());
             if own == Some(true) {
                 return Ok(Found::Own);
             }
