@@ -59,8 +59,9 @@ pub enum Error {
         "the output could not be recorded as JSON that decodes back to it (NaN and infinities cannot), so the key was released: {0}"
     )]
     Encode(#[source] JsonError),
-    /// The body's output is larger than the limit,
-    /// [`Options::max_output_bytes`](crate::Options::max_output_bytes); the key was released.
+    /// The body's output is larger than the limit (the attribute's `max_output_bytes = N`, or
+    /// [`Options::with_max_output_bytes`](crate::Options::with_max_output_bytes)); the key was
+    /// released.
     #[error(
         "the output is {size} bytes, over the {limit}-byte limit for recorded outputs; the key was released (raise max_output_bytes or return less)"
     )]

@@ -17,6 +17,35 @@
 //! ([`DEFAULT_MAX_BYTES`]), whichever it reaches first. A record counts its output, the
 //! arguments it keeps and [`RECORD_OVERHEAD_BYTES`] for its key and bookkeeping.
 //!
+//! # Durability
+//!
+//! None beyond the process: records live in its memory and are gone when it exits, so a
+//! retry after a restart runs the body again. For records that outlive the process use the
+//! SQLite store (one machine) or a networked store.
+//!
+//! # Time
+//!
+//! Leases and expiry are measured on the store's [`Clock`] (the system's monotonic clock by
+//! default, a [`ManualClock`] in tests). A replay judges a completed record's expiry on
+//! [`Clock::now_coarse`] (on Linux `CLOCK_MONOTONIC_COARSE`, a few milliseconds coarse, much
+//! cheaper than the precise clock), so a record may replay up to one tick past its ttl;
+//! leases, takeovers and fenced writes read the precise clock. Fences come from a store-wide
+//! counter and only grow.
+//!
+//! # Waiting
+//!
+//! A waiter gets a `tokio::sync::Notify` made lazily under the shard's lock (an uncontended
+//! call allocates none), woken by `complete`, `release`, a takeover or a purge of the record,
+//! and also when the holder's lease would end. Nothing polls.
+//!
+//! # Schema
+//!
+//! 32 shards, each a hash map from the storage key (already a digest, hashed with a folded
+//! multiply by a random per-store seed) to a record: its arguments (exact when short, else
+//! their fingerprint), its fence, and its state (in progress with its lease's end, or
+//! completed with its output and expiry), beside a list of every record's deadline that the
+//! expiry sweep walks (`memory/shard.rs`). Nothing is versioned: nothing outlives the process.
+//!
 //! # A flood of unique keys
 //!
 //! The process-wide [`default_store`](crate::default_store) is a `MemoryStore` with these
@@ -37,16 +66,18 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::Notify;
-
 use crate::error::StoreError;
 use crate::fingerprint::CanonicalArguments;
-use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 
+mod builder;
 mod clock;
+mod record;
 mod shard;
+
+pub use builder::MemoryStoreBuilder;
+use record::{KeptArguments, Record, State};
 
 pub use clock::{Clock, ManualClock, SystemClock};
 
@@ -113,185 +144,6 @@ pub struct MemoryStore {
     /// How many records expiry has looked at, for the tests of how much a claim does.
     #[cfg(test)]
     examined: AtomicU64,
-}
-
-struct Record {
-    arguments: KeptArguments,
-    fence: Fence,
-    state: State,
-    /// Its entry in the shard's deadline list.
-    slot: usize,
-}
-
-/// A record's arguments: as claimed, when they were short enough to be kept exactly (see
-/// [`CanonicalArguments`]), else their fingerprint. Exact ones make a replay skip hashing,
-/// for at most [`MAX_EXACT_ARGUMENTS`](crate::MAX_EXACT_ARGUMENTS) bytes more per record.
-enum KeptArguments {
-    Exact(Box<[u8]>),
-    Digest(Fingerprint),
-}
-
-impl KeptArguments {
-    /// The bytes kept beside the record (a digest is inline, in the overhead).
-    fn heap_bytes(&self) -> usize {
-        match self {
-            Self::Exact(exact) => exact.len(),
-            Self::Digest(_) => 0,
-        }
-    }
-
-    /// [`Record::bytes`] of a new record that keeps `arguments`.
-    fn record_bytes(arguments: &CanonicalArguments) -> usize {
-        RECORD_OVERHEAD_BYTES + arguments.exact().map_or(0, <[u8]>::len)
-    }
-
-    fn of(arguments: &CanonicalArguments) -> Self {
-        match arguments.exact() {
-            Some(exact) => Self::Exact(exact.into()),
-            None => Self::Digest(arguments.fingerprint()),
-        }
-    }
-
-    fn matches(&self, arguments: &CanonicalArguments) -> bool {
-        match self {
-            Self::Exact(exact) => arguments.matches_exact(exact),
-            Self::Digest(fingerprint) => arguments.fingerprint() == *fingerprint,
-        }
-    }
-}
-
-enum State {
-    InProgress {
-        lease_until: Duration,
-        // Made only when someone waits, so an uncontended call allocates nothing for it.
-        waiters: Option<Arc<Notify>>,
-    },
-    Completed {
-        // Shared, so a replay hands out a reference instead of copying the output.
-        output: Bytes,
-        expires_at: Duration,
-    },
-}
-
-impl Record {
-    /// What the record counts against the byte budget.
-    fn bytes(&self) -> usize {
-        let output = match &self.state {
-            State::Completed { output, .. } => output.len(),
-            State::InProgress { .. } => 0,
-        };
-        RECORD_OVERHEAD_BYTES + self.arguments.heap_bytes() + output
-    }
-
-    /// When the record dies: its lease's end, or its expiry.
-    fn deadline(&self) -> Duration {
-        match &self.state {
-            State::InProgress { lease_until, .. } => *lease_until,
-            State::Completed { expires_at, .. } => *expires_at,
-        }
-    }
-
-    fn is_live(&self, now: Duration) -> bool {
-        now < self.deadline()
-    }
-
-    /// `fence` holds the record: in progress under it, with a live lease. The one rule for
-    /// every fenced write, so its result never depends on when expired records are purged.
-    fn held_by(&self, fence: Fence, now: Duration) -> bool {
-        self.fence == fence
-            && matches!(self.state, State::InProgress { lease_until, .. } if now < lease_until)
-    }
-
-    fn wake_waiters(&self) {
-        if let State::InProgress {
-            waiters: Some(waiters),
-            ..
-        } = &self.state
-        {
-            waiters.notify_waiters();
-        }
-    }
-}
-
-/// Builds a [`MemoryStore`] with a capacity, a byte budget or a clock other than the
-/// defaults.
-///
-/// ```
-/// use idempotent_core::{MemoryStore, SystemClock};
-///
-/// let store = MemoryStore::builder()
-///     .capacity(100)
-///     .max_bytes(1024 * 1024)
-///     .clock(SystemClock::new())
-///     .build();
-/// assert_eq!(store.capacity(), 100);
-/// assert_eq!(store.max_bytes(), 1024 * 1024);
-/// ```
-#[derive(Debug)]
-pub struct MemoryStoreBuilder {
-    capacity: usize,
-    max_bytes: usize,
-    clock: Arc<dyn Clock>,
-}
-
-impl MemoryStoreBuilder {
-    /// The most records held at once (live or not yet purged); at least 1.
-    pub fn capacity(mut self, capacity: usize) -> Self {
-        self.capacity = capacity.max(1);
-        self
-    }
-
-    /// The most bytes of records held at once (live or not yet purged); at least one record
-    /// with the longest kept arguments ([`RECORD_OVERHEAD_BYTES`] +
-    /// [`MAX_EXACT_ARGUMENTS`](crate::MAX_EXACT_ARGUMENTS)).
-    ///
-    /// A record counts its output, its arguments when they are kept exactly (at most
-    /// [`MAX_EXACT_ARGUMENTS`](crate::MAX_EXACT_ARGUMENTS) bytes) and
-    /// [`RECORD_OVERHEAD_BYTES`]. The budget is checked when a key is claimed: a claim that
-    /// would take the store past it is refused with [`StoreError::ByteBudgetFull`] before the
-    /// body runs. A body's output is not known until it completes, and by then the body has
-    /// run: refusing to record it would let a retry run it again. So `complete` always records
-    /// the output, even past the budget, and new keys are refused until the store is back
-    /// under it. The store can therefore exceed its budget by the outputs of the calls running
-    /// when it was reached, each at most the engine's
-    /// [`max_output_bytes`](crate::Options::max_output_bytes) (1 MiB by default).
-    ///
-    /// ```
-    /// use idempotent_core::MemoryStore;
-    ///
-    /// let store = MemoryStore::builder().max_bytes(64 * 1024 * 1024).build();
-    /// assert_eq!(store.max_bytes(), 64 * 1024 * 1024);
-    /// ```
-    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
-        self.max_bytes = max_bytes.max(MIN_MAX_BYTES);
-        self
-    }
-
-    /// The clock leases and expiry are measured on, e.g. a [`ManualClock`]
-    /// in tests.
-    pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
-        self.clock = Arc::new(clock);
-        self
-    }
-
-    /// The store.
-    pub fn build(self) -> MemoryStore {
-        let keys = SeededKeys::new();
-        MemoryStore {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(Shard::new(keys.clone())))
-                .collect(),
-            clock: self.clock,
-            capacity: self.capacity,
-            len: AtomicUsize::new(0),
-            max_bytes: self.max_bytes,
-            bytes: AtomicUsize::new(0),
-            next_fence: AtomicU64::new(1),
-            next_room_shard: AtomicUsize::new(0),
-            #[cfg(test)]
-            examined: AtomicU64::new(0),
-        }
-    }
 }
 
 impl MemoryStore {
@@ -798,6 +650,7 @@ impl Hasher for KeyHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fingerprint::Fingerprint;
     use std::cell::RefCell;
     use std::sync::mpsc;
 
