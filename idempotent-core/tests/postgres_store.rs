@@ -747,3 +747,40 @@ async fn concurrent_calls_work_whatever_the_database_default_isolation() {
         }
     }
 }
+
+/// Waiters that look at a key in progress at the same moment all keep waiting. Each look marks
+/// the row (`waiting`) unless it is marked already; two looks that both see it unmarked race
+/// for the mark, and the one that finds the row marked by the other since its snapshot must
+/// not take that change for the key having left progress (and return at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_that_look_at_once_all_keep_waiting() {
+    let (store, _) = fresh_store("look_race").await;
+    let hour = Duration::from_secs(3600);
+    let arguments = CanonicalArguments::from(Fingerprint::from_bytes([1; 32]));
+    for round in 0..10 {
+        let key = StorageKey::derive("tests::look_race", None, format!("k{round}").as_bytes())
+            .expect("a valid key");
+        let Claim::Acquired { .. } = store.claim(&key, &arguments, hour).await.unwrap() else {
+            panic!("a fresh key is free");
+        };
+        let barrier = Arc::new(tokio::sync::Barrier::new(8));
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let (store, barrier) = (Arc::clone(&store), Arc::clone(&barrier));
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store.wait(&key, hour).await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let returned = waiters.iter().filter(|waiter| waiter.is_finished()).count();
+        for waiter in &waiters {
+            waiter.abort();
+        }
+        assert_eq!(
+            returned, 0,
+            "round {round}: {returned} of 8 waiters on a key in progress with an hour's lease returned at once"
+        );
+    }
+}

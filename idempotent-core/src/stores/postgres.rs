@@ -204,9 +204,21 @@ impl PostgresStore {
         })
     }
 
+    /// A waiter's look: the lease left while `key` is in progress, its row marked `waiting`.
+    ///
+    /// Two waiters whose looks both find the row unmarked race for the mark; the second finds
+    /// the row changed since its snapshot (marked by the first) and returns nothing, as if the
+    /// key had left progress. A second look, with a snapshot of its own, sees the mark and the
+    /// lease. A key that did leave progress is found by neither, so only a waiter that will
+    /// return at once pays the second statement.
     async fn lease_left(&self, key: &StorageKey) -> Result<Option<Duration>, StoreError> {
         let key = key.as_bytes().as_slice();
-        record::lease_left(&self.query(Kind::LeaseLeft, &[&key]).await?)
+        for _ in 0..2 {
+            if let Some(left) = record::lease_left(&self.query(Kind::LeaseLeft, &[&key]).await?)? {
+                return Ok(Some(left));
+            }
+        }
+        Ok(None)
     }
 }
 

@@ -201,8 +201,9 @@ impl Statements {
             // A waiter's look, after it listens: the lease left, if the key is in progress,
             // and the record marked `waiting` so its completion or release notifies. A record
             // already marked (in this statement's snapshot) is not written again. When the
-            // mark finds the row changed since the snapshot (completed, released or taken
-            // over), no row comes back and the waiter claims again at once.
+            // mark finds the row changed since the snapshot (completed, released, taken over,
+            // or marked by another waiter's look), no row comes back; the store then looks
+            // once more, with a new snapshot (`PostgresStore::lease_left`).
             lease_left: format!(
                 "WITH live AS (
                      SELECT waiting, until FROM {table}
