@@ -13,7 +13,7 @@ use crate::fingerprint::CanonicalArguments;
 use crate::fingerprint::Fingerprint;
 use crate::holder::{Holder, PendingRecord, settled_outcome};
 use crate::key::StorageKey;
-use crate::ledger::{Claimed, Leased, Ledger, WaitBudget};
+use crate::ledger::{Claimed, Keeping, Leased, Ledger, WaitBudget, Writes};
 use crate::options::{OnConflict, OnLeaseLoss, Options};
 use crate::recorded::{OkAndErr, OkOnly, Recording};
 use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
@@ -421,13 +421,15 @@ where
             Acquisition::Held { fence, claimed_at } => (fence, claimed_at),
             Acquisition::Answered(answer) => return answer,
         };
-    match ledger.leased() {
-        Some(store) => {
+    match ledger.keeping() {
+        Keeping::Lease(store) => {
             let body = context::hold(store.as_store(), key, fence, body);
             let holder = Holder::new(store.to_store(), key, fence, trace.clone());
             run_leased::<R, T, E, _>(holder, options, claimed_at, trace, body).await
         }
-        None => run_unleased::<R, T, E, _>(ledger, key, fence, options, trace, body).await,
+        Keeping::Writes(writes) => {
+            run_unleased::<R, T, E, _>(writes, key, fence, options, trace, body).await
+        }
     }
 }
 
@@ -520,7 +522,7 @@ where
             Err(error) => return answered(trace, CallOutcome::StoreError, Error::Store(error)),
         };
         let left = wait.left();
-        if !wait.waits() || left.is_zero() {
+        if left.is_zero() {
             return answered(
                 trace,
                 CallOutcome::Conflict,
@@ -589,7 +591,7 @@ where
 /// The key is ours in something that settles the claim when it ends (a transaction): run the
 /// body, then record its result or give the key back, once each.
 async fn run_unleased<R, T, E, F>(
-    ledger: &impl Ledger,
+    writes: &impl Writes,
     key: StorageKey,
     fence: Fence,
     options: &Options,
@@ -605,7 +607,7 @@ where
     let (bytes, recorded) = match encode_result::<R, T, E>(&result, options) {
         ToRecord::Bytes(bytes, recorded) => (bytes, recorded),
         ToRecord::Nothing(outcome, answer) => {
-            ledger.release(&key, fence).await;
+            writes.release(&key, fence).await;
             trace.emit(outcome);
             return answer.map_or_else(
                 |error| Err(error.into()),
@@ -613,7 +615,7 @@ where
             );
         }
     };
-    match ledger.complete(&key, fence, bytes, options.ttl()).await {
+    match writes.complete(&key, fence, bytes, options.ttl()).await {
         Ok(FencedWrite::Applied) => {
             trace.emit(recorded);
             result.map(Outcome::Executed)

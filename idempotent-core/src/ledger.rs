@@ -46,11 +46,6 @@ impl WaitBudget {
         }
     }
 
-    /// Whether the call may wait at all.
-    pub(crate) fn waits(&self) -> bool {
-        self.timeout.is_some()
-    }
-
     /// What is left of the wait, counted from the first time anyone asked; zero when the call
     /// rejects conflicts.
     pub(crate) fn left(&mut self) -> Duration {
@@ -82,14 +77,27 @@ pub(crate) trait Ledger: Sync {
         max: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a;
 
-    /// The store that keeps the claim under a lease, if the claim lives under one: the engine
-    /// then keeps the lease alive and settles the claim through that store, whatever becomes
-    /// of the call. `None`: the claim is settled by [`complete`](Self::complete) and
-    /// [`release`](Self::release), written once, and by the end of what holds it.
-    fn leased(&self) -> Option<&dyn StoreHandle>;
+    /// Whatever holds the claim writes nothing itself ([`NoWrites`]) when it is kept under a
+    /// lease; a transaction writes the record and the release as its statements.
+    type Writes: Writes;
 
-    /// Records `output` under `fence` ([`Store::complete`]). Used when there is no lease
-    /// ([`leased`](Self::leased) is `None`); a failure is final.
+    /// How the claim is kept until it is settled.
+    fn keeping(&self) -> Keeping<'_, Self::Writes>;
+}
+
+/// How a ledger keeps a claim until it is settled.
+pub(crate) enum Keeping<'a, W> {
+    /// Under a lease in this store: the engine keeps the lease alive and settles the claim
+    /// through the store, whatever becomes of the call.
+    Lease(&'a dyn StoreHandle),
+    /// In something whose end settles it (a transaction, whose rollback removes the claim):
+    /// the record or the release is written once, through these writes.
+    Writes(&'a W),
+}
+
+/// The writes that settle a claim kept without a lease.
+pub(crate) trait Writes: Sync {
+    /// Records `output` under `fence` ([`Store::complete`]); a failure is final.
     fn complete<'a>(
         &'a self,
         key: &'a StorageKey,
@@ -98,13 +106,33 @@ pub(crate) trait Ledger: Sync {
         ttl: Duration,
     ) -> impl Future<Output = Result<FencedWrite, StoreError>> + Send + 'a;
 
-    /// Gives the claim back ([`Store::release`]). Used when there is no lease; a failure is
-    /// the ledger's to report, as the claim is settled anyway when what holds it ends.
+    /// Gives the claim back ([`Store::release`]); a failure is the writer's to report, as the
+    /// claim is settled anyway when what holds it ends.
     fn release<'a>(
         &'a self,
         key: &'a StorageKey,
         fence: Fence,
     ) -> impl Future<Output = ()> + Send + 'a;
+}
+
+/// The writes of a ledger that keeps its claims under a lease: there are none, and no value
+/// of this type can exist.
+pub(crate) enum NoWrites {}
+
+impl Writes for NoWrites {
+    async fn complete(
+        &self,
+        _: &StorageKey,
+        _: Fence,
+        _: Bytes,
+        _: Duration,
+    ) -> Result<FencedWrite, StoreError> {
+        match *self {}
+    }
+
+    async fn release(&self, _: &StorageKey, _: Fence) {
+        match *self {}
+    }
 }
 
 /// A store as the engine takes it: borrowed for everything a call does, and shared with the
@@ -167,6 +195,8 @@ impl<'a> Leased<'a> {
 }
 
 impl Ledger for Leased<'_> {
+    type Writes = NoWrites;
+
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,
@@ -194,34 +224,7 @@ impl Ledger for Leased<'_> {
         self.store.wait(key, max)
     }
 
-    fn leased(&self) -> Option<&dyn StoreHandle> {
-        Some(self.handle)
-    }
-
-    fn complete<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-        output: Bytes,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<FencedWrite, StoreError>> + Send + 'a {
-        self.store.complete(key, fence, output, ttl)
-    }
-
-    fn release<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-    ) -> impl Future<Output = ()> + Send + 'a {
-        let release = self.store.release(key, fence);
-        async move {
-            if let Err(error) = release.await {
-                tracing::warn!(
-                    target: "idempotent",
-                    %error,
-                    "could not release an idempotency key; it becomes claimable when its lease ends"
-                );
-            }
-        }
+    fn keeping(&self) -> Keeping<'_, NoWrites> {
+        Keeping::Lease(self.handle)
     }
 }

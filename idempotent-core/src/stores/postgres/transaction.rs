@@ -27,7 +27,7 @@ use super::{CLAIM_ATTEMPTS, PostgresStore, fence_param, from_pg, judge_claim, mi
 use crate::error::{Error, StoreError};
 use crate::fingerprint::{CanonicalArguments, Fingerprint};
 use crate::key::StorageKey;
-use crate::ledger::{Claimed, Ledger, StoreHandle, WaitBudget};
+use crate::ledger::{Claimed, Keeping, Ledger, WaitBudget, Writes};
 use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
 
 /// What a claim in the caller's transaction found.
@@ -130,10 +130,14 @@ impl Ledger for InTransaction<'_> {
     }
 
     /// The claim's row stays locked until the transaction ends, which settles it: no lease.
-    fn leased(&self) -> Option<&dyn StoreHandle> {
-        None
-    }
+    type Writes = Self;
 
+    fn keeping(&self) -> Keeping<'_, Self> {
+        Keeping::Writes(self)
+    }
+}
+
+impl Writes for InTransaction<'_> {
     async fn complete(
         &self,
         key: &StorageKey,
