@@ -92,7 +92,6 @@ macro_rules! operations {
         $name:ident => $method:ident($($field:ident: $ty:ty),*) -> $answer:ty;
     )*) => {$(
         $(#[$doc])*
-        #[derive(Debug)]
         pub struct $name<'a> {
             /// The store the operation is passed on to.
             pub inner: &'a dyn Store,
@@ -100,6 +99,14 @@ macro_rules! operations {
                 #[doc = concat!("The operation's `", stringify!($field), "`.")]
                 pub $field: $ty,
             )*
+        }
+
+        /// The operation's name only: its fields may hold an output, which is the
+        /// application's data and stays out of debug output.
+        impl fmt::Debug for $name<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($name)).finish_non_exhaustive()
+            }
         }
 
         impl<'a> $name<'a> {
@@ -254,5 +261,32 @@ impl<H: Hooks> Store for Forwarding<H> {
 
     fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
         self.through(|hooks, inner| hooks.remove(Removing { inner, key }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stores::memory::MemoryStore;
+
+    /// An operation's debug output names it and nothing it carries: a `complete` carries the
+    /// application's output.
+    #[test]
+    fn an_operation_keeps_its_output_out_of_debug() {
+        let inner = MemoryStore::new();
+        let key = StorageKey::derive("tests::debug", None, b"k").unwrap();
+        let op = Completing {
+            inner: &inner,
+            key: &key,
+            fence: Fence::new(7),
+            output: Bytes::from_static(b"card 4242-4242"),
+            ttl: Duration::from_secs(1),
+        };
+        let shown = format!("{op:?}");
+        assert!(shown.starts_with("Completing"), "{shown}");
+        assert!(
+            !shown.contains("4242") && !shown.contains("52, 50"),
+            "{shown}"
+        );
     }
 }
