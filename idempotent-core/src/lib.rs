@@ -46,6 +46,10 @@ mod redact;
 mod store;
 pub mod stores;
 mod telemetry;
+#[cfg(feature = "http")]
+pub mod http;
+#[cfg(feature = "client")]
+pub mod client;
 #[cfg(feature = "postgres")]
 mod transactional;
 

@@ -1,0 +1,1 @@
+//! A reqwest-middleware middleware that keys POST and PATCH requests and retries them safely.

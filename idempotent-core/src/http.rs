@@ -1,0 +1,1 @@
+//! The `Idempotency-Key` contract as a tower layer.
