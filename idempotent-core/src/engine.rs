@@ -1,6 +1,8 @@
 //! The engine: claim, then run or replay or wait, then record. The macro and
 //! [`Idempotency::run`] both come here.
 
+use std::borrow::Cow;
+use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -12,7 +14,8 @@ use crate::error::{Error, JsonError};
 use crate::fingerprint::CanonicalArguments;
 use crate::fingerprint::Fingerprint;
 use crate::holder::{Holder, PendingRecord, settled_outcome};
-use crate::key::StorageKey;
+use crate::idempotency_key::IdempotencyKey;
+use crate::key::{KeyError, MAX_KEY_BYTES, StorageKey};
 use crate::ledger::{Claimed, Keeping, Leased, Ledger, WaitBudget, Writes};
 use crate::options::{OnConflict, OnLeaseLoss, Options};
 use crate::recorded::{OkAndErr, OkOnly, Recording};
@@ -32,9 +35,64 @@ use crate::telemetry::{CallOutcome, CallTrace};
 #[derive(Debug, Clone, Copy)]
 pub struct Call<'a> {
     name: &'static str,
-    scope: Option<&'a [u8]>,
-    key: Option<&'a [u8]>,
+    scope: Option<KeyPart<'a>>,
+    key: Option<KeyPart<'a>>,
     arguments: CallArguments<'a>,
+}
+
+/// A [`Call`]'s key or scope: its [`IdempotencyKey::key_bytes`], borrowed from the caller's
+/// value when they borrow (strings, byte strings), else held by the call itself (a UUID's
+/// text, an integer's decimal), so that a call stays `Copy` with no allocation of its own.
+/// No key or scope longer than [`MAX_KEY_BYTES`] is valid, so a buffer of that many bytes
+/// holds every valid one; of a longer one only its length is kept, for the error.
+#[derive(Clone, Copy)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "boxing the bytes would cost an allocation and `Copy`"
+)]
+enum KeyPart<'a> {
+    Borrowed(&'a [u8]),
+    Held { len: u8, bytes: [u8; MAX_KEY_BYTES] },
+    TooLong(usize),
+}
+
+impl<'a> KeyPart<'a> {
+    fn of(value: &'a (impl IdempotencyKey + ?Sized)) -> Self {
+        match value.key_bytes() {
+            Cow::Borrowed(bytes) => Self::Borrowed(bytes),
+            Cow::Owned(owned) => match u8::try_from(owned.len()) {
+                Ok(len) if usize::from(len) <= MAX_KEY_BYTES => {
+                    let mut bytes = [0; MAX_KEY_BYTES];
+                    bytes[..owned.len()].copy_from_slice(&owned);
+                    Self::Held { len, bytes }
+                }
+                _ => Self::TooLong(owned.len()),
+            },
+        }
+    }
+
+    /// The bytes, or for one too long to hold the error [`StorageKey::derive`] gives for it.
+    fn bytes(&self, part: &'static str) -> Result<&[u8], KeyError> {
+        match self {
+            Self::Borrowed(bytes) => Ok(bytes),
+            Self::Held { len, bytes } => Ok(&bytes[..usize::from(*len)]),
+            Self::TooLong(len) => Err(KeyError::TooLong {
+                part,
+                len: *len,
+                max: MAX_KEY_BYTES,
+            }),
+        }
+    }
+}
+
+/// The bytes, as a `&[u8]` prints them.
+impl fmt::Debug for KeyPart<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.bytes("") {
+            Ok(bytes) => bytes.fmt(f),
+            Err(_) => f.write_str("<too long>"),
+        }
+    }
 }
 
 /// A [`Call`]'s arguments, borrowed when they are [`CanonicalArguments`] so that a call stays
@@ -101,28 +159,52 @@ impl<'a> Call<'a> {
     }
 
     /// The idempotency key: 1 to 255 bytes that name the operation (an order id, a client's
-    /// `Idempotency-Key` header).
+    /// `Idempotency-Key` header), in its [`IdempotencyKey`] form, as the attribute's `key = ..`
+    /// takes it: an integer by its decimal text, a `uuid::Uuid` (feature `uuid`) by its
+    /// hyphenated lowercase text. A string key is borrowed, not copied.
     ///
     /// ```
     /// # use idempotent_core::{Call, Fingerprint};
     /// let header = String::from("3f1c7a52-0b44-4b8e-9b43-1d2f3d9b8d10");
     /// let call = Call::new("api::create_order", Fingerprint::of(&1)?).key(&header);
+    ///
+    /// let order_id = 42u64;
+    /// let by_id = Call::new("api::create_order", Fingerprint::of(&1)?).key(&order_id);
+    /// let by_text = Call::new("api::create_order", Fingerprint::of(&1)?).key("42");
+    /// assert_eq!(by_id.storage_key(), by_text.storage_key());
     /// # Ok::<(), idempotent_core::FingerprintError>(())
     /// ```
-    pub fn key(mut self, key: &'a (impl AsRef<[u8]> + ?Sized)) -> Self {
-        self.key = Some(key.as_ref());
+    ///
+    /// A UUID names the same operation whether it arrives as text or parsed; its raw bytes
+    /// (`Uuid::as_bytes`) are another key:
+    ///
+    /// ```
+    /// # #[cfg(feature = "uuid")] {
+    /// # use idempotent_core::{Call, Fingerprint};
+    /// let header = "3f1c7a52-0b44-4b8e-9b43-1d2f3d9b8d10";
+    /// let id = uuid::Uuid::parse_str(header).unwrap();
+    /// let new = || Call::new("api::create_order", Fingerprint::of(&1).unwrap());
+    /// assert_eq!(new().key(&id).storage_key(), new().key(header).storage_key());
+    /// assert_ne!(new().key(&id).storage_key(), new().key(id.as_bytes()).storage_key());
+    /// # }
+    /// ```
+    pub fn key(mut self, key: &'a (impl IdempotencyKey + ?Sized)) -> Self {
+        self.key = Some(KeyPart::of(key));
         self
     }
 
-    /// The tenancy scope: the same key in two scopes is two operations.
+    /// The tenancy scope: the same key in two scopes is two operations. Taken in its
+    /// [`IdempotencyKey`] form, as [`Call::key`] takes the key.
     ///
     /// ```
     /// # use idempotent_core::{Call, Fingerprint};
     /// let call = Call::new("api::create_order", Fingerprint::of(&1)?).key("k").scope("acme");
+    /// let tenant = 7u32;
+    /// let by_id = Call::new("api::create_order", Fingerprint::of(&1)?).key("k").scope(&tenant);
     /// # Ok::<(), idempotent_core::FingerprintError>(())
     /// ```
-    pub fn scope(mut self, scope: &'a (impl AsRef<[u8]> + ?Sized)) -> Self {
-        self.scope = Some(scope.as_ref());
+    pub fn scope(mut self, scope: &'a (impl IdempotencyKey + ?Sized)) -> Self {
+        self.scope = Some(KeyPart::of(scope));
         self
     }
 
@@ -133,11 +215,10 @@ impl<'a> Call<'a> {
     /// let call = Call::new("f", Fingerprint::of(&1).unwrap()).key("");
     /// assert_eq!(call.storage_key(), Err(KeyError::Empty));
     /// ```
-    pub fn storage_key(&self) -> Result<StorageKey, crate::KeyError> {
-        let derive = |key: &[u8]| StorageKey::derive(self.name, self.scope, key);
-        match self.key {
-            Some(key) => derive(key),
-            None => derive(self.arguments.fingerprint().as_bytes()),
+    pub fn storage_key(&self) -> Result<StorageKey, KeyError> {
+        match self.key_bytes()? {
+            Some(key) => self.derive(key),
+            None => self.derive(self.arguments.fingerprint().as_bytes()),
         }
     }
 
@@ -146,10 +227,32 @@ impl<'a> Call<'a> {
     pub(crate) fn prepare(self) -> Prepared {
         Prepared {
             name: self.name,
-            keyed: KeyedArguments::new(self.key, self.arguments.to_owned(), |key| {
-                StorageKey::derive(self.name, self.scope, key)
-            }),
+            keyed: match self.key_bytes() {
+                Ok(key) => {
+                    KeyedArguments::new(key, self.arguments.to_owned(), |key| self.derive(key))
+                }
+                Err(error) => Err(error.into()),
+            },
         }
+    }
+
+    /// The key's bytes, if one was given.
+    fn key_bytes(&self) -> Result<Option<&[u8]>, KeyError> {
+        self.key.as_ref().map(|key| key.bytes("key")).transpose()
+    }
+
+    /// The storage key of `key` in this call's scope, refused as [`StorageKey::derive`]
+    /// refuses it: an empty key before a scope too long.
+    fn derive(&self, key: &[u8]) -> Result<StorageKey, KeyError> {
+        let scope = match &self.scope {
+            Some(scope) => match scope.bytes("scope") {
+                Ok(scope) => Some(scope),
+                Err(_) if key.is_empty() => return Err(KeyError::Empty),
+                Err(too_long) => return Err(too_long),
+            },
+            None => None,
+        };
+        StorageKey::derive(self.name, scope, key)
     }
 }
 
@@ -712,5 +815,116 @@ mod tests {
         assert_eq!(key, expected_key);
         assert_eq!(compared.exact(), None);
         assert_eq!(compared, arguments);
+    }
+
+    /// A key whose bytes are computed, as an integer's or a UUID's are.
+    struct Computed(Vec<u8>);
+
+    impl IdempotencyKey for Computed {
+        fn key_bytes(&self) -> Cow<'_, [u8]> {
+            Cow::Owned(self.0.clone())
+        }
+    }
+
+    fn call() -> Call<'static> {
+        Call::new("shop::checkout", Fingerprint::of(&1).unwrap())
+    }
+
+    #[test]
+    fn a_call_stays_copy() {
+        fn copy<T: Copy>(_: &T) {}
+        let id = 42u64;
+        copy(&call().key(&id).scope(&Computed(b"tenant".to_vec())));
+    }
+
+    /// The key and scope are their `IdempotencyKey` bytes, as the attribute takes them.
+    #[test]
+    fn integers_key_and_scope_by_their_decimal_text() {
+        let (order, tenant) = (42u64, -7i32);
+        assert_eq!(
+            call().key(&order).scope(&tenant).storage_key(),
+            call().key("42").scope("-7").storage_key()
+        );
+        assert_ne!(
+            call().key(&order).storage_key(),
+            call().key(&order.to_le_bytes()).storage_key()
+        );
+    }
+
+    /// Computed bytes are held by the call up to the longest valid key, and refused past it
+    /// with the error (and the order of errors) `StorageKey::derive` gives for them.
+    #[test]
+    fn computed_keys_are_held_up_to_the_limit_and_refused_past_it() {
+        let longest = vec![b'k'; MAX_KEY_BYTES];
+        let held = Computed(longest.clone());
+        assert_eq!(
+            call().key(&held).scope(&held).storage_key(),
+            call().key(&longest).scope(&longest).storage_key()
+        );
+        assert!(call().key(&held).storage_key().is_ok());
+
+        let too_long = Computed(vec![b'k'; 1 << 16]);
+        let refused = |part| KeyError::TooLong {
+            part,
+            len: 1 << 16,
+            max: MAX_KEY_BYTES,
+        };
+        assert_eq!(call().key(&too_long).storage_key(), Err(refused("key")));
+        assert_eq!(
+            call().key("k").scope(&too_long).storage_key(),
+            Err(refused("scope"))
+        );
+        assert_eq!(
+            call().scope(&too_long).storage_key(),
+            Err(refused("scope")),
+            "keyed by the fingerprint, the scope is still checked"
+        );
+        assert_eq!(
+            call().key("").scope(&too_long).storage_key(),
+            StorageKey::derive("shop::checkout", Some(&[b's'; 1 << 16]), b""),
+            "an empty key is reported first, as derive reports it"
+        );
+        assert!(matches!(
+            call().key(&too_long).prepare().keyed,
+            Err(Error::InvalidKey(KeyError::TooLong { part: "key", .. }))
+        ));
+        assert!(matches!(
+            call().key("k").scope(&too_long).prepare().keyed,
+            Err(Error::InvalidKey(KeyError::TooLong { part: "scope", .. }))
+        ));
+        assert_eq!(
+            call().key(&held).prepare().keyed.unwrap().key,
+            call().key(&longest).storage_key().unwrap(),
+            "the engine keys a call by its storage key"
+        );
+    }
+
+    #[test]
+    fn a_held_key_prints_as_a_borrowed_one() {
+        let (held, borrowed) = (call().key(&42u8), call().key("42"));
+        assert_eq!(format!("{held:?}"), format!("{borrowed:?}"));
+        let too_long = Computed(vec![0; MAX_KEY_BYTES + 1]);
+        assert!(format!("{:?}", call().key(&too_long)).contains("<too long>"));
+    }
+
+    /// A UUID is its hyphenated lowercase text through `Call` too, not its 16 raw bytes.
+    #[cfg(feature = "uuid")]
+    #[test]
+    fn a_uuid_keys_and_scopes_a_call_by_its_text() {
+        let id = uuid::Uuid::from_u128(0x3f1c_7a52_0b44_4b8e_9b43_1d2f_3d9b_8d10);
+        let tenant = uuid::Uuid::from_u128(7);
+        let text = (id.to_string(), tenant.to_string());
+        assert_eq!(
+            call().key(&id).scope(&tenant).storage_key(),
+            call().key(&text.0).scope(&text.1).storage_key()
+        );
+        assert_ne!(
+            call().key(&id).storage_key(),
+            call().key(id.as_bytes()).storage_key()
+        );
+        assert_ne!(
+            call().key("k").scope(&tenant).storage_key(),
+            call().key("k").scope(tenant.as_bytes()).storage_key()
+        );
     }
 }
