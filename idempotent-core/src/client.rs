@@ -56,7 +56,7 @@
 //!
 //! # Requests that are sent once
 //!
-//! A request whose body is a stream ([`reqwest::Body::wrap_stream`]) cannot be copied, so it is
+//! A request whose body is a stream ([`reqwest::Body::wrap`], or `wrap_stream`) cannot be copied, so it is
 //! sent once, with its key, and whatever happens is returned. Buffer the body (bytes, a
 //! string, `json`, `form`) to have it retried.
 //!
