@@ -64,8 +64,10 @@
 //!
 //! Middlewares run in the order they were added. Add this one before (outside) those that
 //! should see every attempt, such as tracing, and after those whose work should happen once
-//! per logical request. Do not put a second retrying middleware around it for the keyed
-//! methods: each of its attempts would be a fresh request with a fresh key.
+//! per logical request. A retrying middleware (such as `reqwest-retry`) added before this one
+//! sends each of its attempts through this one as a new request, which gets a new key, so the
+//! server cannot tell them apart from new work: let this middleware retry the keyed methods,
+//! or add the other one after it, where every attempt already carries the key.
 
 mod keyed;
 mod retry;
