@@ -403,6 +403,25 @@ impl Idempotency {
     }
 }
 
+impl Idempotency {
+    /// [`Idempotency::run`] with the result recorded by `R` rather than as JSON: the HTTP
+    /// layer's responses, whose bodies are stored as bytes.
+    #[cfg(feature = "http")]
+    pub(crate) async fn run_recorded<R, T, E, F>(
+        &self,
+        call: Call<'_>,
+        body: F,
+    ) -> Result<Outcome<T>, E>
+    where
+        R: Recording<T, E>,
+        E: From<Error>,
+        F: Future<Output = Result<T, E>>,
+    {
+        let ledger = Leased::new(&self.store);
+        execute::<R, T, E, F>(&ledger, &self.options, call.prepare(), body).await
+    }
+}
+
 /// The whole protocol for one call, with its records written where `ledger` writes them.
 pub(crate) async fn execute<R, T, E, F>(
     ledger: &impl Ledger,

@@ -40,16 +40,16 @@ pub mod __private {
     //! Used by the code `#[idempotent]` generates; not part of the API.
     pub use crate::private::*;
 }
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "http")]
+pub mod http;
 mod private;
 mod recorded;
 mod redact;
 mod store;
 pub mod stores;
 mod telemetry;
-#[cfg(feature = "http")]
-pub mod http;
-#[cfg(feature = "client")]
-pub mod client;
 #[cfg(feature = "postgres")]
 mod transactional;
 
