@@ -568,3 +568,104 @@ async fn the_key_is_known_after_every_attempt_failed() {
     let uuid = one_quoted_uuid(&seen.lock().unwrap(), 1);
     assert_eq!((keyed.key(), keyed.attempts()), (uuid.as_str(), 1));
 }
+
+/// The client against the crate's own server layer: the keys it sends are the ones the layer
+/// accepts, and a timed-out POST runs the handler once.
+#[cfg(feature = "http")]
+mod against_the_layer {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::routing::post;
+    use idempotent_core::MemoryStore;
+    use idempotent_core::http::IdempotencyLayer;
+
+    use super::*;
+
+    /// A POST route under `IdempotencyLayer` whose first run takes `first_run` (longer than
+    /// the client's timeout, or nothing); returns how many times the handler ran, the key field
+    /// of every request, and the base URL.
+    async fn serve_orders(
+        first_run: Duration,
+    ) -> (Arc<AtomicUsize>, Arc<Mutex<Vec<Option<String>>>>, String) {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let counted = runs.clone();
+        let handler = move |body: String| {
+            let counted = counted.clone();
+            async move {
+                let run = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                if run == 1 {
+                    tokio::time::sleep(first_run).await;
+                }
+                (StatusCode::CREATED, format!("order {run} for {body}"))
+            }
+        };
+        let layer = IdempotencyLayer::new("http_client.orders")
+            .with_store(Arc::new(MemoryStore::new()))
+            .with_lease(Duration::from_secs(5));
+        let record = seen.clone();
+        let app = Router::new()
+            .route("/orders", post(handler))
+            .layer(layer)
+            .layer(tower::util::MapRequestLayer::new(
+                move |request: axum::extract::Request| {
+                    record.lock().unwrap().push(key_field(request.headers()));
+                    request
+                },
+            ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (runs, seen, base)
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_post_runs_once_and_its_retry_gets_the_replay() {
+        let (runs, seen, base) = serve_orders(Duration::from_millis(800)).await;
+        // The layer answers 409 with the lease left (5 s) while the first run goes on; the
+        // cap makes the client ask again every 100 ms instead.
+        let keys = keys()
+            .with_max_retry_after(Duration::from_millis(100))
+            .with_max_attempts(50);
+        let response = client(keys)
+            .post(format!("{base}/orders"))
+            .body("ada")
+            .send()
+            .await
+            .expect("an attempt after the first run ended gets its response");
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let keyed = keyed(&response);
+        assert!(keyed.replayed(), "{keyed:?}");
+        assert!(is_replayed(&response));
+        assert_eq!(response.text().await.unwrap(), "order 1 for ada");
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+        let uuid = one_quoted_uuid(&seen.lock().unwrap(), keyed.attempts() as usize);
+        assert_eq!(keyed.key(), uuid);
+        assert!(
+            keyed.attempts() >= 2,
+            "the first attempt timed out: {keyed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_reused_with_another_payload_gets_one_422() {
+        let (runs, seen, base) = serve_orders(Duration::ZERO).await;
+        let client = client(keys());
+        let send = |body: &'static str| {
+            client
+                .post(format!("{base}/orders"))
+                .header("Idempotency-Key", "\"order-7\"")
+                .body(body)
+                .send()
+        };
+        let first = send("ada").await.unwrap();
+        assert_eq!(first.status(), StatusCode::CREATED);
+        let runs_before = runs.load(Ordering::SeqCst);
+        seen.lock().unwrap().clear();
+        let reused = send("grace").await.unwrap();
+        assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(keyed(&reused).attempts(), 1);
+        assert_eq!(seen.lock().unwrap().len(), 1, "the 422 was not sent again");
+        assert_eq!(runs.load(Ordering::SeqCst), runs_before);
+    }
+}
