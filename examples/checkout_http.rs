@@ -307,31 +307,34 @@ fn ledger(shop: &Shop, customers: &[Arc<Customer>], stories: &[Story]) -> bool {
             println!("{label:<24} {}: {shown}", describe(&delivery.attempts));
             receipts.push(receipt);
         }
-        let order = match (ordered.as_slice(), charged.as_slice()) {
-            ([order], [charge]) if order.charge_id == charge.id => Some((order, charge)),
-            _ => None,
+        if ordered.len() > 1 {
+            problems.push(format!("{name} has {} orders, not 1", ordered.len()));
+        }
+        // A receipt is held when the order book and the payments both have what it says.
+        let holds = |receipt: &Receipt| {
+            let ordered = ordered
+                .iter()
+                .any(|o| o.id == receipt.order_id && o.charge_id == receipt.charge_id);
+            let charged = charged
+                .iter()
+                .any(|c| c.id == receipt.charge_id && c.amount_cents == receipt.amount_cents);
+            ordered && charged
         };
-        let held = receipts.iter().all(|receipt| {
-            receipt
-                .as_ref()
-                .zip(order)
-                .is_some_and(|(r, (order, charge))| {
-                    r.order_id == order.id
-                        && r.charge_id == charge.id
-                        && r.amount_cents == charge.amount_cents
-                })
-        });
-        if !held {
+        if ordered.is_empty() || !receipts.iter().all(|r| r.as_ref().is_some_and(holds)) {
             missing_orders += 1;
             let charge_ids: Vec<&str> = charged.iter().map(|c| c.id.as_str()).collect();
             let order_ids: Vec<&str> = ordered.iter().map(|o| o.id.as_str()).collect();
+            let held: Vec<Option<&str>> = receipts
+                .iter()
+                .map(|r| r.as_ref().map(|r| r.charge_id.as_str()))
+                .collect();
             problems.push(format!(
-                "{name}: orders {order_ids:?}, charges {charge_ids:?}, but the client holds {:?}",
-                receipts
-                    .iter()
-                    .map(|r| r.as_ref().map(|r| r.charge_id.as_str()))
-                    .collect::<Vec<_>>()
+                "{name} is missing an order: orders {order_ids:?}, charges {charge_ids:?}, \
+                 receipts held {held:?}"
             ));
+        }
+        if receipts.windows(2).any(|pair| pair[0] != pair[1]) {
+            problems.push(format!("{name}'s clicks got different receipts"));
         }
         if let Some(delivery) = &story.reuse {
             let refused = delivery.answer.as_ref().is_some_and(|answer| {
