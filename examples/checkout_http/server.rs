@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use http_body_util::{Full, Limited};
 use idempotent_core::Store;
 use idempotent_core::http::IdempotencyLayer;
+use serde::Serialize;
 use tokio::time::sleep;
 
 use crate::faults::Fault;
@@ -110,14 +111,23 @@ async fn checkout(
 
 /// An `application/problem+json` answer (RFC 9457), like the layer's own.
 fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
-    let body = serde_json::json!({
-        "type": "about:blank",
-        "title": title,
-        "status": status.as_u16(),
-        "detail": detail,
-    });
+    #[derive(Serialize)]
+    struct Problem<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        title: &'a str,
+        status: u16,
+        detail: &'a str,
+    }
+    let problem = Problem {
+        kind: "about:blank",
+        title,
+        status: status.as_u16(),
+        detail,
+    };
     let content_type = [(header::CONTENT_TYPE, "application/problem+json")];
-    (status, content_type, body.to_string()).into_response()
+    let body = serde_json::to_string(&problem).unwrap_or_default();
+    (status, content_type, body).into_response()
 }
 
 /// The network between the server and its clients: for a request whose `X-Fault` asks for it,
