@@ -11,6 +11,7 @@
 //! | id | one iteration |
 //! |---|---|
 //! | `route` | the route without the layer: the floor every other case is compared with |
+//! | `route/spawned` | the route in a task of its own, awaited: what the layer's spawn of each idempotent request (so that a disconnect does not cancel its handler) costs by itself |
 //! | `memory/first_call/layer` | the layer on a `MemoryStore`, a fresh key: the handler runs, its response is recorded |
 //! | `memory/replay/layer` | the same layer, one key recorded before: the recorded response is replayed |
 //! | `redis/first_call/layer`, `redis/replay/layer` | the same two on a `RedisStore` |
@@ -253,6 +254,19 @@ fn bench(c: &mut Criterion) {
                 let route = Arc::clone(&route);
                 async move {
                     black_box(send(&route, request(None)).await);
+                }
+            })
+        })
+    });
+
+    group.bench_function("route/spawned", |b| {
+        b.to_async(&runtime).iter_custom(|iters| {
+            let route = Arc::clone(&route);
+            timed(iters, move |_| {
+                let route = Arc::clone(&route);
+                async move {
+                    let response = tokio::spawn(async move { send(&route, request(None)).await });
+                    black_box(response.await.expect("the route's task"));
                 }
             })
         })
