@@ -17,6 +17,7 @@
 //! | `redis/first_call/layer`, `redis/replay/layer` | the same two on a `RedisStore` |
 //! | `redis/first_call/bare` | the raw `redis` client: `SET NX PX`, then `SET PX` of a record of the same size |
 //! | `redis/replay/bare` | the raw `redis` client: `GET` of that record |
+//! | `loopback/route`, `loopback/memory/first_call/layer`, `loopback/memory/replay/layer` | the route, and the layer on the memory store, over real HTTP: served by `axum::serve` on 127.0.0.1, called by one keep-alive `reqwest` client |
 //!
 //! Before the timings, the bench prints what a recorded response costs at rest: for bodies of
 //! 1 KiB and 100 KiB, JSON text and random bytes, the record the layer hands the store, the
@@ -328,9 +329,91 @@ fn bench(c: &mut Criterion) {
             })
         })
     });
+    loopback(&mut group, &runtime, &route, &memory, &replay_key);
     group.finish();
     drop(runtime);
     drop(server);
+}
+
+/// Which key a loopback request carries.
+#[derive(Debug, Clone, Copy)]
+enum Key {
+    None,
+    Fresh,
+    Recorded,
+}
+
+/// Over real loopback HTTP: the same routers served by `axum::serve` on 127.0.0.1, called by
+/// one keep-alive `reqwest` client.
+fn loopback(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    runtime: &tokio::runtime::Runtime,
+    route: &Router,
+    memory: &Router,
+    replay_key: &str,
+) {
+    let serve = |router: Router| {
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind 127.0.0.1:0");
+            let address = listener.local_addr().expect("the listener's address");
+            tokio::spawn(async move { axum::serve(listener, router).await });
+            format!("http://{address}/orders")
+        })
+    };
+    let route_url = Arc::new(serve(route.clone()));
+    let memory_url = Arc::new(serve(memory.clone()));
+    let client = reqwest::Client::new();
+
+    /// One request: the order, with the key when given; panics on another status than 201.
+    async fn post(client: &reqwest::Client, url: &str, key: Option<&str>) -> bool {
+        let mut request = client
+            .post(url)
+            .header(CONTENT_TYPE, "application/json")
+            .body(ORDER_REQUEST);
+        if let Some(key) = key {
+            request = request.header("idempotency-key", format!("\"{key}\""));
+        }
+        let response = request.send().await.expect("the request over loopback");
+        let status = response.status();
+        let replayed = response.headers().contains_key(IDEMPOTENT_REPLAYED);
+        let body = response.bytes().await.expect("the response body");
+        assert_eq!(
+            status,
+            StatusCode::CREATED,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        black_box(body);
+        replayed
+    }
+
+    for (id, url, kind) in [
+        ("loopback/route", &route_url, Key::None),
+        ("loopback/memory/first_call/layer", &memory_url, Key::Fresh),
+        ("loopback/memory/replay/layer", &memory_url, Key::Recorded),
+    ] {
+        group.bench_function(id, |b| {
+            b.to_async(runtime).iter_custom(|iters| {
+                let (client, url) = (client.clone(), Arc::clone(url));
+                let replay_key = Arc::new(replay_key.to_string());
+                timed(iters, move |_| {
+                    let (client, url, replay_key) =
+                        (client.clone(), Arc::clone(&url), Arc::clone(&replay_key));
+                    async move {
+                        let key = match kind {
+                            Key::None => None,
+                            Key::Fresh => Some(common::fresh_id("loopback")),
+                            Key::Recorded => Some(replay_key.to_string()),
+                        };
+                        let replayed = post(&client, &url, key.as_deref()).await;
+                        debug_assert_eq!(replayed, matches!(kind, Key::Recorded));
+                    }
+                })
+            })
+        });
+    }
 }
 
 /// Benches `id`: the request with `key` (recorded) through `router`, replayed.
