@@ -48,15 +48,19 @@ RACE_TARGET_US = {"memory": 2000.0, "redis": 5000.0, "postgres": 5000.0}
 GROUP_ORDER = ["memory", "redis", "postgres", "sqlite", "http"]
 CASE_ORDER = ["replay", "first_call", "race"]
 VARIANTS = ("idempotent", "same_statements", "baseline")
-# The HTTP bench's cases: (label, the layer's id, the raw Redis client's id or None). Every row
-# is compared with `http/route`, the same axum route without the layer.
-HTTP_CASES = [
-    ("memory, first call", "http/memory/first_call/layer", None),
-    ("memory, replay", "http/memory/replay/layer", None),
-    ("Redis, first call", "http/redis/first_call/layer", "http/redis/first_call/bare"),
-    ("Redis, replay", "http/redis/replay/layer", "http/redis/replay/bare"),
-]
+# The HTTP bench's cases: (label, the layer's id, the route's id, the raw Redis client's id or
+# None). Each row is compared with the same axum route without the layer: in process
+# (`http/route`), or over loopback HTTP (`http/loopback/route`).
 HTTP_ROUTE = "http/route"
+HTTP_LOOPBACK_ROUTE = "http/loopback/route"
+HTTP_CASES = [
+    ("memory, first call", "http/memory/first_call/layer", HTTP_ROUTE, None),
+    ("memory, replay", "http/memory/replay/layer", HTTP_ROUTE, None),
+    ("Redis, first call", "http/redis/first_call/layer", HTTP_ROUTE, "http/redis/first_call/bare"),
+    ("Redis, replay", "http/redis/replay/layer", HTTP_ROUTE, "http/redis/replay/bare"),
+    ("loopback HTTP, memory, first call", "http/loopback/memory/first_call/layer", HTTP_LOOPBACK_ROUTE, None),
+    ("loopback HTTP, memory, replay", "http/loopback/memory/replay/layer", HTTP_LOOPBACK_ROUTE, None),
+]
 HTTP_ROUTE_SPAWNED = "http/route/spawned"
 
 
@@ -160,17 +164,18 @@ def cases(benchmarks):
 
 def http_cases(benchmarks):
     """The HTTP bench's rows: each layer case with the route and, on Redis, the raw client."""
-    route = benchmarks.get(HTTP_ROUTE)
     out = []
-    for label, layer_id, bare_id in HTTP_CASES:
+    for label, layer_id, route_id, bare_id in HTTP_CASES:
         layer = benchmarks.get(layer_id)
         if layer is None:
             continue
+        route = benchmarks.get(route_id)
         bare = benchmarks.get(bare_id) if bare_id else None
         entry = {
             "case": label,
             "id": layer_id,
             "layer": layer,
+            "route_id": route_id,
             "route": route,
             "route_spawned": benchmarks.get(HTTP_ROUTE_SPAWNED),
             "bare": bare,
@@ -182,6 +187,7 @@ def http_cases(benchmarks):
             entry["ratio_vs_bare"] = layer["median_ns"] / bare["median_ns"]
             entry["overhead_vs_bare_ns"] = layer["median_ns"] - bare["median_ns"]
         out.append(entry)
+    route = benchmarks.get(HTTP_ROUTE)
     if route and not out:
         out.append({
             "case": "route only",
@@ -411,6 +417,7 @@ def http_markdown(cases, sizes):
     lines = []
     if cases:
         route, spawned = cases[0]["route"], cases[0]["route_spawned"]
+        loopback = next((entry["route"] for entry in cases if entry.get("route_id") == HTTP_LOOPBACK_ROUTE), None)
         lines += [
             "",
             "## HTTP: the layer against the same route without it",
@@ -421,7 +428,10 @@ def http_markdown(cases, sizes):
             f"p99 {per_call(route, 'p99_ns')}; the route in a task of its own, awaited "
             "(`http/route/spawned`, as the layer runs each idempotent request): median "
             f"{per_call(spawned, 'median_ns')}, p99 {per_call(spawned, 'p99_ns')}. Layer / route "
-            "and the overhead compare each case with the route. On Redis, the bare floor is the raw `redis` client doing only the round "
+            "and the overhead compare each case with the route. The loopback rows: the same "
+            "routers served by `axum::serve` on 127.0.0.1 and called by one keep-alive `reqwest` "
+            "client, compared with the route served the same way (`http/loopback/route`: median "
+            f"{per_call(loopback, 'median_ns')}, p99 {per_call(loopback, 'p99_ns')}). On Redis, the bare floor is the raw `redis` client doing only the round "
             "trips the layer needs (`SET NX PX` + `SET PX` for a first call, `GET` for a replay).",
             "",
             "| case | layer median | p99 | overhead over the route | layer / route | bare Redis median | p99 | layer / bare Redis |",
