@@ -8,9 +8,12 @@ which the p99 is computed: each sample's total time divided by its iteration cou
 `<case>/same_statements` (the raw driver running the store's own statements), and checks the
 targets listed in BENCHMARKS.md: a target with a reference variant is judged against that variant (the
 PostgreSQL targets against `same_statements`), the others against `baseline`. Reads the
-same-key race's per-round timings from --races (written by the benches). With --benches, only
-those groups' results are read (the benches just run; results left by earlier runs of the others
-are not reported). Writes report.json and report.md in --out. Standard library only.
+same-key race's per-round timings from --races (written by the benches). The HTTP bench's
+cases (group `http`) have a table of their own: the layer against the route without it and
+against the raw Redis client's round trips, and, from --http-sizes, the size of a recorded
+response at rest. With --benches, only those groups' results are read (the benches just run;
+results left by earlier runs of the others are not reported). Writes report.json and report.md
+in --out. Standard library only.
 """
 
 import argparse
@@ -42,9 +45,23 @@ TARGETS = {
 # The race: the last waiter returns within this of the completion (judged on the p99 over
 # rounds; the max is reported beside it).
 RACE_TARGET_US = {"memory": 2000.0, "redis": 5000.0, "postgres": 5000.0}
-GROUP_ORDER = ["memory", "redis", "postgres", "sqlite"]
+GROUP_ORDER = ["memory", "redis", "postgres", "sqlite", "http"]
 CASE_ORDER = ["replay", "first_call", "race"]
 VARIANTS = ("idempotent", "same_statements", "baseline")
+# The HTTP bench's cases: (label, the layer's id, the route's id, the raw Redis client's id or
+# None). Each row is compared with the same axum route without the layer: in process
+# (`http/route`), or over loopback HTTP (`http/loopback/route`).
+HTTP_ROUTE = "http/route"
+HTTP_LOOPBACK_ROUTE = "http/loopback/route"
+HTTP_CASES = [
+    ("memory, first call", "http/memory/first_call/layer", HTTP_ROUTE, None),
+    ("memory, replay", "http/memory/replay/layer", HTTP_ROUTE, None),
+    ("Redis, first call", "http/redis/first_call/layer", HTTP_ROUTE, "http/redis/first_call/bare"),
+    ("Redis, replay", "http/redis/replay/layer", HTTP_ROUTE, "http/redis/replay/bare"),
+    ("loopback HTTP, memory, first call", "http/loopback/memory/first_call/layer", HTTP_LOOPBACK_ROUTE, None),
+    ("loopback HTTP, memory, replay", "http/loopback/memory/replay/layer", HTTP_LOOPBACK_ROUTE, None),
+]
+HTTP_ROUTE_SPAWNED = "http/route/spawned"
 
 
 def percentile(values, q):
@@ -143,6 +160,54 @@ def cases(benchmarks):
         entry["target"] = judge(case_id, variants)
         out.append(entry)
     return out
+
+
+def http_cases(benchmarks):
+    """The HTTP bench's rows: each layer case with the route and, on Redis, the raw client."""
+    out = []
+    for label, layer_id, route_id, bare_id in HTTP_CASES:
+        layer = benchmarks.get(layer_id)
+        if layer is None:
+            continue
+        route = benchmarks.get(route_id)
+        bare = benchmarks.get(bare_id) if bare_id else None
+        entry = {
+            "case": label,
+            "id": layer_id,
+            "layer": layer,
+            "route_id": route_id,
+            "route": route,
+            "route_spawned": benchmarks.get(HTTP_ROUTE_SPAWNED),
+            "bare": bare,
+        }
+        if route:
+            entry["ratio_vs_route"] = layer["median_ns"] / route["median_ns"]
+            entry["overhead_vs_route_ns"] = layer["median_ns"] - route["median_ns"]
+        if bare:
+            entry["ratio_vs_bare"] = layer["median_ns"] / bare["median_ns"]
+            entry["overhead_vs_bare_ns"] = layer["median_ns"] - bare["median_ns"]
+        out.append(entry)
+    route = benchmarks.get(HTTP_ROUTE)
+    if route and not out:
+        out.append({
+            "case": "route only",
+            "id": HTTP_ROUTE,
+            "layer": None,
+            "route": route,
+            "route_spawned": benchmarks.get(HTTP_ROUTE_SPAWNED),
+            "bare": None,
+        })
+    return out
+
+
+def http_sizes(path):
+    """The stored sizes the HTTP bench wrote, or an empty list."""
+    if not path:
+        return []
+    try:
+        return json.loads(Path(path).read_text()).get("rows", [])
+    except (OSError, ValueError):
+        return []
 
 
 def races(directory, groups=None):
@@ -254,22 +319,25 @@ def markdown(report):
         "",
         f"Machine: {m['nproc']} cores, {m['cpu']}, {m['memory']}; {m['rustc']}; "
         f"load average {m['load_before']} before, {m['load_after']} after.",
-        "",
-        "Times are per call: for the concurrent cases (`-64`, `-8conn`), one iteration is one "
-        "call by each task, and its time is divided by the number of tasks (the inverse of the "
-        "throughput). Median: criterion's; p99: over criterion's samples (each sample's mean "
-        "time per iteration). Ratio: idempotent median / baseline median; throughput: baseline "
-        "median / idempotent median. Overhead: idempotent median − baseline median, per call."
-        + (
-            " A target marked † is judged against the raw driver running the same statements "
-            "(the next table), not against this baseline."
-            if any("same_statements" in entry for entry in report["cases"])
-            else ""
-        ),
-        "",
-        "| case | idempotent median | p99 | baseline median | p99 | overhead | ratio | throughput vs baseline | target | |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
+    if report["cases"]:
+        lines += [
+            "",
+            "Times are per call: for the concurrent cases (`-64`, `-8conn`), one iteration is one "
+            "call by each task, and its time is divided by the number of tasks (the inverse of the "
+            "throughput). Median: criterion's; p99: over criterion's samples (each sample's mean "
+            "time per iteration). Ratio: idempotent median / baseline median; throughput: baseline "
+            "median / idempotent median. Overhead: idempotent median − baseline median, per call."
+            + (
+                " A target marked † is judged against the raw driver running the same statements "
+                "(the next table), not against this baseline."
+                if any("same_statements" in entry for entry in report["cases"])
+                else ""
+            ),
+            "",
+            "| case | idempotent median | p99 | baseline median | p99 | overhead | ratio | throughput vs baseline | target | |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
     for entry in report["cases"]:
         lib, base = entry["idempotent"], entry["baseline"]
         ratio = f"{entry['ratio']:.2f}x" if "ratio" in entry else "–"
@@ -339,8 +407,67 @@ def markdown(report):
                 f"{fmt_us(race['lag_median_us'])} | {fmt_us(race['lag_p99_us'])} | {fmt_us(race['lag_max_us'])} | "
                 f"{fmt_us(race['round_median_us'])} | {target['text'] if target else '–'} | {verdict(target)} |"
             )
+    lines += http_markdown(report.get("http", []), report.get("http_sizes", []))
     lines.append("")
     return "\n".join(lines)
+
+
+def http_markdown(cases, sizes):
+    """The HTTP bench's section: the layer's cost per request, and recorded sizes at rest."""
+    lines = []
+    if cases:
+        route, spawned = cases[0]["route"], cases[0]["route_spawned"]
+        loopback = next((entry["route"] for entry in cases if entry.get("route_id") == HTTP_LOOPBACK_ROUTE), None)
+        lines += [
+            "",
+            "## HTTP: the layer against the same route without it",
+            "",
+            "An axum `Router` with one route, `POST /orders` (it reads the body and answers 201 "
+            "with 200 bytes of JSON), called in process (no sockets) by one task on a worker. "
+            f"The route without the layer (`http/route`): median {per_call(route, 'median_ns')}, "
+            f"p99 {per_call(route, 'p99_ns')}; the route in a task of its own, awaited "
+            "(`http/route/spawned`, as the layer runs each idempotent request): median "
+            f"{per_call(spawned, 'median_ns')}, p99 {per_call(spawned, 'p99_ns')}. Layer / route "
+            "and the overhead compare each case with the route. The loopback rows: the same "
+            "routers served by `axum::serve` on 127.0.0.1 and called by one keep-alive `reqwest` "
+            "client, compared with the route served the same way (`http/loopback/route`: median "
+            f"{per_call(loopback, 'median_ns')}, p99 {per_call(loopback, 'p99_ns')}). On Redis, the bare floor is the raw `redis` client doing only the round "
+            "trips the layer needs (`SET NX PX` + `SET PX` for a first call, `GET` for a replay).",
+            "",
+            "| case | layer median | p99 | overhead over the route | layer / route | bare Redis median | p99 | layer / bare Redis |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for entry in cases:
+            if entry["layer"] is None:
+                continue
+            ratio = f"{entry['ratio_vs_route']:.2f}x" if "ratio_vs_route" in entry else "–"
+            overhead = fmt_time(entry["overhead_vs_route_ns"]) if "overhead_vs_route_ns" in entry else "–"
+            vs_bare = f"{entry['ratio_vs_bare']:.2f}x" if "ratio_vs_bare" in entry else "–"
+            lines.append(
+                f"| {entry['case']} | {per_call(entry['layer'], 'median_ns')} | {per_call(entry['layer'], 'p99_ns')} | "
+                f"{overhead} | {ratio} | {per_call(entry['bare'], 'median_ns')} | {per_call(entry['bare'], 'p99_ns')} | {vs_bare} |"
+            )
+    if sizes:
+        lines += [
+            "",
+            "## HTTP: a recorded response at rest",
+            "",
+            "A 201 response with one `Content-Type` header. Record: what the layer hands the store "
+            "(a line of JSON with the status and headers, then the body as it is). Memory store: "
+            "its count of the record's bytes (`MemoryStore::bytes`, with its fixed 256 per record). "
+            "Redis: `STRLEN` of the record's key (the store's own fields and the record). "
+            "As a JSON array: the body written as `[123,34,...]`, for comparison.",
+            "",
+            "| body | body bytes | record | memory store | Redis `STRLEN` | Redis / body | as a JSON array |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in sizes:
+            lines.append(
+                f"| {row['kind']}, {row['body_bytes'] // 1024} KiB | {row['body_bytes']:,} | {row['record_bytes']:,} | "
+                f"{row['memory_store_bytes']:,} | {row['redis_strlen']:,} | "
+                f"{row['redis_strlen'] / row['body_bytes']:.3f}x | {row['json_array_bytes']:,} |"
+            )
+    return lines
 
 
 def main():
@@ -349,6 +476,7 @@ def main():
     parser.add_argument("--races", required=True, help="the race timings' folder")
     parser.add_argument("--out", required=True, help="where report.json and report.md go")
     parser.add_argument("--mode", default="full")
+    parser.add_argument("--http-sizes", default=None, help="the HTTP bench's stored_sizes.json")
     parser.add_argument("--load-before", default=None)
     parser.add_argument("--load-after", default=None)
     parser.add_argument(
@@ -369,6 +497,8 @@ def main():
         "machine": machine(args.load_before, args.load_after),
         "cases": cases(benchmarks),
         "races": races(args.races, groups),
+        "http": http_cases(benchmarks),
+        "http_sizes": http_sizes(args.http_sizes) if groups is None or "http" in groups else [],
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
