@@ -123,6 +123,9 @@ impl Problem {
             headers.insert(header::LINK, link);
         }
         if let Self::Engine(Error::Conflict { retry_after }) = self {
+            // The other request's lease left is when its key is surely free, should its server
+            // have died; a live request usually ends well before. Ask again within a second.
+            let retry_after = retry_after.min(MAX_RETRY_AFTER);
             headers.insert(header::RETRY_AFTER, retry_after_seconds(retry_after));
         }
         if let Self::Engine(Error::Store(_)) = self {
@@ -131,6 +134,9 @@ impl Problem {
         response
     }
 }
+
+/// The longest `Retry-After` a 409 asks for.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Whole seconds, rounded up and at least one: `Retry-After: 0` would invite a busy loop.
 fn retry_after_seconds(retry_after: Duration) -> HeaderValue {
@@ -232,8 +238,16 @@ mod tests {
                 .headers()[header::RETRY_AFTER]
                 .clone()
         };
-        assert_eq!(conflict(Duration::from_millis(1500)), "2");
-        assert_eq!(conflict(Duration::from_secs(3)), "3");
-        assert_eq!(conflict(Duration::ZERO), "1");
+        assert_eq!(conflict(Duration::from_millis(300)), "1");
+        assert_eq!(
+            conflict(Duration::ZERO),
+            "1",
+            "never 0, which invites a busy loop"
+        );
+        assert_eq!(
+            conflict(Duration::from_secs(30)),
+            "1",
+            "a lease left is not a wait"
+        );
     }
 }
