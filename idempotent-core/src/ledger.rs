@@ -91,7 +91,9 @@ pub(crate) enum Keeping<'a, W> {
     /// through the store, whatever becomes of the call.
     Lease(&'a dyn StoreHandle),
     /// In something whose end settles it (a transaction, whose rollback removes the claim):
-    /// the record or the release is written once, through these writes.
+    /// the record or the release is written once, through these writes. Only the PostgreSQL
+    /// store's transactional mode has such a ledger.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     Writes(&'a W),
 }
 

@@ -2,7 +2,6 @@
 #![allow(missing_docs)]
 
 use std::future::Future;
-use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -172,6 +171,8 @@ pub use postgres_mode::*;
 #[cfg(feature = "postgres")]
 mod postgres_mode {
     use super::*;
+    use std::sync::Arc;
+
     use crate::stores::postgres::{InTransaction, PostgresStore, PostgresTransaction};
 
     /// What `store = ...` accepts in the transactional mode.
