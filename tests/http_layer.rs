@@ -14,7 +14,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::Response;
 use axum::routing::post;
-use idempotent_core::http::{IdempotencyLayer, RecordPolicy};
+use idempotent_core::http::{IdempotencyLayer, MissingKey, RecordPolicy};
 use idempotent_core::{MemoryStore, OnConflict, Options, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
@@ -317,6 +317,21 @@ async fn only_post_and_patch_need_a_key(store: Arc<dyn Store>) {
         .await;
     assert_eq!(patch.status, StatusCode::CREATED);
     assert_eq!(server.executions(), 2);
+}
+
+async fn a_route_where_the_key_is_optional_passes_keyless_requests_through(store: Arc<dyn Store>) {
+    let server = serve(layer(store).with_missing_key(MissingKey::PassThrough)).await;
+    let url = format!("{}/orders", server.base);
+    for run in 1..=2 {
+        let keyless = server.send(server.client.post(&url).body("cart")).await;
+        assert_eq!(keyless.status, StatusCode::CREATED);
+        assert!(!keyless.replayed());
+        assert_eq!(server.executions(), run, "without a key, no idempotency");
+    }
+    let keyed = server.send(server.post("/orders", "k", "cart")).await;
+    let again = server.send(server.post("/orders", "k", "cart")).await;
+    assert!(!keyed.replayed() && again.replayed(), "with a key, as ever");
+    assert_eq!(server.executions(), 3);
 }
 
 async fn malformed_keys_are_refused(store: Arc<dyn Store>) {
@@ -760,9 +775,10 @@ fn database_of(scenario: &str) -> usize {
         .expect("a listed scenario")
 }
 
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 13] = [
     "a_retry_replays_the_first_response_with_the_allowed_headers",
     "only_post_and_patch_need_a_key",
+    "a_route_where_the_key_is_optional_passes_keyless_requests_through",
     "malformed_keys_are_refused",
     "a_key_reused_with_another_request_is_422",
     "a_concurrent_request_is_409_with_retry_after",
@@ -778,6 +794,7 @@ const SCENARIOS: [&str; 12] = [
 on_every_store!(
     a_retry_replays_the_first_response_with_the_allowed_headers,
     only_post_and_patch_need_a_key,
+    a_route_where_the_key_is_optional_passes_keyless_requests_through,
     malformed_keys_are_refused,
     a_key_reused_with_another_request_is_422,
     a_concurrent_request_is_409_with_retry_after,
@@ -789,3 +806,22 @@ on_every_store!(
     a_request_body_over_the_limit_is_413,
     a_response_too_large_to_record_is_returned_unrecorded,
 );
+
+/// The store unreachable: 503 with `Retry-After`, and the handler does not run (the body never
+/// runs without a claim).
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_reached_is_503_and_the_handler_does_not_run() {
+    let closed = idempotent_test_support::free_port();
+    let store =
+        idempotent_core::stores::redis::RedisStore::builder(format!("redis://127.0.0.1:{closed}/"))
+            .connect_timeout(Duration::from_millis(200))
+            .build()
+            .expect("a valid URL");
+    let server = serve(layer(Arc::new(store))).await;
+    let refused = server.send(server.post("/orders", "k", "cart")).await;
+    let problem = refused.problem(StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(problem["title"], "Idempotency store unavailable");
+    assert_eq!(refused.headers[header::RETRY_AFTER], "1");
+    assert_eq!(server.executions(), 0);
+}
