@@ -6,21 +6,35 @@ use std::task::{Context, Poll, ready};
 
 use http::Response;
 use pin_project_lite::pin_project;
-use tokio::task::JoinHandle;
 
 use super::body::ResponseBody;
-use super::problem::Problem;
+
+/// An idempotent request's whole run: its body read, the engine, the handler, the record.
+pub(crate) type Run<B, E> =
+    Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
 
 pin_project! {
     /// The response future of [`Idempotent`](super::Idempotent): the inner service's own
-    /// future for a request the layer passes through, the layer's answer, or the task that
-    /// runs an idempotent request.
+    /// future for a request the layer passes through, the layer's answer, or the run of an
+    /// idempotent request.
     ///
-    /// Dropping it (a client that disconnected) leaves that task running: the request is
-    /// recorded or released as if the client had waited.
+    /// An idempotent request runs here, in the connection's task, but is never cancelled with
+    /// it: dropped before it finished (a client that disconnected), this future hands the run
+    /// to a task of its own, which records its response (or releases its key) as if the client
+    /// had waited.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
+    }
+
+    impl<F, B, E> PinnedDrop for ResponseFuture<F, B, E> {
+        fn drop(this: Pin<&mut Self>) {
+            if let KindProjection::Idempotent { run, detach } = this.project().kind.project()
+                && let Some(run) = run.take()
+            {
+                detach(run);
+            }
+        }
     }
 }
 
@@ -29,7 +43,21 @@ pin_project! {
     enum Kind<F, B, E> {
         Passthrough { #[pin] future: F },
         Ready { response: Option<Response<ResponseBody<B>>> },
-        Spawned { handle: JoinHandle<Result<Response<ResponseBody<B>>, E>> },
+        // `detach` is `detach::<B, E>`, chosen where its bounds are known (a `Drop` impl may
+        // not add any).
+        Idempotent { run: Option<Run<B, E>>, detach: fn(Run<B, E>) },
+    }
+}
+
+/// Finishes `run` on a task of its own. Outside a Tokio runtime (it is shutting down) there is
+/// none to spawn on: the run is dropped, and the engine releases the key of a handler that had
+/// not returned.
+fn detach<B: 'static, E: 'static>(run: Run<B, E>) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            // The response has no one to go to; its record is what the retry gets.
+            let _ = run.await;
+        });
     }
 }
 
@@ -48,9 +76,16 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn spawned(handle: JoinHandle<Result<Response<ResponseBody<B>>, E>>) -> Self {
+    pub(crate) fn idempotent(run: Run<B, E>) -> Self
+    where
+        B: 'static,
+        E: 'static,
+    {
         Self {
-            kind: Kind::Spawned { handle },
+            kind: Kind::Idempotent {
+                run: Some(run),
+                detach: detach::<B, E>,
+            },
         }
     }
 }
@@ -70,18 +105,15 @@ where
                 Some(response) => Poll::Ready(Ok(response)),
                 None => Poll::Pending,
             },
-            KindProjection::Spawned { handle } => {
-                Poll::Ready(match ready!(Pin::new(handle).poll(cx)) {
-                    Ok(result) => result,
-                    // The handler panicked: its key was released; the panic goes on to whatever
-                    // catches panics around this layer, as if the handler had run here.
-                    Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-                    // The runtime is shutting down.
-                    Err(_) => Ok(Problem::Interrupted
-                        .into_response(None)
-                        .map(|body| ResponseBody::buffered(body, None))),
-                })
-            }
+            KindProjection::Idempotent { run, .. } => match run.as_mut() {
+                Some(future) => {
+                    let output = ready!(future.as_mut().poll(cx));
+                    // Finished: nothing is left to detach when this future is dropped.
+                    *run = None;
+                    Poll::Ready(output)
+                }
+                None => Poll::Pending,
+            },
         }
     }
 }

@@ -26,8 +26,6 @@ pub(crate) enum Problem {
     ResponseFailed(String),
     /// The engine refused the call.
     Engine(Error),
-    /// The request's task was cancelled: the runtime is shutting down.
-    Interrupted,
 }
 
 #[derive(Serialize)]
@@ -88,12 +86,6 @@ impl Problem {
                 ),
             ),
             Self::Engine(error) => engine(error),
-            Self::Interrupted => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Server shutting down",
-                "the server stopped while the request was processed; retry with the same key"
-                    .to_owned(),
-            ),
         }
     }
 

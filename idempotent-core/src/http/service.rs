@@ -90,11 +90,16 @@ where
         // The service polled ready is this one; the clone left behind is polled next time.
         let ready = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, ready);
-        // On its own task: a client that disconnects drops this call's future, never the
-        // handler's. The request is recorded (or its key released) whatever the client does,
-        // and its retry replays it instead of running the handler a second time.
-        let handle = tokio::spawn(idempotent(Arc::clone(config), inner, request, key));
-        ResponseFuture::spawned(handle)
+        // Never cancelled with the connection: a client that disconnects drops the response
+        // future, which hands this run to a task of its own (`ResponseFuture`'s drop). The
+        // request is recorded (or its key released) whatever the client does, and its retry
+        // replays it instead of running the handler a second time.
+        ResponseFuture::idempotent(Box::pin(idempotent(
+            Arc::clone(config),
+            inner,
+            request,
+            key,
+        )))
     }
 }
 
