@@ -11,7 +11,7 @@
 //! | id | one iteration |
 //! |---|---|
 //! | `route` | the route without the layer: the floor every other case is compared with |
-//! | `route/spawned` | the route in a task of its own, awaited: what the layer's spawn of each idempotent request (so that a disconnect does not cancel its handler) costs by itself |
+//! | `route/spawned` | the route in a task of its own, awaited: what a spawn per request costs by itself (the layer spawns only the run of a request whose response future was dropped before it finished, so that a disconnect does not cancel its handler) |
 //! | `memory/first_call/layer` | the layer on a `MemoryStore`, a fresh key: the handler runs, its response is recorded |
 //! | `memory/replay/layer` | the same layer, one key recorded before: the recorded response is replayed |
 //! | `redis/first_call/layer`, `redis/replay/layer` | the same two on a `RedisStore` |

@@ -426,7 +426,7 @@ def http_markdown(cases, sizes):
             "with 200 bytes of JSON), called in process (no sockets) by one task on a worker. "
             f"The route without the layer (`http/route`): median {per_call(route, 'median_ns')}, "
             f"p99 {per_call(route, 'p99_ns')}; the route in a task of its own, awaited "
-            "(`http/route/spawned`, as the layer runs each idempotent request): median "
+            "(`http/route/spawned`, what a spawn per request would cost; the layer spawns only a request dropped before it finished): median "
             f"{per_call(spawned, 'median_ns')}, p99 {per_call(spawned, 'p99_ns')}. Layer / route "
             "and the overhead compare each case with the route. The loopback rows: the same "
             "routers served by `axum::serve` on 127.0.0.1 and called by one keep-alive `reqwest` "

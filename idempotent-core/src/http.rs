@@ -26,10 +26,11 @@
 //! a scope, all clients share one key space, and a client who sends another's key gets that
 //! client's recorded response (or a 422 or 409 that tells it the key is in use).
 //!
-//! **Disconnects.** An idempotent request runs on its own task: a client that disconnects
-//! mid-request does not cancel its handler, whose response is recorded as usual, so the retry
-//! gets it instead of a second execution. The layer therefore needs a tokio runtime (as hyper
-//! and axum have) and an inner service that is `Clone + Send + 'static`.
+//! **Disconnects.** A client that disconnects mid-request does not cancel its handler: the
+//! response future, dropped before it finished, hands the request's run to a task of its own,
+//! where the handler finishes and its response is recorded as usual, so the retry gets it
+//! instead of a second execution. The layer therefore needs a Tokio runtime (as hyper and axum
+//! have) and an inner service that is `Clone + Send + 'static`.
 //!
 //! **Records.** A recorded response is a line of JSON (status, allow-listed headers, body
 //! length) followed by the body's bytes as they are. A response larger than the store's

@@ -1,5 +1,5 @@
-//! The service: decides which requests are idempotent, and runs those through the engine on
-//! their own task.
+//! The service: decides which requests are idempotent, and runs those through the engine, in
+//! a run that a dropped response future detaches rather than cancels.
 
 use std::fmt;
 use std::sync::Arc;
