@@ -363,8 +363,9 @@ impl IdempotencyKeys {
             let wait = self.policy.retry_after(&result, attempts);
             match (spare, wait) {
                 (Some(spare), Some(wait)) => {
+                    // Not the key: whoever holds it can replay this request's response from a
+                    // server that does not scope keys.
                     tracing::debug!(
-                        key = %key,
                         attempts,
                         wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                         "idempotent request: trying again with the same key"

@@ -1,6 +1,7 @@
 //! The bodies the layer hands on: the request body the inner service reads, and the response
 //! body the client gets.
 
+use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -15,7 +16,6 @@ pin_project! {
     /// fingerprint an idempotent request).
     ///
     /// Under axum this is invisible: handlers read it through their extractors as any body.
-    #[derive(Debug)]
     pub struct RequestBody<B> {
         #[pin]
         kind: RequestKind<B>,
@@ -24,7 +24,6 @@ pin_project! {
 
 pin_project! {
     #[project = RequestProjection]
-    #[derive(Debug)]
     enum RequestKind<B> {
         Buffered { data: Option<Bytes> },
         Streaming { #[pin] body: B },
@@ -82,7 +81,6 @@ pin_project! {
     /// The response body the client gets: the inner service's own stream (a request the layer
     /// passed through, or a response it did not record), or bytes the layer holds (a response
     /// it buffered to record, a replay, or the layer's own problem response).
-    #[derive(Debug)]
     pub struct ResponseBody<B> {
         #[pin]
         kind: ResponseKind<B>,
@@ -91,7 +89,6 @@ pin_project! {
 
 pin_project! {
     #[project = ResponseProjection]
-    #[derive(Debug)]
     enum ResponseKind<B> {
         Buffered { data: Option<Bytes>, trailers: Option<HeaderMap> },
         Streaming { #[pin] body: B },
@@ -175,6 +172,37 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
     }
 }
 
+/// A body's `Debug` names its kind and size, never its bytes: a buffered body may be a
+/// recorded response, which is as private as any recorded output.
+impl<B> fmt::Debug for RequestBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            RequestKind::Buffered { data } => f
+                .debug_struct("RequestBody::Buffered")
+                .field("bytes", &data.as_ref().map_or(0, Bytes::len))
+                .finish(),
+            RequestKind::Streaming { .. } => f.write_str("RequestBody::Streaming"),
+        }
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            ResponseKind::Buffered { data, trailers } => f
+                .debug_struct("ResponseBody::Buffered")
+                .field("bytes", &data.as_ref().map_or(0, Bytes::len))
+                .field("trailers", &trailers.is_some())
+                .finish(),
+            ResponseKind::Streaming { .. } => f.write_str("ResponseBody::Streaming"),
+            ResponseKind::Remainder { prefix, .. } => f
+                .debug_struct("ResponseBody::Remainder")
+                .field("prefix_bytes", &prefix.as_ref().map_or(0, Bytes::len))
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
 fn exact(data: Option<&Bytes>) -> SizeHint {
     SizeHint::with_exact(data.map_or(0, |data| data.len() as u64))
 }
@@ -201,6 +229,12 @@ mod tests {
         let collected = body.collect().await.unwrap();
         assert_eq!(collected.trailers(), Some(&trailers));
         assert_eq!(collected.to_bytes(), "x");
+
+        let secret = ResponseBody::<Full<Bytes>>::buffered(Bytes::from_static(b"card 4242"), None);
+        assert_eq!(
+            format!("{secret:?}"),
+            "ResponseBody::Buffered { bytes: 9, trailers: false }"
+        );
 
         let empty = RequestBody::<Full<Bytes>>::buffered(Bytes::new());
         assert!(empty.is_end_stream());

@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
 use crate::recorded::Recording;
 
 /// A handler's response, buffered: everything the caller gets, and what is recorded of it.
-#[derive(Debug)]
 pub(crate) struct BufferedResponse {
     /// The whole head, for the response this call returns (`None` on a replay).
     pub(crate) parts: Option<response::Parts>,
@@ -28,6 +27,7 @@ pub(crate) struct BufferedResponse {
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
     /// The record's first line, encoded once: its length decides whether the record fits.
+    /// Empty in a response read back from its record, which is never recorded again.
     pub(crate) head: Vec<u8>,
 }
 
@@ -160,7 +160,8 @@ impl<E> Recording<BufferedResponse, E> for ResponseRecording {
             status,
             headers,
             body: Bytes::copy_from_slice(body),
-            head: bytes[..line].to_vec(),
+            // Only a response about to be recorded needs its head encoded.
+            head: Vec::new(),
         }))
     }
 }
