@@ -121,6 +121,17 @@ fn client(keys: IdempotencyKeys) -> ClientWithMiddleware {
     ClientBuilder::new(http).with(keys).build()
 }
 
+/// A POST of `body` to `base` + `path` through the middleware with [`keys`], which must get an
+/// answer.
+async fn post(base: &str, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+    client(keys())
+        .post(format!("{base}{path}"))
+        .body(body)
+        .send()
+        .await
+        .expect("an answer")
+}
+
 /// Whether `key` is a UUID v4 in lowercase hyphenated text: the version nibble is 4 and the
 /// variant bits are 10 (the first digit of the fourth group is 8, 9, a or b).
 fn is_uuid_v4(key: &str) -> bool {
@@ -207,12 +218,7 @@ async fn a_timed_out_post_is_sent_again_with_the_same_key() {
 #[tokio::test]
 async fn a_503_is_retried_with_the_same_key() {
     let (server, base) = serve(&[("/flaky", &[Step::Status(503), Step::Status(201)])]).await;
-    let response = client(keys())
-        .post(format!("{base}/flaky"))
-        .body("[1,2,3]")
-        .send()
-        .await
-        .unwrap();
+    let response = post(&base, "/flaky", "[1,2,3]").await;
     assert_eq!(response.status(), StatusCode::CREATED);
     let uuid = one_quoted_uuid(&server.seen("/flaky"), 2);
     assert_eq!(keyed(&response).key(), uuid);
@@ -263,12 +269,7 @@ async fn a_status_outside_the_policy_is_final() {
 #[tokio::test]
 async fn a_409_with_retry_after_is_retried_after_it_and_gets_the_replay() {
     let (server, base) = serve(&[("/busy", &[Step::RetryAfter(409, "1"), Step::Replayed])]).await;
-    let response = client(keys())
-        .post(format!("{base}/busy"))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let response = post(&base, "/busy", "x").await;
     assert_eq!(response.status(), StatusCode::CREATED);
     assert!(is_replayed(&response));
     let uuid = one_quoted_uuid(&server.seen("/busy"), 2);
@@ -298,12 +299,7 @@ async fn a_long_retry_after_is_cut_to_the_cap() {
 #[tokio::test]
 async fn a_409_without_retry_after_is_final() {
     let (server, base) = serve(&[("/busy", &[Step::Status(409), Step::Status(201)])]).await;
-    let response = client(keys())
-        .post(format!("{base}/busy"))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let response = post(&base, "/busy", "x").await;
     assert_eq!(response.status(), StatusCode::CONFLICT);
     one_quoted_uuid(&server.seen("/busy"), 1);
     assert_eq!(keyed(&response).attempts(), 1);
@@ -315,12 +311,7 @@ async fn a_422_is_never_retried() {
     // another payload, and sending it again cannot succeed.
     let (server, base) =
         serve(&[("/reused", &[Step::RetryAfter(422, "1"), Step::Status(201)])]).await;
-    let response = client(keys())
-        .post(format!("{base}/reused"))
-        .body("another payload")
-        .send()
-        .await
-        .unwrap();
+    let response = post(&base, "/reused", "another payload").await;
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     one_quoted_uuid(&server.seen("/reused"), 1);
     assert_eq!(keyed(&response).attempts(), 1);
@@ -329,12 +320,7 @@ async fn a_422_is_never_retried() {
 #[tokio::test]
 async fn a_400_is_never_retried() {
     let (server, base) = serve(&[("/bad", &[Step::Status(400), Step::Status(201)])]).await;
-    let response = client(keys())
-        .post(format!("{base}/bad"))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let response = post(&base, "/bad", "x").await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     one_quoted_uuid(&server.seen("/bad"), 1);
 }
@@ -417,12 +403,7 @@ async fn a_bare_key_has_no_quotes() {
 #[tokio::test]
 async fn a_replay_is_told_to_the_caller() {
     let (server, base) = serve(&[("/replay", &[Step::Replayed])]).await;
-    let response = client(keys())
-        .post(format!("{base}/replay"))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let response = post(&base, "/replay", "x").await;
     one_quoted_uuid(&server.seen("/replay"), 1);
     assert!(is_replayed(&response));
     assert!(keyed(&response).replayed());
@@ -441,12 +422,7 @@ async fn a_replay_is_told_to_the_caller() {
 async fn a_streamed_body_is_sent_once() {
     let (server, base) = serve(&[("/flaky", &[Step::Status(503), Step::Status(201)])]).await;
     let body = reqwest::Body::wrap(Full::new(Bytes::from_static(b"streamed")));
-    let response = client(keys())
-        .post(format!("{base}/flaky"))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let response = post(&base, "/flaky", body).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     one_quoted_uuid(&server.seen("/flaky"), 1);
     assert_eq!(keyed(&response).attempts(), 1);

@@ -13,7 +13,7 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 
 type Fields = BTreeMap<String, String>;
 
-/// Keeps the fields of every `idempotent` event.
+/// Keeps the fields of every event of the crate (targets `idempotent` and `idempotent::*`).
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<(tracing::Level, Fields)>>>);
 
@@ -37,7 +37,8 @@ impl Visit for FieldVisitor<'_> {
 
 impl<S: tracing::Subscriber> Layer<S> for Captured {
     fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
-        if event.metadata().target() != "idempotent" {
+        // The calls' events, and the HTTP layer's (`idempotent::http`).
+        if !event.metadata().target().starts_with("idempotent") {
             return;
         }
         let mut fields = Fields::new();
@@ -234,4 +235,68 @@ fn every_outcome_is_an_event_with_function_key_outcome_and_duration() {
     );
     assert_eq!(events[4].1["waited"], "true");
     assert_eq!(events[5].0, tracing::Level::WARN);
+}
+
+/// The HTTP layer returns a response too large to record as it came, and says so with a WARN
+/// that names the function and the limit, never the key.
+#[cfg(feature = "http")]
+#[test]
+fn a_response_too_large_to_record_is_a_warn_without_the_key() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use idempotent_core::http::IdempotencyLayer;
+    use tower::{Layer, Service};
+
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::registry().with(captured.clone());
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer = IdempotencyLayer::new("shop::export")
+        .with_store(Arc::new(MemoryStore::new()))
+        .with_options(Options::new().with_max_output_bytes(4096));
+    let route = axum::Router::new().route(
+        "/export",
+        axum::routing::post(|| async { vec![b'x'; 10_000] }),
+    );
+    let mut service = layer.layer(route);
+
+    let length = runtime.block_on(async {
+        std::future::poll_fn(|cx| Service::<Request<Body>>::poll_ready(&mut service, cx))
+            .await
+            .unwrap();
+        let request = Request::post("/export")
+            .header("idempotency-key", "\"export-secret-key\"")
+            .body(Body::empty())
+            .unwrap();
+        let response = service.call(request).await.unwrap();
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .len()
+    });
+    assert_eq!(length, 10_000, "the response is returned whole");
+
+    let events = captured.outcomes();
+    let warns: Vec<_> = events
+        .iter()
+        .filter(|(level, _)| *level == tracing::Level::WARN)
+        .collect();
+    assert_eq!(warns.len(), 1, "{events:?}");
+    let fields = &warns[0].1;
+    assert_eq!(fields["name"], "shop::export");
+    assert_eq!(fields["limit"], "4096");
+    assert!(fields["message"].contains("unrecorded"), "{fields:?}");
+    assert!(
+        events.iter().all(|(_, fields)| fields
+            .values()
+            .all(|value| !value.contains("export-secret-key"))),
+        "no event holds the key: {events:?}"
+    );
 }
