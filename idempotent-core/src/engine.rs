@@ -464,7 +464,8 @@ impl Idempotency {
         E: From<Error>,
         F: Future<Output = Result<T, E>>,
     {
-        self.run_recorded::<OkOnly, T, E, F>(call, body).await
+        let ledger = Leased::new(&self.store);
+        execute::<OkOnly, T, E, F>(&ledger, &self.options, call.prepare(), body).await
     }
 
     /// Like [`Idempotency::run`], but an `Err` is recorded and replayed too: for errors that a
@@ -500,12 +501,15 @@ impl Idempotency {
         E: Serialize + DeserializeOwned + From<Error>,
         F: Future<Output = Result<T, E>>,
     {
-        self.run_recorded::<OkAndErr, T, E, F>(call, body).await
+        let ledger = Leased::new(&self.store);
+        execute::<OkAndErr, T, E, F>(&ledger, &self.options, call.prepare(), body).await
     }
+}
 
-    /// The engine over the store's own connections, with the result recorded by `R`: JSON for
-    /// [`Idempotency::run`] and [`Idempotency::run_caching_errors`], a response's head and body
-    /// bytes for the HTTP layer.
+impl Idempotency {
+    /// [`Idempotency::run`] with the result recorded by `R` rather than as JSON: the HTTP
+    /// layer's responses, whose bodies are stored as bytes.
+    #[cfg(feature = "http")]
     pub(crate) async fn run_recorded<R, T, E, F>(
         &self,
         call: Call<'_>,
