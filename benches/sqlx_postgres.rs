@@ -1,0 +1,2 @@
+//! Placeholder: filled in by the sqlx store work.
+fn main() {}
