@@ -89,6 +89,22 @@ impl Shop {
         Ok(format!("order {order_id} for {amount}"))
     }
 
+    /// Writes the order in a savepoint of the caller's transaction: the body sees `tx` as the
+    /// function declares it, `&mut`, which `savepoint` needs.
+    #[idempotent(key = order_id, store = self.store, tx = tx)]
+    async fn create_order_in_a_savepoint(
+        &self,
+        tx: &mut Transaction<'_>,
+        order_id: String,
+        amount: i64,
+    ) -> Result<String, ShopError> {
+        self.executions.fetch_add(1, Ordering::SeqCst);
+        let savepoint = tx.savepoint("order_write").await?;
+        insert_order(&savepoint, &order_id, amount).await?;
+        savepoint.commit().await?;
+        Ok(format!("order {order_id} for {amount}"))
+    }
+
     fn executions(&self) -> u32 {
         self.executions.load(Ordering::SeqCst)
     }
@@ -164,6 +180,23 @@ async fn committed_together_and_replayed_in_a_later_transaction() {
         matches!(reused, Err(ShopError::Idempotency(Error::KeyReused))),
         "{reused:?}"
     );
+}
+
+#[tokio::test]
+async fn a_body_given_the_transaction_as_mut_writes_in_a_savepoint_of_it() {
+    let (shop, url) = shop().await;
+    let mut client = postgres_client(&url).await;
+    for _ in 0..2 {
+        let mut tx = client.transaction().await.unwrap();
+        let receipt = shop
+            .create_order_in_a_savepoint(&mut tx, "S-1".into(), 70)
+            .await
+            .unwrap();
+        assert_eq!(receipt, "order S-1 for 70");
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(shop.executions(), 1);
+    assert_eq!(orders_and_records(&url).await, (1, 1));
 }
 
 #[tokio::test]

@@ -165,61 +165,15 @@ impl<T, E> IsResult for Result<T, E> {
     }
 }
 
-#[cfg(feature = "postgres")]
-pub use postgres_mode::*;
-
-#[cfg(feature = "postgres")]
-mod postgres_mode {
-    use super::*;
-    use std::sync::Arc;
-
-    use crate::stores::postgres::{InTransaction, PostgresStore, PostgresTransaction};
-
-    /// What `store = ...` accepts in the transactional mode.
-    #[diagnostic::on_unimplemented(
-        message = "`tx = ...` needs `store = ...` to be a `PostgresStore`, found `{Self}`",
-        label = "not a `PostgresStore` (or an `Arc` or reference to one)"
-    )]
-    pub trait PostgresStoreHandle {
-        fn postgres_store(&self) -> &PostgresStore;
-    }
-
-    impl PostgresStoreHandle for PostgresStore {
-        fn postgres_store(&self) -> &PostgresStore {
-            self
-        }
-    }
-
-    impl PostgresStoreHandle for Arc<PostgresStore> {
-        fn postgres_store(&self) -> &PostgresStore {
-            self
-        }
-    }
-
-    impl<T: PostgresStoreHandle + ?Sized> PostgresStoreHandle for &T {
-        fn postgres_store(&self) -> &PostgresStore {
-            (**self).postgres_store()
-        }
-    }
-
-    pub fn postgres_store<S: PostgresStoreHandle + ?Sized>(store: &S) -> &PostgresStore {
-        store.postgres_store()
-    }
-
-    pub async fn run_in_transaction<R, F>(
-        store: &PostgresStore,
-        tx: &(impl PostgresTransaction + ?Sized),
-        options: &Options,
-        call: Prepared,
-        body: F,
-    ) -> R
-    where
-        R: IsResult,
-        R::Ok: Serialize + DeserializeOwned,
-        R::Err: From<Error>,
-        F: Future<Output = R>,
-    {
-        let ledger = InTransaction::new(store, tx.transaction());
-        run_over::<OkOnly, R, F>(&ledger, options, call, body).await
-    }
-}
+#[cfg(any(
+    feature = "postgres",
+    feature = "sqlx-postgres",
+    feature = "sqlx-sqlite"
+))]
+mod transactional;
+#[cfg(any(
+    feature = "postgres",
+    feature = "sqlx-postgres",
+    feature = "sqlx-sqlite"
+))]
+pub use transactional::*;

@@ -68,7 +68,8 @@ impl PostgresStore {
         E: From<Error>,
         F: Future<Output = Result<T, E>>,
     {
-        let ledger = InTransaction::new(self, tx.transaction());
+        let tx = tokio::sync::Mutex::new(tx);
+        let ledger = InTransaction::new(self, &tx);
         execute::<OkOnly, T, E, F>(&ledger, options, call.prepare(), body).await
     }
 }

@@ -66,7 +66,7 @@ pub(crate) fn expand(attr: &Attr, mut function: MaybeItemFn, checked: &Checked) 
 
     let store_init = match (&attr.store, &attr.tx) {
         (Some(expr), Some(_)) => quote_spanned! {expr.span()=>
-            let #store = #private::postgres_store(&(#expr));
+            let #store = #private::transactional_store(&(#expr));
         },
         (Some(expr), None) => {
             // The value is bound first, so that a temporary (`store = make_store()`) lives to
@@ -105,16 +105,27 @@ pub(crate) fn expand(attr: &Attr, mut function: MaybeItemFn, checked: &Checked) 
         .cancel_on_lease_loss
         .then(|| quote!(.with_on_lease_loss(#private::OnLeaseLoss::Cancel)));
 
-    // In the transactional mode the body sees the transaction through a shared reborrow
-    // (`tx` shadowed with the user's own name), so the engine can write in it too.
-    let (runner, tx_arg, tx_reborrow) = match &attr.tx {
+    // In the transactional mode the transaction goes into a cell that the store's ledger and
+    // the body take in turns: the body holds it while it runs, under the user's own name and
+    // as the function declared it (`&mut` stays `&mut`), and the ledger writes the claim
+    // before and the record after.
+    let tx_cell = Ident::new("__idempotent_tx", Span::mixed_site());
+    let tx_guard = Ident::new("__idempotent_tx_guard", Span::mixed_site());
+    let (runner, tx_arg, tx_cell_init, tx_take) = match &attr.tx {
         Some(tx) => (
             quote!(run_in_transaction),
-            quote!(#tx,),
-            quote!(let #tx = &*#tx;),
+            quote!(#tx_cell,),
+            quote! {
+                let #tx_cell = #private::TxCell::new(#tx);
+                let #tx_cell = &#tx_cell;
+            },
+            quote! {
+                let mut #tx_guard = #tx_cell.lock().await;
+                let #tx = #private::Reborrow::reborrow(&mut *#tx_guard);
+            },
         ),
-        None if attr.cache_errors => (quote!(run_caching_errors), quote!(), quote!()),
-        None => (quote!(run), quote!(), quote!()),
+        None if attr.cache_errors => (quote!(run_caching_errors), quote!(), quote!(), quote!()),
+        None => (quote!(run), quote!(), quote!(), quote!()),
     };
     let output = &checked.output;
     let private_at_output = respan(private.clone(), output.span());
@@ -142,6 +153,7 @@ pub(crate) fn expand(attr: &Attr, mut function: MaybeItemFn, checked: &Checked) 
                 let #fake_return: #output = loop {};
                 return #fake_return;
             }
+            #tx_take
             #(#destructure)*
             #block
         })
@@ -167,7 +179,7 @@ pub(crate) fn expand(attr: &Attr, mut function: MaybeItemFn, checked: &Checked) 
                 }
             };
             #store_init
-            #tx_reborrow
+            #tx_cell_init
             let #options = #private::Options::new() #ttl #lease #on_conflict #on_lease_loss #max_output_bytes;
             #run
     };

@@ -19,6 +19,7 @@
 //! connection keeps no prepared statements of ours.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio_postgres::types::{ToSql, Type};
@@ -83,15 +84,42 @@ impl<T: PostgresTransaction + ?Sized + Send> PostgresTransaction for &mut T {
 }
 
 /// The caller's transaction as a [`Ledger`]: the claim, the record and the release are
-/// statements in it.
-pub(crate) struct InTransaction<'a> {
+/// statements in it. The transaction is behind a lock that the ledger takes for each of its
+/// statements, so that a body given the transaction as `&mut` (by `#[idempotent(tx = tx)]`)
+/// can hold it while it runs: the ledger writes nothing while the body runs. The lock's type is
+/// erased, so that the ledger's type does not depend on the transaction's.
+pub struct InTransaction<'a> {
     store: &'a PostgresStore,
-    tx: &'a tokio_postgres::Transaction<'a>,
+    tx: &'a (dyn LockTransaction + 'a),
 }
 
 impl<'a> InTransaction<'a> {
-    pub(crate) fn new(store: &'a PostgresStore, tx: &'a tokio_postgres::Transaction<'a>) -> Self {
+    pub(crate) fn new(store: &'a PostgresStore, tx: &'a (dyn LockTransaction + 'a)) -> Self {
         Self { store, tx }
+    }
+}
+
+/// A lock around a transaction the ledger writes in.
+pub(crate) trait LockTransaction: Sync {
+    fn lock(&self) -> Pin<Box<dyn Future<Output = Box<dyn Locked + '_>> + Send + '_>>;
+}
+
+/// A locked transaction.
+pub(crate) trait Locked: Send {
+    fn transaction(&self) -> &tokio_postgres::Transaction<'_>;
+}
+
+struct Guard<'g, T>(tokio::sync::MutexGuard<'g, T>);
+
+impl<T: PostgresTransaction + Send> Locked for Guard<'_, T> {
+    fn transaction(&self) -> &tokio_postgres::Transaction<'_> {
+        self.0.transaction()
+    }
+}
+
+impl<T: PostgresTransaction + Send> LockTransaction for tokio::sync::Mutex<T> {
+    fn lock(&self) -> Pin<Box<dyn Future<Output = Box<dyn Locked + '_>> + Send + '_>> {
+        Box::pin(async move { Box::new(Guard(self.lock().await)) as Box<dyn Locked + '_> })
     }
 }
 
@@ -145,8 +173,9 @@ impl Writes for InTransaction<'_> {
         output: Bytes,
         ttl: Duration,
     ) -> Result<FencedWrite, StoreError> {
-        let completed = self
-            .tx
+        let tx = self.tx.lock().await;
+        let completed = tx
+            .transaction()
             .query_typed(
                 &self.store.statements.complete_in_transaction,
                 &[
@@ -167,8 +196,9 @@ impl Writes for InTransaction<'_> {
 
     /// Deletes the claim again; should it fail, the caller's rollback removes it anyway.
     async fn release(&self, key: &StorageKey, fence: Fence) {
-        let released = self
-            .tx
+        let tx = self.tx.lock().await;
+        let released = tx
+            .transaction()
             .query_typed(
                 &self.store.statements.release_in_transaction,
                 &[
@@ -194,7 +224,8 @@ impl InTransaction<'_> {
         lease: Duration,
         lock_wait: Duration,
     ) -> Result<Found, StoreError> {
-        let tx = self.tx;
+        let tx = self.tx.lock().await;
+        let tx = tx.transaction();
         let key_param = key.as_bytes().as_slice();
         let fingerprint_param = fingerprint.as_bytes().as_slice();
         let lease = millis(lease);

@@ -1,0 +1,155 @@
+//! The transactional mode as `#[idempotent(tx = tx, store = ...)]` calls it, for every store
+//! that has one.
+//!
+//! The generated code puts the transaction argument in a [`TxCell`]; the store's ledger locks
+//! the cell for its claim and for its record, and the body holds it while it runs, seeing the
+//! transaction as the function declared it ([`Reborrow`]): a `&mut` transaction stays `&mut`
+//! (sqlx executes on `&mut`), a `&` one stays shared. The engine never writes while the body
+//! runs (a transaction needs no lease), so the two never wait for each other.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{IsResult, run_over};
+use crate::engine::Prepared;
+use crate::error::Error;
+use crate::options::Options;
+use crate::recorded::OkOnly;
+
+/// The transaction argument, shared in turns between the store's ledger and the body.
+pub struct TxCell<T>(pub(crate) tokio::sync::Mutex<T>);
+
+impl<T> TxCell<T> {
+    pub fn new(tx: T) -> Self {
+        Self(tokio::sync::Mutex::new(tx))
+    }
+
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, T> {
+        self.0.lock().await
+    }
+}
+
+/// The transaction as the body sees it, from the cell's guard: as the function declared it.
+pub trait Reborrow {
+    type Out<'g>
+    where
+        Self: 'g;
+
+    fn reborrow(&mut self) -> Self::Out<'_>;
+}
+
+impl<'a, T: ?Sized> Reborrow for &'a T {
+    type Out<'g>
+        = &'a T
+    where
+        Self: 'g;
+
+    fn reborrow(&mut self) -> &'a T {
+        self
+    }
+}
+
+impl<T: ?Sized> Reborrow for &mut T {
+    type Out<'g>
+        = &'g mut T
+    where
+        Self: 'g;
+
+    fn reborrow(&mut self) -> &mut T {
+        self
+    }
+}
+
+/// What `store = ...` accepts in the transactional mode: a store that has one, or an `Arc` or
+/// reference to one.
+#[diagnostic::on_unimplemented(
+    message = "`tx = ...` needs `store = ...` to be a store with a transactional mode, found `{Self}`",
+    label = "not a `PostgresStore`, `SqlxPgStore` or `SqlxSqliteStore` (or an `Arc` or reference to one)"
+)]
+pub trait TransactionalStoreHandle {
+    type Store: ?Sized;
+
+    fn transactional_store(&self) -> &Self::Store;
+}
+
+impl<S: TransactionalStoreHandle + ?Sized> TransactionalStoreHandle for &S {
+    type Store = S::Store;
+
+    fn transactional_store(&self) -> &S::Store {
+        (**self).transactional_store()
+    }
+}
+
+impl<S: TransactionalStoreHandle + ?Sized> TransactionalStoreHandle for Arc<S> {
+    type Store = S::Store;
+
+    fn transactional_store(&self) -> &S::Store {
+        (**self).transactional_store()
+    }
+}
+
+pub fn transactional_store<S: TransactionalStoreHandle + ?Sized>(store: &S) -> &S::Store {
+    store.transactional_store()
+}
+
+/// A store whose transactional mode writes in transactions of type `T`.
+#[diagnostic::on_unimplemented(
+    message = "the store `{Self}` cannot write its records in a transaction of type `{T}`",
+    label = "`tx = ...` names an argument of type `{T}`",
+    note = "a `PostgresStore` writes in a tokio-postgres or deadpool-postgres transaction, a `SqlxPgStore` in a `&mut sqlx::Transaction<'_, Postgres>`, a `SqlxSqliteStore` in a `&mut sqlx::Transaction<'_, Sqlite>`"
+)]
+pub trait TransactionalStore<T> {
+    /// The ledger that writes the claim and the record in the cell's transaction. Its type
+    /// does not depend on `T`: the future of a generic function whose state holds a type that
+    /// needs `T`'s trait bounds is not seen to be `Send` (rust-lang/rust#100013).
+    fn in_transaction<'a>(&'a self, cell: &'a TxCell<T>) -> TxLedger<'a>;
+}
+
+/// The ledgers of the stores' transactional modes.
+pub enum TxLedger<'a> {
+    #[cfg(feature = "postgres")]
+    Postgres(crate::stores::postgres::InTransaction<'a>),
+}
+
+pub async fn run_in_transaction<S, T, R, F>(
+    store: &S,
+    cell: &TxCell<T>,
+    options: &Options,
+    call: Prepared,
+    body: F,
+) -> R
+where
+    S: TransactionalStore<T> + ?Sized,
+    R: IsResult,
+    R::Ok: Serialize + DeserializeOwned,
+    R::Err: From<Error>,
+    F: Future<Output = R>,
+{
+    match store.in_transaction(cell) {
+        #[cfg(feature = "postgres")]
+        TxLedger::Postgres(ledger) => run_over::<OkOnly, R, F>(&ledger, options, call, body).await,
+    }
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use crate::stores::postgres::{InTransaction, PostgresStore, PostgresTransaction};
+
+    impl TransactionalStoreHandle for PostgresStore {
+        type Store = PostgresStore;
+
+        fn transactional_store(&self) -> &PostgresStore {
+            self
+        }
+    }
+
+    impl<T: PostgresTransaction + Send> TransactionalStore<T> for PostgresStore {
+        fn in_transaction<'a>(&'a self, cell: &'a TxCell<T>) -> TxLedger<'a> {
+            TxLedger::Postgres(InTransaction::new(self, &cell.0))
+        }
+    }
+}
