@@ -16,6 +16,8 @@ pub(crate) mod postgres_sql;
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(feature = "sqlx-postgres")]
+pub mod sqlx_postgres;
 #[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx-postgres"))]
 mod wait;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "sqlx-postgres"))]
