@@ -24,10 +24,10 @@ where
     }
 }
 
-/// The SQL the PostgreSQL store runs for a table: the schema it creates, its claim statement
+/// The SQL the PostgreSQL stores (`PostgresStore`, `SqlxPgStore`) run for a table: the schema it creates, its claim statement
 /// (`$1` key, `$2` fingerprint, `$3` lease in ms) and its complete statement (`$1` key, `$2`
 /// fence, `$3` output, `$4` ttl in ms).
-#[cfg(feature = "postgres")]
+#[cfg(any(feature = "postgres", feature = "sqlx-postgres"))]
 #[derive(Debug, Clone)]
 pub struct PostgresStatementTexts {
     /// The schema statements, run once at start-up.
@@ -40,9 +40,9 @@ pub struct PostgresStatementTexts {
 
 /// The statement texts the store uses for `table`, so the benches can run the same statements
 /// on the raw driver. Fails on a table name the store would refuse.
-#[cfg(feature = "postgres")]
+#[cfg(any(feature = "postgres", feature = "sqlx-postgres"))]
 pub fn postgres_statement_texts(table: &str) -> Result<PostgresStatementTexts, String> {
-    let (schema, claim, complete) = crate::stores::postgres::statement_texts(table)?;
+    let (schema, claim, complete) = crate::stores::postgres_sql::statement_texts(table)?;
     Ok(PostgresStatementTexts {
         schema,
         claim,

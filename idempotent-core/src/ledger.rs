@@ -93,7 +93,10 @@ pub(crate) enum Keeping<'a, W> {
     /// In something whose end settles it (a transaction, whose rollback removes the claim):
     /// the record or the release is written once, through these writes. Only the PostgreSQL
     /// store's transactional mode has such a ledger.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    #[cfg_attr(
+        not(any(feature = "postgres", feature = "sqlx-postgres")),
+        allow(dead_code)
+    )]
     Writes(&'a W),
 }
 

@@ -47,6 +47,25 @@ mod postgres {
     }
 }
 
+#[cfg(feature = "sqlx-postgres")]
+mod sqlx_postgres {
+    use super::*;
+
+    fn database() -> String {
+        idempotent_test_support::shared_postgres().create_unique_database("fleet_sqlx")
+    }
+
+    #[test]
+    fn four_processes_execute_each_key_exactly_once() {
+        exactly_once_across_processes(stores::Kind::SqlxPostgres, &database());
+    }
+
+    #[test]
+    fn a_holder_killed_mid_body_is_taken_over_once_after_its_lease() {
+        crash_recovery(stores::Kind::SqlxPostgres, &database());
+    }
+}
+
 #[cfg(feature = "sqlite")]
 mod sqlite {
     use super::*;

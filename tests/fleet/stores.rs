@@ -12,6 +12,8 @@ pub enum Kind {
     Redis,
     #[cfg(feature = "sqlite")]
     Sqlite,
+    #[cfg(feature = "sqlx-postgres")]
+    SqlxPostgres,
 }
 
 impl Kind {
@@ -23,6 +25,8 @@ impl Kind {
             Kind::Redis => "redis",
             #[cfg(feature = "sqlite")]
             Kind::Sqlite => "sqlite",
+            #[cfg(feature = "sqlx-postgres")]
+            Kind::SqlxPostgres => "sqlx-postgres",
         }
     }
 
@@ -34,6 +38,8 @@ impl Kind {
             "redis" => Kind::Redis,
             #[cfg(feature = "sqlite")]
             "sqlite" => Kind::Sqlite,
+            #[cfg(feature = "sqlx-postgres")]
+            "sqlx-postgres" => Kind::SqlxPostgres,
             other => panic!("unknown store kind {other:?}"),
         }
     }
@@ -57,6 +63,20 @@ pub async fn connect(kind: Kind, url: &str) -> Arc<dyn Store> {
             idempotent_core::stores::sqlite::SqliteStore::open(url)
                 .expect("open the SQLite database"),
         ),
+        #[cfg(feature = "sqlx-postgres")]
+        Kind::SqlxPostgres => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(8)
+                .connect(url)
+                .await
+                .expect("connect to PostgreSQL");
+            Arc::new(
+                idempotent_core::stores::sqlx_postgres::SqlxPgStore::builder(pool)
+                    .build()
+                    .await
+                    .expect("create the tables"),
+            )
+        }
     }
 }
 
@@ -117,6 +137,19 @@ pub async fn current_fence(kind: Kind, url: &str, key: &str) -> u64 {
                 )
                 .expect("the record has a fence");
             fence.try_into().expect("a non-negative fence")
+        }
+        #[cfg(feature = "sqlx-postgres")]
+        Kind::SqlxPostgres => {
+            let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(url)
+                .await
+                .expect("connect to PostgreSQL");
+            let fence: i64 =
+                sqlx::query_scalar("SELECT fence FROM idempotent_records WHERE key = $1")
+                    .bind(storage_key.as_bytes().as_slice())
+                    .fetch_one(&mut connection)
+                    .await
+                    .expect("the record has a fence");
+            fence.try_into().expect("a positive fence")
         }
     }
 }

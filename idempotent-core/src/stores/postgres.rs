@@ -87,7 +87,6 @@ use record::{CLAIM_ATTEMPTS, claim_with, fence_param, judge_claim};
 use sql::Statements;
 
 pub use builder::PostgresStoreBuilder;
-pub(crate) use sql::statement_texts;
 pub(crate) use transaction::InTransaction;
 pub use transaction::PostgresTransaction;
 

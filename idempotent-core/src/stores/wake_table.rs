@@ -70,7 +70,7 @@ impl<K> WakeTable<K> {
     }
 
     /// Wakes everyone waiting, on any key (the store may have missed a change).
-    #[cfg(feature = "postgres")]
+    #[cfg(any(feature = "postgres", feature = "sqlx-postgres"))]
     pub(crate) fn wake_all(&self) {
         for entry in self.lock().values() {
             entry.notify.notify_waiters();

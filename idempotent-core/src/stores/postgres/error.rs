@@ -3,19 +3,16 @@
 use std::time::Duration;
 
 use crate::error::StoreError;
+use crate::stores::postgres_sql::{sqlstate_passes, sqlstate_rolled_back};
 
 /// `error` as a store error with `message` first: [`StoreError::Unavailable`] for what passes
 /// (the connection, the server's state, a rolled-back statement), else [`StoreError::Backend`].
 pub(super) fn from_pg(message: &str, error: tokio_postgres::Error) -> StoreError {
     // An error the server did not send (a closed connection, I/O, a timeout) passes, as do
-    // connection exceptions (08), operator intervention such as a terminated backend, a
-    // cancelled statement or a shutdown (57), exhausted resources (53), a lock not had in time
-    // (55P03), and a serialization failure or deadlock (40001, 40P01: the statement was rolled
-    // back); any other server error is a real failure.
-    let passing = error.as_db_error().is_none_or(|db| {
-        let code = db.code().code();
-        matches!(&code[..2], "08" | "53" | "57") || matches!(code, "55P03" | "40001" | "40P01")
-    });
+    // the server errors `sqlstate_passes` names; any other server error is a real failure.
+    let passing = error
+        .as_db_error()
+        .is_none_or(|db| sqlstate_passes(db.code().code()));
     let message = format!("{message}: {}", describe(&error));
     if passing {
         StoreError::Unavailable {
@@ -64,7 +61,7 @@ pub(super) fn is_rolled_back(error: &StoreError) -> bool {
     source
         .downcast_ref::<tokio_postgres::Error>()
         .and_then(tokio_postgres::Error::as_db_error)
-        .is_some_and(|db| matches!(db.code().code(), "40001" | "40P01"))
+        .is_some_and(|db| sqlstate_rolled_back(db.code().code()))
 }
 
 /// `what` ran out of the store's `timeout`.

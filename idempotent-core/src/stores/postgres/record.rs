@@ -14,14 +14,7 @@ use crate::key::StorageKey;
 use crate::store::{Claim, Fence};
 use crate::stores::millis;
 
-/// A fence as the statements take it, a `bigint`.
-pub(super) fn fence_param(fence: Fence) -> i64 {
-    // Sequence values are positive `bigint`s, so every fence this store hands out fits.
-    i64::try_from(fence.get()).unwrap_or(-1)
-}
-
-/// How many times a claim statement is run again when a concurrent insert hid the record.
-pub(super) const CLAIM_ATTEMPTS: usize = 5;
+pub(super) use crate::stores::postgres_sql::{CLAIM_ATTEMPTS, fence_param};
 
 /// Runs a claim statement with `run` until its answer can be judged: a record a concurrent
 /// transaction inserted after the statement's snapshot hides from it, and the statement runs

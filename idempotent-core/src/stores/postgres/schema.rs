@@ -28,15 +28,8 @@ impl PostgresStore {
         client: &impl tokio_postgres::GenericClient,
     ) -> Result<Option<i32>, StoreError> {
         let schema_table = format!("{}_schema", self.table);
-        // The catalog itself, read with the statement's snapshot: `to_regclass` would answer
-        // from this connection's catalog cache, which does not hear of a table another
-        // starter created while this one waited for its turn.
         let exists: bool = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables
-                                WHERE tablename = $1 AND schemaname = ANY (current_schemas(false)))",
-                &[&schema_table],
-            )
+            .query_one(sql::SCHEMA_TABLE_EXISTS, &[&schema_table])
             .await
             .and_then(|row| row.try_get(0))
             .map_err(|error| from_pg("could not look for the schema table", error))?;
@@ -44,7 +37,7 @@ impl PostgresStore {
             return Ok(None);
         }
         client
-            .query_one(&format!("SELECT max(version) FROM {schema_table}"), &[])
+            .query_one(&sql::schema_version_query(&self.table), &[])
             .await
             .and_then(|row| row.try_get(0))
             .map_err(|error| from_pg("could not read the schema version", error))
@@ -92,7 +85,7 @@ impl PostgresStore {
                 .map_err(|error| from_pg("could not begin the schema transaction", error))?;
             // Processes starting together take turns; the lock ends with the transaction.
             transaction
-                .execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&self.table])
+                .execute(sql::SCHEMA_LOCK, &[&self.table])
                 .await
                 .map_err(|error| from_pg("could not lock the schema", error))?;
             transaction
@@ -123,7 +116,7 @@ impl PostgresStore {
                                 error,
                             )
                         })?;
-                    let insert = format!("INSERT INTO {}_schema (version) VALUES ($1)", self.table);
+                    let insert = sql::schema_version_insert(&self.table);
                     transaction
                         .execute(&insert, &[&sql::SCHEMA_VERSION])
                         .await
