@@ -1,7 +1,12 @@
 //! The stores. The in-memory store is always there; the others are behind cargo features.
 
 pub mod memory;
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+#[cfg(any(
+    feature = "sqlite",
+    feature = "sqlx-sqlite",
+    feature = "postgres",
+    feature = "redis"
+))]
 mod millis;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -9,7 +14,11 @@ pub mod postgres;
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(any(feature = "sqlite", feature = "sqlx-sqlite"))]
+mod sqlite_format;
+#[cfg(feature = "sqlx-sqlite")]
+pub mod sqlx_sqlite;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 mod wait;
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg(any(feature = "sqlite", feature = "sqlx-sqlite", feature = "postgres"))]
 mod wake_table;
