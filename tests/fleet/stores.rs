@@ -12,6 +12,8 @@ pub enum Kind {
     Redis,
     #[cfg(feature = "sqlite")]
     Sqlite,
+    #[cfg(feature = "sqlx-sqlite")]
+    SqlxSqlite,
 }
 
 impl Kind {
@@ -23,6 +25,8 @@ impl Kind {
             Kind::Redis => "redis",
             #[cfg(feature = "sqlite")]
             Kind::Sqlite => "sqlite",
+            #[cfg(feature = "sqlx-sqlite")]
+            Kind::SqlxSqlite => "sqlx-sqlite",
         }
     }
 
@@ -34,6 +38,8 @@ impl Kind {
             "redis" => Kind::Redis,
             #[cfg(feature = "sqlite")]
             "sqlite" => Kind::Sqlite,
+            #[cfg(feature = "sqlx-sqlite")]
+            "sqlx-sqlite" => Kind::SqlxSqlite,
             other => panic!("unknown store kind {other:?}"),
         }
     }
@@ -56,6 +62,15 @@ pub async fn connect(kind: Kind, url: &str) -> Arc<dyn Store> {
         Kind::Sqlite => Arc::new(
             idempotent_core::stores::sqlite::SqliteStore::open(url)
                 .expect("open the SQLite database"),
+        ),
+        #[cfg(feature = "sqlx-sqlite")]
+        Kind::SqlxSqlite => Arc::new(
+            idempotent_core::stores::sqlx_sqlite::SqlxSqliteStore::builder(
+                sqlx_sqlite_pool(url).await,
+            )
+            .build()
+            .await
+            .expect("prepare the SQLite database"),
         ),
     }
 }
@@ -118,5 +133,30 @@ pub async fn current_fence(kind: Kind, url: &str, key: &str) -> u64 {
                 .expect("the record has a fence");
             fence.try_into().expect("a non-negative fence")
         }
+        #[cfg(feature = "sqlx-sqlite")]
+        Kind::SqlxSqlite => {
+            let fence: i64 =
+                sqlx::query_scalar("SELECT fence FROM idempotent_records WHERE key = ?1")
+                    .bind(storage_key.as_bytes().as_slice())
+                    .fetch_one(&sqlx_sqlite_pool(url).await)
+                    .await
+                    .expect("the record has a fence");
+            fence.try_into().expect("a non-negative fence")
+        }
     }
+}
+
+/// A pool on the database file `path`, as a service would open it: WAL, sqlx's defaults
+/// otherwise.
+#[cfg(feature = "sqlx-sqlite")]
+pub async fn sqlx_sqlite_pool(path: &str) -> sqlx::SqlitePool {
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+    sqlx::SqlitePool::connect_with(
+        SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal),
+    )
+    .await
+    .expect("open the SQLite database")
 }
