@@ -91,6 +91,31 @@ mod sqlite {
     }
 }
 
+#[cfg(feature = "sqlx-sqlite")]
+mod sqlx_sqlite {
+    use super::*;
+
+    /// The "url" of a SQLite store is its database file, in a folder of its own.
+    fn database() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = dir.path().join("idempotent.sqlite3");
+        let path = path.to_str().expect("a UTF-8 path").to_string();
+        (dir, path)
+    }
+
+    #[test]
+    fn four_processes_execute_each_key_exactly_once() {
+        let (_dir, path) = database();
+        exactly_once_across_processes(stores::Kind::SqlxSqlite, &path);
+    }
+
+    #[test]
+    fn a_holder_killed_mid_body_is_taken_over_once_after_its_lease() {
+        let (_dir, path) = database();
+        crash_recovery(stores::Kind::SqlxSqlite, &path);
+    }
+}
+
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};

@@ -14,6 +14,8 @@ pub enum Kind {
     Sqlite,
     #[cfg(feature = "sqlx-postgres")]
     SqlxPostgres,
+    #[cfg(feature = "sqlx-sqlite")]
+    SqlxSqlite,
 }
 
 impl Kind {
@@ -27,6 +29,8 @@ impl Kind {
             Kind::Sqlite => "sqlite",
             #[cfg(feature = "sqlx-postgres")]
             Kind::SqlxPostgres => "sqlx-postgres",
+            #[cfg(feature = "sqlx-sqlite")]
+            Kind::SqlxSqlite => "sqlx-sqlite",
         }
     }
 
@@ -40,6 +44,8 @@ impl Kind {
             "sqlite" => Kind::Sqlite,
             #[cfg(feature = "sqlx-postgres")]
             "sqlx-postgres" => Kind::SqlxPostgres,
+            #[cfg(feature = "sqlx-sqlite")]
+            "sqlx-sqlite" => Kind::SqlxSqlite,
             other => panic!("unknown store kind {other:?}"),
         }
     }
@@ -77,6 +83,15 @@ pub async fn connect(kind: Kind, url: &str) -> Arc<dyn Store> {
                     .expect("create the tables"),
             )
         }
+        #[cfg(feature = "sqlx-sqlite")]
+        Kind::SqlxSqlite => Arc::new(
+            idempotent_core::stores::sqlx_sqlite::SqlxSqliteStore::builder(
+                sqlx_sqlite_pool(url).await,
+            )
+            .build()
+            .await
+            .expect("prepare the SQLite database"),
+        ),
     }
 }
 
@@ -151,5 +166,30 @@ pub async fn current_fence(kind: Kind, url: &str, key: &str) -> u64 {
                     .expect("the record has a fence");
             fence.try_into().expect("a positive fence")
         }
+        #[cfg(feature = "sqlx-sqlite")]
+        Kind::SqlxSqlite => {
+            let fence: i64 =
+                sqlx::query_scalar("SELECT fence FROM idempotent_records WHERE key = ?1")
+                    .bind(storage_key.as_bytes().as_slice())
+                    .fetch_one(&sqlx_sqlite_pool(url).await)
+                    .await
+                    .expect("the record has a fence");
+            fence.try_into().expect("a non-negative fence")
+        }
     }
+}
+
+/// A pool on the database file `path`, as a service would open it: WAL, sqlx's defaults
+/// otherwise.
+#[cfg(feature = "sqlx-sqlite")]
+pub async fn sqlx_sqlite_pool(path: &str) -> sqlx::SqlitePool {
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+    sqlx::SqlitePool::connect_with(
+        SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal),
+    )
+    .await
+    .expect("open the SQLite database")
 }

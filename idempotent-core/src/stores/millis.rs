@@ -15,7 +15,12 @@ pub(crate) fn held_u64(duration: Duration) -> u64 {
 /// The same whole ms as a signed 64-bit integer, as a PostgreSQL `bigint` or an SQLite `INTEGER`
 /// holds it. [`MAX_DURATION`](crate::MAX_DURATION) in ms is far below `i64::MAX`, so every
 /// value fits; the clamp is never reached.
-#[cfg(any(feature = "postgres", feature = "sqlite", feature = "sqlx-postgres"))]
+#[cfg(any(
+    feature = "postgres",
+    feature = "sqlite",
+    feature = "sqlx-postgres",
+    feature = "sqlx-sqlite"
+))]
 pub(crate) fn held_i64(duration: Duration) -> i64 {
     i64::try_from(held_millis(duration)).unwrap_or(i64::MAX)
 }
@@ -48,7 +53,7 @@ mod tests {
         for (duration, ms) in cases {
             #[cfg(feature = "redis")]
             assert_eq!(held_u64(duration), ms, "{duration:?}");
-            #[cfg(any(feature = "postgres", feature = "sqlite"))]
+            #[cfg(any(feature = "postgres", feature = "sqlite", feature = "sqlx-sqlite"))]
             assert_eq!(
                 held_i64(duration),
                 i64::try_from(ms).unwrap(),

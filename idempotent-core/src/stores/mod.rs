@@ -3,6 +3,7 @@
 pub mod memory;
 #[cfg(any(
     feature = "sqlite",
+    feature = "sqlx-sqlite",
     feature = "postgres",
     feature = "redis",
     feature = "sqlx-postgres"
@@ -16,9 +17,18 @@ pub(crate) mod postgres_sql;
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(any(feature = "sqlite", feature = "sqlx-sqlite"))]
+mod sqlite_format;
 #[cfg(feature = "sqlx-postgres")]
 pub mod sqlx_postgres;
+#[cfg(feature = "sqlx-sqlite")]
+pub mod sqlx_sqlite;
 #[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx-postgres"))]
 mod wait;
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "sqlx-postgres"))]
+#[cfg(any(
+    feature = "sqlite",
+    feature = "sqlx-sqlite",
+    feature = "postgres",
+    feature = "sqlx-postgres"
+))]
 mod wake_table;

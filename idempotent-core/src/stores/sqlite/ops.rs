@@ -53,7 +53,7 @@ fn read(connection: &Connection, key: &StorageKey, want_output: bool) -> OpResul
         .map_err(fail("could not prepare a read"))?;
     let record = statement
         .query_row([key.as_bytes().as_slice()], |row| {
-            Record::from_row(row, key, want_output)
+            record::from_row(row, key, want_output)
         })
         .optional()
         .map_err(fail("could not read a record"))?;

@@ -1,19 +1,7 @@
 //! Opening connections and the database's schema, with its version.
 //!
-//! ```sql
-//! idempotent_schema(version INTEGER NOT NULL)            -- one row: the schema version
-//! idempotent_fence(id INTEGER PRIMARY KEY CHECK (id = 1),
-//!                  last INTEGER NOT NULL)                -- the last fence handed out
-//! idempotent_records(key BLOB NOT NULL PRIMARY KEY,      -- the 32-byte storage key
-//!                    fingerprint BLOB, fence INTEGER,
-//!                    state TEXT,                         -- 'in_progress' | 'completed'
-//!                    until INTEGER,                      -- ms since the Unix epoch
-//!                    output BLOB, format INTEGER)        -- record format version
-//! ```
-//!
-//! The record columns are deliberately free of `NOT NULL` and type constraints: a row that
-//! does not fit is reported as corrupt by the reader, with what is wrong, rather than being
-//! refused in ways that would hide it.
+//! The schema itself, its version rules and the fence triggers are shared with the sqlx store
+//! (`stores/sqlite_format.rs`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -23,27 +11,9 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::Synchronous;
 use super::pool::from_sqlite;
 use crate::error::StoreError;
-
-/// The schema version this release creates and understands.
-pub(super) const SCHEMA_VERSION: i64 = 1;
-
-const CREATE: &str = "
-CREATE TABLE IF NOT EXISTS idempotent_schema (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS idempotent_fence (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    last INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS idempotent_records (
-    key BLOB NOT NULL PRIMARY KEY,
-    fingerprint BLOB,
-    fence INTEGER,
-    state TEXT,
-    until INTEGER,
-    output BLOB,
-    format INTEGER
-);
-CREATE INDEX IF NOT EXISTS idempotent_records_until ON idempotent_records (until);
-";
+use crate::stores::sqlite_format::{
+    CREATE, INSERT_FENCE, INSERT_VERSION, SCHEMA_VERSION, SELECT_VERSION, check_version,
+};
 
 /// How each connection is set up.
 #[derive(Debug, Clone, Copy)]
@@ -106,46 +76,14 @@ pub(super) fn prepare(
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(failed)?;
     transaction.execute_batch(CREATE).map_err(failed)?;
-    // An aggregate answers one row, NULL on an empty table.
     let version: Option<i64> = transaction
-        .query_row("SELECT max(version) FROM idempotent_schema", [], |row| {
-            row.get(0)
-        })
+        .query_row(SELECT_VERSION, [], |row| row.get(0))
         .map_err(failed)?;
-    match version {
-        None => {
-            transaction
-                .execute(
-                    "INSERT INTO idempotent_schema (version) VALUES (?1)",
-                    [SCHEMA_VERSION],
-                )
-                .map_err(failed)?;
-        }
-        Some(SCHEMA_VERSION) => {}
-        Some(version) if version > SCHEMA_VERSION => {
-            return Err(StoreError::Backend {
-                message: format!(
-                    "the SQLite database {} has schema version {version}, newer than this release of idempotent-core knows (version {SCHEMA_VERSION}); upgrade idempotent-core, or use another database file",
-                    path.display()
-                ),
-                source: None,
-            });
-        }
-        Some(version) => {
-            return Err(StoreError::Backend {
-                message: format!(
-                    "the SQLite database {} has schema version {version}, which no release of idempotent-core wrote (this one uses version {SCHEMA_VERSION})",
-                    path.display()
-                ),
-                source: None,
-            });
-        }
+    if check_version(version, &path.display().to_string())? {
+        transaction
+            .execute(INSERT_VERSION, [SCHEMA_VERSION])
+            .map_err(failed)?;
     }
-    transaction
-        .execute(
-            "INSERT INTO idempotent_fence (id, last) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
-            [],
-        )
-        .map_err(failed)?;
+    transaction.execute(INSERT_FENCE, []).map_err(failed)?;
     transaction.commit().map_err(failed)
 }
