@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use idempotent_core::stores::sqlx_postgres::SqlxPgStore;
-use idempotent_core::{Call, Error, Fingerprinter, OnConflict, Options, Outcome};
+use idempotent_core::{Call, Error, Fingerprinter, OnConflict, Options, Outcome, idempotent};
 use idempotent_test_support::shared_postgres;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -85,6 +85,28 @@ impl Shop {
         self.create_order(tx, &Options::new(), order_id, amount, false)
             .await
             .map(Outcome::into_value)
+    }
+
+    /// `create_order` with the attribute: the body sees `tx` as declared, `&mut`, and the claim
+    /// and the record are written in it too.
+    #[idempotent(key = order_id, store = self.store, tx = tx, skip(decline))]
+    async fn create_order_with_the_attribute(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        order_id: String,
+        amount: i64,
+        decline: bool,
+    ) -> Result<String, ShopError> {
+        self.executions.fetch_add(1, Ordering::SeqCst);
+        sqlx::query("INSERT INTO orders (id, amount) VALUES ($1, $2)")
+            .bind(&order_id)
+            .bind(amount)
+            .execute(&mut **tx)
+            .await?;
+        if decline {
+            return Err(ShopError::Declined);
+        }
+        Ok(format!("order {order_id} for {amount}"))
     }
 
     fn executions(&self) -> u32 {
@@ -361,4 +383,75 @@ async fn a_call_can_be_spawned() {
         }
     });
     assert_eq!(spawned.await.unwrap().unwrap(), "order K-1 for 5");
+}
+
+#[tokio::test]
+async fn the_attribute_commits_the_order_and_its_record_together_and_replays_it() {
+    let (shop, _) = shop().await;
+    for _ in 0..3 {
+        let mut tx = shop.pool.begin().await.unwrap();
+        let receipt = shop
+            .create_order_with_the_attribute(&mut tx, "T-1".into(), 100, false)
+            .await
+            .unwrap();
+        assert_eq!(receipt, "order T-1 for 100");
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(shop.executions(), 1);
+    assert_eq!(shop.orders_and_records().await, (1, 1));
+
+    let mut tx = shop.pool.begin().await.unwrap();
+    let reused = shop
+        .create_order_with_the_attribute(&mut tx, "T-1".into(), 999, false)
+        .await;
+    assert!(
+        matches!(reused, Err(ShopError::Idempotency(Error::KeyReused))),
+        "{reused:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_attributes_failing_body_leaves_neither_row_nor_record_and_the_retry_runs_once() {
+    let (shop, _) = shop().await;
+    let mut tx = shop.pool.begin().await.unwrap();
+    let declined = shop
+        .create_order_with_the_attribute(&mut tx, "T-2".into(), 5, true)
+        .await;
+    assert!(matches!(declined, Err(ShopError::Declined)), "{declined:?}");
+    tx.rollback().await.unwrap();
+    assert_eq!(shop.orders_and_records().await, (0, 0));
+
+    let mut tx = shop.pool.begin().await.unwrap();
+    let receipt = shop
+        .create_order_with_the_attribute(&mut tx, "T-2".into(), 5, false)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(receipt, "order T-2 for 5");
+    assert_eq!(shop.executions(), 2);
+    assert_eq!(shop.orders_and_records().await, (1, 1));
+}
+
+#[tokio::test]
+async fn sixteen_spawned_transactions_through_the_attribute_make_one_order() {
+    let (shop, _) = shop().await;
+    let shop = Arc::new(shop);
+    let calls: Vec<_> = (0..16)
+        .map(|_| {
+            let shop = Arc::clone(&shop);
+            tokio::spawn(async move {
+                let mut tx = shop.pool.begin().await.unwrap();
+                let receipt = shop
+                    .create_order_with_the_attribute(&mut tx, "T-3".into(), 250, false)
+                    .await;
+                tx.commit().await.unwrap();
+                receipt
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), "order T-3 for 250");
+    }
+    assert_eq!(shop.executions(), 1);
+    assert_eq!(shop.orders_and_records().await, (1, 1));
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use idempotent_core::stores::sqlx_sqlite::SqlxSqliteStore;
-use idempotent_core::{Call, Error, Fingerprint, Options, Outcome};
+use idempotent_core::{Call, Error, Fingerprint, Options, Outcome, idempotent};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool};
 use sqlx::{Sqlite, Transaction};
 
@@ -102,6 +102,29 @@ impl Shop {
             .await
             .unwrap();
         (orders, records)
+    }
+
+    /// `create_order` with the attribute: the body sees `tx` as declared, `&mut`, and the claim
+    /// and the record are written in it too.
+    #[idempotent(key = order_id, store = self.store, tx = tx, skip(decline))]
+    async fn create_order_with_the_attribute(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        order_id: String,
+        amount: i64,
+        decline: bool,
+    ) -> Result<String, ShopError> {
+        self.executions.fetch_add(1, Ordering::SeqCst);
+        sqlx::query("INSERT INTO orders (id, amount) VALUES (?1, ?2)")
+            .bind(&order_id)
+            .bind(amount)
+            .execute(&mut **tx)
+            .await
+            .map_err(ShopError::Database)?;
+        if decline {
+            return Err(ShopError::Declined);
+        }
+        Ok(format!("order {order_id} for {amount}"))
     }
 
     fn executions(&self) -> u32 {
@@ -240,4 +263,74 @@ async fn a_call_retried_in_its_transaction_after_it_was_cancelled_is_refused_at_
     );
     tx.rollback().await.unwrap();
     assert_eq!(shop.executions(), 0, "neither refused call ran its body");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_attribute_commits_the_order_and_its_record_together_and_replays_it() {
+    let shop = Shop::open().await;
+    for _ in 0..3 {
+        let mut tx = shop.begin().await;
+        let receipt = shop
+            .create_order_with_the_attribute(&mut tx, "t-1".into(), 100, false)
+            .await
+            .unwrap();
+        assert_eq!(receipt, "order t-1 for 100");
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(shop.executions(), 1);
+    assert_eq!(shop.orders_and_records().await, (1, 1));
+
+    let mut tx = shop.begin().await;
+    let reused = shop
+        .create_order_with_the_attribute(&mut tx, "t-1".into(), 999, false)
+        .await;
+    assert!(
+        matches!(reused, Err(ShopError::Idempotency(Error::KeyReused))),
+        "{reused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_attributes_failing_body_leaves_neither_row_nor_record_and_the_retry_runs_once() {
+    let shop = Shop::open().await;
+    let mut tx = shop.begin().await;
+    let declined = shop
+        .create_order_with_the_attribute(&mut tx, "t-2".into(), 5, true)
+        .await;
+    assert!(matches!(declined, Err(ShopError::Declined)), "{declined:?}");
+    tx.rollback().await.unwrap();
+    assert_eq!(shop.orders_and_records().await, (0, 0));
+
+    let mut tx = shop.begin().await;
+    let receipt = shop
+        .create_order_with_the_attribute(&mut tx, "t-2".into(), 5, false)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(receipt, "order t-2 for 5");
+    assert_eq!(shop.executions(), 2);
+    assert_eq!(shop.orders_and_records().await, (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_spawned_transactions_through_the_attribute_make_one_order() {
+    let shop = Shop::open().await;
+    let calls: Vec<_> = (0..16)
+        .map(|_| {
+            let shop = Arc::clone(&shop);
+            tokio::spawn(async move {
+                let mut tx = shop.begin().await;
+                let receipt = shop
+                    .create_order_with_the_attribute(&mut tx, "t-3".into(), 250, false)
+                    .await;
+                tx.commit().await.unwrap();
+                receipt
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), "order t-3 for 250");
+    }
+    assert_eq!(shop.executions(), 1);
+    assert_eq!(shop.orders_and_records().await, (1, 1));
 }

@@ -112,6 +112,10 @@ pub trait TransactionalStore<T> {
 pub enum TxLedger<'a> {
     #[cfg(feature = "postgres")]
     Postgres(crate::stores::postgres::InTransaction<'a>),
+    #[cfg(feature = "sqlx-postgres")]
+    SqlxPostgres(crate::stores::sqlx_postgres::InSqlxPgTransaction<'a>),
+    #[cfg(feature = "sqlx-sqlite")]
+    SqlxSqlite(crate::stores::sqlx_sqlite::InSqlxSqliteTransaction<'a>),
 }
 
 pub async fn run_in_transaction<S, T, R, F>(
@@ -131,6 +135,14 @@ where
     match store.in_transaction(cell) {
         #[cfg(feature = "postgres")]
         TxLedger::Postgres(ledger) => run_over::<OkOnly, R, F>(&ledger, options, call, body).await,
+        #[cfg(feature = "sqlx-postgres")]
+        TxLedger::SqlxPostgres(ledger) => {
+            run_over::<OkOnly, R, F>(&ledger, options, call, body).await
+        }
+        #[cfg(feature = "sqlx-sqlite")]
+        TxLedger::SqlxSqlite(ledger) => {
+            run_over::<OkOnly, R, F>(&ledger, options, call, body).await
+        }
     }
 }
 
@@ -150,6 +162,54 @@ mod postgres {
     impl<T: PostgresTransaction + Send> TransactionalStore<T> for PostgresStore {
         fn in_transaction<'a>(&'a self, cell: &'a TxCell<T>) -> TxLedger<'a> {
             TxLedger::Postgres(InTransaction::new(self, &cell.0))
+        }
+    }
+}
+
+#[cfg(feature = "sqlx-postgres")]
+mod sqlx_postgres {
+    use super::*;
+    use crate::stores::sqlx_postgres::{InSqlxPgTransaction, SqlxPgStore};
+    use sqlx::{Postgres, Transaction};
+
+    impl TransactionalStoreHandle for SqlxPgStore {
+        type Store = SqlxPgStore;
+
+        fn transactional_store(&self) -> &SqlxPgStore {
+            self
+        }
+    }
+
+    impl<'c> TransactionalStore<&mut Transaction<'c, Postgres>> for SqlxPgStore {
+        fn in_transaction<'a>(
+            &'a self,
+            cell: &'a TxCell<&mut Transaction<'c, Postgres>>,
+        ) -> TxLedger<'a> {
+            TxLedger::SqlxPostgres(InSqlxPgTransaction::new(self, &cell.0))
+        }
+    }
+}
+
+#[cfg(feature = "sqlx-sqlite")]
+mod sqlx_sqlite {
+    use super::*;
+    use crate::stores::sqlx_sqlite::{InSqlxSqliteTransaction, SqlxSqliteStore};
+    use sqlx::{Sqlite, Transaction};
+
+    impl TransactionalStoreHandle for SqlxSqliteStore {
+        type Store = SqlxSqliteStore;
+
+        fn transactional_store(&self) -> &SqlxSqliteStore {
+            self
+        }
+    }
+
+    impl<'c> TransactionalStore<&mut Transaction<'c, Sqlite>> for SqlxSqliteStore {
+        fn in_transaction<'a>(
+            &'a self,
+            cell: &'a TxCell<&mut Transaction<'c, Sqlite>>,
+        ) -> TxLedger<'a> {
+            TxLedger::SqlxSqlite(InSqlxSqliteTransaction::new(self, &cell.0))
         }
     }
 }

@@ -23,6 +23,8 @@ mod sqlite_format;
 pub mod sqlx_postgres;
 #[cfg(feature = "sqlx-sqlite")]
 pub mod sqlx_sqlite;
+#[cfg(any(feature = "sqlx-postgres", feature = "sqlx-sqlite"))]
+mod sqlx_tx;
 #[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx-postgres"))]
 mod wait;
 #[cfg(any(

@@ -70,7 +70,6 @@ use listener::Listener;
 
 pub use builder::SqlxPgStoreBuilder;
 // The ledger the `#[idempotent(tx = ..)]` attribute builds for a sqlx transaction.
-#[allow(unused_imports)]
 pub(crate) use transaction::InSqlxPgTransaction;
 
 type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;

@@ -54,7 +54,7 @@ use crate::stores::wake_table::WakeTable;
 use ops::Seen;
 
 pub use builder::{DEFAULT_POLL_INTERVAL, SqlxSqliteStoreBuilder};
-#[allow(unused_imports)] // For the `tx = ...` attribute.
+// The ledger the `#[idempotent(tx = ..)]` attribute builds for a sqlx transaction.
 pub(crate) use transaction::InSqlxSqliteTransaction;
 
 /// How many times a claim reads again when its write found the record changed since its read.

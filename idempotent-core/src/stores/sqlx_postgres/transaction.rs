@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::postgres::PgRow;
-use sqlx::{Postgres, Transaction};
+use sqlx::{PgConnection, Postgres, Transaction};
 use tokio::sync::Mutex;
 
 use super::error::{from_sqlx, sqlstate};
@@ -36,6 +36,7 @@ use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
 use crate::stores::postgres_sql::{
     CLAIM_ATTEMPTS, RESTORE_LOCK_TIMEOUT, SET_LOCK_TIMEOUT, fence_param,
 };
+use crate::stores::sqlx_tx::LockConnection;
 
 /// What a claim in the caller's transaction found.
 enum Found {
@@ -54,21 +55,21 @@ const REJECT_LOCK_WAIT: Duration = Duration::from_millis(1);
 
 /// The caller's sqlx transaction as a [`Ledger`]: the claim, the record and the release are
 /// statements in it, each run with the transaction locked.
-pub(crate) struct InSqlxPgTransaction<'a, 'c> {
+pub struct InSqlxPgTransaction<'a> {
     store: &'a SqlxPgStore,
-    tx: &'a Mutex<&'a mut Transaction<'c, Postgres>>,
+    tx: &'a (dyn LockConnection<PgConnection> + 'a),
 }
 
-impl<'a, 'c> InSqlxPgTransaction<'a, 'c> {
+impl<'a> InSqlxPgTransaction<'a> {
     pub(crate) fn new(
         store: &'a SqlxPgStore,
-        tx: &'a Mutex<&'a mut Transaction<'c, Postgres>>,
+        tx: &'a (dyn LockConnection<PgConnection> + 'a),
     ) -> Self {
         Self { store, tx }
     }
 }
 
-impl Ledger for InSqlxPgTransaction<'_, '_> {
+impl Ledger for InSqlxPgTransaction<'_> {
     /// Another transaction's uncommitted claim blocks the claim statement; that wait is bounded
     /// by `lock_timeout` (at once when the call rejects conflicts, else what is left of its
     /// wait). A claim held outside any transaction is answered in progress, as by the store.
@@ -110,7 +111,7 @@ impl Ledger for InSqlxPgTransaction<'_, '_> {
     }
 }
 
-impl Writes for InSqlxPgTransaction<'_, '_> {
+impl Writes for InSqlxPgTransaction<'_> {
     async fn complete(
         &self,
         key: &StorageKey,
@@ -124,7 +125,7 @@ impl Writes for InSqlxPgTransaction<'_, '_> {
             .bind(fence_param(fence))
             .bind(&output[..])
             .bind(millis(ttl))
-            .fetch_all(&mut ***tx)
+            .fetch_all(&mut **tx)
             .await
             .map_err(|error| from_sqlx("could not record the result in the transaction", error))?;
         Ok(if completed.is_empty() {
@@ -140,7 +141,7 @@ impl Writes for InSqlxPgTransaction<'_, '_> {
         let released = sqlx::query(self.store.statements.release_in_transaction.clone())
             .bind(key.as_bytes().as_slice())
             .bind(fence_param(fence))
-            .fetch_all(&mut ***tx)
+            .fetch_all(&mut **tx)
             .await;
         if let Err(error) = released {
             tracing::warn!(target: "idempotent", %error, "could not delete a claim in the transaction; rolling it back removes it");
@@ -148,7 +149,7 @@ impl Writes for InSqlxPgTransaction<'_, '_> {
     }
 }
 
-impl InSqlxPgTransaction<'_, '_> {
+impl InSqlxPgTransaction<'_> {
     /// One claim in the transaction, waiting at most `lock_wait` for another transaction's
     /// uncommitted claim of the key. `lock_timeout` is set for the claim and given its value
     /// back after it: three statements, one after the other.
@@ -167,7 +168,7 @@ impl InSqlxPgTransaction<'_, '_> {
         for _ in 0..CLAIM_ATTEMPTS {
             sqlx::query(SET_LOCK_TIMEOUT)
                 .bind(&lock_timeout)
-                .execute(&mut ***tx)
+                .execute(&mut **tx)
                 .await
                 .map_err(|error| from_sqlx("could not bound the claim's wait", error))?;
             let claimed: Result<Vec<PgRow>, sqlx::Error> =
@@ -175,7 +176,7 @@ impl InSqlxPgTransaction<'_, '_> {
                     .bind(key_param)
                     .bind(fingerprint_param)
                     .bind(lease)
-                    .fetch_all(&mut ***tx)
+                    .fetch_all(&mut **tx)
                     .await;
             let rows = match claimed {
                 Ok(rows) => rows,
@@ -187,7 +188,7 @@ impl InSqlxPgTransaction<'_, '_> {
                 }
             };
             sqlx::query(RESTORE_LOCK_TIMEOUT)
-                .execute(&mut ***tx)
+                .execute(&mut **tx)
                 .await
                 .map_err(|error| from_sqlx("could not restore lock_timeout", error))?;
             if record::own_claim(&rows) {

@@ -43,6 +43,7 @@ use crate::options::Options;
 use crate::recorded::OkOnly;
 use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
 use crate::stores::sqlite_format::{self as format, State};
+use crate::stores::sqlx_tx::LockConnection;
 
 /// The claims of the connection's transactions, for `HeldByThisTransaction`.
 const CREATE_CLAIMED_HERE: &str = "CREATE TEMP TABLE IF NOT EXISTS idempotent_claimed_here
@@ -51,15 +52,15 @@ const CREATE_CLAIMED_HERE: &str = "CREATE TEMP TABLE IF NOT EXISTS idempotent_cl
 /// The caller's transaction as a [`Ledger`]: the claim, the record and the release are
 /// statements in it. The engine and the body take turns on the one `&mut` transaction through
 /// the mutex: the ledger locks it for each of its statements, the body holds it while it runs.
-pub(crate) struct InSqlxSqliteTransaction<'a, 'c> {
+pub struct InSqlxSqliteTransaction<'a> {
     store: &'a SqlxSqliteStore,
-    tx: &'a tokio::sync::Mutex<&'a mut Transaction<'c, Sqlite>>,
+    tx: &'a (dyn LockConnection<SqliteConnection> + 'a),
 }
 
-impl<'a, 'c> InSqlxSqliteTransaction<'a, 'c> {
+impl<'a> InSqlxSqliteTransaction<'a> {
     pub(crate) fn new(
         store: &'a SqlxSqliteStore,
-        tx: &'a tokio::sync::Mutex<&'a mut Transaction<'c, Sqlite>>,
+        tx: &'a (dyn LockConnection<SqliteConnection> + 'a),
     ) -> Self {
         Self { store, tx }
     }
@@ -109,7 +110,7 @@ async fn mark_claimed_here(
     Ok(())
 }
 
-impl InSqlxSqliteTransaction<'_, '_> {
+impl InSqlxSqliteTransaction<'_> {
     async fn claim_in(
         &self,
         key: &StorageKey,
@@ -164,7 +165,7 @@ impl InSqlxSqliteTransaction<'_, '_> {
     }
 }
 
-impl Ledger for InSqlxSqliteTransaction<'_, '_> {
+impl Ledger for InSqlxSqliteTransaction<'_> {
     /// The claim never waits for another holder (see the module docs): a claim in progress is
     /// `Conflict` or `HeldByThisTransaction` at once.
     fn claim<'a>(
@@ -193,7 +194,7 @@ impl Ledger for InSqlxSqliteTransaction<'_, '_> {
     }
 }
 
-impl Writes for InSqlxSqliteTransaction<'_, '_> {
+impl Writes for InSqlxSqliteTransaction<'_> {
     async fn complete(
         &self,
         key: &StorageKey,
@@ -202,13 +203,13 @@ impl Writes for InSqlxSqliteTransaction<'_, '_> {
         ttl: Duration,
     ) -> Result<FencedWrite, StoreError> {
         let mut tx = self.tx.lock().await;
-        ops::complete(&mut ***tx, key, fence, &output, ttl).await
+        ops::complete(&mut **tx, key, fence, &output, ttl).await
     }
 
     /// Deletes the claim again; should it fail, the caller's rollback removes it anyway.
     async fn release(&self, key: &StorageKey, fence: Fence) {
         let mut tx = self.tx.lock().await;
-        if let Err(error) = ops::release(&mut ***tx, key, fence).await {
+        if let Err(error) = ops::release(&mut **tx, key, fence).await {
             tracing::warn!(target: "idempotent", %error, "could not delete a claim in the transaction; rolling it back removes it");
         }
     }
