@@ -270,6 +270,7 @@ impl Record {
 
     /// `fence` holds the record: in progress under it, with a live lease. The one rule for
     /// every fenced write.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     pub(crate) fn held_by(&self, fence: u64, now: i64) -> bool {
         matches!(self.state, State::InProgress)
             && u64::try_from(self.fence) == Ok(fence)
