@@ -52,11 +52,16 @@ fn failed(error: sqlx::Error) -> ShopError {
     ShopError::Other(error.to_string())
 }
 
+/// A record's columns as `SELECT` reads them.
+type Row = (i64, String, Vec<u8>, i64, i64, Option<Vec<u8>>);
+
 /// Bare sqlx on the store's pool: the same statements on a table of the same shape.
 struct Bare {
     pool: SqlitePool,
 }
 
+// The trait's signature, with its `Send` bound, spelled out as the other benches do.
+#[allow(clippy::manual_async_fn)]
 impl common::Caller for Bare {
     fn replay(
         &self,
@@ -65,12 +70,11 @@ impl common::Caller for Bare {
     ) -> impl Future<Output = Result<Receipt, ShopError>> + Send {
         async move {
             let fingerprint = common::json_fingerprint(request);
-            let row: Option<(i64, String, Vec<u8>, i64, i64, Option<Vec<u8>>)> =
-                sqlx::query_as(SELECT)
-                    .bind(request.order_id.as_bytes())
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(failed)?;
+            let row: Option<Row> = sqlx::query_as(SELECT)
+                .bind(request.order_id.as_bytes())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(failed)?;
             match row {
                 Some((1, state, recorded, _, until, Some(output)))
                     if state == "completed" && recorded == fingerprint && now_ms() < until =>
