@@ -244,7 +244,7 @@ async fn a_call_retried_in_its_transaction_after_it_was_cancelled_is_refused_at_
     // A claim in progress that the store holds under a lease, outside any transaction, is a
     // conflict at once: waiting would hold the write lock its holder needs.
     let fingerprint = Fingerprint::of(&("o-6", 1)).unwrap();
-    let call = Call::new("orders::create", fingerprint.clone()).key("o-6");
+    let call = Call::new("orders::create", fingerprint).key("o-6");
     let key = call.storage_key().unwrap();
     let claim = idempotent_core::Store::claim(
         &shop.store,
