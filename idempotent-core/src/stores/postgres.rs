@@ -318,6 +318,23 @@ impl PostgresStore {
     }
 }
 
+impl PostgresStore {
+    /// `wait` with nowhere to listen (the service's pool without `listen_url`): looks at the
+    /// record every `poll_interval` until the key leaves progress, its lease ends, or `max`.
+    async fn poll_until_done(&self, key: &StorageKey, max: Duration) -> Result<(), StoreError> {
+        let deadline = tokio::time::Instant::now() + max;
+        while let Some(left) = self.lease_left(key).await? {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let pause = left.min(deadline - now).min(self.poll_interval);
+            tokio::time::sleep(pause).await;
+        }
+        Ok(())
+    }
+}
+
 impl Store for PostgresStore {
     fn claim<'a>(
         &'a self,
@@ -397,6 +414,9 @@ impl Store for PostgresStore {
         key: &'a StorageKey,
         max: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
+        if !self.listener.configured() {
+            return Box::pin(self.poll_until_done(key, max));
+        }
         // Listen first, then look: a notification after the look is always heard.
         let interest = async {
             let interest = self.listener.interest(key.to_hex()).await?;

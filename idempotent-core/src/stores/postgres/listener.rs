@@ -42,6 +42,12 @@ impl Listener {
         }
     }
 
+    /// Whether there is somewhere to listen (a store on the service's pool without
+    /// `listen_url` has not).
+    pub(super) fn configured(&self) -> bool {
+        self.target.is_some()
+    }
+
     /// Registers interest in `key` (in hex) on a connection that is listening; `None` if no
     /// such connection can be had now (the caller polls instead). Its first `notified()`
     /// hears every notification from now on.
