@@ -73,7 +73,7 @@ async fn works_encrypted(store: PostgresStore, database: &str) {
     let held = StorageKey::derive("pg::tls", None, b"held").unwrap();
     let fence = acquire(&*store, &held, &args(1), lease).await;
     let waiter = tokio::spawn({
-        let (store, held) = (Arc::clone(&store), held.clone());
+        let (store, held) = (Arc::clone(&store), held);
         async move { store.wait(&held, Duration::from_secs(3600)).await }
     });
     // The waiter listens (on an encrypted connection) before the holder completes.
@@ -290,4 +290,48 @@ async fn an_unknown_sslmode_is_refused_without_quoting_the_password() {
         error,
         &["sslmode=\"allow\" is not supported", "verify-full"],
     );
+}
+
+/// The service's own pool with TLS ([`PostgresStore::from_pool`]), and the listening
+/// connection from `listen_url` with `verify-full`: every connection encrypted, and waiters
+/// woken through the listening one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_services_pool_with_tls_and_a_verified_listening_connection() {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let (url, database) = url_with(&format!("sslmode=verify-full&sslrootcert={}", ca()));
+    // The service's pool, as a service would make it with tokio-postgres-rustls.
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(ca()).unwrap() {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let plain_url = url.split('?').next().unwrap();
+    let mut config: tokio_postgres::Config = plain_url.parse().unwrap();
+    config.ssl_mode(tokio_postgres::config::SslMode::Require);
+    let manager = deadpool_postgres::Manager::from_config(
+        config,
+        tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(2)
+        .build()
+        .unwrap();
+    let store = PostgresStore::from_pool(pool)
+        .listen_url(&url)
+        .poll_interval(Duration::from_secs(3600))
+        .build()
+        .await
+        .unwrap();
+    works_encrypted(store, &database).await;
 }

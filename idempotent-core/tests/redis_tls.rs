@@ -54,7 +54,7 @@ async fn rediss_with_the_ca_on_the_builder_claims_replays_and_wakes_waiters() {
     let held = StorageKey::derive("redis::tls", None, b"held").unwrap();
     let fence = acquire(&*store, &held, &args(1), lease).await;
     let waiter = tokio::spawn({
-        let (store, held) = (Arc::clone(&store), held.clone());
+        let (store, held) = (Arc::clone(&store), held);
         async move { store.wait(&held, Duration::from_secs(3600)).await }
     });
     // The waiter subscribes on a connection of its own before the completion: a client of
