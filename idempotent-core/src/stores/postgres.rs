@@ -40,7 +40,16 @@
 //! at commit). The wait also ends when the holder's lease does. If the listening connection
 //! cannot be had, a waiter looks again every
 //! [`poll_interval`](PostgresStoreBuilder::poll_interval) (50 ms by default); when it is lost,
-//! every waiter looks again at once.
+//! every waiter looks again at once. A store on the service's pool
+//! ([`PostgresStore::from_pool`]) listens only when given
+//! [`listen_url`](PostgresStoreBuilder::listen_url); without it, a waiter looks at the record
+//! every `poll_interval` until the key leaves progress.
+//!
+//! # TLS
+//!
+//! With the feature `postgres-tls`, `sslmode` (`disable`, `prefer`, `require`, `verify-ca`,
+//! `verify-full`) and `sslrootcert` in the connection string, read as libpq reads them; see
+//! [`PostgresStore`].
 //!
 //! # Schema
 //!
