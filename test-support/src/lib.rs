@@ -36,6 +36,7 @@ mod process;
 mod proxy;
 mod redis;
 mod resp;
+mod tls;
 
 pub use ports::free_port;
 pub use postgres::{
@@ -44,3 +45,4 @@ pub use postgres::{
 pub use process::TMPDIR_ENV;
 pub use proxy::{ProxyMode, TcpProxy};
 pub use redis::{REDIS_SERVER_ENV, RedisOptions, RedisServer, shared_redis};
+pub use tls::TlsFiles;

@@ -12,6 +12,7 @@ use std::thread;
 use tempfile::TempDir;
 
 use crate::process::{Failure, Log, Supervisor, Watchdog, effective_uid, server_dir, tail};
+use crate::tls::TlsFiles;
 
 /// The environment variable that names the folder of PostgreSQL's binaries (`initdb`,
 /// `postgres`, `pg_isready`, `psql`); default [`DEFAULT_PG_BINDIR`].
@@ -35,6 +36,7 @@ const USER: &str = "postgres";
 ///     fsync: true,
 ///     settings: vec![("default_transaction_isolation".into(), "serializable".into())],
 /// });
+/// // With TLS: PostgresServer::start_tls().
 /// # let _ = server;
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -81,6 +83,8 @@ pub struct PostgresServer {
     log: Log,
     supervisor: Supervisor,
     options: PostgresOptions,
+    /// With TLS ([`PostgresServer::start_tls`]): its files.
+    tls: Option<TlsFiles>,
     // Last: removed after the server is stopped and the watchdog told.
     dir: TempDir,
 }
@@ -101,6 +105,28 @@ impl PostgresServer {
     /// # Panics
     /// As [`PostgresServer::start`], and if a setting is refused (the message holds the log).
     pub fn start_with(options: PostgresOptions) -> PostgresServer {
+        PostgresServer::start_inner(options, false)
+    }
+
+    /// [`PostgresServer::start`] with TLS on (`ssl=on`), with a certificate for `localhost`
+    /// and `127.0.0.1` signed by a CA made for this server ([`PostgresServer::tls`]). Clients
+    /// may still connect in plain text (the server's `host` rules take both), so a test can
+    /// tell the two apart (`pg_stat_ssl`).
+    ///
+    /// ```no_run
+    /// let server = idempotent_test_support::PostgresServer::start_tls();
+    /// let ca = server.tls().unwrap().ca_file();
+    /// let url = format!("{}?sslmode=verify-full&sslrootcert={}", server.url(), ca.display());
+    /// # let _ = url;
+    /// ```
+    ///
+    /// # Panics
+    /// As [`PostgresServer::start`].
+    pub fn start_tls() -> PostgresServer {
+        PostgresServer::start_inner(PostgresOptions::default(), true)
+    }
+
+    fn start_inner(options: PostgresOptions, tls: bool) -> PostgresServer {
         let bindir = std::env::var_os(PG_BINDIR_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PG_BINDIR));
@@ -128,6 +154,13 @@ impl PostgresServer {
         }
         let log = Log::new(dir.path().join("postgres.log"));
         let watchdog = Watchdog::spawn(dir.path(), "QUIT");
+        let tls = tls.then(|| {
+            let files = TlsFiles::generate(dir.path());
+            if let Some((uid, gid)) = run_as {
+                files.chown(uid, gid);
+            }
+            files
+        });
         let mut server = PostgresServer {
             port: 0,
             bindir,
@@ -135,6 +168,7 @@ impl PostgresServer {
             log,
             supervisor: Supervisor::new("postgres", watchdog),
             options,
+            tls,
             dir,
         };
         server.initdb();
@@ -163,6 +197,11 @@ impl PostgresServer {
     /// The TCP port on 127.0.0.1; it stays the same across [`PostgresServer::restart`].
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The TLS files of a server started with [`PostgresServer::start_tls`].
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 
     /// The server's folder: the Unix socket, `postgres.log`, `initdb.log` and the cluster in
@@ -379,6 +418,17 @@ impl PostgresServer {
             .args(["-c", "max_connections=100"])
             // Lets tests count the statements a store runs (`CREATE EXTENSION pg_stat_statements`).
             .args(["-c", "shared_preload_libraries=pg_stat_statements"]);
+        if let Some(tls) = &self.tls {
+            command
+                .args(["-c", "ssl=on"])
+                .arg("-c")
+                .arg(format!(
+                    "ssl_cert_file={}",
+                    tls.certificate_file().display()
+                ))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", tls.key_file().display()));
+        }
         for (name, value) in &self.options.settings {
             command.arg("-c").arg(format!("{name}={value}"));
         }

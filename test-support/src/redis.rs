@@ -11,7 +11,8 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use crate::process::{Failure, Log, Supervisor, Watchdog, server_dir};
-use crate::resp::Connection;
+use crate::resp::{Address, Connection};
+use crate::tls::TlsFiles;
 
 /// The environment variable that names the `redis-server` binary (default: `redis-server`
 /// found on `PATH`).
@@ -66,6 +67,8 @@ pub struct RedisServer {
     binary: PathBuf,
     log: Log,
     supervisor: Supervisor,
+    /// With TLS ([`RedisServer::start_tls`]): its files; the TCP port then speaks TLS only.
+    tls: Option<TlsFiles>,
     // Last: removed after the watchdog is told the server is gone.
     dir: TempDir,
 }
@@ -82,17 +85,43 @@ impl RedisServer {
     /// If `redis-server` cannot be found (see [`REDIS_SERVER_ENV`]), or does not become ready
     /// within 10 s, or exits: the message holds the server's log.
     pub fn start_with(options: RedisOptions) -> RedisServer {
+        RedisServer::start_inner(options, false)
+    }
+
+    /// Starts a server whose TCP port speaks TLS only (`--tls-port`, `--port 0`), with a
+    /// certificate for `localhost` and `127.0.0.1` signed by a CA made for it
+    /// ([`RedisServer::tls`]); clients are not asked for certificates. [`RedisServer::url`]
+    /// is then `rediss://127.0.0.1:PORT/`. The helpers ([`RedisServer::command`], the
+    /// readiness probe, the stop) talk to it over a Unix socket in its folder.
+    ///
+    /// ```no_run
+    /// let server = idempotent_test_support::RedisServer::start_tls();
+    /// let ca = server.tls().unwrap().ca_file(); // for the client's roots
+    /// assert!(server.url().starts_with("rediss://"));
+    /// # let _ = ca;
+    /// ```
+    ///
+    /// # Panics
+    /// As [`RedisServer::start`], and if `redis-server` was built without TLS (the message
+    /// holds its log).
+    pub fn start_tls() -> RedisServer {
+        RedisServer::start_inner(RedisOptions::default(), true)
+    }
+
+    fn start_inner(options: RedisOptions, tls: bool) -> RedisServer {
         let binary = redis_server_binary();
         let dir = server_dir("idempotent-redis");
         // Also where the process' own output goes: errors in the arguments are printed there.
         let log = Log::new(dir.path().join("redis.log"));
         let watchdog = Watchdog::spawn(dir.path(), "TERM");
+        let tls = tls.then(|| TlsFiles::generate(dir.path()));
         let mut server = RedisServer {
             port: 0,
             options,
             binary,
             log,
             supervisor: Supervisor::new("redis-server", watchdog),
+            tls,
             dir,
         };
         Supervisor::on_a_free_port("redis-server", |port| {
@@ -102,9 +131,25 @@ impl RedisServer {
         server
     }
 
-    /// `redis://127.0.0.1:PORT/`.
+    /// `redis://127.0.0.1:PORT/`, or `rediss://127.0.0.1:PORT/` for a server started with
+    /// [`RedisServer::start_tls`].
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
+    }
+
+    /// The TLS files of a server started with [`RedisServer::start_tls`].
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
+    /// Where the helpers reach the server: its TCP port, or with TLS its Unix socket.
+    fn address(&self) -> Address {
+        address(self.port, self.tls.is_some(), self.dir.path())
     }
 
     /// The TCP port on 127.0.0.1; it stays the same across [`RedisServer::restart`].
@@ -134,7 +179,7 @@ impl RedisServer {
     /// the AOF, if on, is flushed to disk, and an RDB snapshot is written only if `extra_args`
     /// configured save points.
     pub fn stop(&mut self) {
-        let port = self.port;
+        let address = self.address();
         self.supervisor.stop(|process| {
             if process.exited().is_some() {
                 return Some(libc::SIGTERM);
@@ -142,7 +187,7 @@ impl RedisServer {
             // The process runs, so the port is still its own. A SHUTDOWN that works answers
             // nothing: the server closes the connection as it exits (faster than SIGTERM, which
             // Redis handles at its next cron tick, up to 100 ms later).
-            let shutdown = Connection::open(port, Duration::from_secs(2))
+            let shutdown = Connection::open(&address, Duration::from_secs(2))
                 .map(|mut connection| connection.call(&["SHUTDOWN"]));
             if matches!(shutdown, Ok(Err(_))) {
                 None
@@ -205,7 +250,7 @@ impl RedisServer {
     /// be reached (`ConnectionRefused` once it is stopped), an error of kind `Other` carrying the
     /// message of an error reply (`WRONGTYPE ...`).
     pub fn try_command(&self, args: &[&str]) -> io::Result<String> {
-        let reply = Connection::open(self.port, Duration::from_secs(10))?.call(args)?;
+        let reply = Connection::open(&self.address(), Duration::from_secs(10))?.call(args)?;
         reply.into_text().map_err(io::Error::other)
     }
 
@@ -234,9 +279,12 @@ impl RedisServer {
 
     fn arguments(&self) -> Vec<OsString> {
         let dir = self.dir.path();
+        let port = self.port.to_string();
+        // With TLS the port speaks TLS only: no plain-text port.
+        let plain_port = if self.tls.is_some() { "0" } else { &port };
         let mut args: Vec<OsString> = [
             "--port",
-            &self.port.to_string(),
+            plain_port,
             "--bind",
             "127.0.0.1",
             "--daemonize",
@@ -251,6 +299,24 @@ impl RedisServer {
         .collect();
         args.extend(["--dir".into(), dir.as_os_str().to_owned()]);
         args.extend(["--logfile".into(), self.log.path().as_os_str().to_owned()]);
+        if let Some(tls) = &self.tls {
+            args.extend([
+                "--tls-port".into(),
+                port.as_str().into(),
+                "--tls-cert-file".into(),
+                tls.certificate_file().as_os_str().to_owned(),
+                "--tls-key-file".into(),
+                tls.key_file().as_os_str().to_owned(),
+                "--tls-ca-cert-file".into(),
+                tls.ca_file().as_os_str().to_owned(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+                "--unixsocket".into(),
+                socket_path(dir).into_os_string(),
+                "--unixsocketperm".into(),
+                "700".into(),
+            ]);
+        }
         args.extend(self.options.extra_args.iter().map(OsString::from));
         args
     }
@@ -260,12 +326,13 @@ impl RedisServer {
         let mut command = Command::new(&self.binary);
         command.args(self.arguments()).current_dir(self.dir.path());
         let port = self.port;
+        let address = self.address();
         self.supervisor.launch(
             &mut command,
             port,
             &mut self.log,
             "did not answer PING",
-            |pid| answers_as(port, pid),
+            |pid| answers_as(&address, pid),
         )
     }
 }
@@ -276,11 +343,24 @@ impl Drop for RedisServer {
     }
 }
 
-/// Whether the server on `port` answers `PING` and is the process `pid` (not another test's
-/// server that took the port first).
-fn answers_as(port: u16, pid: u32) -> bool {
+/// The Unix socket of a server with TLS, in its folder.
+fn socket_path(dir: &Path) -> PathBuf {
+    dir.join("redis.sock")
+}
+
+fn address(port: u16, tls: bool, dir: &Path) -> Address {
+    if tls {
+        Address::Unix(socket_path(dir))
+    } else {
+        Address::Tcp(port)
+    }
+}
+
+/// Whether the server at `address` answers `PING` and is the process `pid` (not another
+/// test's server that took the port first).
+fn answers_as(address: &Address, pid: u32) -> bool {
     let probe = || -> io::Result<bool> {
-        let mut connection = Connection::open(port, Duration::from_millis(500))?;
+        let mut connection = Connection::open(address, Duration::from_millis(500))?;
         if connection.call(&["PING"])?.into_text().as_deref() != Ok("PONG") {
             return Ok(false);
         }

@@ -1,8 +1,10 @@
 //! A minimal RESP2 client over a raw `TcpStream`: enough to probe and inspect a test server
 //! without a Redis client library.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::Duration;
 
 /// One reply, decoded.
@@ -41,18 +43,62 @@ impl Reply {
     }
 }
 
-/// A connection to a server on 127.0.0.1.
+/// Where a server listens: a TCP port on 127.0.0.1, or a Unix socket (a server whose only
+/// TCP port speaks TLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Address {
+    Tcp(u16),
+    Unix(std::path::PathBuf),
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(stream) => stream.read(buf),
+            Stream::Unix(stream) => stream.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(stream) => stream.write(buf),
+            Stream::Unix(stream) => stream.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(stream) => stream.flush(),
+            Stream::Unix(stream) => stream.flush(),
+        }
+    }
+}
+
+/// A connection to a server on 127.0.0.1 or a Unix socket.
 pub(crate) struct Connection {
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Stream>,
 }
 
 impl Connection {
-    pub(crate) fn open(port: u16, timeout: Duration) -> io::Result<Connection> {
-        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let stream = TcpStream::connect_timeout(&address, timeout)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        stream.set_nodelay(true)?;
+    pub(crate) fn open(address: &Address, timeout: Duration) -> io::Result<Connection> {
+        let stream = match address {
+            Address::Tcp(port) => {
+                let address = SocketAddr::from((Ipv4Addr::LOCALHOST, *port));
+                let stream = TcpStream::connect_timeout(&address, timeout)?;
+                stream.set_read_timeout(Some(timeout))?;
+                stream.set_write_timeout(Some(timeout))?;
+                stream.set_nodelay(true)?;
+                Stream::Tcp(stream)
+            }
+            Address::Unix(path) => Stream::Unix(unix(path, timeout)?),
+        };
         Ok(Connection {
             reader: BufReader::new(stream),
         })
@@ -113,6 +159,13 @@ impl Connection {
             _ => Err(invalid(&format!("an unknown reply type: {line:?}"))),
         }
     }
+}
+
+fn unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    let stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
 }
 
 fn number(text: &str) -> io::Result<i64> {

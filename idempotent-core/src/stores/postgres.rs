@@ -40,7 +40,16 @@
 //! at commit). The wait also ends when the holder's lease does. If the listening connection
 //! cannot be had, a waiter looks again every
 //! [`poll_interval`](PostgresStoreBuilder::poll_interval) (50 ms by default); when it is lost,
-//! every waiter looks again at once.
+//! every waiter looks again at once. A store on the service's pool
+//! ([`PostgresStore::from_pool`]) listens only when given
+//! [`listen_url`](PostgresStoreBuilder::listen_url); without it, a waiter looks at the record
+//! every `poll_interval` until the key leaves progress.
+//!
+//! # TLS
+//!
+//! With the feature `postgres-tls`, `sslmode` (`disable`, `prefer`, `require`, `verify-ca`,
+//! `verify-full`) and `sslrootcert` in the connection string, read as libpq reads them; see
+//! [`PostgresStore`].
 //!
 //! # Schema
 //!
@@ -64,13 +73,13 @@ mod pool;
 mod record;
 mod schema;
 mod sql;
+mod tls;
 mod transaction;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool::managed;
 use tokio_postgres::types::ToSql;
 
 use crate::error::StoreError;
@@ -82,9 +91,10 @@ use crate::stores::millis::held_i64 as millis;
 use crate::stores::wait::wait_turn;
 use error::{from_pg, is_rolled_back, timed_out};
 use listener::Listener;
-use pool::{ConnectionManager, Kind, Pool, Running};
+use pool::{Kind, Pool, Pooled, Running};
 use record::{CLAIM_ATTEMPTS, claim_with, fence_param, judge_claim};
 use sql::Statements;
+use tls::{Connector, Mode};
 
 pub use builder::PostgresStoreBuilder;
 pub(crate) use transaction::InTransaction;
@@ -96,7 +106,34 @@ pub use transaction::PostgresTransaction;
 /// transactional mode: [`PostgresStore::run_in_transaction`] runs a call inside the caller's own
 /// transaction, so the business writes and the record commit together or not at all.
 ///
-/// TLS: this release connects without TLS; keep the database on a private network.
+/// TLS (feature `postgres-tls`, rustls): `sslmode` in the connection string, with libpq's
+/// meanings. `disable`: plain text. `prefer` (the default): TLS if the server offers it,
+/// plain text otherwise, the certificate not verified. `require`: TLS or no connection, but
+/// the certificate is not verified, so it keeps out eavesdroppers, not an attacker on the
+/// network who can answer in the server's place. `verify-ca`: the server's certificate must
+/// be signed by one of the roots (the host name is not checked). `verify-full`: signed by one
+/// of the roots and naming the host connected to: the mode to use wherever the network is not
+/// trusted. The roots are the webpki roots (Mozilla's), or the CA certificates of a PEM file
+/// named by `sslrootcert=` in the connection string or by
+/// [`PostgresStoreBuilder::root_certificate_file`]. The pooled connections, the listening one
+/// and the cancel requests all use it. Without the feature, a connection string asking for
+/// `require`, `verify-ca` or `verify-full` is refused by `build` (never connected in plain
+/// text), and `prefer` connects in plain text.
+///
+/// ```no_run
+/// use idempotent_core::stores::postgres::PostgresStore;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = PostgresStore::builder(
+///     "postgres://app@db.internal/shop?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem",
+/// )
+/// .build()
+/// .await?;
+/// # Ok(()) }
+/// ```
+///
+/// The service's own deadpool-postgres pool can carry the store's statements too:
+/// [`PostgresStore::from_pool`].
 ///
 /// ```no_run
 /// use std::sync::Arc;
@@ -110,6 +147,11 @@ pub use transaction::PostgresTransaction;
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// How connections are made, for the cancel requests.
+    connector: Connector,
+    /// The `sslmode` of the store's own connections, for the errors of their handshakes;
+    /// `None` on the service's pool.
+    tls_mode: Option<Mode>,
     statements: Arc<Statements>,
     listener: Arc<Listener>,
     table: String,
@@ -138,6 +180,64 @@ impl PostgresStore {
             max_connections: 16,
             timeout: Duration::from_secs(2),
             poll_interval: Duration::from_millis(50),
+            root_certificate_file: None,
+            pool: None,
+            listen_url: None,
+        }
+    }
+
+    /// A builder for a store whose statements run on `pool`, the service's own
+    /// deadpool-postgres pool, within its limits: the store opens no pool of its own.
+    ///
+    /// The store's statements are prepared through the pool's statement cache
+    /// (`prepare_cached`), and a statement that runs out of the store's
+    /// [`timeout`](PostgresStoreBuilder::timeout) is cancelled on the server and its
+    /// connection taken out of the pool and closed, as on the store's own connections.
+    ///
+    /// The service's connections do not carry the settings the store gives its own
+    /// (`statement_timeout` and `lock_timeout` at the store's timeout, `READ COMMITTED`), and
+    /// the store sets nothing on them: a statement is bounded by the store's timeout on the
+    /// client side and then cancelled (the server stops it once the cancel request arrives; if
+    /// that request is lost, a claim waiting for a row lock may still apply later, and its key
+    /// stays in progress until its lease runs out); under a stricter default isolation, a claim
+    /// that meets a serialization failure is run again, a few times, as on the store's own
+    /// connections. `max_connections` does not apply: the pool's own limit does.
+    ///
+    /// Waiting: a pooled connection cannot receive notifications, so the store listens on a
+    /// connection of its own only when given [`listen_url`](PostgresStoreBuilder::listen_url)
+    /// (one connection besides the pool); without it, waiters look at the record again every
+    /// [`poll_interval`](PostgresStoreBuilder::poll_interval).
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+    /// use idempotent_core::stores::postgres::PostgresStore;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let url = "postgres://app@127.0.0.1/shop";
+    /// // The service's pool, with its own limit.
+    /// let manager = Manager::from_config(
+    ///     url.parse()?,
+    ///     tokio_postgres::NoTls,
+    ///     ManagerConfig { recycling_method: RecyclingMethod::Fast },
+    /// );
+    /// let pool = Pool::builder(manager).max_size(8).build()?;
+    ///
+    /// let store = PostgresStore::from_pool(pool.clone())
+    ///     .listen_url(url) // one more connection, for waiters to be woken
+    ///     .build()
+    ///     .await?;
+    /// idempotent_core::set_default_store(Arc::new(store))?;
+    ///
+    /// // The service's own queries share the pool with the store.
+    /// let orders: i64 = pool.get().await?.query_one("SELECT count(*) FROM orders", &[]).await?.get(0);
+    /// # let _ = orders;
+    /// # Ok(()) }
+    /// ```
+    pub fn from_pool(pool: deadpool_postgres::Pool) -> PostgresStoreBuilder {
+        PostgresStoreBuilder {
+            pool: Some(pool),
+            ..PostgresStore::builder(String::new())
         }
     }
 
@@ -154,14 +254,19 @@ impl PostgresStore {
         &self.table
     }
 
-    async fn client(&self) -> Result<managed::Object<ConnectionManager>, StoreError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|error| StoreError::Unavailable {
+    async fn client(&self) -> Result<Pooled, StoreError> {
+        self.pool.get().await.map_err(|error| {
+            if let (Some(mode), deadpool::managed::PoolError::Backend(failure)) =
+                (self.tls_mode, &error)
+                && let Some(tls) = tls::tls_failure(mode, failure)
+            {
+                return tls;
+            }
+            StoreError::Unavailable {
                 message: format!("no database connection: {error}"),
                 source: Some(Box::new(error)),
-            })
+            }
+        })
     }
 
     /// Runs one prepared statement on a pooled connection, within the timeout (getting the
@@ -175,14 +280,14 @@ impl PostgresStore {
         let pooled = tokio::time::timeout_at(deadline, self.client())
             .await
             .map_err(|_| timed_out("getting a connection", self.timeout))??;
-        let mut running = Running::new(pooled, self.timeout);
+        let mut running = Running::new(pooled, self.timeout, self.connector.clone());
         let work = async {
             let (client, prepared) = running
                 .connection()
                 .prepared(kind, &self.statements)
                 .await?;
             client
-                .query(prepared, params)
+                .query(&prepared, params)
                 .await
                 .map_err(|error| from_pg("a statement failed", error))
         };
@@ -218,6 +323,23 @@ impl PostgresStore {
             }
         }
         Ok(None)
+    }
+}
+
+impl PostgresStore {
+    /// `wait` with nowhere to listen (the service's pool without `listen_url`): looks at the
+    /// record every `poll_interval` until the key leaves progress, its lease ends, or `max`.
+    async fn poll_until_done(&self, key: &StorageKey, max: Duration) -> Result<(), StoreError> {
+        let deadline = tokio::time::Instant::now() + max;
+        while let Some(left) = self.lease_left(key).await? {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let pause = left.min(deadline - now).min(self.poll_interval);
+            tokio::time::sleep(pause).await;
+        }
+        Ok(())
     }
 }
 
@@ -300,6 +422,9 @@ impl Store for PostgresStore {
         key: &'a StorageKey,
         max: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
+        if !self.listener.configured() {
+            return Box::pin(self.poll_until_done(key, max));
+        }
         // Listen first, then look: a notification after the look is always heard.
         let interest = async {
             let interest = self.listener.interest(key.to_hex()).await?;

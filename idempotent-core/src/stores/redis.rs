@@ -111,8 +111,25 @@ const TOMBSTONE: Duration = Duration::from_secs(1);
 ///
 /// # TLS
 ///
-/// Use a `rediss://` URL with the `redis` crate's `tls-rustls` or `tls-native-tls` feature
-/// enabled in your own `Cargo.toml` (features are additive).
+/// With the feature `redis-tls` (rustls, the ring provider), a `rediss://` URL connects with
+/// TLS, the command connection and the pub/sub one alike. The server's certificate is
+/// verified against the webpki roots (Mozilla's), or the CA certificates of
+/// [`RedisStoreBuilder::root_certificate_file`], and must name the URL's host.
+/// `rediss://host:port/#insecure` (the `redis` crate's form) encrypts without verifying the
+/// certificate: it keeps out eavesdroppers, not an attacker who can answer in the server's
+/// place. Without the feature, a `rediss://` URL is refused by `build`.
+///
+/// ```no_run
+/// use idempotent_core::stores::redis::RedisStore;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_core::StoreError> {
+/// let store = RedisStore::builder("rediss://cache.internal:6380/")
+///     .root_certificate_file("/etc/ssl/cache-ca.pem")
+///     .build()?;
+/// # Ok(()) }
+/// ```
+///
+/// A plain store:
 ///
 /// ```no_run
 /// use std::sync::Arc;
@@ -155,6 +172,7 @@ impl RedisStore {
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
             poll_interval: Duration::from_millis(50),
+            root_certificate_file: None,
         }
     }
 

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
+use super::tls::Connector;
 use crate::stores::wake_table::{Registration, WakeTable};
 
 struct Listening {
@@ -18,7 +18,8 @@ struct Listening {
 }
 
 pub(super) struct Listener {
-    config: tokio_postgres::Config,
+    /// Where to listen, and with what TLS; `None`: nowhere (waiters poll).
+    target: Option<(tokio_postgres::Config, Connector)>,
     listen: String,
     connect_timeout: Duration,
     connection: tokio::sync::Mutex<Option<Listening>>,
@@ -28,17 +29,23 @@ pub(super) struct Listener {
 
 impl Listener {
     pub(super) fn new(
-        config: tokio_postgres::Config,
+        target: Option<(tokio_postgres::Config, Connector)>,
         listen: String,
         connect_timeout: Duration,
     ) -> Self {
         Self {
-            config,
+            target,
             listen,
             connect_timeout,
             connection: tokio::sync::Mutex::new(None),
             waiting: Arc::default(),
         }
+    }
+
+    /// Whether there is somewhere to listen (a store on the service's pool without
+    /// `listen_url` has not).
+    pub(super) fn configured(&self) -> bool {
+        self.target.is_some()
     }
 
     /// Registers interest in `key` (in hex) on a connection that is listening; `None` if no
@@ -53,22 +60,21 @@ impl Listener {
     }
 
     async fn connect(&self) -> Option<Listening> {
-        let (client, mut connection) =
-            tokio::time::timeout(self.connect_timeout, self.config.connect(NoTls))
+        let (config, connector) = self.target.as_ref()?;
+        let waiting = Arc::clone(&self.waiting);
+        let messages = move |message| match message {
+            Some(AsyncMessage::Notification(notification)) => {
+                waiting.wake(notification.payload());
+            }
+            Some(_) => {}
+            // The connection is gone: wake everyone, so they look at their keys again.
+            None => waiting.wake_all(),
+        };
+        let (client, task) =
+            tokio::time::timeout(self.connect_timeout, connector.connect(config, messages))
                 .await
                 .ok()?
                 .ok()?;
-        let waiting = Arc::clone(&self.waiting);
-        let task = tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(Ok(message)) = messages.next().await {
-                if let AsyncMessage::Notification(notification) = message {
-                    waiting.wake(notification.payload());
-                }
-            }
-            // The connection is gone: wake everyone, so they look at their keys again.
-            waiting.wake_all();
-        });
         let listening =
             tokio::time::timeout(self.connect_timeout, client.batch_execute(&self.listen)).await;
         if !matches!(listening, Ok(Ok(()))) {

@@ -4,13 +4,14 @@
 use std::time::Duration;
 
 use deadpool::Runtime;
-use deadpool::managed::{self, Metrics, RecycleResult};
+use deadpool::managed::{self, Metrics, PoolError, RecycleResult};
 use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, RecyclingMethod};
 use tokio::time::error::Elapsed;
-use tokio_postgres::{NoTls, Statement};
+use tokio_postgres::Statement;
 
 use super::error::{describe, from_pg, timed_out};
 use super::sql::Statements;
+use super::tls::Connector;
 use crate::error::StoreError;
 
 /// Sets up `config` for the store's connections, pooled or listening: the connect timeout,
@@ -21,21 +22,21 @@ pub(super) fn configure(config: &mut tokio_postgres::Config, timeout: Duration) 
     config.options(settings);
 }
 
-/// The pool of the store's connections to `config`: at most `max_connections`, and waiting
-/// for one or connecting a new one takes at most `timeout`.
+/// The pool of the store's connections to `config` (made by `connector`): at most
+/// `max_connections`, and waiting for one or connecting a new one takes at most `timeout`.
 pub(super) fn new_pool(
     config: tokio_postgres::Config,
+    connector: &Connector,
     max_connections: usize,
     timeout: Duration,
 ) -> Result<Pool, StoreError> {
-    let manager = Manager::from_config(
+    let manager = connector.manager(
         config,
-        NoTls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    Pool::builder(ConnectionManager(manager))
+    managed::Pool::builder(ConnectionManager(manager))
         .max_size(max_connections)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(timeout))
@@ -44,6 +45,7 @@ pub(super) fn new_pool(
         // no round trip, so a timeout could never fire; it cost a clock read and a timer
         // set up on every checkout. (Verified recycling would need one again.)
         .build()
+        .map(Pool::Own)
         .map_err(|error| StoreError::Backend {
             message: format!("could not build the connection pool: {error}"),
             source: None,
@@ -136,7 +138,70 @@ impl managed::Manager for ConnectionManager {
     }
 }
 
-pub(super) type Pool = managed::Pool<ConnectionManager>;
+/// Where the store's statements run: its own pool, whose connections keep the statements
+/// prepared by kind and carry the store's server settings, or the service's deadpool-postgres
+/// pool, where statements are prepared through its statement cache.
+#[derive(Clone)]
+pub(super) enum Pool {
+    Own(managed::Pool<ConnectionManager>),
+    Foreign(deadpool_postgres::Pool),
+}
+
+impl Pool {
+    /// A connection, waiting as the pool is configured to.
+    pub(super) async fn get(&self) -> Result<Pooled, PoolError<tokio_postgres::Error>> {
+        Ok(match self {
+            Pool::Own(pool) => Pooled::Own(pool.get().await?),
+            Pool::Foreign(pool) => Pooled::Foreign(pool.get().await?),
+        })
+    }
+}
+
+/// A connection taken from the store's [`Pool`].
+pub(super) enum Pooled {
+    Own(managed::Object<ConnectionManager>),
+    Foreign(deadpool_postgres::Object),
+}
+
+impl Pooled {
+    pub(super) fn client(&mut self) -> &mut ClientWrapper {
+        match self {
+            Pooled::Own(connection) => &mut connection.client,
+            Pooled::Foreign(object) => object,
+        }
+    }
+
+    /// The client and `kind` prepared on it: by kind on the store's own connections, through
+    /// deadpool-postgres' statement cache (by the text) on the service's.
+    pub(super) async fn prepared(
+        &mut self,
+        kind: Kind,
+        statements: &Statements,
+    ) -> Result<(&ClientWrapper, Statement), StoreError> {
+        match self {
+            Pooled::Own(connection) => {
+                let (client, statement) = connection.prepared(kind, statements).await?;
+                Ok((client, statement.clone()))
+            }
+            Pooled::Foreign(object) => {
+                let statement = object
+                    .prepare_cached(kind.text(statements))
+                    .await
+                    .map_err(|error| from_pg("could not prepare a statement", error))?;
+                Ok((&**object, statement))
+            }
+        }
+    }
+
+    /// Takes the connection out of its pool (it closes once dropped); the token to cancel
+    /// what it runs.
+    fn take(self) -> tokio_postgres::CancelToken {
+        match self {
+            Pooled::Own(connection) => managed::Object::take(connection).client.cancel_token(),
+            Pooled::Foreign(object) => managed::Object::take(object).cancel_token(),
+        }
+    }
+}
 
 /// A pooled connection while the store's statements run on it. Dropped, or
 /// [abandoned](Running::abandon), before [`Running::done`], it is taken out of the pool and
@@ -144,19 +209,22 @@ pub(super) type Pool = managed::Pool<ConnectionManager>;
 /// waiting for (a timeout, a cancelled call) must not go on and apply unseen, nor keep the
 /// connection busy for the next caller.
 pub(super) struct Running {
-    pooled: Option<managed::Object<ConnectionManager>>,
+    pooled: Option<Pooled>,
     timeout: Duration,
+    /// How the cancel request is sent: with the TLS of the store's connections.
+    connector: Connector,
 }
 
 impl Running {
-    pub(super) fn new(pooled: managed::Object<ConnectionManager>, timeout: Duration) -> Self {
+    pub(super) fn new(pooled: Pooled, timeout: Duration, connector: Connector) -> Self {
         Self {
             pooled: Some(pooled),
             timeout,
+            connector,
         }
     }
 
-    pub(super) fn connection(&mut self) -> &mut Connection {
+    pub(super) fn connection(&mut self) -> &mut Pooled {
         self.pooled
             .as_mut()
             .expect("a running connection is present until done or abandoned")
@@ -192,7 +260,7 @@ impl Running {
     /// server has the cancel request.
     async fn abandon(mut self) {
         if let Some(pooled) = self.pooled.take() {
-            cancel(pooled, self.timeout).await;
+            cancel(pooled, self.timeout, self.connector.clone()).await;
         }
     }
 }
@@ -201,20 +269,21 @@ impl Drop for Running {
     fn drop(&mut self) {
         if let Some(pooled) = self.pooled.take() {
             match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn(cancel(pooled, self.timeout))),
+                Ok(runtime) => {
+                    drop(runtime.spawn(cancel(pooled, self.timeout, self.connector.clone())))
+                }
                 // No runtime to send the cancel request from: the connection is closed at
                 // least, never handed to another call.
-                Err(_) => drop(managed::Object::take(pooled)),
+                Err(_) => drop(pooled.take()),
             }
         }
     }
 }
 
 /// Takes `pooled` out of the pool, closes it, and asks the server to cancel its statement.
-async fn cancel(pooled: managed::Object<ConnectionManager>, timeout: Duration) {
-    let token = pooled.client.cancel_token();
-    drop(managed::Object::take(pooled));
-    if let Ok(Err(error)) = tokio::time::timeout(timeout, token.cancel_query(NoTls)).await {
+async fn cancel(pooled: Pooled, timeout: Duration, connector: Connector) {
+    let token = pooled.take();
+    if let Ok(Err(error)) = tokio::time::timeout(timeout, connector.cancel(&token)).await {
         tracing::debug!(target: "idempotent", error = %describe(&error), "could not cancel an abandoned statement");
     }
 }

@@ -68,10 +68,10 @@ impl PostgresStore {
         let pooled = tokio::time::timeout(budget, self.client())
             .await
             .map_err(|_| timed_out("getting a connection", budget))??;
-        let mut running = Running::new(pooled, self.timeout);
+        let mut running = Running::new(pooled, self.timeout, self.connector.clone());
         let work = async {
             let pooled = running.connection();
-            match self.schema_version(&*pooled.client).await? {
+            match self.schema_version(&**pooled.client()).await? {
                 Some(version) if version == sql::SCHEMA_VERSION => return Ok(()),
                 Some(version) if version > sql::SCHEMA_VERSION => {
                     return Err(self.newer_schema(version));
@@ -79,7 +79,7 @@ impl PostgresStore {
                 _ => {}
             }
             let transaction = pooled
-                .client
+                .client()
                 .transaction()
                 .await
                 .map_err(|error| from_pg("could not begin the schema transaction", error))?;

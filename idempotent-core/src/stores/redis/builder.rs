@@ -1,6 +1,9 @@
 //! Configuring a [`RedisStore`].
 
 use std::fmt;
+#[cfg(feature = "redis-tls")]
+use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +37,8 @@ pub struct RedisStoreBuilder {
     pub(super) connect_timeout: Duration,
     pub(super) response_timeout: Duration,
     pub(super) poll_interval: Duration,
+    /// The CA file for `rediss://` URLs, in place of the webpki roots.
+    pub(super) root_certificate_file: Option<PathBuf>,
 }
 
 /// The URL's password is masked: `redis://user:***@host`.
@@ -45,6 +50,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
             .field("poll_interval", &self.poll_interval)
+            .field("root_certificate_file", &self.root_certificate_file)
             .finish()
     }
 }
@@ -80,21 +86,76 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// For a `rediss://` URL: the CA certificates (a PEM file) the server's certificate is
+    /// verified against, in place of the webpki roots (Mozilla's). The certificate must also
+    /// name the URL's host.
+    ///
+    /// ```
+    /// use idempotent_core::stores::redis::RedisStore;
+    ///
+    /// let builder = RedisStore::builder("rediss://cache.internal:6380/")
+    ///     .root_certificate_file("/etc/ssl/cache-ca.pem");
+    /// ```
+    #[cfg(feature = "redis-tls")]
+    pub fn root_certificate_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.root_certificate_file = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// The client for the URL: with TLS for `rediss://` (feature `redis-tls`).
+    fn client(&self) -> Result<redis::Client, StoreError> {
+        let invalid = |error: redis::RedisError| StoreError::Backend {
+            // Neither the URL nor the driver's error, which may quote it: only the URL
+            // with its password masked, and the kind of mistake.
+            message: format!(
+                "invalid Redis URL {:?} ({:?}): write redis://[user:password@]host[:port][/db] (rediss:// for TLS), with URL-special characters in the password percent-encoded",
+                RedactedUrl(&self.url),
+                error.kind()
+            ),
+            source: None,
+        };
+        let tls = self.url.starts_with("rediss://");
+        if !tls {
+            if self.root_certificate_file.is_some() {
+                return Err(StoreError::Backend {
+                    message: format!(
+                        "a CA file is set for {:?}, which does not use TLS: write rediss:// to connect with TLS",
+                        RedactedUrl(&self.url)
+                    ),
+                    source: None,
+                });
+            }
+            return redis::Client::open(self.url.as_str()).map_err(invalid);
+        }
+        #[cfg(not(feature = "redis-tls"))]
+        {
+            Err(StoreError::Backend {
+                message: format!(
+                    "the URL {:?} asks for TLS (rediss://), which this build cannot make: enable the feature redis-tls of idempotent-core",
+                    RedactedUrl(&self.url)
+                ),
+                source: None,
+            })
+        }
+        #[cfg(feature = "redis-tls")]
+        {
+            let root_cert = match &self.root_certificate_file {
+                Some(path) => Some(read_roots(path)?),
+                None => None,
+            };
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert,
+            };
+            redis::Client::build_with_tls(self.url.as_str(), certificates).map_err(invalid)
+        }
+    }
+
     /// The store. It connects on first use and reconnects by itself after an outage, so this
     /// succeeds while the server is down; only a malformed URL fails. Must be called within a
     /// Tokio runtime.
     pub fn build(self) -> Result<RedisStore, StoreError> {
-        let client =
-            redis::Client::open(self.url.as_str()).map_err(|error| StoreError::Backend {
-                // Neither the URL nor the driver's error, which may quote it: only the URL
-                // with its password masked, and the kind of mistake.
-                message: format!(
-                    "invalid Redis URL {:?} ({:?}): write redis://[user:password@]host[:port][/db], with URL-special characters in the password percent-encoded",
-                    RedactedUrl(&self.url),
-                    error.kind()
-                ),
-                source: None,
-            })?;
+        let client = self.client()?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout))
@@ -111,5 +172,66 @@ impl RedisStoreBuilder {
             key_prefix: self.key_prefix,
             poll_interval: self.poll_interval,
         })
+    }
+}
+
+/// The PEM file of CA certificates at `path`, checked to hold at least one.
+#[cfg(feature = "redis-tls")]
+fn read_roots(path: &Path) -> Result<Vec<u8>, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let shown = path.display();
+    let pem = std::fs::read(path).map_err(|error| StoreError::Backend {
+        message: format!(
+            "could not read the CA file {shown} (rediss://): {error}; name a readable PEM file of CA certificates"
+        ),
+        source: None,
+    })?;
+    let mut certificates = CertificateDer::pem_slice_iter(&pem);
+    match certificates.next() {
+        Some(Ok(_)) if certificates.all(|certificate| certificate.is_ok()) => Ok(pem),
+        Some(_) => Err(StoreError::Backend {
+            message: format!("the CA file {shown} (rediss://) holds a malformed PEM section"),
+            source: None,
+        }),
+        None => Err(StoreError::Backend {
+            message: format!(
+                "the CA file {shown} (rediss://) holds no certificate: it must hold the PEM (-----BEGIN CERTIFICATE-----) of the CA that signed the server's certificate"
+            ),
+            source: None,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::error::StoreError;
+    use crate::stores::redis::RedisStore;
+
+    #[cfg(not(feature = "redis-tls"))]
+    #[test]
+    fn without_the_feature_a_rediss_url_is_refused_at_build() {
+        let Err(StoreError::Backend { message, .. }) =
+            RedisStore::builder("rediss://user:sekret@127.0.0.1:6380/").build()
+        else {
+            panic!("a rediss:// URL must be refused without the feature");
+        };
+        assert!(
+            message.contains("enable the feature redis-tls"),
+            "{message}"
+        );
+        assert!(!message.contains("sekret"), "{message}");
+    }
+
+    #[test]
+    fn an_invalid_url_is_refused_without_quoting_the_password() {
+        let Err(StoreError::Backend { message, .. }) =
+            RedisStore::builder("redis://user:sekret@[::1/").build()
+        else {
+            panic!("an invalid URL must be refused");
+        };
+        assert!(message.contains("invalid Redis URL"), "{message}");
+        assert!(!message.contains("sekret"), "{message}");
     }
 }

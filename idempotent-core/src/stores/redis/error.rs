@@ -23,8 +23,21 @@ fn is_passing(error: &RedisError) -> bool {
 /// `error` as [`StoreError::Unavailable`], with `message` first.
 pub(super) fn unavailable(message: &str, error: RedisError) -> StoreError {
     StoreError::Unavailable {
-        message: format!("{message}: {error}"),
+        message: format!("{message}: {error}{}", hint(&error)),
         source: Some(Box::new(error)),
+    }
+}
+
+/// What to do about a connection that failed for want of TLS, or in its TLS handshake.
+fn hint(error: &RedisError) -> &'static str {
+    let text = error.to_string();
+    if text.contains("invalid peer certificate") {
+        "; the server's TLS certificate was refused: it must be signed by a CA of the roots \
+         (RedisStoreBuilder::root_certificate_file, else the webpki roots) and name the URL's host"
+    } else if error.is_connection_dropped() || text.contains("reset by peer") {
+        "; if the server accepts only TLS connections, use a rediss:// URL (feature redis-tls)"
+    } else {
+        ""
     }
 }
 
