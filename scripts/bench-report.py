@@ -45,7 +45,7 @@ TARGETS = {
 # The race: the last waiter returns within this of the completion (judged on the p99 over
 # rounds; the max is reported beside it).
 RACE_TARGET_US = {"memory": 2000.0, "redis": 5000.0, "postgres": 5000.0}
-GROUP_ORDER = ["memory", "redis", "postgres", "sqlite", "http"]
+GROUP_ORDER = ["memory", "redis", "postgres", "sqlx_postgres", "sqlite", "sqlx_sqlite", "http"]
 CASE_ORDER = ["replay", "first_call", "race"]
 VARIANTS = ("idempotent", "same_statements", "baseline")
 # The HTTP bench's cases: (label, the layer's id, the route's id, the raw Redis client's id or
