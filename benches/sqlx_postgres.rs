@@ -19,7 +19,8 @@
 //! With `IDEMPOTENT_BENCH_INTERLEAVED=<rounds>` the bench skips criterion and times the three
 //! variants in turns instead (each round times every variant once, in a rotating order, on
 //! `IDEMPOTENT_BENCH_CALLS` calls per task, 400 by default), then prints per case each
-//! variant's median time per call over the rounds and the median of the per-round ratios:
+//! variant's median time per call (for `-8conn`, an iteration's time divided by the tasks, as
+//! the report gives it) over the rounds and the median of the per-round ratios:
 //! on a busy machine, load that comes and goes then weighs on every variant alike.
 
 mod common;
@@ -296,7 +297,7 @@ fn criterion_bench(c: &mut Criterion) {
     drop(server);
 }
 
-/// Times `calls` calls per task of `call` through `caller` by `tasks` tasks: per iteration.
+/// Times `calls` calls per task of `call` through `caller` by `tasks` tasks: per call.
 async fn time_calls<C: common::Caller>(
     caller: &Arc<C>,
     tasks: usize,
@@ -319,8 +320,9 @@ async fn time_calls<C: common::Caller>(
         }
     })
     .await;
-    // Per iteration: one call by each of the `tasks` tasks, run at once.
-    elapsed / u32::try_from(calls).unwrap_or(u32::MAX)
+    // Per call, as the report gives it: an iteration is one call by each of the `tasks` tasks,
+    // run at once, and its time is divided by the number of tasks.
+    elapsed / u32::try_from(calls * tasks as u64).unwrap_or(u32::MAX)
 }
 
 fn median(values: &mut [f64]) -> f64 {
