@@ -59,7 +59,12 @@ impl WaitBudget {
 }
 
 /// Where a call's records are written. See the module docs.
-pub(crate) trait Ledger: Sync {
+///
+/// Neither a ledger nor its futures need be `Send` or `Sync`: the rusqlite transactional mode
+/// writes through a `rusqlite::Transaction`, which is neither, so its calls' futures are not
+/// `Send`. The other ledgers' futures still are, as the compiler sees through each `impl
+/// Future` to the type behind it (`tests/*_transactional.rs` spawn such calls).
+pub(crate) trait Ledger {
     /// One claim of `key` for `arguments` with a lease of `lease`. A ledger whose claim can
     /// itself block (behind a transaction's uncommitted claim) bounds that by `wait.left()`.
     fn claim<'a>(
@@ -68,14 +73,14 @@ pub(crate) trait Ledger: Sync {
         arguments: &'a CanonicalArguments,
         lease: Duration,
         wait: &'a mut WaitBudget,
-    ) -> impl Future<Output = Result<Claimed, StoreError>> + Send + 'a;
+    ) -> impl Future<Output = Result<Claimed, StoreError>> + 'a;
 
     /// Resolves when `key` may be claimable, or after `max` ([`Store::wait`]).
     fn wait<'a>(
         &'a self,
         key: &'a StorageKey,
         max: Duration,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a;
+    ) -> impl Future<Output = Result<(), StoreError>> + 'a;
 
     /// Whatever holds the claim writes nothing itself ([`NoWrites`]) when it is kept under a
     /// lease; a transaction writes the record and the release as its statements.
@@ -91,17 +96,22 @@ pub(crate) enum Keeping<'a, W> {
     /// through the store, whatever becomes of the call.
     Lease(&'a dyn StoreHandle),
     /// In something whose end settles it (a transaction, whose rollback removes the claim):
-    /// the record or the release is written once, through these writes. Only the PostgreSQL
-    /// store's transactional mode has such a ledger.
+    /// the record or the release is written once, through these writes: the stores'
+    /// transactional modes.
     #[cfg_attr(
-        not(any(feature = "postgres", feature = "sqlx-postgres")),
+        not(any(
+            feature = "postgres",
+            feature = "sqlx-postgres",
+            feature = "sqlx-sqlite",
+            feature = "sqlite"
+        )),
         allow(dead_code)
     )]
     Writes(&'a W),
 }
 
 /// The writes that settle a claim kept without a lease.
-pub(crate) trait Writes: Sync {
+pub(crate) trait Writes {
     /// Records `output` under `fence` ([`Store::complete`]); a failure is final.
     fn complete<'a>(
         &'a self,
@@ -109,15 +119,11 @@ pub(crate) trait Writes: Sync {
         fence: Fence,
         output: Bytes,
         ttl: Duration,
-    ) -> impl Future<Output = Result<FencedWrite, StoreError>> + Send + 'a;
+    ) -> impl Future<Output = Result<FencedWrite, StoreError>> + 'a;
 
     /// Gives the claim back ([`Store::release`]); a failure is the writer's to report, as the
     /// claim is settled anyway when what holds it ends.
-    fn release<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-    ) -> impl Future<Output = ()> + Send + 'a;
+    fn release<'a>(&'a self, key: &'a StorageKey, fence: Fence) -> impl Future<Output = ()> + 'a;
 }
 
 /// The writes of a ledger that keeps its claims under a lease: there are none, and no value
@@ -208,7 +214,7 @@ impl Ledger for Leased<'_> {
         arguments: &'a CanonicalArguments,
         lease: Duration,
         _: &'a mut WaitBudget,
-    ) -> impl Future<Output = Result<Claimed, StoreError>> + Send + 'a {
+    ) -> impl Future<Output = Result<Claimed, StoreError>> + 'a {
         let claim = self.store.claim(key, arguments, lease);
         async move {
             match claim.await? {
@@ -225,7 +231,7 @@ impl Ledger for Leased<'_> {
         &'a self,
         key: &'a StorageKey,
         max: Duration,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a {
+    ) -> impl Future<Output = Result<(), StoreError>> + 'a {
         self.store.wait(key, max)
     }
 
