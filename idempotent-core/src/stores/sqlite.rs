@@ -47,6 +47,7 @@ mod ops;
 mod pool;
 mod record;
 mod schema;
+mod transaction;
 
 use std::fmt;
 use std::path::Path;
@@ -62,6 +63,9 @@ use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 use crate::stores::wake_table::WakeTable;
 use ops::{OpError, OpResult};
 use pool::{Access, Pool, from_sqlite};
+
+// The ledger the `#[idempotent(tx = ..)]` attribute builds for a rusqlite transaction.
+pub(crate) use transaction::InSqliteTransaction;
 
 pub use builder::{
     DEFAULT_BUSY_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_POLL_INTERVAL, SqliteStoreBuilder,
