@@ -1,12 +1,13 @@
 //! Where a call's records are written: the seam between the engine, which drives the protocol
 //! (claim, wait, run, encode, record), and what holds the records.
 //!
-//! Two ledgers exist. [`StoreHandle`]'s store, through the store's own connections: the claim
-//! lives under a lease that the engine renews while the body runs, gives back if the call ends
-//! before the body returned, and finishes recording if the call is dropped after. And the
-//! PostgreSQL store's transactional mode (`stores/postgres/transaction.rs`), which writes the
-//! claim and the record as statements in the caller's transaction: the transaction's end settles
-//! the claim (a rollback removes it), so there is no lease to keep. A ledger supplies the
+//! Two kinds of ledger exist. [`StoreHandle`]'s store, through the store's own connections: the
+//! claim lives under a lease that the engine renews while the body runs, gives back if the call
+//! ends before the body returned, and finishes recording if the call is dropped after. And the
+//! stores' transactional modes (`stores/postgres/transaction.rs`, `stores/sqlx_*/transaction.rs`,
+//! `stores/sqlite/transaction.rs`), which write the claim and the record as statements in the
+//! caller's transaction: the transaction's end settles the claim (a rollback removes it), so
+//! there is no lease to keep. A ledger supplies the
 //! statements; the engine alone decides what follows each answer.
 
 use std::future::Future;
