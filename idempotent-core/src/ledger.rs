@@ -1,12 +1,13 @@
 //! Where a call's records are written: the seam between the engine, which drives the protocol
 //! (claim, wait, run, encode, record), and what holds the records.
 //!
-//! Two ledgers exist. [`StoreHandle`]'s store, through the store's own connections: the claim
-//! lives under a lease that the engine renews while the body runs, gives back if the call ends
-//! before the body returned, and finishes recording if the call is dropped after. And the
-//! PostgreSQL store's transactional mode (`stores/postgres/transaction.rs`), which writes the
-//! claim and the record as statements in the caller's transaction: the transaction's end settles
-//! the claim (a rollback removes it), so there is no lease to keep. A ledger supplies the
+//! Two kinds of ledger exist. [`StoreHandle`]'s store, through the store's own connections: the
+//! claim lives under a lease that the engine renews while the body runs, gives back if the call
+//! ends before the body returned, and finishes recording if the call is dropped after. And the
+//! stores' transactional modes (`stores/postgres/transaction.rs`, `stores/sqlx_*/transaction.rs`,
+//! `stores/sqlite/transaction.rs`), which write the claim and the record as statements in the
+//! caller's transaction: the transaction's end settles the claim (a rollback removes it), so
+//! there is no lease to keep. A ledger supplies the
 //! statements; the engine alone decides what follows each answer.
 
 use std::future::Future;
@@ -59,7 +60,12 @@ impl WaitBudget {
 }
 
 /// Where a call's records are written. See the module docs.
-pub(crate) trait Ledger: Sync {
+///
+/// Neither a ledger nor its futures need be `Send` or `Sync`: the rusqlite transactional mode
+/// writes through a `rusqlite::Transaction`, which is neither, so its calls' futures are not
+/// `Send`. The other ledgers' futures still are, as the compiler sees through each `impl
+/// Future` to the type behind it (`tests/*_transactional.rs` spawn such calls).
+pub(crate) trait Ledger {
     /// One claim of `key` for `arguments` with a lease of `lease`. A ledger whose claim can
     /// itself block (behind a transaction's uncommitted claim) bounds that by `wait.left()`.
     fn claim<'a>(
@@ -68,14 +74,14 @@ pub(crate) trait Ledger: Sync {
         arguments: &'a CanonicalArguments,
         lease: Duration,
         wait: &'a mut WaitBudget,
-    ) -> impl Future<Output = Result<Claimed, StoreError>> + Send + 'a;
+    ) -> impl Future<Output = Result<Claimed, StoreError>> + 'a;
 
     /// Resolves when `key` may be claimable, or after `max` ([`Store::wait`]).
     fn wait<'a>(
         &'a self,
         key: &'a StorageKey,
         max: Duration,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a;
+    ) -> impl Future<Output = Result<(), StoreError>> + 'a;
 
     /// Whatever holds the claim writes nothing itself ([`NoWrites`]) when it is kept under a
     /// lease; a transaction writes the record and the release as its statements.
@@ -91,17 +97,22 @@ pub(crate) enum Keeping<'a, W> {
     /// through the store, whatever becomes of the call.
     Lease(&'a dyn StoreHandle),
     /// In something whose end settles it (a transaction, whose rollback removes the claim):
-    /// the record or the release is written once, through these writes. Only the PostgreSQL
-    /// store's transactional mode has such a ledger.
+    /// the record or the release is written once, through these writes: the stores'
+    /// transactional modes.
     #[cfg_attr(
-        not(any(feature = "postgres", feature = "sqlx-postgres")),
+        not(any(
+            feature = "postgres",
+            feature = "sqlx-postgres",
+            feature = "sqlx-sqlite",
+            feature = "sqlite"
+        )),
         allow(dead_code)
     )]
     Writes(&'a W),
 }
 
 /// The writes that settle a claim kept without a lease.
-pub(crate) trait Writes: Sync {
+pub(crate) trait Writes {
     /// Records `output` under `fence` ([`Store::complete`]); a failure is final.
     fn complete<'a>(
         &'a self,
@@ -109,15 +120,11 @@ pub(crate) trait Writes: Sync {
         fence: Fence,
         output: Bytes,
         ttl: Duration,
-    ) -> impl Future<Output = Result<FencedWrite, StoreError>> + Send + 'a;
+    ) -> impl Future<Output = Result<FencedWrite, StoreError>> + 'a;
 
     /// Gives the claim back ([`Store::release`]); a failure is the writer's to report, as the
     /// claim is settled anyway when what holds it ends.
-    fn release<'a>(
-        &'a self,
-        key: &'a StorageKey,
-        fence: Fence,
-    ) -> impl Future<Output = ()> + Send + 'a;
+    fn release<'a>(&'a self, key: &'a StorageKey, fence: Fence) -> impl Future<Output = ()> + 'a;
 }
 
 /// The writes of a ledger that keeps its claims under a lease: there are none, and no value
@@ -208,7 +215,7 @@ impl Ledger for Leased<'_> {
         arguments: &'a CanonicalArguments,
         lease: Duration,
         _: &'a mut WaitBudget,
-    ) -> impl Future<Output = Result<Claimed, StoreError>> + Send + 'a {
+    ) -> impl Future<Output = Result<Claimed, StoreError>> + 'a {
         let claim = self.store.claim(key, arguments, lease);
         async move {
             match claim.await? {
@@ -225,7 +232,7 @@ impl Ledger for Leased<'_> {
         &'a self,
         key: &'a StorageKey,
         max: Duration,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a {
+    ) -> impl Future<Output = Result<(), StoreError>> + 'a {
         self.store.wait(key, max)
     }
 

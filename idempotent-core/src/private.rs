@@ -168,12 +168,14 @@ impl<T, E> IsResult for Result<T, E> {
 #[cfg(any(
     feature = "postgres",
     feature = "sqlx-postgres",
-    feature = "sqlx-sqlite"
+    feature = "sqlx-sqlite",
+    feature = "sqlite"
 ))]
 mod transactional;
 #[cfg(any(
     feature = "postgres",
     feature = "sqlx-postgres",
-    feature = "sqlx-sqlite"
+    feature = "sqlx-sqlite",
+    feature = "sqlite"
 ))]
 pub use transactional::*;

@@ -1,6 +1,8 @@
 //! The transactional mode's entry point: a call run with the PostgreSQL store writing its
 //! claim and record in the caller's transaction (`stores/postgres/transaction.rs` supplies the
-//! statements, as a [`Ledger`](crate::ledger::Ledger); the engine drives them).
+//! statements, as a [`Ledger`](crate::ledger::Ledger); the engine drives them). The other
+//! stores' entry points are next to their ledgers: `stores/sqlx_postgres/transaction.rs`,
+//! `stores/sqlx_sqlite/transaction.rs` and `stores/sqlite/transaction.rs`.
 
 use std::future::Future;
 

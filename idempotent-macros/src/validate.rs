@@ -126,7 +126,7 @@ pub(crate) fn check(attr: &Attr, sig: &Signature, errors: &Errors) -> Option<Che
         if attr.store.is_none() {
             errors.error_spanned_by(
                 tx,
-                "`tx = ...` needs `store = ...` naming the store the records are kept in (a `PostgresStore`, `SqlxPgStore` or `SqlxSqliteStore`)",
+                "`tx = ...` needs `store = ...` naming the store the records are kept in (a `PostgresStore`, `SqlxPgStore`, `SqlxSqliteStore` or `SqliteStore`)",
             );
         }
         if attr.cache_errors {

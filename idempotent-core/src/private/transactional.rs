@@ -67,7 +67,7 @@ impl<T: ?Sized> Reborrow for &mut T {
 /// reference to one.
 #[diagnostic::on_unimplemented(
     message = "`tx = ...` needs `store = ...` to be a store with a transactional mode, found `{Self}`",
-    label = "not a `PostgresStore`, `SqlxPgStore` or `SqlxSqliteStore` (or an `Arc` or reference to one)"
+    label = "not a `PostgresStore`, `SqlxPgStore`, `SqlxSqliteStore` or `SqliteStore` (or an `Arc` or reference to one)"
 )]
 pub trait TransactionalStoreHandle {
     type Store: ?Sized;
@@ -99,16 +99,39 @@ pub fn transactional_store<S: TransactionalStoreHandle + ?Sized>(store: &S) -> &
 #[diagnostic::on_unimplemented(
     message = "the store `{Self}` cannot write its records in a transaction of type `{T}`",
     label = "`tx = ...` names an argument of type `{T}`",
-    note = "a `PostgresStore` writes in a tokio-postgres or deadpool-postgres transaction, a `SqlxPgStore` in a `&mut sqlx::Transaction<'_, Postgres>`, a `SqlxSqliteStore` in a `&mut sqlx::Transaction<'_, Sqlite>`"
+    note = "a `PostgresStore` writes in a tokio-postgres or deadpool-postgres transaction, a `SqlxPgStore` in a `&mut sqlx::Transaction<'_, Postgres>`, a `SqlxSqliteStore` in a `&mut sqlx::Transaction<'_, Sqlite>`, a `SqliteStore` in a `&` or `&mut rusqlite::Transaction<'_>`"
 )]
-pub trait TransactionalStore<T> {
+pub trait TransactionalStore<T>: TransactionalMode {
     /// The ledger that writes the claim and the record in the cell's transaction. Its type
     /// does not depend on `T`: the future of a generic function whose state holds a type that
     /// needs `T`'s trait bounds is not seen to be `Send` (rust-lang/rust#100013).
-    fn in_transaction<'a>(&'a self, cell: &'a TxCell<T>) -> TxLedger<'a>;
+    fn in_transaction<'a>(&'a self, cell: &'a TxCell<T>) -> Self::Ledger<'a>;
 }
 
-/// The ledgers of the stores' transactional modes.
+/// The ledger type of a store's transactional mode, named by the store alone. A call's future
+/// holds only the ledger of its own store, so the rusqlite ledger, which is neither `Send` nor
+/// `Sync`, leaves the other stores' calls `Send`: a `match` over one enum of every ledger would
+/// hold each variant's future, and be `Send` only if all were.
+pub trait TransactionalMode {
+    type Ledger<'a>: RunInTransaction;
+}
+
+/// A ledger that runs a call in its transaction.
+pub trait RunInTransaction {
+    fn run<R, F>(self, options: &Options, call: Prepared, body: F) -> impl Future<Output = R>
+    where
+        R: IsResult,
+        R::Ok: Serialize + DeserializeOwned,
+        R::Err: From<Error>,
+        F: Future<Output = R>;
+}
+
+/// The ledgers of the stores' transactional modes whose calls are `Send`.
+#[cfg(any(
+    feature = "postgres",
+    feature = "sqlx-postgres",
+    feature = "sqlx-sqlite"
+))]
 pub enum TxLedger<'a> {
     #[cfg(feature = "postgres")]
     Postgres(crate::stores::postgres::InTransaction<'a>),
@@ -116,6 +139,36 @@ pub enum TxLedger<'a> {
     SqlxPostgres(crate::stores::sqlx_postgres::InSqlxPgTransaction<'a>),
     #[cfg(feature = "sqlx-sqlite")]
     SqlxSqlite(crate::stores::sqlx_sqlite::InSqlxSqliteTransaction<'a>),
+}
+
+#[cfg(any(
+    feature = "postgres",
+    feature = "sqlx-postgres",
+    feature = "sqlx-sqlite"
+))]
+impl RunInTransaction for TxLedger<'_> {
+    async fn run<R, F>(self, options: &Options, call: Prepared, body: F) -> R
+    where
+        R: IsResult,
+        R::Ok: Serialize + DeserializeOwned,
+        R::Err: From<Error>,
+        F: Future<Output = R>,
+    {
+        match self {
+            #[cfg(feature = "postgres")]
+            TxLedger::Postgres(ledger) => {
+                run_over::<OkOnly, R, F>(&ledger, options, call, body).await
+            }
+            #[cfg(feature = "sqlx-postgres")]
+            TxLedger::SqlxPostgres(ledger) => {
+                run_over::<OkOnly, R, F>(&ledger, options, call, body).await
+            }
+            #[cfg(feature = "sqlx-sqlite")]
+            TxLedger::SqlxSqlite(ledger) => {
+                run_over::<OkOnly, R, F>(&ledger, options, call, body).await
+            }
+        }
+    }
 }
 
 pub async fn run_in_transaction<S, T, R, F>(
@@ -132,24 +185,17 @@ where
     R::Err: From<Error>,
     F: Future<Output = R>,
 {
-    match store.in_transaction(cell) {
-        #[cfg(feature = "postgres")]
-        TxLedger::Postgres(ledger) => run_over::<OkOnly, R, F>(&ledger, options, call, body).await,
-        #[cfg(feature = "sqlx-postgres")]
-        TxLedger::SqlxPostgres(ledger) => {
-            run_over::<OkOnly, R, F>(&ledger, options, call, body).await
-        }
-        #[cfg(feature = "sqlx-sqlite")]
-        TxLedger::SqlxSqlite(ledger) => {
-            run_over::<OkOnly, R, F>(&ledger, options, call, body).await
-        }
-    }
+    store.in_transaction(cell).run(options, call, body).await
 }
 
 #[cfg(feature = "postgres")]
 mod postgres {
     use super::*;
     use crate::stores::postgres::{InTransaction, PostgresStore, PostgresTransaction};
+
+    impl TransactionalMode for PostgresStore {
+        type Ledger<'a> = TxLedger<'a>;
+    }
 
     impl TransactionalStoreHandle for PostgresStore {
         type Store = PostgresStore;
@@ -171,6 +217,10 @@ mod sqlx_postgres {
     use super::*;
     use crate::stores::sqlx_postgres::{InSqlxPgTransaction, SqlxPgStore};
     use sqlx::{Postgres, Transaction};
+
+    impl TransactionalMode for SqlxPgStore {
+        type Ledger<'a> = TxLedger<'a>;
+    }
 
     impl TransactionalStoreHandle for SqlxPgStore {
         type Store = SqlxPgStore;
@@ -196,6 +246,10 @@ mod sqlx_sqlite {
     use crate::stores::sqlx_sqlite::{InSqlxSqliteTransaction, SqlxSqliteStore};
     use sqlx::{Sqlite, Transaction};
 
+    impl TransactionalMode for SqlxSqliteStore {
+        type Ledger<'a> = TxLedger<'a>;
+    }
+
     impl TransactionalStoreHandle for SqlxSqliteStore {
         type Store = SqlxSqliteStore;
 
@@ -210,6 +264,55 @@ mod sqlx_sqlite {
             cell: &'a TxCell<&mut Transaction<'c, Sqlite>>,
         ) -> TxLedger<'a> {
             TxLedger::SqlxSqlite(InSqlxSqliteTransaction::new(self, &cell.0))
+        }
+    }
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use super::*;
+    use crate::stores::sqlite::{InSqliteTransaction, SqliteStore};
+    use rusqlite::Transaction;
+
+    impl TransactionalMode for SqliteStore {
+        type Ledger<'a> = InSqliteTransaction<'a>;
+    }
+
+    impl RunInTransaction for InSqliteTransaction<'_> {
+        async fn run<R, F>(self, options: &Options, call: Prepared, body: F) -> R
+        where
+            R: IsResult,
+            R::Ok: Serialize + DeserializeOwned,
+            R::Err: From<Error>,
+            F: Future<Output = R>,
+        {
+            run_over::<OkOnly, R, F>(&self, options, call, body).await
+        }
+    }
+
+    impl TransactionalStoreHandle for SqliteStore {
+        type Store = SqliteStore;
+
+        fn transactional_store(&self) -> &SqliteStore {
+            self
+        }
+    }
+
+    impl<'c> TransactionalStore<&Transaction<'c>> for SqliteStore {
+        fn in_transaction<'a>(
+            &'a self,
+            cell: &'a TxCell<&Transaction<'c>>,
+        ) -> InSqliteTransaction<'a> {
+            InSqliteTransaction::new(self, &cell.0)
+        }
+    }
+
+    impl<'c> TransactionalStore<&mut Transaction<'c>> for SqliteStore {
+        fn in_transaction<'a>(
+            &'a self,
+            cell: &'a TxCell<&mut Transaction<'c>>,
+        ) -> InSqliteTransaction<'a> {
+            InSqliteTransaction::new(self, &cell.0)
         }
     }
 }

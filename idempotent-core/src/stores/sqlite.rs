@@ -30,6 +30,14 @@
 //! [`poll_interval`](SqliteStoreBuilder::poll_interval) (25 ms by default), and the wait
 //! also ends when the holder's lease does.
 //!
+//! # The transactional mode
+//!
+//! [`SqliteStore::run_in_transaction`] (and `#[idempotent(tx = tx, store = ...)]` with a `&` or
+//! `&mut rusqlite::Transaction`) writes the claim and the record in the caller's transaction on
+//! this file, so they commit with the body's writes or not at all. A call in that mode is a
+//! future that is not `Send` (`rusqlite::Transaction` is neither `Send` nor `Sync`), and its
+//! statements run on the thread that polls it, like the caller's own rusqlite statements.
+//!
 //! # Schema
 //!
 //! Three tables, created when missing: `idempotent_schema(version)` (this release writes and
@@ -47,6 +55,7 @@ mod ops;
 mod pool;
 mod record;
 mod schema;
+mod transaction;
 
 use std::fmt;
 use std::path::Path;
@@ -62,6 +71,9 @@ use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 use crate::stores::wake_table::WakeTable;
 use ops::{OpError, OpResult};
 use pool::{Access, Pool, from_sqlite};
+
+// The ledger the `#[idempotent(tx = ..)]` attribute builds for a rusqlite transaction.
+pub(crate) use transaction::InSqliteTransaction;
 
 pub use builder::{
     DEFAULT_BUSY_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_POLL_INTERVAL, SqliteStoreBuilder,

@@ -28,7 +28,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::StoreError;
+use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
+use crate::store::Claim;
 use crate::stores::millis;
 
 /// The schema version this release creates and understands.
@@ -126,6 +128,20 @@ pub(crate) const CLAIM: &str = "INSERT INTO idempotent_records
      WHERE idempotent_records.fence = ?5 AND idempotent_records.until <= ?4
      RETURNING fence";
 
+/// The claims of a connection's transactions (the transactional modes'
+/// `HeldByThisTransaction`): a temporary table, so it is the connection's own and a rollback
+/// empties it with the rest of the transaction.
+pub(crate) const CREATE_CLAIMED_HERE: &str =
+    "CREATE TEMP TABLE IF NOT EXISTS idempotent_claimed_here
+     (key BLOB NOT NULL PRIMARY KEY, fence INTEGER NOT NULL)";
+/// Whether this connection claimed `?1` under fence `?2` (a row comes back if so).
+pub(crate) const SELECT_CLAIMED_HERE: &str =
+    "SELECT 1 FROM temp.idempotent_claimed_here WHERE key = ?1 AND fence = ?2";
+/// Notes that this connection claimed `?1` under fence `?2`.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+pub(crate) const INSERT_CLAIMED_HERE: &str =
+    "INSERT OR REPLACE INTO temp.idempotent_claimed_here (key, fence) VALUES (?1, ?2)";
+
 /// The condition of every fenced write, on `?1` key, `?2` fence, `?3` now: the record is a
 /// well-formed claim in progress under the fence with a live lease.
 macro_rules! held {
@@ -144,11 +160,14 @@ pub(crate) const COMPLETE: &str = concat!(
 /// Deletes the claim, if `?2` holds `?1` at `?3`.
 pub(crate) const RELEASE: &str = concat!("DELETE FROM idempotent_records WHERE ", held!());
 /// Moves the lease end to `?4`, if `?2` holds `?1` at `?3`.
+#[cfg_attr(not(feature = "sqlx-sqlite"), allow(dead_code))]
 pub(crate) const EXTEND: &str = concat!("UPDATE idempotent_records SET until = ?4 WHERE ", held!());
 /// Deletes `?1`'s record whatever it holds.
+#[cfg_attr(not(feature = "sqlx-sqlite"), allow(dead_code))]
 pub(crate) const REMOVE: &str = "DELETE FROM idempotent_records WHERE key = ?1";
 /// Deletes the records past their lease or expiry at `?1`. Rows of a format or state this
 /// release does not know are left for an operator to look at.
+#[cfg_attr(not(feature = "sqlx-sqlite"), allow(dead_code))]
 pub(crate) const PURGE: &str = "DELETE FROM idempotent_records
      WHERE until <= ?1 AND format = 1 AND state IN ('in_progress', 'completed')";
 
@@ -276,6 +295,36 @@ impl Record {
             && u64::try_from(self.fence) == Ok(fence)
             && self.is_live(now)
     }
+}
+
+/// What one read of a record decided for a claim.
+pub(crate) enum Seen {
+    /// The answer: the record is live (or does not fit).
+    Answer(Claim),
+    /// The key is free: no record (`None`), or a dead one under this fence.
+    Free(Option<i64>),
+}
+
+/// What a claim of a key for `fingerprint` makes of the record read ([`CLAIM`] takes a key
+/// seen free).
+pub(crate) fn judge(record: Option<Record>, fingerprint: &Fingerprint, now: i64) -> Seen {
+    let Some(record) = record else {
+        return Seen::Free(None);
+    };
+    if !record.is_live(now) {
+        return Seen::Free(Some(record.fence));
+    }
+    if record.fingerprint != *fingerprint.as_bytes() {
+        return Seen::Answer(Claim::Mismatch);
+    }
+    Seen::Answer(match record.state {
+        State::InProgress => Claim::InProgress {
+            retry_after: until_from(now, record.until),
+        },
+        State::Completed(output) => Claim::Completed {
+            output: output.unwrap_or_default().into(),
+        },
+    })
 }
 
 /// A column value that is not what the format requires, for a message.

@@ -133,7 +133,7 @@ impl Ledger for InTransaction<'_> {
         arguments: &'a CanonicalArguments,
         lease: Duration,
         wait: &'a mut WaitBudget,
-    ) -> impl Future<Output = Result<Claimed, StoreError>> + Send + 'a {
+    ) -> impl Future<Output = Result<Claimed, StoreError>> + 'a {
         let lock_wait = wait.left().max(REJECT_LOCK_WAIT);
         async move {
             let fingerprint = arguments.fingerprint();
@@ -153,7 +153,7 @@ impl Ledger for InTransaction<'_> {
         &'a self,
         key: &'a StorageKey,
         max: Duration,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a {
+    ) -> impl Future<Output = Result<(), StoreError>> + 'a {
         Store::wait(self.store, key, max)
     }
 

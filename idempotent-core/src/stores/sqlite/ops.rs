@@ -47,7 +47,11 @@ fn commit(transaction: Transaction<'_>) -> OpResult<()> {
 }
 
 /// The record under `key`, if any; a row that does not fit is `Corrupt`.
-fn read(connection: &Connection, key: &StorageKey, want_output: bool) -> OpResult<Option<Record>> {
+pub(super) fn read(
+    connection: &Connection,
+    key: &StorageKey,
+    want_output: bool,
+) -> OpResult<Option<Record>> {
     let mut statement = connection
         .prepare_cached(SELECT_RECORD)
         .map_err(fail("could not prepare a read"))?;

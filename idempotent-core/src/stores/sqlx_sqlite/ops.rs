@@ -15,19 +15,12 @@ use sqlx::{Decode, Row, SqliteExecutor, TypeInfo, ValueRef};
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
-use crate::store::{Claim, Fence, FencedWrite};
+use crate::store::{Fence, FencedWrite};
 use crate::stores::sqlite_format::{
     self as format, CLAIM, COMPLETE, EXTEND, PURGE, RELEASE, REMOVE, Record, SELECT_RECORD, State,
     Value,
 };
-
-/// What one read of a record decided for a claim.
-pub(super) enum Seen {
-    /// The answer: the record is live (or does not fit).
-    Answer(Claim),
-    /// The key is free: no record (`None`), or a dead one under this fence.
-    Free(Option<i64>),
-}
+pub(super) use crate::stores::sqlite_format::{Seen, judge};
 
 /// Reads column `index` of `row` as SQLite holds it.
 fn value(row: &SqliteRow, index: usize) -> Result<Value<'_>, sqlx::Error> {
@@ -66,27 +59,6 @@ pub(super) async fn read<'e>(
     Record::parse(|index| value(&row, index), key, want_output)
         .map_err(|error| from_sqlx("could not read a record", error))?
         .map(Some)
-}
-
-/// What a claim of `key` for `fingerprint` makes of the record read.
-pub(super) fn judge(record: Option<Record>, fingerprint: &Fingerprint, now: i64) -> Seen {
-    let Some(record) = record else {
-        return Seen::Free(None);
-    };
-    if !record.is_live(now) {
-        return Seen::Free(Some(record.fence));
-    }
-    if record.fingerprint != *fingerprint.as_bytes() {
-        return Seen::Answer(Claim::Mismatch);
-    }
-    Seen::Answer(match record.state {
-        State::InProgress => Claim::InProgress {
-            retry_after: format::until_from(now, record.until),
-        },
-        State::Completed(output) => Claim::Completed {
-            output: output.unwrap_or_default().into(),
-        },
-    })
 }
 
 /// The one-statement claim of a key seen free (`seen`: the dead record's fence, if there was

@@ -42,12 +42,10 @@ use crate::ledger::{Claimed, Keeping, Ledger, WaitBudget, Writes};
 use crate::options::Options;
 use crate::recorded::OkOnly;
 use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
-use crate::stores::sqlite_format::{self as format, State};
+use crate::stores::sqlite_format::{
+    self as format, CREATE_CLAIMED_HERE, SELECT_CLAIMED_HERE, State,
+};
 use crate::stores::sqlx_tx::LockConnection;
-
-/// The claims of the connection's transactions, for `HeldByThisTransaction`.
-const CREATE_CLAIMED_HERE: &str = "CREATE TEMP TABLE IF NOT EXISTS idempotent_claimed_here
-     (key BLOB NOT NULL PRIMARY KEY, fence INTEGER NOT NULL)";
 
 /// The caller's transaction as a [`Ledger`]: the claim, the record and the release are
 /// statements in it. The engine and the body take turns on the one `&mut` transaction through
@@ -81,13 +79,12 @@ async fn claimed_here(
         .execute(&mut *connection)
         .await
         .map_err(failed)?;
-    let found =
-        sqlx::query("SELECT 1 FROM temp.idempotent_claimed_here WHERE key = ?1 AND fence = ?2")
-            .bind(key.as_bytes().as_slice())
-            .bind(fence)
-            .fetch_optional(&mut *connection)
-            .await
-            .map_err(failed)?;
+    let found = sqlx::query(SELECT_CLAIMED_HERE)
+        .bind(key.as_bytes().as_slice())
+        .bind(fence)
+        .fetch_optional(&mut *connection)
+        .await
+        .map_err(failed)?;
     Ok(found.is_some())
 }
 
@@ -174,7 +171,7 @@ impl Ledger for InSqlxSqliteTransaction<'_> {
         arguments: &'a CanonicalArguments,
         lease: Duration,
         _: &'a mut WaitBudget,
-    ) -> impl Future<Output = Result<Claimed, StoreError>> + Send + 'a {
+    ) -> impl Future<Output = Result<Claimed, StoreError>> + 'a {
         self.claim_in(key, arguments, lease)
     }
 
@@ -182,7 +179,7 @@ impl Ledger for InSqlxSqliteTransaction<'_> {
         &'a self,
         key: &'a StorageKey,
         max: Duration,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a {
+    ) -> impl Future<Output = Result<(), StoreError>> + 'a {
         Store::wait(self.store, key, max)
     }
 
