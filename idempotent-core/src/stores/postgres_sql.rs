@@ -8,7 +8,11 @@
 //! after it began would look alive to it for good). A record is one row: state 0 in progress,
 //! 1 completed; `until` is the lease end or the expiry.
 
-use crate::store::Fence;
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::ledger::Claimed;
+use crate::store::{Claim, Fence};
 
 /// The record format this release writes and reads.
 pub(crate) const FORMAT: i16 = 1;
@@ -308,4 +312,40 @@ pub(crate) fn statement_texts(table: &str) -> Result<(String, String, String), S
         ..
     } = Statements::new(table);
     Ok((schema, claim, complete))
+}
+
+/// What a claim in the caller's transaction found, with either driver.
+pub(crate) enum Found {
+    /// What the store's claim answers.
+    Claim(Claim),
+    /// A claim in progress that this transaction itself wrote.
+    Own,
+    /// Another transaction's uncommitted claim of the key, still there when the wait the call's
+    /// `on_conflict` allows ran out (`lock_timeout`). The caller's transaction is aborted.
+    LockTimeout,
+}
+
+impl Found {
+    /// The ledger's answer for a claim with a lease of `lease`.
+    pub(crate) fn claimed(self, lease: Duration) -> Claimed {
+        match self {
+            Found::Claim(claim) => Claimed::Claim(claim),
+            Found::Own => Claimed::Refused(Error::HeldByThisTransaction),
+            // The other transaction's claim has no lease yet that could be told; its lease
+            // will be at most this call's kind of lease once it commits.
+            Found::LockTimeout => Claimed::Refused(Error::Conflict { retry_after: lease }),
+        }
+    }
+}
+
+/// How long a claim may wait for another transaction's uncommitted claim of its key when the
+/// call rejects conflicts: the least `lock_timeout` there is (0 would mean no limit).
+pub(crate) const REJECT_LOCK_WAIT: Duration = Duration::from_millis(1);
+
+/// The `lock_timeout` (as [`SET_LOCK_TIMEOUT`] takes it) of a claim that may wait `lock_wait`
+/// for another transaction's claim: at least [`REJECT_LOCK_WAIT`], at most what an `int` of
+/// milliseconds holds.
+pub(crate) fn lock_timeout(lock_wait: Duration) -> String {
+    let ms = crate::stores::millis::held_i64(lock_wait.max(REJECT_LOCK_WAIT));
+    format!("{}ms", ms.min(i64::from(i32::MAX)))
 }

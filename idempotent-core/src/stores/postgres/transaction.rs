@@ -24,27 +24,13 @@ use std::time::Duration;
 
 use tokio_postgres::types::{ToSql, Type};
 
+use super::sql::{Found, lock_timeout};
 use super::{CLAIM_ATTEMPTS, PostgresStore, fence_param, from_pg, judge_claim, millis, sql};
-use crate::error::{Error, StoreError};
+use crate::error::StoreError;
 use crate::fingerprint::{CanonicalArguments, Fingerprint};
 use crate::key::StorageKey;
 use crate::ledger::{Claimed, Keeping, Ledger, WaitBudget, Writes};
-use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
-
-/// What a claim in the caller's transaction found.
-enum Found {
-    /// What the store's claim answers.
-    Claim(Claim),
-    /// A claim in progress that this transaction itself wrote.
-    Own,
-    /// Another transaction's uncommitted claim of the key, still there when the wait the call's
-    /// `on_conflict` allows ran out (`lock_timeout`). The caller's transaction is aborted.
-    LockTimeout,
-}
-
-/// How long a claim may wait for another transaction's uncommitted claim of its key when the
-/// call rejects conflicts: the least `lock_timeout` there is (0 would mean no limit).
-const REJECT_LOCK_WAIT: Duration = Duration::from_millis(1);
+use crate::store::{Bytes, Fence, FencedWrite, Store};
 
 /// A transaction the transactional mode can write in: `tokio_postgres`'s or
 /// `deadpool_postgres`'s, or a reference to one.
@@ -134,18 +120,13 @@ impl Ledger for InTransaction<'_> {
         lease: Duration,
         wait: &'a mut WaitBudget,
     ) -> impl Future<Output = Result<Claimed, StoreError>> + 'a {
-        let lock_wait = wait.left().max(REJECT_LOCK_WAIT);
+        let lock_wait = wait.left();
         async move {
             let fingerprint = arguments.fingerprint();
-            Ok(
-                match self.claim_in(key, &fingerprint, lease, lock_wait).await? {
-                    Found::Claim(claim) => Claimed::Claim(claim),
-                    Found::Own => Claimed::Refused(Error::HeldByThisTransaction),
-                    // The other transaction's claim has no lease yet that could be told; its
-                    // lease will be at most this call's kind of lease once it commits.
-                    Found::LockTimeout => Claimed::Refused(Error::Conflict { retry_after: lease }),
-                },
-            )
+            Ok(self
+                .claim_in(key, &fingerprint, lease, lock_wait)
+                .await?
+                .claimed(lease))
         }
     }
 
@@ -229,7 +210,7 @@ impl InTransaction<'_> {
         let key_param = key.as_bytes().as_slice();
         let fingerprint_param = fingerprint.as_bytes().as_slice();
         let lease = millis(lease);
-        let lock_timeout = format!("{}ms", millis(lock_wait).min(i64::from(i32::MAX)));
+        let lock_timeout = lock_timeout(lock_wait);
         for _ in 0..CLAIM_ATTEMPTS {
             let set_params: [(&(dyn ToSql + Sync), Type); 1] = [(&lock_timeout, Type::TEXT)];
             let claim_params: [(&(dyn ToSql + Sync), Type); 3] = [
