@@ -3,8 +3,12 @@
 //! commit together or not at all.
 #![cfg(feature = "sqlx-sqlite")]
 
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use idempotent_core::stores::sqlx_sqlite::SqlxSqliteStore;
 use idempotent_core::{Call, Error, Fingerprint, Options, Outcome, idempotent};
@@ -25,7 +29,8 @@ impl From<Error> for ShopError {
 }
 
 struct Shop {
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
+    path: PathBuf,
     pool: SqlitePool,
     store: SqlxSqliteStore,
     executions: AtomicU32,
@@ -34,31 +39,37 @@ struct Shop {
 impl Shop {
     async fn open() -> Arc<Shop> {
         let dir = tempfile::tempdir().unwrap();
+        let shop = Shop::at(&dir.path().join("shop.sqlite3"), Some(dir)).await;
+        sqlx::query("CREATE TABLE orders (id TEXT PRIMARY KEY, amount INTEGER NOT NULL)")
+            .execute(&shop.pool)
+            .await
+            .unwrap();
+        shop
+    }
+
+    /// The shop on the database file at `path` (a folder of its own kept by `dir`, if any).
+    async fn at(path: &Path, dir: Option<tempfile::TempDir>) -> Arc<Shop> {
         let pool = SqlitePool::connect_with(
             SqliteConnectOptions::new()
-                .filename(dir.path().join("shop.sqlite3"))
+                .filename(path)
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal),
         )
         .await
         .unwrap();
-        sqlx::query("CREATE TABLE orders (id TEXT PRIMARY KEY, amount INTEGER NOT NULL)")
-            .execute(&pool)
-            .await
-            .unwrap();
         let store = SqlxSqliteStore::builder(pool.clone())
             .build()
             .await
             .unwrap();
         Arc::new(Shop {
             _dir: dir,
+            path: path.to_path_buf(),
             pool,
             store,
             executions: AtomicU32::new(0),
         })
     }
 
-    /// Inserts the order in `tx`; `decline` makes it fail after the insert.
     async fn create_order(
         &self,
         tx: &mut Transaction<'_, Sqlite>,
@@ -332,5 +343,84 @@ async fn sixteen_spawned_transactions_through_the_attribute_make_one_order() {
         assert_eq!(call.await.unwrap().unwrap(), "order t-3 for 250");
     }
     assert_eq!(shop.executions(), 1);
+    assert_eq!(shop.orders_and_records().await, (1, 1));
+}
+
+/// The child process of the next test: places order k-1 in a transaction on the shop's file
+/// (the body inserts the row, the claim and the record are written), says so, and waits for
+/// its parent to kill it before the commit. Does nothing unless started by that test.
+#[test]
+#[ignore = "entry point of the child process a test kills mid-transaction"]
+fn killed_mid_transaction_child() {
+    let Some(path) = std::env::var_os("IDEMPOTENT_SHOP_FILE") else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let shop = Shop::at(Path::new(&path), None).await;
+        let mut tx = shop.begin().await;
+        let order = shop
+            .create_order_with_the_attribute(&mut tx, "k-1".into(), 9, false)
+            .await
+            .unwrap();
+        println!("placed {order}");
+        std::io::stdout().flush().unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        tx.commit().await.unwrap();
+    });
+}
+
+/// A process killed (SIGKILL) after its body wrote the order and its claim, before its
+/// commit, leaves neither behind: the retry in another process runs once and its row and
+/// record are the only ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_killed_before_its_commit_leaves_nothing_and_the_retry_runs_once() {
+    let shop = Shop::open().await;
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "killed_mid_transaction_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("IDEMPOTENT_SHOP_FILE", &shop.path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let placed = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            // libtest's "test ... " has no line end of its own: the child's line follows it.
+            .find(|line| line.contains("placed "))
+    });
+    let placed = tokio::time::timeout(Duration::from_secs(30), placed).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let placed = placed
+        .expect("the child placed its order within 30 s")
+        .unwrap();
+    assert!(
+        placed
+            .as_deref()
+            .is_some_and(|line| line.ends_with("placed order k-1 for 9")),
+        "{placed:?}"
+    );
+    assert_eq!(shop.orders_and_records().await, (0, 0));
+
+    let mut tx = shop.begin().await;
+    let receipt = shop
+        .create_order_with_the_attribute(&mut tx, "k-1".into(), 9, false)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(receipt, "order k-1 for 9");
+    assert_eq!(shop.executions(), 1, "the retry ran the body, once");
     assert_eq!(shop.orders_and_records().await, (1, 1));
 }
