@@ -13,6 +13,11 @@
 //! keeps it in the connection's statement cache (`statement_cache_capacity`, 100 by default;
 //! the store uses 7).
 //!
+//! sqlx pings a pooled connection before handing it out (`test_before_acquire`, on by
+//! default): a round trip before each of the store's statements, so a replay costs two. Turn
+//! it off on the pool the store uses (`PgPoolOptions::test_before_acquire(false)`); a broken
+//! connection then fails one statement, and its call, with a store error.
+//!
 //! Durability, time, the schema and what a row that does not fit means are as for
 //! `PostgresStore`: see its module documentation.
 //!
