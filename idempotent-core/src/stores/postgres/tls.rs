@@ -404,13 +404,16 @@ mod rustls_config {
             Mode::VerifyFull => builder.with_root_certificates(roots()),
             Mode::VerifyCa => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnly {
-                    roots: roots(),
+                .with_custom_certificate_verifier(Arc::new(NameUnchecked {
+                    roots: Some(roots()),
                     provider,
                 })),
             Mode::Disable | Mode::Prefer | Mode::Require => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Unverified { provider })),
+                .with_custom_certificate_verifier(Arc::new(NameUnchecked {
+                    roots: None,
+                    provider,
+                })),
         };
         Ok(config.with_no_client_auth())
     }
@@ -440,14 +443,17 @@ mod rustls_config {
         Ok(roots)
     }
 
-    /// `verify-ca`: the chain must lead to one of the roots; the name is not checked.
+    /// A verifier that never checks the server's name: `verify-ca` (`roots`: the chain must
+    /// lead to one of them), or `prefer` and `require` (no roots: libpq's meaning, the
+    /// certificate not verified). Either way the handshake's signatures are checked against
+    /// the certificate presented.
     #[derive(Debug)]
-    struct ChainOnly {
-        roots: RootCertStore,
+    struct NameUnchecked {
+        roots: Option<RootCertStore>,
         provider: Arc<CryptoProvider>,
     }
 
-    impl ServerCertVerifier for ChainOnly {
+    impl ServerCertVerifier for NameUnchecked {
         fn verify_server_cert(
             &self,
             end_entity: &CertificateDer<'_>,
@@ -456,68 +462,16 @@ mod rustls_config {
             _ocsp_response: &[u8],
             now: UnixTime,
         ) -> Result<ServerCertVerified, rustls::Error> {
-            let certificate = rustls::server::ParsedCertificate::try_from(end_entity)?;
-            rustls::client::verify_server_cert_signed_by_trust_anchor(
-                &certificate,
-                &self.roots,
-                intermediates,
-                now,
-                self.provider.signature_verification_algorithms.all,
-            )?;
-            Ok(ServerCertVerified::assertion())
-        }
-
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &self.provider.signature_verification_algorithms,
-            )
-        }
-
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &self.provider.signature_verification_algorithms,
-            )
-        }
-
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.provider
-                .signature_verification_algorithms
-                .supported_schemes()
-        }
-    }
-
-    /// `prefer` and `require` (libpq's meaning): encrypted, the certificate not verified. The
-    /// handshake's signatures are still checked against the certificate presented.
-    #[derive(Debug)]
-    struct Unverified {
-        provider: Arc<CryptoProvider>,
-    }
-
-    impl ServerCertVerifier for Unverified {
-        fn verify_server_cert(
-            &self,
-            _end_entity: &CertificateDer<'_>,
-            _intermediates: &[CertificateDer<'_>],
-            _server_name: &ServerName<'_>,
-            _ocsp_response: &[u8],
-            _now: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
+            if let Some(roots) = &self.roots {
+                let certificate = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                rustls::client::verify_server_cert_signed_by_trust_anchor(
+                    &certificate,
+                    roots,
+                    intermediates,
+                    now,
+                    self.provider.signature_verification_algorithms.all,
+                )?;
+            }
             Ok(ServerCertVerified::assertion())
         }
 
