@@ -45,6 +45,8 @@ pub mod client;
 #[cfg(feature = "http")]
 pub mod http;
 mod private;
+#[cfg(feature = "queue")]
+pub mod queue;
 mod recorded;
 mod redact;
 mod store;
