@@ -28,6 +28,8 @@ use tokio::sync::{Notify, watch};
 
 const ORDERS: usize = 1_000;
 const POISON: usize = 3;
+/// The refused orders and the message without an id.
+const DEAD_LETTERS: usize = POISON + 1;
 const CONSUMERS: usize = 3;
 const MAX_DELIVERIES: u32 = 3;
 /// How long a delivery (and a claim) stays a consumer's without its heartbeat: how soon a
@@ -204,7 +206,7 @@ async fn run(broker: impl Broker, engine: Idempotency) -> Result<Ledger, String>
         loop {
             let placed = effects.snapshot().len();
             let dead = broker.dead_letters().await.unwrap_or(0);
-            if placed >= ORDERS && dead >= POISON + 1 {
+            if placed >= ORDERS && dead >= DEAD_LETTERS {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -334,11 +336,10 @@ async fn main() -> ExitCode {
         eprintln!("FAILED: every order must be placed exactly once");
         return ExitCode::FAILURE;
     }
-    if ledger.dead_lettered_in_broker != POISON + 1 {
+    if ledger.dead_lettered_in_broker != DEAD_LETTERS {
         eprintln!(
             "FAILED: {} messages dead-lettered, {} expected (the refused orders and the one without an id)",
-            ledger.dead_lettered_in_broker,
-            POISON + 1
+            ledger.dead_lettered_in_broker, DEAD_LETTERS
         );
         return ExitCode::FAILURE;
     }
