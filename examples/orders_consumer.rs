@@ -21,7 +21,10 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use idempotent_core::queue::nats::{JetStreamPublisher, JetStreamSource};
+use idempotent_core::queue::redis_streams::{self, RedisStreamsSource};
 use idempotent_core::queue::{self, Consumer, Message, Report, Source};
+use idempotent_core::stores::redis::RedisStore;
 use idempotent_core::{Idempotency, MemoryStore, Options};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
@@ -75,11 +78,188 @@ impl std::fmt::Display for Refused {
     }
 }
 
+/// A run's tag: the time it started, so that runs on one broker do not meet.
+fn run_tag() -> String {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis());
+    format!("run-{millis}-")
+}
+
+/// Redis Streams: one stream per run, the consumers in one group, the records in the same
+/// Redis.
+struct RedisBroker {
+    url: String,
+    tag: String,
+    stream: String,
+    connection: redis::aio::MultiplexedConnection,
+}
+
+impl RedisBroker {
+    async fn connect(url: &str) -> Result<Self, String> {
+        let client = redis::Client::open(url).map_err(|error| format!("bad --url: {error}"))?;
+        let connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|error| format!("could not connect to Redis: {error}"))?;
+        let tag = run_tag();
+        Ok(Self {
+            url: url.to_owned(),
+            stream: format!("orders_consumer:{tag}orders"),
+            tag,
+            connection,
+        })
+    }
+}
+
+impl Broker for RedisBroker {
+    type Source = RedisStreamsSource;
+    async fn publish(&self, id: Option<&str>, payload: &str) -> Result<(), String> {
+        let mut connection = self.connection.clone();
+        match id {
+            Some(id) => redis_streams::publish(&mut connection, &self.stream, id, payload)
+                .await
+                .map(drop)
+                .map_err(|error| error.to_string()),
+            None => redis::cmd("XADD")
+                .arg(&self.stream)
+                .arg("*")
+                .arg("payload")
+                .arg(payload)
+                .query_async::<String>(&mut connection)
+                .await
+                .map(drop)
+                .map_err(|error| format!("XADD failed: {error}")),
+        }
+    }
+    async fn source(&self, consumer: usize) -> Result<Self::Source, String> {
+        RedisStreamsSource::builder(self.url.clone(), self.stream.clone(), "placers")
+            .consumer(format!("consumer-{consumer}"))
+            .lease(LEASE)
+            .poll_interval(Duration::from_millis(200))
+            .build()
+            .await
+            .map_err(|error| error.to_string())
+    }
+    async fn dead_letters(&self) -> Result<usize, String> {
+        let mut connection = self.connection.clone();
+        redis::cmd("XLEN")
+            .arg(format!("{}:dead-letter", self.stream))
+            .query_async::<usize>(&mut connection)
+            .await
+            .map_err(|error| format!("XLEN failed: {error}"))
+    }
+    fn tag(&self) -> &str {
+        &self.tag
+    }
+}
+
+/// NATS JetStream: one stream per run (deduplicating publishes within two minutes), a durable
+/// consumer, a dead-letter stream.
+struct NatsBroker {
+    context: async_nats::jetstream::Context,
+    publisher: JetStreamPublisher,
+    tag: String,
+    stream: String,
+    subject: String,
+    dropped: std::sync::atomic::AtomicUsize,
+}
+
+impl NatsBroker {
+    async fn connect(url: &str) -> Result<Self, String> {
+        let client = async_nats::connect(url)
+            .await
+            .map_err(|error| format!("could not connect to NATS at {url}: {error}"))?;
+        let context = async_nats::jetstream::new(client);
+        let tag = run_tag();
+        let stream = format!("ORDERS_{}", tag.trim_end_matches('-').replace('-', "_"));
+        let subject = format!("orders_consumer.{}", tag.trim_end_matches('-'));
+        context
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: stream.clone(),
+                subjects: vec![subject.clone()],
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| format!("could not create the stream {stream}: {error}"))?;
+        Ok(Self {
+            publisher: JetStreamPublisher::new(context.clone()),
+            context,
+            tag,
+            stream,
+            subject,
+            dropped: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    fn dead_letter_stream(&self) -> String {
+        format!("{}_DEAD", self.stream)
+    }
+}
+
+impl Broker for NatsBroker {
+    type Source = JetStreamSource;
+    async fn publish(&self, id: Option<&str>, payload: &str) -> Result<(), String> {
+        match id {
+            Some(id) => {
+                let published = self
+                    .publisher
+                    .publish(self.subject.clone(), id, payload.to_owned())
+                    .await
+                    .map_err(|error| error.to_string())?;
+                if published.duplicate {
+                    self.dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            None => self
+                .context
+                .publish(self.subject.clone(), payload.to_owned().into())
+                .await
+                .map_err(|error| format!("publish failed: {error}"))?
+                .await
+                .map(drop)
+                .map_err(|error| format!("publish not acknowledged: {error}")),
+        }
+    }
+    async fn source(&self, _consumer: usize) -> Result<Self::Source, String> {
+        JetStreamSource::builder(self.context.clone(), self.stream.clone(), "placers")
+            .lease(LEASE)
+            .poll_interval(Duration::from_millis(200))
+            .dead_letter_subject(format!("{}.dead-letter", self.subject))
+            .create_dead_letter_stream(self.dead_letter_stream())
+            .build()
+            .await
+            .map_err(|error| error.to_string())
+    }
+    async fn dead_letters(&self) -> Result<usize, String> {
+        let mut stream = self
+            .context
+            .get_stream(self.dead_letter_stream())
+            .await
+            .map_err(|error| format!("no dead-letter stream: {error}"))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|error| format!("could not read the dead-letter stream: {error}"))?;
+        usize::try_from(info.state.messages).map_err(|error| error.to_string())
+    }
+    fn tag(&self) -> &str {
+        &self.tag
+    }
+    fn dropped_at_publish(&self) -> usize {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// What the run saw, added up over every consumer.
 #[derive(Debug, Default)]
 struct Ledger {
     report: Report,
     dead_lettered_in_broker: usize,
+    /// Publishes the broker itself dropped as duplicates (JetStream's duplicate window).
+    dropped_at_publish: usize,
     applied_twice: usize,
     never_applied: usize,
 }
@@ -93,6 +273,14 @@ trait Broker {
     async fn source(&self, consumer: usize) -> Result<Self::Source, String>;
     /// The messages in the dead-letter destination.
     async fn dead_letters(&self) -> Result<usize, String>;
+    /// What the run's message ids start with.
+    fn tag(&self) -> &str {
+        ""
+    }
+    /// Publishes the broker dropped as duplicates of earlier ones.
+    fn dropped_at_publish(&self) -> usize {
+        0
+    }
 }
 
 /// The embedded default: an in-process broker.
@@ -118,23 +306,26 @@ impl Broker for InProcess {
     }
 }
 
-fn order_id(n: usize) -> String {
-    format!("order-{n:04}")
+/// The id of order `n`, after the run's tag (empty in-process; on a broker, a tag of the run,
+/// so that a second run does not find the first one's records).
+fn order_id(tag: &str, n: usize) -> String {
+    format!("{tag}order-{n:04}")
 }
 
 async fn produce(broker: &impl Broker) -> Result<(), String> {
+    let tag = broker.tag();
     for n in 0..ORDERS {
         let payload = format!(r#"{{"sku":"sku-{}","quantity":{}}}"#, n % 37, 1 + n % 5);
-        broker.publish(Some(&order_id(n)), &payload).await?;
+        broker.publish(Some(&order_id(tag, n)), &payload).await?;
         if n % 10 == 0 {
             // The producer did not see its acknowledgement and published again.
-            broker.publish(Some(&order_id(n)), &payload).await?;
+            broker.publish(Some(&order_id(tag, n)), &payload).await?;
         }
     }
     for n in 0..POISON {
         let payload = r#"{"sku":"sku-discontinued","quantity":1,"poison":true}"#;
         broker
-            .publish(Some(&format!("poison-{n}")), payload)
+            .publish(Some(&format!("{tag}poison-{n}")), payload)
             .await?;
     }
     broker
@@ -161,7 +352,7 @@ async fn run(broker: impl Broker, engine: Idempotency) -> Result<Ledger, String>
                 if order.poison {
                     return Err(Refused.to_string());
                 }
-                if message.id() == CRASH_AT && message.deliveries() == 1 {
+                if message.id().ends_with(CRASH_AT) && message.deliveries() == 1 {
                     // The consumer dies here, before the order is placed.
                     crash.notify_one();
                     std::future::pending::<()>().await;
@@ -243,14 +434,18 @@ async fn run(broker: impl Broker, engine: Idempotency) -> Result<Ledger, String>
     let effects = effects.snapshot();
     ledger.applied_twice = effects.values().filter(|&&n| n > 1).count();
     ledger.never_applied = (0..ORDERS)
-        .filter(|&n| !effects.contains_key(&order_id(n)))
+        .filter(|&n| !effects.contains_key(&order_id(broker.tag(), n)))
         .count();
+    ledger.dropped_at_publish = broker.dropped_at_publish();
     Ok(ledger)
 }
 
 fn print(ledger: &Ledger) {
     let report = &ledger.report;
     println!("received              {:>6}", report.received);
+    if ledger.dropped_at_publish > 0 {
+        println!("dropped at publish    {:>6}", ledger.dropped_at_publish);
+    }
     println!("duplicates discarded  {:>6}", report.duplicates);
     println!("processed             {:>6}", report.processed);
     println!("retried               {:>6}", report.retried);
@@ -322,7 +517,20 @@ async fn main() -> ExitCode {
             let engine = Idempotency::new(Arc::new(MemoryStore::new())).with_options(options);
             run(InProcess { publisher, source }, engine).await
         }
-        Where::Redis(_) | Where::Nats(_) => Err("not available in this build".to_owned()),
+        Where::Redis(url) => match RedisBroker::connect(&url).await {
+            Ok(broker) => match RedisStore::builder(url).build().await {
+                Ok(store) => run(broker, Idempotency::new(Arc::new(store)).with_options(options)).await,
+                Err(error) => Err(format!("could not open the Redis store: {error}")),
+            },
+            Err(error) => Err(error),
+        },
+        Where::Nats(url) => match NatsBroker::connect(&url).await {
+            Ok(broker) => {
+                let engine = Idempotency::new(Arc::new(MemoryStore::new())).with_options(options);
+                run(broker, engine).await
+            }
+            Err(error) => Err(error),
+        },
     };
     let ledger = match ledger {
         Ok(ledger) => ledger,
