@@ -96,6 +96,8 @@ use crate::fingerprint::Fingerprint;
 use crate::store::Bytes;
 
 mod channel;
+#[cfg(feature = "redis-streams")]
+pub mod redis_streams;
 mod source;
 
 pub use channel::{ChannelPublisher, ChannelSource, DeadLetter, channel};
