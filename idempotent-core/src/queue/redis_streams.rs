@@ -674,21 +674,35 @@ impl RedisStreamsSource {
     }
 
     /// The stream read.
+    ///
+    /// ```no_run
+    /// # use idempotent_core::queue::redis_streams::RedisStreamsSource;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_core::queue::SourceError> {
+    /// let source = RedisStreamsSource::builder("redis://127.0.0.1/", "orders", "billing")
+    ///     .consumer("billing-0")
+    ///     .build()
+    ///     .await?;
+    /// assert_eq!(source.stream(), "orders");
+    /// assert_eq!(source.group(), "billing");
+    /// assert_eq!(source.consumer(), "billing-0");
+    /// assert_eq!(source.dead_letter_stream(), "orders:dead-letter");
+    /// # Ok(()) }
+    /// ```
     pub fn stream(&self) -> &str {
         &self.inner.stream
     }
 
-    /// The consumer group.
+    /// The consumer group. (see [`RedisStreamsSource::stream`] for an example)
     pub fn group(&self) -> &str {
         &self.inner.group
     }
 
-    /// This consumer's name in the group.
+    /// This consumer's name in the group. (see [`RedisStreamsSource::stream`] for an example)
     pub fn consumer(&self) -> &str {
         &self.inner.consumer
     }
 
-    /// The stream dead-lettered messages go to.
+    /// The stream dead-lettered messages go to. (see [`RedisStreamsSource::stream`] for an example)
     pub fn dead_letter_stream(&self) -> &str {
         &self.inner.dead_letter_stream
     }
