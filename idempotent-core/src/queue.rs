@@ -98,6 +98,8 @@ use crate::store::Bytes;
 mod channel;
 #[cfg(feature = "sqlx-postgres")]
 mod inbox;
+#[cfg(feature = "redis-streams")]
+pub mod redis_streams;
 mod source;
 
 pub use channel::{ChannelPublisher, ChannelSource, DeadLetter, channel};
