@@ -96,6 +96,8 @@ use crate::fingerprint::Fingerprint;
 use crate::store::Bytes;
 
 mod channel;
+#[cfg(feature = "nats")]
+pub mod nats;
 mod source;
 
 pub use channel::{ChannelPublisher, ChannelSource, DeadLetter, channel};
