@@ -98,6 +98,8 @@ use crate::store::Bytes;
 mod channel;
 #[cfg(feature = "sqlx-postgres")]
 mod inbox;
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "redis-streams")]
 pub mod redis_streams;
 mod source;

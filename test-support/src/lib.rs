@@ -1,7 +1,9 @@
 //! Real servers for the tests of the stores: a [`RedisServer`] and a [`PostgresServer`] that a
-//! test starts itself, on a free 127.0.0.1 port in its own temporary folder, and that are stopped
-//! and removed when dropped. Nothing is mocked, and nothing but the server binaries is needed:
-//! `scripts/install-test-deps` installs `redis-server` and PostgreSQL 15 where they are missing.
+//! test starts itself (and a [`NatsServer`] with JetStream, for the NATS queue source), on a
+//! free 127.0.0.1 port in its own temporary folder, and that are stopped and removed when
+//! dropped. Nothing is mocked, and nothing but the server binaries is needed:
+//! `scripts/install-test-deps` installs `redis-server`, PostgreSQL 15 and `nats-server` where
+//! they are missing.
 //!
 //! The API is synchronous (std only): call it from plain `#[test]`s and from `#[tokio::test]`s
 //! alike (starting a server blocks the calling thread for a moment, which a test can afford).
@@ -30,6 +32,7 @@
 
 #![warn(missing_docs)]
 
+mod nats;
 mod ports;
 mod postgres;
 mod process;
@@ -38,6 +41,7 @@ mod redis;
 mod resp;
 mod tls;
 
+pub use nats::{NATS_SERVER_ENV, NatsServer};
 pub use ports::free_port;
 pub use postgres::{
     DEFAULT_PG_BINDIR, PG_BINDIR_ENV, PostgresOptions, PostgresServer, database_of, shared_postgres,
