@@ -518,8 +518,14 @@ async fn main() -> ExitCode {
             run(InProcess { publisher, source }, engine).await
         }
         Where::Redis(url) => match RedisBroker::connect(&url).await {
-            Ok(broker) => match RedisStore::builder(url).build().await {
-                Ok(store) => run(broker, Idempotency::new(Arc::new(store)).with_options(options)).await,
+            Ok(broker) => match RedisStore::builder(url).build() {
+                Ok(store) => {
+                    run(
+                        broker,
+                        Idempotency::new(Arc::new(store)).with_options(options),
+                    )
+                    .await
+                }
                 Err(error) => Err(format!("could not open the Redis store: {error}")),
             },
             Err(error) => Err(error),
