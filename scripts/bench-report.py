@@ -11,7 +11,8 @@ PostgreSQL targets against `same_statements`), the others against `baseline`. Re
 same-key race's per-round timings from --races (written by the benches). The HTTP bench's
 cases (group `http`) have a table of their own: the layer against the route without it and
 against the raw Redis client's round trips, and, from --http-sizes, the size of a recorded
-response at rest. With --benches, only those groups' results are read (the benches just run;
+response at rest. The queue bench's cases (group `queue_redis`) too: messages per second
+through the consumer against the bare XREADGROUP + XACK loop. With --benches, only those groups' results are read (the benches just run;
 results left by earlier runs of the others are not reported). Writes report.json and report.md
 in --out. Standard library only.
 """
@@ -45,7 +46,7 @@ TARGETS = {
 # The race: the last waiter returns within this of the completion (judged on the p99 over
 # rounds; the max is reported beside it).
 RACE_TARGET_US = {"memory": 2000.0, "redis": 5000.0, "postgres": 5000.0}
-GROUP_ORDER = ["memory", "redis", "postgres", "sqlx_postgres", "sqlite", "sqlx_sqlite", "http"]
+GROUP_ORDER = ["memory", "redis", "postgres", "sqlx_postgres", "sqlite", "sqlx_sqlite", "http", "queue_redis"]
 CASE_ORDER = ["replay", "first_call", "race"]
 VARIANTS = ("idempotent", "same_statements", "baseline")
 # The HTTP bench's cases: (label, the layer's id, the route's id, the raw Redis client's id or
@@ -62,6 +63,12 @@ HTTP_CASES = [
     ("loopback HTTP, memory, replay", "http/loopback/memory/replay/layer", HTTP_LOOPBACK_ROUTE, None),
 ]
 HTTP_ROUTE_SPAWNED = "http/route/spawned"
+# The queue bench's cases: (label, id), each compared with the bare XREADGROUP + XACK loop.
+QUEUE_BARE = "queue_redis/consume/bare"
+QUEUE_CASES = [
+    ("Consumer, MemoryStore", "queue_redis/consume/memory_store"),
+    ("Consumer, RedisStore", "queue_redis/consume/redis_store"),
+]
 
 
 def percentile(values, q):
@@ -198,6 +205,50 @@ def http_cases(benchmarks):
             "bare": None,
         })
     return out
+
+
+def queue_cases(benchmarks):
+    """The queue bench's rows: messages per second through the consumer and the bare loop."""
+    bare = benchmarks.get(QUEUE_BARE)
+    out = []
+    for label, case_id in [("bare XREADGROUP + XACK", QUEUE_BARE)] + QUEUE_CASES:
+        result = benchmarks.get(case_id)
+        if result is None:
+            continue
+        entry = {"case": label, "id": case_id, "result": result}
+        entry["messages_per_second"] = result["elements"] / (result["median_ns"] / 1e9)
+        if bare and case_id != QUEUE_BARE:
+            entry["ratio_vs_bare"] = result["median_ns"] / bare["median_ns"]
+            entry["throughput_vs_bare"] = bare["median_ns"] / result["median_ns"]
+        out.append(entry)
+    return out
+
+
+def queue_markdown(cases):
+    """The queue bench's section."""
+    if not cases:
+        return []
+    lines = [
+        "",
+        "## Queue consumer on Redis Streams against the bare loop",
+        "",
+        "One iteration consumes 2,000 entries published beforehand (untimed) with distinct "
+        "message ids, until the last is settled. The bare loop: `XREADGROUP COUNT 16` and one "
+        "`XACK` of the batch. The consumer: concurrency 16, a handler that does nothing, its "
+        "record in the store named. Times per message.",
+        "",
+        "| case | median per message | p99 | messages per second | time / bare | throughput vs bare |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for entry in cases:
+        result = entry["result"]
+        ratio = f"{entry['ratio_vs_bare']:.2f}x" if "ratio_vs_bare" in entry else "–"
+        vs_bare = f"{entry['throughput_vs_bare'] * 100:.0f}%" if "throughput_vs_bare" in entry else "–"
+        lines.append(
+            f"| {entry['case']} | {per_call(result, 'median_ns')} | {per_call(result, 'p99_ns')} | "
+            f"{entry['messages_per_second']:,.0f} | {ratio} | {vs_bare} |"
+        )
+    return lines
 
 
 def http_sizes(path):
@@ -408,6 +459,7 @@ def markdown(report):
                 f"{fmt_us(race['round_median_us'])} | {target['text'] if target else '–'} | {verdict(target)} |"
             )
     lines += http_markdown(report.get("http", []), report.get("http_sizes", []))
+    lines += queue_markdown(report.get("queue", []))
     lines.append("")
     return "\n".join(lines)
 
@@ -499,6 +551,7 @@ def main():
         "races": races(args.races, groups),
         "http": http_cases(benchmarks),
         "http_sizes": http_sizes(args.http_sizes) if groups is None or "http" in groups else [],
+        "queue": queue_cases(benchmarks),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
