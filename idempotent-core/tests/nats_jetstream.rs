@@ -267,6 +267,8 @@ async fn a_failing_handler_is_redelivered_then_dead_lettered_with_its_headers_an
         "the poison message is still pending"
     );
 
+    let dead_letters = dead.get_info().await.expect("info").state.messages;
+    assert_eq!(dead_letters, 1, "dead letters of one message");
     let letter = dead.get_raw_message(1).await.expect("the dead letter");
     let header = |name: &str| {
         letter
