@@ -75,7 +75,7 @@
 //!             println!("placing {}", message.id());
 //!             Ok::<_, std::io::Error>(())
 //!         },
-//!         async { tokio::signal::ctrl_c().await.unwrap_or(()) },
+//!         tokio::time::sleep(Duration::from_secs(3600)), // or a signal's future
 //!     )
 //!     .await?;
 //! # Ok(()) }
