@@ -96,8 +96,12 @@ use crate::fingerprint::Fingerprint;
 use crate::store::Bytes;
 
 mod channel;
+#[cfg(feature = "sqlx-postgres")]
+mod inbox;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "redis-streams")]
+pub mod redis_streams;
 mod source;
 
 pub use channel::{ChannelPublisher, ChannelSource, DeadLetter, channel};
@@ -591,6 +595,7 @@ impl<S: Source> Consumer<S> {
         let drain = tokio::time::sleep(Duration::MAX);
         let mut drain = pin!(drain);
         let mut draining = false;
+        let mut handlers_told_to_stop = false;
 
         loop {
             if !stopping && receiving.is_none() && at_work.len() < self.concurrency {
@@ -609,6 +614,7 @@ impl<S: Source> Consumer<S> {
                     // The handlers still at work are stopped: each releases its claim and its
                     // delivery.
                     let _ = stop_handlers.send(true);
+                    handlers_told_to_stop = true;
                     draining = false;
                 }
                 Some(()) = at_work.next(), if !at_work.is_empty() => {}
@@ -642,7 +648,7 @@ impl<S: Source> Consumer<S> {
                     }
                 }
             }
-            if stopping && !draining && !*stop_handlers.borrow() && !at_work.is_empty() {
+            if stopping && !draining && !handlers_told_to_stop && !at_work.is_empty() {
                 drain
                     .as_mut()
                     .reset(tokio::time::Instant::now() + self.drain_timeout);
@@ -671,28 +677,32 @@ impl<S: Source> Consumer<S> {
             return;
         };
         let exceeded = delivery.deliveries > self.max_deliveries;
-        let mut processing = pin!(process(message, exceeded));
-        let keep_every = (self.source.lease() / 3).max(Duration::from_millis(1));
-        let mut keep =
-            tokio::time::interval_at(tokio::time::Instant::now() + keep_every, keep_every);
-        keep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let verdict = loop {
-            tokio::select! {
-                biased;
-                verdict = &mut processing => break verdict,
-                _ = stopped.wait_for(|stopped| *stopped) => {
-                    // Shutdown ran out of time: dropping the processing releases the claim (the
-                    // handler had not returned) or finishes the record on its own task (it had).
-                    drop(processing);
-                    self.release(&delivery).await;
-                    return;
-                }
-                _ = keep.tick() => {
-                    if let Err(error) = self.source.keep(&delivery).await {
-                        tracing::warn!(target: "idempotent::queue", consumer = self.name, broker_id = %delivery.broker_id, %error, "could not keep the delivery while its handler runs");
+        // The processing is dropped at the end of this block, before a stopped delivery is
+        // released: its claim is released first (the handler had not returned) or its record
+        // finished on a task of its own (it had).
+        let verdict = {
+            let mut processing = pin!(process(message, exceeded));
+            let keep_every = (self.source.lease() / 3).max(Duration::from_millis(1));
+            let mut keep =
+                tokio::time::interval_at(tokio::time::Instant::now() + keep_every, keep_every);
+            keep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    biased;
+                    verdict = &mut processing => break Some(verdict),
+                    () = async { drop(stopped.wait_for(|stopped| *stopped).await) } => break None,
+                    _ = keep.tick() => {
+                        if let Err(error) = self.source.keep(&delivery).await {
+                            tracing::warn!(target: "idempotent::queue", consumer = self.name, broker_id = %delivery.broker_id, %error, "could not keep the delivery while its handler runs");
+                        }
                     }
                 }
             }
+        };
+        let Some(verdict) = verdict else {
+            // Shutdown ran out of time.
+            self.release(&delivery).await;
+            return;
         };
         match verdict {
             Verdict::Done(outcome) => {

@@ -199,7 +199,7 @@ pub struct ChannelSource {
 }
 
 impl ChannelSource {
-    /// Messages waiting to be delivered (again).
+    /// Messages waiting to be delivered (again), those whose lease ran out included.
     ///
     /// ```
     /// # use std::time::Duration;
@@ -207,10 +207,12 @@ impl ChannelSource {
     /// assert_eq!(source.ready(), 0);
     /// ```
     pub fn ready(&self) -> usize {
-        self.shared.state().ready.len()
+        let mut state = self.shared.state();
+        state.expire(Instant::now());
+        state.ready.len()
     }
 
-    /// Messages delivered and not settled yet.
+    /// Messages delivered, not settled, and still within their lease.
     ///
     /// ```
     /// # use std::time::Duration;
@@ -218,7 +220,9 @@ impl ChannelSource {
     /// assert_eq!(source.in_flight(), 0);
     /// ```
     pub fn in_flight(&self) -> usize {
-        self.shared.state().leased.len()
+        let mut state = self.shared.state();
+        state.expire(Instant::now());
+        state.leased.len()
     }
 
     /// Whether every message published is settled: acknowledged or dead-lettered.

@@ -50,7 +50,7 @@
 //! instead of one.)
 
 mod builder;
-mod error;
+pub(crate) mod error;
 mod listener;
 mod record;
 mod schema;

@@ -10,7 +10,7 @@ use crate::stores::postgres_sql::{sqlstate_passes, sqlstate_rolled_back};
 /// `error` as a store error with `message` first: [`StoreError::Unavailable`] for what passes
 /// (the connection, the pool, the server's state, a rolled-back statement), else
 /// [`StoreError::Backend`].
-pub(super) fn from_sqlx(message: &str, error: sqlx::Error) -> StoreError {
+pub(crate) fn from_sqlx(message: &str, error: sqlx::Error) -> StoreError {
     let passing = match &error {
         sqlx::Error::Database(db) => db.code().is_some_and(|code| sqlstate_passes(&code)),
         sqlx::Error::Io(_)
