@@ -267,6 +267,8 @@ async fn a_failing_handler_is_redelivered_then_dead_lettered_with_its_headers_an
         "the poison message is still pending"
     );
 
+    let dead_letters = dead.get_info().await.expect("info").state.messages;
+    assert_eq!(dead_letters, 1, "dead letters of one message");
     let letter = dead.get_raw_message(1).await.expect("the dead letter");
     let header = |name: &str| {
         letter
@@ -283,6 +285,61 @@ async fn a_failing_handler_is_redelivered_then_dead_lettered_with_its_headers_an
     assert_eq!(header(dead_letter_headers::SOURCE_STREAM), STREAM);
     assert_eq!(header(dead_letter_headers::SOURCE_SEQUENCE), "1");
     assert_eq!(header(dead_letter_headers::SOURCE_SUBJECT), "orders.placed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_without_an_id_is_dead_lettered_under_its_place_in_the_stream() {
+    let server = NatsServer::start();
+    let context = jetstream(&server).await;
+    create_stream(&context, Duration::from_secs(120)).await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Trace-Id", "t-1");
+    // Orders to the source stream that must not reach the dead-letter stream.
+    headers.insert("Nats-Expected-Stream", STREAM);
+    context
+        .publish_with_headers("orders.placed", headers, "anonymous".into())
+        .await
+        .expect("sent")
+        .await
+        .expect("stored");
+    let source = JetStreamSource::builder(context.clone(), STREAM, CONSUMER)
+        .poll_interval(Duration::from_millis(200))
+        .dead_letter_subject("dead.orders")
+        .create_dead_letter_stream("ORDERS_DEAD")
+        .build()
+        .await
+        .expect("the source");
+    let store = Arc::new(MemoryStore::new());
+    let consumer = Consumer::new("orders::place", source.clone()).with_engine(engine(&store));
+    let report = consumer
+        .run(
+            |_message: Message| async {
+                panic!("the handler ran for a message without an id");
+                #[allow(unreachable_code)]
+                Ok::<_, std::io::Error>(())
+            },
+            drained(&source, &consumer, 1),
+        )
+        .await
+        .expect("the run");
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+
+    let dead = context.get_stream("ORDERS_DEAD").await.expect("created");
+    let letter = dead.get_raw_message(1).await.expect("the dead letter");
+    let header = |name: &str| {
+        letter
+            .headers
+            .get(name)
+            .map(|value| value.as_str().to_owned())
+    };
+    assert_eq!(letter.subject.as_str(), "dead.orders");
+    assert_eq!(header("Nats-Msg-Id").as_deref(), Some("ORDERS:1"));
+    assert_eq!(
+        header(dead_letter_headers::REASON).as_deref(),
+        Some("no-message-id")
+    );
+    assert_eq!(header("Trace-Id").as_deref(), Some("t-1"));
+    assert_eq!(header("Nats-Expected-Stream"), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -75,7 +75,7 @@
 //!             println!("placing {}", message.id());
 //!             Ok::<_, std::io::Error>(())
 //!         },
-//!         async { tokio::signal::ctrl_c().await.unwrap_or(()) },
+//!         tokio::time::sleep(Duration::from_secs(3600)), // or a signal's future
 //!     )
 //!     .await?;
 //! # Ok(()) }
@@ -96,7 +96,10 @@ use crate::store::Bytes;
 /// The `Nats-Msg-Id` header: the producer's message id.
 const MESSAGE_ID: &str = "Nats-Msg-Id";
 
-/// The headers of a dead letter, besides the original ones.
+/// The headers of a dead letter, besides the original ones (but NATS's own `Nats-*` headers,
+/// which are orders to a stream, not data) and `Nats-Msg-Id`: the original id, or
+/// `<stream>:<sequence>` for a message that had none, so that a dead letter published twice is
+/// stored once.
 pub mod dead_letter_headers {
     /// The reason's [`code`](crate::queue::DeadLetterReason::code): `handler-failed`, ...
     pub const REASON: &str = "Dead-Letter-Reason";
@@ -588,8 +591,13 @@ impl Source for JetStreamSource {
         let mut headers = HeaderMap::new();
         if let Some(original_headers) = &original.headers {
             for (name, values) in original_headers.iter() {
-                // Expectations of the original publish would fail this one.
-                if AsRef::<str>::as_ref(name).starts_with("Nats-Expected") {
+                // NATS's own headers are orders to the stream (expectations that would fail
+                // this publish, a rollup, a ttl); the id is set below.
+                let name_text: &str = name.as_ref();
+                if name_text
+                    .get(..5)
+                    .is_some_and(|prefix| prefix.eq_ignore_ascii_case("nats-"))
+                {
                     continue;
                 }
                 for value in values {
