@@ -27,7 +27,7 @@ use idempotent_core::queue::{self, Consumer, Message, Report, Source};
 use idempotent_core::stores::redis::RedisStore;
 use idempotent_core::{Idempotency, MemoryStore, Options};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 const ORDERS: usize = 1_000;
 const POISON: usize = 3;
@@ -38,7 +38,7 @@ const MAX_DELIVERIES: u32 = 3;
 /// How long a delivery (and a claim) stays a consumer's without its heartbeat: how soon a
 /// crashed consumer's work goes to another.
 const LEASE: Duration = Duration::from_secs(2);
-/// The order whose first delivery crashes its consumer.
+/// The order whose handler crashes its consumer, the first time a handler reaches it.
 const CRASH_AT: &str = "order-0100";
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -337,14 +337,17 @@ async fn produce(broker: &impl Broker) -> Result<(), String> {
 async fn run(broker: impl Broker, engine: Idempotency) -> Result<Ledger, String> {
     produce(&broker).await?;
     let effects = Effects::default();
-    let crash = Arc::new(Notify::new());
+    // The first handler to reach the crashing order (whichever copy, whichever consumer)
+    // takes this and says which consumer it runs in; that consumer is then crashed.
+    let (crashing, crashed) = tokio::sync::oneshot::channel::<usize>();
+    let crashing = Arc::new(Mutex::new(Some(crashing)));
     let (stop, stopped) = watch::channel(false);
-    let handler = {
+    let handler = |consumer: usize| {
         let effects = effects.clone();
-        let crash = crash.clone();
+        let crashing = crashing.clone();
         move |message: Message| {
             let effects = effects.clone();
-            let crash = crash.clone();
+            let crashing = crashing.clone();
             async move {
                 let order: Order = message
                     .json()
@@ -352,10 +355,13 @@ async fn run(broker: impl Broker, engine: Idempotency) -> Result<Ledger, String>
                 if order.poison {
                     return Err(Refused.to_string());
                 }
-                if message.id().ends_with(CRASH_AT) && message.deliveries() == 1 {
-                    // The consumer dies here, before the order is placed.
-                    crash.notify_one();
-                    std::future::pending::<()>().await;
+                if message.id().ends_with(CRASH_AT) {
+                    let crash = crashing.lock().expect("not poisoned").take();
+                    if let Some(crash) = crash {
+                        // The consumer dies here, before the order is placed.
+                        let _ = crash.send(consumer);
+                        std::future::pending::<()>().await;
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 effects.apply(message.id());
@@ -366,12 +372,19 @@ async fn run(broker: impl Broker, engine: Idempotency) -> Result<Ledger, String>
 
     let mut consumers = Vec::new();
     let mut tasks: Vec<tokio::task::JoinHandle<Result<Report, queue::SourceError>>> = Vec::new();
+    let mut crashed = Some(crashed);
     for n in 0..=CONSUMERS {
         // The last one is the crashed consumer's replacement, started after the crash.
         if n == CONSUMERS {
-            crash.notified().await;
-            tasks[0].abort();
-            println!("consumer 0 crashed while placing {CRASH_AT}; consumer {n} takes its place");
+            let victim = crashed
+                .take()
+                .expect("one crash")
+                .await
+                .map_err(|_| "no consumer reached the crashing order".to_owned())?;
+            tasks[victim].abort();
+            println!(
+                "consumer {victim} crashed while placing {CRASH_AT}; consumer {n} takes its place"
+            );
         }
         let consumer = Arc::new(
             Consumer::new("orders::place", broker.source(n).await?)
@@ -385,7 +398,7 @@ async fn run(broker: impl Broker, engine: Idempotency) -> Result<Ledger, String>
             let _ = stopped.wait_for(|stop| *stop).await;
         };
         let running = Arc::clone(&consumer);
-        let handler = handler.clone();
+        let handler = handler(n);
         tasks.push(tokio::spawn(
             async move { running.run(handler, shutdown).await },
         ));
@@ -410,10 +423,11 @@ async fn run(broker: impl Broker, engine: Idempotency) -> Result<Ledger, String>
         eprintln!("the orders were not all placed within 120 s");
     }
     let _ = stop.send(true);
-    for task in tasks.into_iter().skip(1) {
+    for task in tasks {
         match task.await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => return Err(format!("a consumer stopped: {error}")),
+            Err(error) if error.is_cancelled() => {} // the crashed one
             Err(error) => return Err(format!("a consumer panicked: {error}")),
         }
     }
