@@ -2,8 +2,9 @@
 //!
 //! A producer publishes 10,000 messages, every tenth of them twice, and a few the handler
 //! always refuses. Three consumer processes (this test binary, started again as children)
-//! share the work. Twice, a child is killed with SIGKILL while its handlers are at work, and a
-//! new child (under a new consumer name, as a new machine would be) takes its place. Then:
+//! share the work. One of them is killed with SIGKILL while its handlers are at work (at its
+//! 800th handler run), restarted under a new consumer name (as a new machine would be), and
+//! killed again the same way. Then:
 //!
 //! - every message's effect is there exactly once: none lost, none twice;
 //! - the refused messages are in the dead-letter destination after the allowed deliveries,
@@ -25,7 +26,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use idempotent_core::queue::nats::{JetStreamPublisher, JetStreamSource};
@@ -60,10 +61,8 @@ fn id(n: usize) -> String {
     format!("m-{n:05}")
 }
 
-/// The ids whose first delivery kills the child that takes it.
-fn traps() -> [String; KILLS] {
-    [id(2_500), id(6_500)]
-}
+/// The handler run, counted from the child's start, at which the doomed consumer is killed.
+const KILL_AT_RUN: u64 = 800;
 
 fn payload(n: usize) -> String {
     format!(r#"{{"n":{n}}}"#)
@@ -92,27 +91,19 @@ impl Fleet {
 
 /// The child's part: what its handlers do when the child is about to be killed.
 struct Freeze {
-    /// Set by the handler of a trap: every handler of this child stops (before its effect, or
-    /// after it for the inbox) and waits to be killed.
+    /// The handler run at which this child is killed, if it is the doomed one.
+    kill_at_run: Option<u64>,
+    /// Handler runs so far.
+    runs: AtomicU64,
+    /// Set at that run: every handler of this child stops (before its effect, or after it for
+    /// the inbox) and waits to be killed.
     frozen: AtomicBool,
-    /// Where the traps' markers are.
-    dir: PathBuf,
 }
 
 impl Freeze {
-    fn take_marker(&self, id: &str) -> bool {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(self.dir.join(format!("trap-{id}")))
-            .is_ok()
-    }
-
     async fn trap_or_wait(&self, message: &Message) {
-        // A trap fires once in the whole fleet (the first handler of its id to get there
-        // takes its marker), whatever copy or delivery of the message that is.
-        let is_trap = traps().iter().any(|trap| trap == message.id());
-        if is_trap && self.take_marker(message.id()) {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.kill_at_run == Some(run) {
             self.frozen.store(true, Ordering::SeqCst);
             // Those past the freeze point finish meanwhile; the parent kills after a pause.
             println!("trapped {}", message.id());
@@ -147,8 +138,11 @@ fn queue_fleet_child() {
             }
         };
         let freeze = Freeze {
+            kill_at_run: std::env::var("QUEUE_FLEET_KILL_AT_RUN")
+                .ok()
+                .map(|run| run.parse().expect("a run number")),
+            runs: AtomicU64::new(0),
             frozen: AtomicBool::new(false),
-            dir: PathBuf::from(env("QUEUE_FLEET_DIR")),
         };
         match fleet.as_str() {
             "redis" => redis_child(&freeze, shutdown).await,
@@ -258,7 +252,6 @@ struct Children {
     broker: String,
     store: String,
     stop: PathBuf,
-    dir: PathBuf,
     running: Vec<(String, Child)>,
     started: usize,
     killed: Vec<String>,
@@ -275,7 +268,6 @@ impl Children {
             broker,
             store,
             stop: dir.join("stop"),
-            dir: dir.to_owned(),
             running: Vec::new(),
             started: 0,
             killed: Vec::new(),
@@ -285,10 +277,15 @@ impl Children {
         }
     }
 
-    fn start(&mut self) {
+    /// Starts a child; the doomed one is killed at its `KILL_AT_RUN`th handler run.
+    fn start(&mut self, doomed: bool) {
         let name = format!("consumer-{}", self.started);
         self.started += 1;
-        let mut child = Command::new(std::env::current_exe().unwrap())
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        if doomed {
+            command.env("QUEUE_FLEET_KILL_AT_RUN", KILL_AT_RUN.to_string());
+        }
+        let mut child = command
             .args([
                 "--exact",
                 "queue_fleet_child",
@@ -301,7 +298,6 @@ impl Children {
             .env("QUEUE_FLEET_STORE", &self.store)
             .env("QUEUE_FLEET_CONSUMER", &name)
             .env("QUEUE_FLEET_STOP", &self.stop)
-            .env("QUEUE_FLEET_DIR", &self.dir)
             .stdout(Stdio::piped())
             .spawn()
             .expect("start a consumer process");
@@ -325,7 +321,8 @@ impl Children {
         self.running.push((name, child));
     }
 
-    /// Kills (SIGKILL) each child whose handler took a trap, and starts another in its place.
+    /// Kills (SIGKILL) the child whose handler took the trap, and starts another in its place,
+    /// itself doomed until the kills are done.
     fn kill_trapped(&mut self) {
         while let Ok((who, id)) = self.trapped.try_recv() {
             // The handlers past the freeze point finish their writes meanwhile.
@@ -335,7 +332,7 @@ impl Children {
                 child.kill().expect("SIGKILL the consumer");
                 child.wait().unwrap();
                 self.killed.push(format!("{name} at {id}"));
-                self.start();
+                self.start(self.killed.len() < KILLS);
             }
         }
     }
@@ -399,21 +396,38 @@ async fn run_fleet(
     publish: impl Future<Output = ()>,
     look: impl AsyncFn() -> Seen,
 ) -> (Seen, Vec<String>) {
-    for _ in 0..CONSUMERS {
-        children.start();
+    // One consumer is killed mid-handler, restarted, and killed again.
+    for n in 0..CONSUMERS {
+        children.start(n == 0);
     }
-    publish.await;
+    // The producer publishes while the consumers consume and the doomed one is killed.
+    let mut publishing = std::pin::pin!(publish);
+    let mut published = false;
     let deadline = Instant::now() + BOUND;
-    let mut seen = look().await;
-    while !(seen.done() && children.killed.len() >= KILLS) {
+    let mut seen = Seen::default();
+    while !(published && seen.done() && children.killed.len() == KILLS) {
         assert!(
             Instant::now() < deadline,
-            "not settled within {BOUND:?}: {seen:?}, killed {:?}",
-            children.killed
+            "not settled within {BOUND:?}: published {published}, {seen:?}, killed {:?}, running {:?}",
+            children.killed,
+            children
+                .running
+                .iter()
+                .map(|(name, _)| name)
+                .collect::<Vec<_>>()
         );
+        if published {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        } else {
+            tokio::select! {
+                () = &mut publishing => published = true,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
         children.kill_trapped();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        seen = look().await;
+        if published {
+            seen = look().await;
+        }
     }
     children.stop_all();
     let reports = children.reports.lock().unwrap().clone();
@@ -524,7 +538,13 @@ async fn redis_streams_consumers_killed_mid_handler_record_each_message_once() {
         }
     };
     let (seen, killed) = run_fleet(children, publish, look).await;
-    assert_eq!(killed.len(), KILLS, "{killed:?}");
+    // The doomed consumer, then its replacement: one consumer, killed twice.
+    assert!(
+        killed.len() == KILLS
+            && killed[0].starts_with("consumer-0 at ")
+            && killed[1].starts_with("consumer-3 at "),
+        "{killed:?}"
+    );
     assert!(
         seen.twice.is_empty(),
         "effects applied twice: {:?}",
@@ -649,7 +669,13 @@ async fn jetstream_consumers_killed_before_their_commits_apply_each_effect_once(
         }
     };
     let (seen, killed) = run_fleet(children, publish, look).await;
-    assert_eq!(killed.len(), KILLS, "{killed:?}");
+    // The doomed consumer, then its replacement: one consumer, killed twice.
+    assert!(
+        killed.len() == KILLS
+            && killed[0].starts_with("consumer-0 at ")
+            && killed[1].starts_with("consumer-3 at "),
+        "{killed:?}"
+    );
     assert!(
         seen.twice.is_empty(),
         "effects applied twice: {:?}",

@@ -13,7 +13,12 @@
 //! - **acknowledges only after the record is committed**: with a [`Store`](crate::Store), the
 //!   record of the id; in the transactional inbox (feature `sqlx-postgres`,
 //!   [`Consumer::run_in_transactions`]), the transaction that holds both the handler's writes
-//!   and the record. A consumer that dies before that leaves the message to be redelivered;
+//!   and the record. A consumer that dies before that leaves the message to be redelivered.
+//!   One case is acknowledged without a record: the handler returned `Ok` but the store
+//!   refused the record even when it was sent again ([`Outcome::Unrecorded`], counted in
+//!   [`Report::unrecorded`] and logged), since the work is done and a redelivery would only
+//!   run it again (in the inbox the same answer means the transaction is aborted: it is rolled
+//!   back and retried, never acknowledged);
 //! - **never acknowledges a message whose handler failed**: it is given back to the broker
 //!   ([`Source::retry`]), and on the last delivery allowed ([`Consumer::max_deliveries`]) put
 //!   in the dead-letter destination with the error;
