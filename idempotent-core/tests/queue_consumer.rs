@@ -374,7 +374,7 @@ async fn die_holding(channel: &ChannelSource, times: u32) {
 
 #[tokio::test]
 async fn a_message_whose_consumers_keep_dying_is_dead_lettered_without_running_again() {
-    let (publisher, channel) = queue::channel(Duration::from_millis(20));
+    let (publisher, channel) = queue::channel(Duration::from_millis(300));
     publisher.publish("order-1", "a");
     die_holding(&channel, 3).await;
     let consumer = Consumer::new("orders::place", channel.clone())
@@ -399,7 +399,7 @@ async fn a_message_whose_consumers_keep_dying_is_dead_lettered_without_running_a
 
 #[tokio::test]
 async fn a_recorded_message_past_the_limit_is_a_duplicate_not_a_dead_letter() {
-    let (publisher, channel) = queue::channel(Duration::from_millis(20));
+    let (publisher, channel) = queue::channel(Duration::from_millis(300));
     let consumer = Consumer::new("orders::place", channel.clone())
         .with_engine(engine(Options::new()))
         .max_deliveries(2);
@@ -467,7 +467,9 @@ async fn futures_join<A: std::future::Future, B: std::future::Future>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_slower_than_the_lease_keeps_its_delivery() {
     let events = Events::default();
-    let (publisher, channel) = queue::channel(Duration::from_millis(150));
+    // A second of lease, kept every third of it: only a stall of over 600 ms would let it run
+    // out while the handler (three leases long) runs.
+    let (publisher, channel) = queue::channel(Duration::from_secs(1));
     publisher.publish("order-1", "a");
     let store = Arc::new(MemoryStore::new());
     let consumers: Vec<_> = (0..2)
@@ -484,7 +486,7 @@ async fn a_handler_slower_than_the_lease_keeps_its_delivery() {
         let runs = runs.clone();
         async move {
             runs.add(message.id());
-            tokio::time::sleep(Duration::from_millis(800)).await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
             Ok::<_, std::io::Error>(())
         }
     };
