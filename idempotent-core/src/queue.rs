@@ -601,9 +601,16 @@ impl<S: Source> Consumer<S> {
         let mut drain = pin!(drain);
         let mut draining = false;
         let mut handlers_told_to_stop = false;
+        // After a failed receive, when the next one may start: the loop keeps polling the
+        // handlers at work meanwhile (their keeps and settlements).
+        let mut receive_after: Option<tokio::time::Instant> = None;
 
         loop {
-            if !stopping && receiving.is_none() && at_work.len() < self.concurrency {
+            if !stopping
+                && receiving.is_none()
+                && receive_after.is_none()
+                && at_work.len() < self.concurrency
+            {
                 let room = self.concurrency - at_work.len();
                 receiving = Some(Box::pin(self.source.receive(room)));
             }
@@ -623,6 +630,9 @@ impl<S: Source> Consumer<S> {
                     draining = false;
                 }
                 Some(()) = at_work.next(), if !at_work.is_empty() => {}
+                () = tokio::time::sleep_until(receive_after.unwrap_or_else(tokio::time::Instant::now)), if receive_after.is_some() => {
+                    receive_after = None;
+                }
                 received = async { receiving.as_mut().expect("guarded").await }, if receiving.is_some() => {
                     receiving = None;
                     match received {
@@ -639,10 +649,7 @@ impl<S: Source> Consumer<S> {
                         }
                         Err(error) if error.is_retryable() => {
                             tracing::warn!(target: "idempotent::queue", consumer = self.name, %error, "receiving failed; trying again");
-                            tokio::select! {
-                                () = tokio::time::sleep(backoff) => {}
-                                () = &mut shutdown, if !stopping => stopping = true,
-                            }
+                            receive_after = Some(tokio::time::Instant::now() + backoff);
                             backoff = (backoff * 2).min(RECEIVE_BACKOFF_MAX);
                         }
                         Err(error) => {

@@ -651,6 +651,58 @@ async fn receive_failures_are_retried_and_a_refusal_stops_the_consumer() {
     assert!(error.to_string().contains("create it first"), "{error}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_receives_do_not_starve_the_handlers_at_work() {
+    let events = Events::default();
+    // The lease is kept every 200 ms; the receives fail while the handler runs, and their
+    // backoff grows past the lease.
+    let (publisher, channel) = queue::channel(Duration::from_millis(600));
+    publisher.publish("order-1", "a");
+    let flaky = Logged::new(channel.clone(), events.clone());
+    let failures = flaky.receive_failures.clone();
+    let store = Arc::new(MemoryStore::new());
+    let first = Consumer::new("orders::place", flaky).with_engine(Idempotency::new(store.clone()));
+    let second =
+        Consumer::new("orders::place", channel.clone()).with_engine(Idempotency::new(store));
+    let started = Arc::new(Notify::new());
+    let handler = |_message: Message| {
+        let (failures, started) = (failures.clone(), started.clone());
+        async move {
+            failures.lock().unwrap().extend((0..8).map(|_| {
+                SourceError::unavailable(
+                    "the broker did not answer",
+                    std::io::Error::other("timeout"),
+                )
+            }));
+            started.notify_one();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Ok::<_, std::io::Error>(())
+        }
+    };
+    let second_run = async {
+        started.notified().await;
+        second.run(handler, channel.settled()).await
+    };
+    let (a, b) = tokio::time::timeout(
+        BOUND,
+        futures_join(first.run(handler, channel.settled()), second_run),
+    )
+    .await
+    .expect("both consumers stopped within 30 s");
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(
+        events.all().contains(&"receive failed"),
+        "{:?}",
+        events.all()
+    );
+    assert_eq!(
+        (a.received, b.received),
+        (1, 0),
+        "the delivery stayed the first consumer's while its receives failed"
+    );
+    assert_eq!(a.processed, 1);
+}
+
 #[tokio::test]
 async fn a_consumer_runs_on_a_task_of_its_own() {
     let (publisher, channel) = queue::channel(Duration::from_secs(30));
