@@ -1,6 +1,7 @@
 //! `examples/orders_consumer.rs` on the real brokers: `--broker redis` and `--broker nats`
 //! against servers started here. (`scripts/test` runs it in-process too.) The example
-//! binary is the one `cargo test --all-targets` builds beside this test.
+//! binary is the one `cargo build --example orders_consumer` builds beside this test
+//! (`scripts/test` builds it first: `cargo test` builds examples only as test harnesses).
 #![cfg(all(feature = "redis-streams", feature = "nats"))]
 
 use std::path::PathBuf;
@@ -17,7 +18,7 @@ fn example() -> PathBuf {
     let example = profile.join("examples").join("orders_consumer");
     assert!(
         example.exists(),
-        "{} is missing: build it first with `cargo build --example orders_consumer` (or run the tests with `--all-targets`)",
+        "{} is missing: build it first with `cargo build --example orders_consumer` (scripts/test does)",
         example.display()
     );
     example
