@@ -606,3 +606,25 @@ async fn misconfigurations_are_refused_with_what_to_do() {
         "{error}"
     );
 }
+
+/// A URL's password stays out of the build's error (its message, its sources and its
+/// `Debug`) and out of the builder's `Debug`.
+#[tokio::test]
+async fn a_password_in_the_url_stays_out_of_errors_and_debug_output() {
+    let url = format!(
+        "nats://orders:s3cret-pw@127.0.0.1:{}",
+        idempotent_test_support::free_port()
+    );
+    let builder = JetStreamSource::builder_for_url(url, STREAM, CONSUMER);
+    let debug = format!("{builder:?}");
+    assert!(!debug.contains("s3cret-pw"), "{debug}");
+    let error = builder.build().await.expect_err("nothing listens there");
+    let mut text = format!("{error} {error:?}");
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        text.push_str(&format!(" {cause} {cause:?}"));
+        source = cause.source();
+    }
+    assert!(text.contains("could not connect"), "{text}");
+    assert!(!text.contains("s3cret-pw"), "{text}");
+}

@@ -91,6 +91,7 @@ use async_nats::jetstream::{self, AckKind, Context};
 use futures_util::StreamExt;
 
 use super::source::{DeadLetterReason, Delivery, Source, SourceError};
+use crate::redact::redact_url;
 use crate::store::Bytes;
 
 /// The `Nats-Msg-Id` header: the producer's message id.
@@ -116,10 +117,19 @@ pub mod dead_letter_headers {
 }
 
 /// Where the builder reaches NATS.
-#[derive(Debug)]
 enum Target {
     Context(Context),
     Url(String),
+}
+
+/// A URL with its password masked: the builder's `Debug` may be logged.
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Context(context) => f.debug_tuple("Context").field(context).finish(),
+            Self::Url(url) => f.debug_tuple("Url").field(&redact_url(url)).finish(),
+        }
+    }
 }
 
 /// Builds a [`JetStreamSource`]: [`JetStreamSource::builder`] or
@@ -219,7 +229,8 @@ impl JetStreamSourceBuilder {
                 let client = async_nats::connect(url.as_str()).await.map_err(|error| {
                     SourceError::unavailable(
                         format!(
-                            "could not connect to NATS at {url}: is nats-server running there?"
+                            "could not connect to NATS at {}: is nats-server running there?",
+                            redact_url(&url)
                         ),
                         error,
                     )
