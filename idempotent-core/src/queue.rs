@@ -93,6 +93,7 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::engine::{Call, Idempotency, Outcome};
@@ -213,23 +214,9 @@ impl Message {
     }
 }
 
-/// The payload's fingerprint: its bytes, as one byte string.
+/// The payload's fingerprint: SHA-256 of its bytes, as the HTTP layer fingerprints a body.
 fn payload_fingerprint(payload: &[u8]) -> Fingerprint {
-    struct Raw<'a>(&'a [u8]);
-    impl serde::Serialize for Raw<'_> {
-        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-            serializer.serialize_bytes(self.0)
-        }
-    }
-    // A byte string always serializes: the canonical encoder refuses only floats it cannot
-    // compare and maps with unsortable keys.
-    Fingerprint::of(&Raw(payload)).unwrap_or_else(|_| unreachable_fingerprint())
-}
-
-#[cold]
-fn unreachable_fingerprint() -> Fingerprint {
-    // Not reached (see above); a fixed fingerprint would still be safe, only coarser.
-    Fingerprint::of(&()).expect("the unit value has a fingerprint")
+    Fingerprint::from_bytes(Sha256::digest(payload).into())
 }
 
 /// What a consumer has done so far, counted by message delivery.
@@ -785,7 +772,7 @@ impl<S: Source> Consumer<S> {
     }
 
     async fn dead_letter(&self, delivery: &Delivery<S::Receipt>, reason: DeadLetterReason) {
-        tracing::warn!(target: "idempotent::queue", consumer = self.name, broker_id = %delivery.broker_id, message_id = delivery.message_id.as_deref(), reason = reason.code(), detail = %reason, "dead-lettering the message");
+        tracing::warn!(target: "idempotent::queue", consumer = self.name, broker_id = %delivery.broker_id, reason = reason.code(), detail = %reason, "dead-lettering the message");
         match self.source.dead_letter(delivery, &reason).await {
             Ok(()) => bump(&self.counters.dead_lettered),
             Err(error) => {
