@@ -64,10 +64,24 @@ fn count(stdout: &str, label: &str) -> u64 {
 fn on_redis_streams_every_order_is_placed_once() {
     let redis = RedisServer::start();
     let first = run("redis", &redis.url());
-    assert!(count(&first, "duplicates discarded") >= 100, "{first}");
+    settled_every_copy(&first);
     // A second run on the same server has a stream and ids of its own.
     let second = run("redis", &redis.url());
-    assert!(count(&second, "duplicates discarded") >= 100, "{second}");
+    settled_every_copy(&second);
+}
+
+/// Each of the 1,100 copies (1,000 orders, 100 published twice) was counted once as processed
+/// or as a duplicate, give or take those the crashed consumer held (at most its 8 handlers'
+/// worth): one it counted but did not acknowledge is counted again when it comes back, and the
+/// run may end before one it did not count is taken over. The duplicates are counted by the
+/// consumers: Redis does not drop them.
+fn settled_every_copy(stdout: &str) {
+    let duplicates = count(stdout, "duplicates discarded");
+    let settled = count(stdout, "processed") + duplicates;
+    assert!(
+        duplicates > 0 && (1_092..=1_108).contains(&settled),
+        "{stdout}"
+    );
 }
 
 #[test]
