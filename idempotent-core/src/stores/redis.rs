@@ -64,9 +64,10 @@ mod subscriptions;
 
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::Value;
+use redis::{ErrorKind, ServerErrorKind, Value};
 
 use crate::error::StoreError;
 use crate::fingerprint::CanonicalArguments;
@@ -78,7 +79,7 @@ use crate::stores::millis::held_u64 as millis;
 use crate::stores::wait::wait_turn;
 use connection::Connection;
 use error::from_redis;
-use record::Reply;
+use record::{Found, Reply};
 use scripts::Scripts;
 use subscriptions::Subscriptions;
 
@@ -149,6 +150,8 @@ pub struct RedisStore {
     subscriptions: Arc<Subscriptions>,
     key_prefix: String,
     poll_interval: Duration,
+    /// Whether the server takes `SET NX GET` (Redis 7.0); cleared at its first refusal.
+    native_claim: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -239,12 +242,139 @@ impl RedisStore {
         }
     }
 
+    /// The claim as one native command, `SET <record> 2p<fingerprint>|<fence>| NX PX <lease>
+    /// GET` (Redis 7.0 accepts `NX` with `GET`): it writes the claim if the key is absent and
+    /// answers what the key held otherwise, so an absent key and a replay cost the server no
+    /// script. What it cannot answer alone (a key in progress, which needs its `PTTL`; a
+    /// tombstone, whose fence the new one must pass; anything malformed) goes to the claim
+    /// script, which reads the key again.
+    async fn claim_natively(
+        &self,
+        key: &StorageKey,
+        fingerprint: &[u8; 64],
+        fence: u64,
+        lease: Duration,
+    ) -> Result<Native, StoreError> {
+        let mut claim = Vec::with_capacity(2 + 64 + 22);
+        claim.extend_from_slice(b"2p");
+        claim.extend_from_slice(fingerprint);
+        let _ = write!(Record(&mut claim), "|{fence}|");
+        let mut command = redis::Cmd::with_capacity(7, 160 + self.key_prefix.len());
+        command
+            .arg("SET")
+            .arg(self.record_key(key))
+            .arg(claim)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(lease))
+            .arg("GET");
+        match self.send(&command, None).await {
+            Ok(Value::Nil) => Ok(Native::Answered(Claim::Acquired {
+                fence: Fence::new(fence),
+            })),
+            Ok(Value::BulkString(stored)) => Ok(match record::completed(stored, fingerprint) {
+                Some(Found::Completed(output)) => Native::Answered(Claim::Completed { output }),
+                Some(Found::Mismatch) => Native::Answered(Claim::Mismatch),
+                None => Native::AskScript,
+            }),
+            Ok(_) => Err(StoreError::Backend {
+                message: format!(
+                    "SET NX GET answered something other than a record or nil for key {key}"
+                ),
+                source: None,
+            }),
+            // Another type under the key: the script reports it as corrupt.
+            Err(error) if error.code() == Some("WRONGTYPE") => Ok(Native::AskScript),
+            // A server older than 7.0 refuses NX with GET: claim by script from now on.
+            Err(error)
+                if error.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
+                    && error.detail().is_some_and(|detail| detail.contains("syntax error")) =>
+            {
+                tracing::info!(
+                    error = %error,
+                    "the Redis server refused SET NX GET (it needs Redis 7.0): claims run as a script"
+                );
+                self.native_claim.store(false, Ordering::Relaxed);
+                Ok(Native::AskScript)
+            }
+            Err(error) => Err(from_redis("a claim failed", error)),
+        }
+    }
+
+    /// The claim as the claim script (`redis/claim.lua`), taking `fence` if it acquires
+    /// (or one more than a tombstone's fence).
+    async fn claim_by_script(
+        &self,
+        key: &StorageKey,
+        fingerprint: &[u8; 64],
+        fence: u64,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let args = |command: &mut redis::Cmd| {
+            command
+                .arg(&fingerprint[..])
+                .arg(millis(lease))
+                .arg(fence);
+        };
+        match self.invoke(&self.scripts.claim, key, args).await? {
+            Reply::Int(fence) => match u64::try_from(fence) {
+                Ok(fence) if fence > 0 => Ok(Claim::Acquired {
+                    fence: Fence::new(fence),
+                }),
+                _ => Err(Reply::Int(fence).unexpected(key)),
+            },
+            Reply::InProgress(retry_after) => Ok(Claim::InProgress { retry_after }),
+            Reply::Completed(output) => Ok(Claim::Completed {
+                output: output.into(),
+            }),
+            Reply::Mismatch => Ok(Claim::Mismatch),
+            other => Err(other.unexpected(key)),
+        }
+    }
+
     /// How long `key`'s lease still runs, if it is in progress.
     async fn lease_left(&self, key: &StorageKey) -> Result<Option<Duration>, StoreError> {
         match self.invoke(&self.scripts.in_progress, key, |_| {}).await? {
             Reply::InProgress(left) => Ok(Some(left)),
             Reply::NotInProgress => Ok(None),
             other => Err(other.unexpected(key)),
+        }
+    }
+}
+
+/// What the native claim made of a key.
+enum Native {
+    Answered(Claim),
+    /// The claim script must answer.
+    AskScript,
+}
+
+/// Writes formatted text into a record's bytes.
+struct Record<'a>(&'a mut Vec<u8>);
+
+impl fmt::Write for Record<'_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        self.0.extend_from_slice(text.as_bytes());
+        Ok(())
+    }
+}
+
+/// The fence for this process's next claim: its clock in microseconds, or one more than the
+/// last fence it handed out if the clock has not moved past that (or stepped back). Unique
+/// within the process, and growing; across processes, a key's fences grow as long as their
+/// clocks agree to within a record's life. Below 2^53 (until the year 2255), so the scripts'
+/// Lua numbers hold it exactly.
+fn next_fence() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| u64::try_from(since.as_micros()).unwrap_or(u64::MAX));
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
         }
     }
 }
@@ -258,23 +388,14 @@ impl Store for RedisStore {
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         Box::pin(async move {
             let fingerprint = hex32(arguments.fingerprint().as_bytes());
-            let args = |command: &mut redis::Cmd| {
-                command.arg(&fingerprint[..]).arg(millis(lease));
-            };
-            match self.invoke(&self.scripts.claim, key, args).await? {
-                Reply::Int(fence) => match u64::try_from(fence) {
-                    Ok(fence) if fence > 0 => Ok(Claim::Acquired {
-                        fence: Fence::new(fence),
-                    }),
-                    _ => Err(Reply::Int(fence).unexpected(key)),
-                },
-                Reply::InProgress(retry_after) => Ok(Claim::InProgress { retry_after }),
-                Reply::Completed(output) => Ok(Claim::Completed {
-                    output: output.into(),
-                }),
-                Reply::Mismatch => Ok(Claim::Mismatch),
-                other => Err(other.unexpected(key)),
+            let fence = next_fence();
+            if self.native_claim.load(Ordering::Relaxed) {
+                match self.claim_natively(key, &fingerprint, fence, lease).await? {
+                    Native::Answered(claim) => return Ok(claim),
+                    Native::AskScript => {}
+                }
             }
+            self.claim_by_script(key, &fingerprint, fence, lease).await
         })
     }
 

@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use redis::aio::ConnectionManagerConfig;
@@ -171,6 +172,7 @@ impl RedisStoreBuilder {
             subscriptions: Arc::new(Subscriptions::new(client, self.connect_timeout)),
             key_prefix: self.key_prefix,
             poll_interval: self.poll_interval,
+            native_claim: Arc::new(AtomicBool::new(true)),
         })
     }
 }

@@ -1,4 +1,8 @@
--- KEYS[1] record; ARGV[1] fingerprint (hex), ARGV[2] lease ms.
+-- KEYS[1] record; ARGV[1] fingerprint (hex), ARGV[2] lease ms, ARGV[3] the fence to take (the
+-- caller's, as the native claim would have written it).
+-- The native claim (`SET NX PX GET`, in `redis.rs`) answers absent keys and replays; this
+-- script answers what it cannot: a tombstone, a key in progress, a malformed record, and
+-- every claim on a server older than Redis 7.0.
 -- Answers: the output (a bulk string) for a replay, the new fence (an integer) when acquired;
 -- the rarer answers are tagged arrays. Scalars cost neither side an array to build.
 local stored = redis.pcall('GET', KEYS[1])
@@ -18,10 +22,8 @@ if state and state ~= 'r' then
   -- In progress: a completed record with this fingerprint was a replay above.
   return { 'p', redis.call('PTTL', KEYS[1]) }
 end
--- Absent, or a tombstone: acquire, with a fence above the tombstone's. The fence is the
--- server's time in µs, written as text from TIME's two parts (string.format is slower).
-local time = redis.call('TIME')
-local fence_text = time[1] .. string.sub('00000' .. time[2], -6)
+-- Absent, or a tombstone: acquire, with a fence above the tombstone's.
+local fence_text = ARGV[3]
 local fence = tonumber(fence_text)
 if state and last_fence >= fence then
   fence = last_fence + 1

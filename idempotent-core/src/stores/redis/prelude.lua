@@ -4,10 +4,10 @@
 -- with a waiter to notify, 'c' completed, 'r' released), the fingerprint (64 hex digits; none
 -- for 'r'), '|', the fence (decimal), '|', and for 'c' the output bytes. The key's PX is the
 -- record's life: the lease while in progress, the ttl once completed, a short tombstone once
--- released. A record that is present is therefore live, and only a claim that acquires reads
--- the clock (`TIME`, for its fence). Fences are the server's time in microseconds, or one
--- more than the key's last fence: they only grow, and stay below 2^53 so Lua's numbers hold
--- them exactly.
+-- released. A record that is present is therefore live, and the scripts read
+-- no clock. Fences come from the claiming process (its clock in microseconds, strictly
+-- increasing within the process), or are one more than the key's last fence when its tombstone
+-- is there: they stay below 2^53 so Lua's numbers hold them exactly.
 --
 -- Fields sit at fixed places and are cut out with string.sub: a pattern with captures, or a
 -- table per record, costs the server more than the Redis commands of a replay.

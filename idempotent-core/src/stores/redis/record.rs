@@ -1,6 +1,6 @@
-//! The scripts' answers, decoded. The records themselves are read and written by the scripts
-//! (their layout is in the module docs and `prelude.lua`); what comes back is one of a few
-//! answers, each a scalar or a tagged array.
+//! The answers of the scripts and of the native claim, decoded. The records are written by the
+//! native claim and the scripts (their layout is in the module docs and `prelude.lua`); a
+//! script answers with a scalar or a tagged array, the native claim with the record it found.
 
 use std::time::Duration;
 
@@ -8,6 +8,7 @@ use redis::Value;
 
 use crate::error::StoreError;
 use crate::key::StorageKey;
+use crate::store::Bytes;
 use crate::stores::millis;
 
 /// A script's answer. The common answers are scalars (see `redis/claim.lua`): what an
@@ -19,6 +20,48 @@ pub(super) enum Reply {
     Completed(Vec<u8>),
     Mismatch,
     NotInProgress,
+}
+
+/// What the native claim (`SET key <claim> NX PX <lease> GET`) found under the key, when it
+/// answers the call by itself.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Found {
+    /// A completed record with the call's fingerprint: its output (a slice of the reply, not
+    /// a copy).
+    Completed(Bytes),
+    /// A completed record with another fingerprint.
+    Mismatch,
+}
+
+/// The record a native claim found present (`stored`), if it is a completed record as
+/// `prelude.lua`'s `parse` would accept it; `None` for everything else (in progress, a
+/// tombstone, anything malformed), which the claim script then answers.
+///
+/// The layout is `2c<fingerprint hex>|<fence>|<output>` (`prelude.lua`).
+pub(super) fn completed(stored: Vec<u8>, fingerprint: &[u8; 64]) -> Option<Found> {
+    // '2', 'c', 64 hex digits, '|': the fence starts at 67 (0-based).
+    const FENCE_AT: usize = 67;
+    let header = stored.get(..FENCE_AT)?;
+    if &header[..2] != b"2c" || header[FENCE_AT - 1] != b'|' {
+        return None;
+    }
+    let fence_len = stored[FENCE_AT..].iter().position(|&byte| byte == b'|')?;
+    let fence = &stored[FENCE_AT..FENCE_AT + fence_len];
+    if fence.is_empty() || !fence.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    if header[2..FENCE_AT - 1] != fingerprint[..] {
+        // Read as `parse` does: a malformed fingerprint is not another call's.
+        if !header[2..FENCE_AT - 1]
+            .iter()
+            .all(|byte| byte.is_ascii_hexdigit())
+        {
+            return None;
+        }
+        return Some(Found::Mismatch);
+    }
+    let output_at = FENCE_AT + fence_len + 1;
+    Some(Found::Completed(Bytes::from(stored).slice(output_at..)))
 }
 
 impl Reply {
@@ -94,6 +137,59 @@ mod tests {
             Reply::parse(Value::Nil, &key()),
             Err(StoreError::Backend { .. })
         ));
+    }
+
+    fn fingerprint(digit: u8) -> [u8; 64] {
+        [digit; 64]
+    }
+
+    #[test]
+    fn a_completed_record_is_read_by_the_native_claim() {
+        let record = |fp: &[u8; 64], rest: &str| {
+            let mut record = b"2c".to_vec();
+            record.extend_from_slice(fp);
+            record.extend_from_slice(rest.as_bytes());
+            record
+        };
+        let (mine, other) = (fingerprint(b'a'), fingerprint(b'b'));
+        assert_eq!(
+            completed(record(&mine, "|1700000000000000|{\"id\":1}"), &mine),
+            Some(Found::Completed(Bytes::from_static(b"{\"id\":1}")))
+        );
+        // An empty output, and an output holding the separator, are outputs.
+        assert_eq!(
+            completed(record(&mine, "|7|"), &mine),
+            Some(Found::Completed(Bytes::new()))
+        );
+        assert_eq!(
+            completed(record(&mine, "|7|a|b"), &mine),
+            Some(Found::Completed(Bytes::from_static(b"a|b")))
+        );
+        assert_eq!(
+            completed(record(&other, "|7|{}"), &mine),
+            Some(Found::Mismatch)
+        );
+        // Everything else is the claim script's to answer.
+        for stored in [
+            record(&mine, "|7").to_vec(),
+            record(&mine, "||{}").to_vec(),
+            record(&mine, "|7x|{}").to_vec(),
+            record(&mine, "7|{}").to_vec(),
+            record(&fingerprint(b'z'), "|7|{}").to_vec(),
+            [b"2p".as_slice(), &mine, b"|7|"].concat(),
+            [b"2w".as_slice(), &mine, b"|7|"].concat(),
+            b"2r|7|".to_vec(),
+            [b"1c".as_slice(), &mine, b"|7|{}"].concat(),
+            b"2c".to_vec(),
+            Vec::new(),
+        ] {
+            assert_eq!(
+                completed(stored.clone(), &mine),
+                None,
+                "{}",
+                String::from_utf8_lossy(&stored)
+            );
+        }
     }
 
     #[test]
