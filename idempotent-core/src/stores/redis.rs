@@ -77,7 +77,7 @@ use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 // A lease or ttl as `PX` takes it.
 use crate::stores::millis::held_u64 as millis;
 use crate::stores::wait::wait_turn;
-use connection::Connection;
+use connection::Commands;
 use error::from_redis;
 use record::{Found, Reply};
 use scripts::Scripts;
@@ -143,7 +143,9 @@ const TOMBSTONE: Duration = Duration::from_secs(1);
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: Arc<Connection>,
+    commands: Arc<Commands>,
+    /// Whether the store speaks to a Redis Cluster: its keys then carry a hash tag.
+    cluster: bool,
     /// The longest one operation may take: the connect timeout plus the response timeout.
     deadline: Duration,
     scripts: Arc<Scripts>,
@@ -171,6 +173,7 @@ impl RedisStore {
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
         RedisStoreBuilder {
             url: url.into(),
+            cluster_urls: None,
             key_prefix: "idempotent:".to_string(),
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
@@ -179,7 +182,42 @@ impl RedisStore {
         }
     }
 
-    /// The Redis key of a record: the prefix and the storage key in hex.
+    /// A builder for a Redis Cluster (Redis 7.0 or later), given the URLs of some of its nodes
+    /// (`redis://host:port`; one that answers is enough, the others are tried in turn): the
+    /// store reads the slot map from them and sends each command to the primary of its key's
+    /// slot, following `MOVED`, `ASK` and failovers.
+    ///
+    /// Each record key carries its storage key as a hash tag (`idempotent:{<hex>}`), so the
+    /// record and the shard channel its waiters listen on (`SSUBSCRIBE`; `SPUBLISH` from the
+    /// scripts) live on one shard. TLS to a cluster is not supported yet: a `rediss://` URL is
+    /// refused by `build`.
+    ///
+    /// ```no_run
+    /// use idempotent_core::stores::redis::RedisStore;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_core::StoreError> {
+    /// let store = RedisStore::cluster_builder([
+    ///     "redis://10.0.0.1:6379/",
+    ///     "redis://10.0.0.2:6379/",
+    ///     "redis://10.0.0.3:6379/",
+    /// ])
+    /// .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn cluster_builder<I>(urls: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        let urls: Vec<String> = urls.into_iter().map(Into::into).collect();
+        let mut builder = RedisStore::builder(urls.first().cloned().unwrap_or_default());
+        builder.cluster_urls = Some(urls);
+        builder
+    }
+
+    /// The Redis key of a record: the prefix and the storage key in hex; on a Redis Cluster
+    /// the hex is in braces, a hash tag, so that the record and its waiters' channel live on
+    /// one shard (`idempotent:{<hex>}`).
     ///
     /// ```no_run
     /// # use idempotent_core::{StorageKey, stores::redis::RedisStore};
@@ -187,19 +225,32 @@ impl RedisStore {
     /// let store = RedisStore::builder("redis://127.0.0.1/").build().unwrap();
     /// let key = StorageKey::derive("shop::checkout", None, b"order-1").unwrap();
     /// assert_eq!(store.record_key(&key), format!("idempotent:{key}"));
+    ///
+    /// let cluster = RedisStore::cluster_builder(["redis://127.0.0.1:7000/"]).build().unwrap();
+    /// assert_eq!(cluster.record_key(&key), format!("idempotent:{{{key}}}"));
     /// # }
     /// ```
     pub fn record_key(&self, key: &StorageKey) -> String {
-        let mut record_key = String::with_capacity(self.key_prefix.len() + 64);
-        let _ = write!(record_key, "{}{key}", self.key_prefix);
+        let mut record_key = String::with_capacity(self.key_prefix.len() + 66);
+        let _ = if self.cluster {
+            write!(record_key, "{}{{{key}}}", self.key_prefix)
+        } else {
+            write!(record_key, "{}{key}", self.key_prefix)
+        };
         record_key
     }
 
     /// The pub/sub channel on which `complete` and `release` of `key` are announced (the
-    /// scripts derive the same name from the record key: `redis/prelude.lua`, `channel`).
+    /// scripts derive the same name from the record key: `redis/prelude.lua`, `channel`). On
+    /// a Redis Cluster it is a shard channel (`SSUBSCRIBE`, `SPUBLISH`) with the record's hash
+    /// tag, so it lives on the record's shard.
     fn channel(&self, key: &StorageKey) -> String {
-        let mut channel = String::with_capacity(self.key_prefix.len() + 5 + 64);
-        let _ = write!(channel, "{}done:{key}", self.key_prefix);
+        let mut channel = String::with_capacity(self.key_prefix.len() + 7 + 64);
+        let _ = if self.cluster {
+            write!(channel, "{}done:{{{key}}}", self.key_prefix)
+        } else {
+            write!(channel, "{}done:{key}", self.key_prefix)
+        };
         channel
     }
 
@@ -288,7 +339,9 @@ impl RedisStore {
             // A server older than 7.0 refuses NX with GET: claim by script from now on.
             Err(error)
                 if error.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
-                    && error.detail().is_some_and(|detail| detail.contains("syntax error")) =>
+                    && error
+                        .detail()
+                        .is_some_and(|detail| detail.contains("syntax error")) =>
             {
                 tracing::info!(
                     error = %error,
@@ -311,10 +364,7 @@ impl RedisStore {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let args = |command: &mut redis::Cmd| {
-            command
-                .arg(&fingerprint[..])
-                .arg(millis(lease))
-                .arg(fence);
+            command.arg(&fingerprint[..]).arg(millis(lease)).arg(fence);
         };
         match self.invoke(&self.scripts.claim, key, args).await? {
             Reply::Int(fence) => match u64::try_from(fence) {
@@ -368,7 +418,9 @@ fn next_fence() -> u64 {
     static LAST: AtomicU64 = AtomicU64::new(0);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| u64::try_from(since.as_micros()).unwrap_or(u64::MAX));
+        .map_or(0, |since| {
+            u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+        });
     let mut last = LAST.load(Ordering::Relaxed);
     loop {
         let next = now.max(last + 1);

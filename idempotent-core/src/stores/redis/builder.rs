@@ -9,11 +9,12 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use redis::aio::ConnectionManagerConfig;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 
 use super::RedisStore;
-use super::connection::Connection;
+use super::connection::{Cluster, Commands, Connection};
 use super::scripts::Scripts;
-use super::subscriptions::Subscriptions;
+use super::subscriptions::{Source, Subscriptions};
 use crate::error::StoreError;
 use crate::redact::RedactedUrl;
 
@@ -34,6 +35,8 @@ use crate::redact::RedactedUrl;
 #[derive(Clone)]
 pub struct RedisStoreBuilder {
     pub(super) url: String,
+    /// For a Redis Cluster: the nodes' URLs (`url` is then the first of them).
+    pub(super) cluster_urls: Option<Vec<String>>,
     pub(super) key_prefix: String,
     pub(super) connect_timeout: Duration,
     pub(super) response_timeout: Duration,
@@ -47,6 +50,13 @@ impl fmt::Debug for RedisStoreBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStoreBuilder")
             .field("url", &RedactedUrl(&self.url))
+            .field(
+                "cluster_urls",
+                &self
+                    .cluster_urls
+                    .as_ref()
+                    .map(|urls| urls.iter().map(|url| RedactedUrl(url)).collect::<Vec<_>>()),
+            )
             .field("key_prefix", &self.key_prefix)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
@@ -152,24 +162,80 @@ impl RedisStoreBuilder {
         }
     }
 
+    /// The client for a Redis Cluster's nodes.
+    fn cluster_client(&self, urls: &[String]) -> Result<ClusterClient, StoreError> {
+        if urls.is_empty() {
+            return Err(StoreError::Backend {
+                message: "a Redis Cluster store needs the URL of at least one node (RedisStore::cluster_builder)".to_string(),
+                source: None,
+            });
+        }
+        if let Some(url) = urls.iter().find(|url| url.starts_with("rediss://")) {
+            return Err(StoreError::Backend {
+                message: format!(
+                    "the Redis Cluster node URL {:?} asks for TLS, which the cluster store does not make yet: reach the cluster over redis:// (a private network, or a TLS tunnel)",
+                    RedactedUrl(url)
+                ),
+                source: None,
+            });
+        }
+        if self.root_certificate_file.is_some() {
+            return Err(StoreError::Backend {
+                message: "a CA file is set for a Redis Cluster store, which does not use TLS"
+                    .to_string(),
+                source: None,
+            });
+        }
+        ClusterClientBuilder::new(urls.iter().map(String::as_str))
+            .connection_timeout(self.connect_timeout)
+            .response_timeout(self.response_timeout)
+            .build()
+            .map_err(|error| StoreError::Backend {
+                message: format!(
+                    "invalid Redis Cluster node URLs {:?} ({:?}): write redis://[user:password@]host[:port] for each node, all with the same user and password",
+                    urls.iter().map(|url| RedactedUrl(url)).collect::<Vec<_>>(),
+                    error.kind()
+                ),
+                source: None,
+            })
+    }
+
     /// The store. It connects on first use and reconnects by itself after an outage, so this
     /// succeeds while the server is down; only a malformed URL fails. Must be called within a
     /// Tokio runtime.
     pub fn build(self) -> Result<RedisStore, StoreError> {
-        let client = self.client()?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.response_timeout))
-            // One connection attempt per call, no backoff: a call fails within the connect
-            // timeout plus the response timeout, and the caller's retry policy, not ours,
-            // decides how long to keep trying.
-            .set_number_of_retries(0);
-        let connection = Connection::new(client.clone(), config)?;
+        let (commands, subscriptions) = match &self.cluster_urls {
+            Some(urls) => {
+                let client = self.cluster_client(urls)?;
+                (
+                    Commands::Cluster(Cluster::new(client, self.connect_timeout)),
+                    Subscriptions::new(
+                        Source::Cluster(urls.clone(), self.response_timeout),
+                        self.connect_timeout,
+                    ),
+                )
+            }
+            None => {
+                let client = self.client()?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.connect_timeout))
+                    .set_response_timeout(Some(self.response_timeout))
+                    // One connection attempt per call, no backoff: a call fails within the
+                    // connect timeout plus the response timeout, and the caller's retry
+                    // policy, not ours, decides how long to keep trying.
+                    .set_number_of_retries(0);
+                (
+                    Commands::Single(Connection::new(client.clone(), config)?),
+                    Subscriptions::new(Source::Single(client), self.connect_timeout),
+                )
+            }
+        };
         Ok(RedisStore {
-            connection: Arc::new(connection),
+            commands: Arc::new(commands),
+            cluster: self.cluster_urls.is_some(),
             deadline: self.connect_timeout + self.response_timeout,
             scripts: Arc::new(Scripts::new()),
-            subscriptions: Arc::new(Subscriptions::new(client, self.connect_timeout)),
+            subscriptions: Arc::new(subscriptions),
             key_prefix: self.key_prefix,
             poll_interval: self.poll_interval,
             native_claim: Arc::new(AtomicBool::new(true)),

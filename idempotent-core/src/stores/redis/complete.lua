@@ -11,6 +11,6 @@ end
 redis.call('SET', KEYS[1], '2c' .. fp .. '|' .. fence_text .. '|' .. ARGV[2], 'PX', ARGV[3])
 -- Published only when a waiter marked the record: an uncontended call pays nothing for it.
 if state == 'w' then
-  redis.call('PUBLISH', channel(KEYS[1]), 'c')
+  announce(KEYS[1], 'c')
 end
 return 1

@@ -2,10 +2,13 @@
 //! through the passing failures a deployment has (a lost script cache, a failover).
 
 use std::sync::RwLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
+use tokio::sync::OnceCell;
 
 use super::RedisStore;
 use super::error::{is_demoted, unavailable};
@@ -60,6 +63,57 @@ impl Connection {
     }
 }
 
+/// Where the store's commands go: one server (or whatever server its address leads to), or a
+/// Redis Cluster.
+pub(super) enum Commands {
+    Single(Connection),
+    Cluster(Cluster),
+}
+
+/// The cluster client's connection: one multiplexed connection per node, routed by each
+/// command's key, following `MOVED` and `ASK` and the cluster's failovers by itself. Made on
+/// first use (the store's builder does not connect), and again after a failed attempt.
+pub(super) struct Cluster {
+    client: ClusterClient,
+    connect_timeout: Duration,
+    connection: OnceCell<ClusterConnection>,
+}
+
+impl Cluster {
+    pub(super) fn new(client: ClusterClient, connect_timeout: Duration) -> Self {
+        Self {
+            client,
+            connect_timeout,
+            connection: OnceCell::new(),
+        }
+    }
+
+    /// The connection, made now if it is not yet: the cluster client reaches one of the nodes
+    /// it was given and reads the slot map.
+    pub(super) async fn connection(&self) -> Result<ClusterConnection, RedisError> {
+        self.connection
+            .get_or_try_init(|| async {
+                match tokio::time::timeout(
+                    self.connect_timeout,
+                    self.client.get_async_connection(),
+                )
+                .await
+                {
+                    Ok(connection) => connection,
+                    Err(_) => Err(RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no node of the Redis Cluster answered within the connect timeout ({:?})",
+                            self.connect_timeout
+                        ),
+                    ))),
+                }
+            })
+            .await
+            .cloned()
+    }
+}
+
 impl RedisStore {
     /// Sends `command` (running `script` if the command is its `EVALSHA`) within the store's
     /// deadline, the connect timeout plus the response timeout.
@@ -79,8 +133,48 @@ impl RedisStore {
         command: &redis::Cmd,
         script: Option<&redis::Script>,
     ) -> Result<Value, RedisError> {
+        match &*self.commands {
+            Commands::Single(connection) => self.send_single(connection, command, script).await,
+            Commands::Cluster(cluster) => self.send_cluster(cluster, command, script).await,
+        }
+    }
+
+    /// [`send`](Self::send) to a Redis Cluster. The cluster client follows redirections and
+    /// failovers by itself (retrying within the deadline); a node that has not loaded the
+    /// script answers `NOSCRIPT`, and the script is loaded (on every primary) and run again.
+    async fn send_cluster(
+        &self,
+        cluster: &Cluster,
+        command: &redis::Cmd,
+        script: Option<&redis::Script>,
+    ) -> Result<Value, RedisError> {
+        let send = async {
+            let mut connection = cluster.connection().await?;
+            match command.query_async::<Value>(&mut connection).await {
+                Err(error)
+                    if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+                        && let Some(script) = script =>
+                {
+                    script.load_async(&mut connection).await?;
+                    command.query_async::<Value>(&mut connection).await
+                }
+                answer => answer,
+            }
+        };
+        match tokio::time::timeout(self.deadline, send).await {
+            Ok(answer) => answer,
+            Err(_) => Err(past_deadline(self.deadline)),
+        }
+    }
+
+    async fn send_single(
+        &self,
+        connection: &Connection,
+        command: &redis::Cmd,
+        script: Option<&redis::Script>,
+    ) -> Result<Value, RedisError> {
         let started = Instant::now();
-        let (mut generation, mut manager) = self.connection.current();
+        let (mut generation, mut manager) = connection.current();
         let mut error = match command.query_async::<Value>(&mut manager).await {
             Err(error) => error,
             answer => return answer,
@@ -101,10 +195,10 @@ impl RedisStore {
                     replaced = true;
                     // The server now reached may lack the scripts.
                     loaded = false;
-                    (generation, manager) = self.connection.replace(generation);
+                    (generation, manager) = connection.replace(generation);
                 } else {
                     if error.is_timeout() {
-                        self.connection.replace(generation);
+                        connection.replace(generation);
                     }
                     return Err(error);
                 }
@@ -119,15 +213,16 @@ impl RedisStore {
             Ok(result) => result,
             Err(_) => {
                 // A connection that took all of the deadline is as good as black-holed.
-                self.connection.replace(generation);
-                Err(RedisError::from(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "no answer within {:?} (the connect timeout plus the response timeout)",
-                        self.deadline
-                    ),
-                )))
+                connection.replace(generation);
+                Err(past_deadline(self.deadline))
             }
         }
     }
+}
+
+fn past_deadline(deadline: Duration) -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer within {deadline:?} (the connect timeout plus the response timeout)"),
+    ))
 }

@@ -71,7 +71,14 @@ local function read(key)
   return parse(key, redis.pcall('GET', key))
 end
 
--- The channel `wait` subscribes to: the record key with 'done:' before its 64 hex digits.
-local function channel(key)
-  return string.sub(key, 1, -65) .. 'done:' .. string.sub(key, -64)
+-- Tells the waiters of `key` that its record was completed or released (`what`): on the
+-- channel `wait` subscribes to, the record key with 'done:' before its 64 hex digits. A key
+-- ending in '}' is a Redis Cluster's (its hex in a hash tag): the channel is then a shard
+-- channel with the same tag, on the record's shard (SPUBLISH; Redis 7.0).
+local function announce(key, what)
+  if string.byte(key, -1) == 125 then
+    redis.call('SPUBLISH', string.sub(key, 1, -67) .. 'done:' .. string.sub(key, -66), what)
+  else
+    redis.call('PUBLISH', string.sub(key, 1, -65) .. 'done:' .. string.sub(key, -64), what)
+  end
 end

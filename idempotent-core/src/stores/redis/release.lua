@@ -11,6 +11,6 @@ if not held(state, fence_text, ARGV[1]) then
 end
 redis.call('SET', KEYS[1], '2r|' .. fence_text .. '|', 'PX', ARGV[2])
 if state == 'w' then
-  redis.call('PUBLISH', channel(KEYS[1]), 'r')
+  announce(KEYS[1], 'r')
 end
 return 1

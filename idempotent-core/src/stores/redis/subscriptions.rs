@@ -1,5 +1,8 @@
 //! Waiting for a key over pub/sub: one shared subscriber connection, one channel per key that
-//! someone waits on, subscribed while at least one waiter needs it.
+//! someone waits on, subscribed while at least one waiter needs it. On a Redis Cluster the
+//! channels are shard channels (`SSUBSCRIBE`), and the subscriber is a cluster connection that
+//! sends each subscription to the shard of its channel's hash tag (the record's shard), and
+//! subscribes again by itself when a shard moves or fails over.
 //!
 //! Nothing is left behind: a channel counts as subscribed from before its `SUBSCRIBE` is sent,
 //! so a waiter cancelled at any point is unsubscribed with the last waiter of its channel; each
@@ -13,8 +16,12 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
 
 type Channels = Arc<Mutex<HashMap<String, Channel>>>;
@@ -28,8 +35,39 @@ struct Channel {
     subscribed_on: Option<u64>,
 }
 
+/// Where subscriptions are sent.
+enum Sink {
+    PubSub(PubSubSink),
+    /// A cluster connection speaking RESP3, whose pushes (the shard channels' messages) come
+    /// to the reader.
+    Cluster(ClusterConnection),
+}
+
+impl Sink {
+    async fn subscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        match self {
+            Sink::PubSub(sink) => sink.subscribe(channel).await,
+            Sink::Cluster(connection) => connection.ssubscribe(channel).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        match self {
+            Sink::PubSub(sink) => sink.unsubscribe(channel).await,
+            Sink::Cluster(connection) => connection.sunsubscribe(channel).await,
+        }
+    }
+}
+
+/// What the subscriber connects to.
+pub(super) enum Source {
+    Single(redis::Client),
+    /// A Redis Cluster: its nodes' URLs, and the response timeout.
+    Cluster(Vec<String>, Duration),
+}
+
 struct Subscriber {
-    sink: PubSubSink,
+    sink: Sink,
     reader: JoinHandle<()>,
     generation: u64,
     channels: Channels,
@@ -58,7 +96,7 @@ struct Connection {
 
 /// The store's pub/sub subscriber connection and the channels waiters are interested in.
 pub(super) struct Subscriptions {
-    client: redis::Client,
+    source: Source,
     connect_timeout: Duration,
     // Held across subscribe and unsubscribe commands, so they reach the server in the order
     // the channel table was changed.
@@ -111,9 +149,9 @@ fn lock(channels: &Channels) -> MutexGuard<'_, HashMap<String, Channel>> {
 }
 
 impl Subscriptions {
-    pub(super) fn new(client: redis::Client, connect_timeout: Duration) -> Self {
+    pub(super) fn new(source: Source, connect_timeout: Duration) -> Self {
         Self {
-            client,
+            source,
             connect_timeout,
             connection: tokio::sync::Mutex::new(Connection {
                 current: None,
@@ -179,12 +217,38 @@ impl Subscriptions {
     }
 
     async fn connect(&self, generation: u64) -> Option<Subscriber> {
-        let pubsub = tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub())
-            .await
-            .ok()?
-            .ok()?;
-        let (sink, stream) = pubsub.split();
-        let reader = tokio::spawn(read(stream, Arc::clone(&self.channels), generation));
+        let (sink, reader) = match &self.source {
+            Source::Single(client) => {
+                let pubsub = tokio::time::timeout(self.connect_timeout, client.get_async_pubsub())
+                    .await
+                    .ok()?
+                    .ok()?;
+                let (sink, stream) = pubsub.split();
+                let reader = tokio::spawn(read(stream, Arc::clone(&self.channels), generation));
+                (Sink::PubSub(sink), reader)
+            }
+            Source::Cluster(urls, response_timeout) => {
+                let (pushes, received) = tokio::sync::mpsc::unbounded_channel();
+                let client = ClusterClientBuilder::new(urls.iter().map(String::as_str))
+                    .connection_timeout(self.connect_timeout)
+                    .response_timeout(*response_timeout)
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .push_sender(pushes)
+                    .build()
+                    .ok()?;
+                let connection =
+                    tokio::time::timeout(self.connect_timeout, client.get_async_connection())
+                        .await
+                        .ok()?
+                        .ok()?;
+                let reader = tokio::spawn(read_pushes(
+                    received,
+                    Arc::clone(&self.channels),
+                    generation,
+                ));
+                (Sink::Cluster(connection), reader)
+            }
+        };
         Some(Subscriber {
             sink,
             reader,
@@ -230,7 +294,38 @@ async fn read(mut stream: PubSubStream, channels: Channels, generation: u64) {
             channel.notify.notify_waiters();
         }
     }
-    for channel in lock(&channels).values_mut() {
+    ended(&channels, generation);
+}
+
+/// [`read`] for a cluster connection's pushes: a shard channel's message wakes its waiters;
+/// a node's connection lost wakes everyone, to look at their keys again while the cluster
+/// client subscribes again on the node that now serves the shard.
+async fn read_pushes(mut pushes: UnboundedReceiver<PushInfo>, channels: Channels, generation: u64) {
+    while let Some(push) = pushes.recv().await {
+        match push.kind {
+            PushKind::SMessage => {
+                if let Some(Value::BulkString(name)) = push.data.first()
+                    && let Ok(name) = std::str::from_utf8(name)
+                    && let Some(channel) = lock(&channels).get(name)
+                {
+                    channel.notify.notify_waiters();
+                }
+            }
+            PushKind::Disconnection => {
+                for channel in lock(&channels).values() {
+                    channel.notify.notify_waiters();
+                }
+            }
+            _ => {}
+        }
+    }
+    ended(&channels, generation);
+}
+
+/// The connection of `generation` ended: its subscriptions are gone, and every waiter looks
+/// again.
+fn ended(channels: &Channels, generation: u64) {
+    for channel in lock(channels).values_mut() {
         if channel.subscribed_on == Some(generation) {
             channel.subscribed_on = None;
         }
