@@ -73,7 +73,14 @@ async fn a_replay_is_one_native_command_and_a_first_call_one_more_script() {
         "one native SET NX GET answers the replay: {replay:?}"
     );
     for command in [
-        "evalsha", "eval", "script", "get", "pttl", "mget", "subscribe", "publish",
+        "evalsha",
+        "eval",
+        "script",
+        "get",
+        "pttl",
+        "mget",
+        "subscribe",
+        "publish",
     ] {
         assert_eq!(
             replay.get(command),
