@@ -411,6 +411,15 @@ fn wait_for_sync(replica: &RedisServer, primary: &RedisServer) {
     }
 }
 
+/// Waits until `primary` streams its writes to `replica`: after a full synchronisation a
+/// primary holds the stream back until the replica's first acknowledgement (up to a second),
+/// and a `WAIT` in between counts no replica. A write, then the replica's offset reaching it,
+/// shows the stream flows.
+fn wait_until_streaming(primary: &RedisServer, replica: &RedisServer) {
+    primary.command(&["SET", "streaming-probe", "1"]);
+    wait_for_sync(replica, primary);
+}
+
 /// A server that starts a replica's full synchronisation at once (Redis waits 5 s by default,
 /// for more replicas to share it).
 fn replicable_server() -> RedisServer {
@@ -951,4 +960,101 @@ async fn a_complete_cut_off_by_a_killed_connection_is_sent_again() {
         .unwrap();
     assert_eq!(retry, Outcome::Replayed("receipt".to_string()));
     assert_eq!(runs.count(), 1, "the body ran once");
+}
+
+#[tokio::test]
+async fn with_wait_for_replicas_a_claim_no_replica_received_is_released_and_its_body_never_runs() {
+    let primary = replicable_server();
+    let replica = replicable_server();
+    let port = primary.port().to_string();
+    assert_eq!(replica.command(&["REPLICAOF", "127.0.0.1", &port]), "OK");
+    wait_for_sync(&replica, &primary);
+    wait_until_streaming(&primary, &replica);
+
+    let waiting = Idempotency::new(Arc::new(
+        RedisStore::builder(primary.url())
+            .wait_for_replicas(1, Duration::from_millis(200))
+            .build()
+            .unwrap(),
+    ));
+    let plain = Idempotency::new(store_at(&primary.url()));
+    let runs = Runs::default();
+    let body = || async {
+        runs.hit();
+        Ok::<_, AppError>("receipt".to_string())
+    };
+    let call = |key| Call::new("redis::wait-replicas", Fingerprint::of(&1).unwrap()).key(key);
+
+    // With the replica following, claim and completion are acknowledged: one WAIT each.
+    primary.reset_stats();
+    let outcome = waiting.run(call("order-1"), body()).await.unwrap();
+    assert!(!outcome.is_replayed());
+    assert_eq!(
+        primary.command_stats().get("wait"),
+        Some(&2),
+        "a WAIT after the claim and after the completion: {:?}",
+        primary.command_stats()
+    );
+    assert!(
+        waiting
+            .run(call("order-1"), body())
+            .await
+            .unwrap()
+            .is_replayed()
+    );
+    assert_eq!(runs.count(), 1);
+
+    // The replica stops receiving: a claim only the primary has is released, and the body
+    // does not run.
+    signal(&replica, "-STOP");
+    let refused = waiting.run(call("order-2"), body()).await;
+    let stopped_runs = runs.count();
+    signal(&replica, "-CONT");
+    let Err(AppError::Idempotency(error)) = refused else {
+        panic!("a claim no replica received must fail the call: {refused:?}");
+    };
+    assert!(error.starts_with("Store(Unavailable"), "{error}");
+    assert!(error.contains("0 of the 1 replicas"), "{error}");
+    assert!(error.contains("it was released"), "{error}");
+    assert_eq!(stopped_runs, 1, "the body did not run on the refused claim");
+    // Released: the retry claims it at once and runs the body once.
+    wait_until_streaming(&primary, &replica);
+    let retried = waiting.run(call("order-2"), body()).await.unwrap();
+    assert!(!retried.is_replayed());
+    assert_eq!(runs.count(), 2);
+
+    // Without the option the same stopped replica goes unnoticed: the call runs.
+    signal(&replica, "-STOP");
+    let unwaited = plain.run(call("order-3"), body()).await;
+    signal(&replica, "-CONT");
+    assert!(unwaited.is_ok(), "{unwaited:?}");
+    assert_eq!(runs.count(), 3);
+}
+
+#[test]
+fn wait_for_replicas_needs_a_timeout_below_the_response_timeout() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _entered = runtime.enter();
+    for (replicas, timeout) in [
+        (1, Duration::from_secs(1)),
+        (1, Duration::ZERO),
+        (0, Duration::from_millis(100)),
+    ] {
+        let Err(StoreError::Backend { message, .. }) = RedisStore::builder("redis://127.0.0.1/")
+            .wait_for_replicas(replicas, timeout)
+            .build()
+        else {
+            panic!("wait_for_replicas({replicas}, {timeout:?}) must be refused");
+        };
+        assert!(message.contains("below the response timeout"), "{message}");
+    }
+    assert!(
+        RedisStore::builder("redis://127.0.0.1/")
+            .wait_for_replicas(1, Duration::from_millis(100))
+            .build()
+            .is_ok()
+    );
 }

@@ -152,6 +152,8 @@ pub struct RedisStore {
     subscriptions: Arc<Subscriptions>,
     key_prefix: String,
     poll_interval: Duration,
+    /// [`RedisStoreBuilder::wait_for_replicas`].
+    wait_for_replicas: Option<(u32, Duration)>,
     /// Whether the server takes `SET NX GET` (Redis 7.0); cleared at its first refusal.
     native_claim: Arc<AtomicBool>,
 }
@@ -178,6 +180,7 @@ impl RedisStore {
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
             poll_interval: Duration::from_millis(50),
+            wait_for_replicas: None,
             root_certificate_file: None,
         }
     }
@@ -382,6 +385,68 @@ impl RedisStore {
         }
     }
 
+    /// [`RedisStoreBuilder::wait_for_replicas`] after a claim of `key` that acquired `fence`:
+    /// a claim fewer replicas acknowledged is released, and the call fails without its body.
+    async fn replicate_claim(
+        &self,
+        key: &StorageKey,
+        fence: Fence,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<(), StoreError> {
+        let acknowledged = match self
+            .replicas_acknowledging(&self.record_key(key), replicas, timeout)
+            .await
+        {
+            Ok(acknowledged) => acknowledged,
+            Err(error) => {
+                let _ = self.release(key, fence).await;
+                return Err(from_redis(
+                    "could not learn whether replicas received a claim (WAIT); it was released",
+                    error,
+                ));
+            }
+        };
+        if acknowledged >= replicas {
+            return Ok(());
+        }
+        let released = self.release(key, fence).await;
+        Err(StoreError::Unavailable {
+            message: format!(
+                "a claim reached {acknowledged} of the {replicas} replicas asked for within {timeout:?} (RedisStoreBuilder::wait_for_replicas), so a failover could lose it; {}: the body did not run, and the call may be retried",
+                match released {
+                    Ok(_) => "it was released",
+                    Err(_) =>
+                        "releasing it failed too, so the key is held until the claim's lease ends",
+                }
+            ),
+            source: None,
+        })
+    }
+
+    /// [`RedisStoreBuilder::wait_for_replicas`] after a completion of `key`: the record stands
+    /// either way; too few acknowledgements are logged.
+    async fn replicate_completion(&self, key: &StorageKey, replicas: u32, timeout: Duration) {
+        match self
+            .replicas_acknowledging(&self.record_key(key), replicas, timeout)
+            .await
+        {
+            Ok(acknowledged) if acknowledged >= replicas => {}
+            Ok(acknowledged) => tracing::warn!(
+                key = %key,
+                acknowledged,
+                replicas,
+                ?timeout,
+                "a completion reached fewer replicas than asked for (RedisStoreBuilder::wait_for_replicas): it is recorded on the primary, but a failover now could lose it and let the key run again"
+            ),
+            Err(error) => tracing::warn!(
+                key = %key,
+                error = %error,
+                "could not learn whether replicas received a completion (WAIT): it is recorded on the primary, but a failover now could lose it"
+            ),
+        }
+    }
+
     /// How long `key`'s lease still runs, if it is in progress.
     async fn lease_left(&self, key: &StorageKey) -> Result<Option<Duration>, StoreError> {
         match self.invoke(&self.scripts.in_progress, key, |_| {}).await? {
@@ -441,13 +506,26 @@ impl Store for RedisStore {
         Box::pin(async move {
             let fingerprint = hex32(arguments.fingerprint().as_bytes());
             let fence = next_fence();
+            let mut claim = None;
             if self.native_claim.load(Ordering::Relaxed) {
                 match self.claim_natively(key, &fingerprint, fence, lease).await? {
-                    Native::Answered(claim) => return Ok(claim),
+                    Native::Answered(answer) => claim = Some(answer),
                     Native::AskScript => {}
                 }
             }
-            self.claim_by_script(key, &fingerprint, fence, lease).await
+            let claim = match claim {
+                Some(claim) => claim,
+                None => {
+                    self.claim_by_script(key, &fingerprint, fence, lease)
+                        .await?
+                }
+            };
+            if let (Claim::Acquired { fence }, Some((replicas, timeout))) =
+                (&claim, self.wait_for_replicas)
+            {
+                self.replicate_claim(key, *fence, replicas, timeout).await?;
+            }
+            Ok(claim)
         })
     }
 
@@ -462,7 +540,13 @@ impl Store for RedisStore {
             let args = |command: &mut redis::Cmd| {
                 command.arg(fence.get()).arg(&output[..]).arg(millis(ttl));
             };
-            self.fenced_write(&self.scripts.complete, key, args).await
+            let write = self.fenced_write(&self.scripts.complete, key, args).await?;
+            if write == FencedWrite::Applied
+                && let Some((replicas, timeout)) = self.wait_for_replicas
+            {
+                self.replicate_completion(key, replicas, timeout).await;
+            }
+            Ok(write)
         })
     }
 

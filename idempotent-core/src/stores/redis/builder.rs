@@ -41,6 +41,8 @@ pub struct RedisStoreBuilder {
     pub(super) connect_timeout: Duration,
     pub(super) response_timeout: Duration,
     pub(super) poll_interval: Duration,
+    /// `WAIT <replicas> <timeout>` after each claim that acquires and each completion.
+    pub(super) wait_for_replicas: Option<(u32, Duration)>,
     /// The CA file for `rediss://` URLs, in place of the webpki roots.
     pub(super) root_certificate_file: Option<PathBuf>,
 }
@@ -61,6 +63,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
             .field("poll_interval", &self.poll_interval)
+            .field("wait_for_replicas", &self.wait_for_replicas)
             .field("root_certificate_file", &self.root_certificate_file)
             .finish()
     }
@@ -94,6 +97,40 @@ impl RedisStoreBuilder {
     /// How often a waiter looks again when pub/sub is unavailable (default 50 ms).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// After each claim that acquires a key, and each completion, waits until `replicas`
+    /// replicas of the key's primary have acknowledged it (Redis `WAIT`), for at most
+    /// `timeout`; off by default.
+    ///
+    /// Redis replicates asynchronously: a failover to a replica that had not yet received a
+    /// claim lets another caller claim the key and run the body a second time, and one that
+    /// had not received a completion lets the next retry run it again. With this option:
+    ///
+    /// - a claim that fewer than `replicas` acknowledged within `timeout` is released at once
+    ///   and the call fails with [`StoreError::Unavailable`] without running the body (the
+    ///   caller may retry);
+    /// - a completion that fewer acknowledged stands (the body ran; its output is recorded
+    ///   on the primary) and is logged as a WARN, since a failover now could lose it.
+    ///
+    /// It narrows the window in which a failover loses a claim or a record to what Redis
+    /// itself cannot promise: `WAIT` does not make Redis strongly consistent (a failover may
+    /// still promote a replica that missed the write, e.g. one that lagged when the
+    /// acknowledging one failed too). It costs a round trip after each claim and completion,
+    /// and the time replicas take to acknowledge. `timeout` must be shorter than the
+    /// [response timeout](Self::response_timeout), which bounds every command and the `WAIT`
+    /// with it; `build` refuses it otherwise.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idempotent_core::stores::redis::RedisStore;
+    ///
+    /// let builder = RedisStore::cluster_builder(["redis://10.0.0.1:6379/"])
+    ///     .wait_for_replicas(1, Duration::from_millis(100));
+    /// ```
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_for_replicas = Some((replicas, timeout));
         self
     }
 
@@ -204,6 +241,17 @@ impl RedisStoreBuilder {
     /// succeeds while the server is down; only a malformed URL fails. Must be called within a
     /// Tokio runtime.
     pub fn build(self) -> Result<RedisStore, StoreError> {
+        if let Some((replicas, timeout)) = self.wait_for_replicas
+            && (timeout >= self.response_timeout || timeout.is_zero() || replicas == 0)
+        {
+            return Err(StoreError::Backend {
+                message: format!(
+                    "wait_for_replicas({replicas}, {timeout:?}) needs at least one replica and a timeout above zero and below the response timeout ({:?}): shorten the timeout or lengthen the response timeout",
+                    self.response_timeout
+                ),
+                source: None,
+            });
+        }
         let (commands, subscriptions) = match &self.cluster_urls {
             Some(urls) => {
                 let client = self.cluster_client(urls)?;
@@ -238,6 +286,7 @@ impl RedisStoreBuilder {
             subscriptions: Arc::new(subscriptions),
             key_prefix: self.key_prefix,
             poll_interval: self.poll_interval,
+            wait_for_replicas: self.wait_for_replicas,
             native_claim: Arc::new(AtomicBool::new(true)),
         })
     }

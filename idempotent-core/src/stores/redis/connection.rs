@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::OnceCell;
 
@@ -220,9 +221,96 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// `WAIT replicas timeout` on the connection that wrote `record_key` (on a cluster, the
+    /// primary of its slot): how many replicas acknowledged every write made on it so far.
+    pub(super) async fn replicas_acknowledging(
+        &self,
+        record_key: &str,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<u32, RedisError> {
+        let mut command = redis::cmd("WAIT");
+        command.arg(replicas).arg(
+            u64::try_from(timeout.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        );
+        let answer = match &*self.commands {
+            Commands::Single(connection) => self.send_single(connection, &command, None).await,
+            Commands::Cluster(cluster) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::new(slot(record_key.as_bytes()), SlotAddr::Master),
+                ));
+                let send = async {
+                    cluster
+                        .connection()
+                        .await?
+                        .route_command(command, route)
+                        .await
+                };
+                match tokio::time::timeout(self.deadline, send).await {
+                    Ok(answer) => answer,
+                    Err(_) => Err(past_deadline(self.deadline)),
+                }
+            }
+        }?;
+        match answer {
+            Value::Int(acknowledged) => Ok(u32::try_from(acknowledged).unwrap_or(0)),
+            other => Err(RedisError::from((
+                ErrorKind::UnexpectedReturnType,
+                "WAIT answered something other than a number",
+                format!("{other:?}"),
+            ))),
+        }
+    }
+}
+
+/// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the part between the
+/// first `{` and the next `}`, if not empty) or of the whole key, modulo 16384.
+pub(super) fn slot(key: &[u8]) -> u16 {
+    let hashed = key
+        .iter()
+        .position(|&byte| byte == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&byte| byte == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &byte in hashed {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
 fn past_deadline(deadline: Duration) -> RedisError {
     RedisError::from(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
         format!("no answer within {deadline:?} (the connect timeout plus the response timeout)"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slot;
+
+    #[test]
+    fn slots_are_redis_cluster_s() {
+        // Values from Redis's CLUSTER KEYSLOT.
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"bar"), 5061);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(slot(b"idempotent:{abc}"), slot(b"idempotent:done:{abc}"));
+        // An empty tag hashes the whole key.
+        assert_eq!(slot(b"{}x"), 10595);
+    }
 }
