@@ -454,9 +454,10 @@ impl RedisCluster {
     ///
     /// ```no_run
     /// # let mut cluster = idempotent_test_support::RedisCluster::start();
-    /// let promoted = cluster.kill_primary_and_wait_for_failover(0);
-    /// cluster.restart(0);
-    /// assert_eq!(cluster.replica_of(promoted), 0);
+    /// let primary = cluster.primaries()[0];
+    /// let promoted = cluster.kill_primary_and_wait_for_failover(primary);
+    /// cluster.restart(primary);
+    /// assert_eq!(cluster.replica_of(promoted), primary);
     /// ```
     ///
     /// # Panics
@@ -477,10 +478,12 @@ impl RedisCluster {
     ///
     /// ```no_run
     /// # let mut cluster = idempotent_test_support::RedisCluster::start();
-    /// let replica = cluster.replica_of(0);
+    /// let primary = cluster.node_for_key("k");
+    /// let replica = cluster.replica_of(primary);
     /// cluster.pause(replica);
-    /// cluster.command(0, &["SET", "{a}", "1"]); // still acknowledged: nothing waits for replicas
+    /// cluster.command(primary, &["SET", "k", "1"]); // acknowledged: nothing waits for replicas
     /// cluster.resume(replica); // catches up
+    /// cluster.wait_until_replicated(primary);
     /// ```
     ///
     /// # Panics
