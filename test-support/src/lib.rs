@@ -1,9 +1,10 @@
 //! Real servers for the tests of the stores: a [`RedisServer`] and a [`PostgresServer`] that a
 //! test starts itself (and a [`NatsServer`] with JetStream, for the NATS queue source), on a
 //! free 127.0.0.1 port in its own temporary folder, and that are stopped and removed when
-//! dropped. Nothing is mocked, and nothing but the server binaries is needed:
-//! `scripts/install-test-deps` installs `redis-server`, PostgreSQL 15 and `nats-server` where
-//! they are missing.
+//! dropped; and a [`RedisCluster`] of three primaries and three replicas made of such servers,
+//! whose primaries a test can kill to see a failover. Nothing is mocked, and nothing but the
+//! server binaries is needed: `scripts/install-test-deps` installs `redis-server` (with
+//! `redis-cli`), PostgreSQL 15 and `nats-server` where they are missing.
 //!
 //! The API is synchronous (std only): call it from plain `#[test]`s and from `#[tokio::test]`s
 //! alike (starting a server blocks the calling thread for a moment, which a test can afford).
@@ -38,6 +39,7 @@ mod postgres;
 mod process;
 mod proxy;
 mod redis;
+mod redis_cluster;
 mod resp;
 mod tls;
 
@@ -49,4 +51,5 @@ pub use postgres::{
 pub use process::TMPDIR_ENV;
 pub use proxy::{ProxyMode, TcpProxy};
 pub use redis::{REDIS_SERVER_ENV, RedisOptions, RedisServer, shared_redis};
+pub use redis_cluster::RedisCluster;
 pub use tls::TlsFiles;

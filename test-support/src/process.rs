@@ -206,6 +206,11 @@ pub(crate) fn is_alive(pid: u32) -> bool {
     matches!(stat(pid), Some((_, state)) if state != 'Z' && state != 'X')
 }
 
+/// Whether a process exists and is stopped by a signal (SIGSTOP: state `T`).
+pub(crate) fn is_stopped(pid: u32) -> bool {
+    matches!(stat(pid), Some((_, 'T')))
+}
+
 /// Every living descendant of `pid` (children, their children, ...), read from /proc.
 pub(crate) fn descendants(pid: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();

@@ -6,11 +6,12 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::process::{Failure, Log, Supervisor, Watchdog, server_dir};
+use crate::process::{Failure, Log, Supervisor, Watchdog, is_stopped, server_dir, signal};
 use crate::resp::{Address, Connection};
 use crate::tls::TlsFiles;
 
@@ -69,6 +70,8 @@ pub struct RedisServer {
     supervisor: Supervisor,
     /// With TLS ([`RedisServer::start_tls`]): its files; the TCP port then speaks TLS only.
     tls: Option<TlsFiles>,
+    /// Whether the process was stopped with SIGSTOP by [`RedisServer::pause`].
+    paused: bool,
     // Last: removed after the watchdog is told the server is gone.
     dir: TempDir,
 }
@@ -122,6 +125,7 @@ impl RedisServer {
             log,
             supervisor: Supervisor::new("redis-server", watchdog),
             tls,
+            paused: false,
             dir,
         };
         Supervisor::on_a_free_port("redis-server", |port| {
@@ -179,6 +183,8 @@ impl RedisServer {
     /// the AOF, if on, is flushed to disk, and an RDB snapshot is written only if `extra_args`
     /// configured save points.
     pub fn stop(&mut self) {
+        // A paused process would answer nothing until it is killed.
+        self.resume();
         let address = self.address();
         self.supervisor.stop(|process| {
             if process.exited().is_some() {
@@ -200,7 +206,64 @@ impl RedisServer {
     /// Kills the server (SIGKILL: a crash) and waits for it to exit. Does nothing if it is not
     /// running.
     pub fn kill(&mut self) {
+        // SIGKILL ends a stopped process as well.
         self.supervisor.kill();
+        self.paused = false;
+    }
+
+    /// Pauses the server's process (SIGSTOP), as when its host freezes: it keeps its port and
+    /// its connections but answers nothing, and the kernel still accepts bytes for it until its
+    /// socket buffers are full. Returns once the process is stopped. Does nothing if it is
+    /// paused already.
+    ///
+    /// A paused server cannot be reached by [`RedisServer::command`] (it fails after 10 s), and
+    /// it is resumed by [`RedisServer::resume`], [`RedisServer::stop`], [`RedisServer::restart`]
+    /// and drop; [`RedisServer::kill`] kills it as it is.
+    ///
+    /// ```no_run
+    /// let mut server = idempotent_test_support::RedisServer::start();
+    /// server.pause();
+    /// assert!(server.try_command(&["PING"]).is_err());
+    /// server.resume();
+    /// assert_eq!(server.command(&["PING"]), "PONG");
+    /// ```
+    ///
+    /// # Panics
+    /// If the server is not running, or its process is not stopped within 30 s.
+    pub fn pause(&mut self) {
+        if self.paused {
+            return;
+        }
+        let Some(pid) = self.supervisor.pid() else {
+            panic!(
+                "cannot pause the redis-server of port {}: it is not running (start or restart it first)",
+                self.port
+            )
+        };
+        signal(pid, libc::SIGSTOP);
+        self.paused = true;
+        wait_for_process_state(pid, true);
+    }
+
+    /// Resumes a server paused by [`RedisServer::pause`] (SIGCONT) and returns once its process
+    /// runs again. Does nothing if it is not paused.
+    ///
+    /// # Panics
+    /// If the process does not run again within 30 s.
+    pub fn resume(&mut self) {
+        if !self.paused {
+            return;
+        }
+        self.paused = false;
+        if let Some(pid) = self.supervisor.pid() {
+            signal(pid, libc::SIGCONT);
+            wait_for_process_state(pid, false);
+        }
+    }
+
+    /// Whether the server is paused by [`RedisServer::pause`].
+    pub fn is_paused(&self) -> bool {
+        self.paused
     }
 
     /// Starts the server again, on the same port and in the same folder (with
@@ -343,6 +406,29 @@ impl Drop for RedisServer {
     }
 }
 
+/// Waits until the process `pid` is stopped (`stopped`) or runs again (not `stopped`).
+///
+/// # Panics
+/// If that takes over 30 s.
+fn wait_for_process_state(pid: u32, stopped: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while is_stopped(pid) != stopped {
+        if Instant::now() >= deadline {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            panic!(
+                "redis-server (pid {pid}) is {} 30 s after a {}; /proc says: {state}",
+                if stopped {
+                    "still running"
+                } else {
+                    "still stopped"
+                },
+                if stopped { "SIGSTOP" } else { "SIGCONT" },
+            );
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// The Unix socket of a server with TLS, in its folder.
 fn socket_path(dir: &Path) -> PathBuf {
     dir.join("redis.sock")
@@ -388,7 +474,7 @@ fn parse_command_stats(info: &str) -> BTreeMap<String, u64> {
 }
 
 /// The `redis-server` to run: [`REDIS_SERVER_ENV`], or the one on `PATH`.
-fn redis_server_binary() -> PathBuf {
+pub(crate) fn redis_server_binary() -> PathBuf {
     if let Some(binary) = std::env::var_os(REDIS_SERVER_ENV) {
         return PathBuf::from(binary);
     }
