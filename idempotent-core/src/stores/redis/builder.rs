@@ -256,7 +256,10 @@ impl RedisStoreBuilder {
             Some(urls) => {
                 let client = self.cluster_client(urls)?;
                 (
-                    Commands::Cluster(Cluster::new(client, self.connect_timeout)),
+                    Commands::Cluster(Cluster::new(
+                        client,
+                        self.connect_timeout + self.response_timeout,
+                    )),
                     Subscriptions::new(
                         Source::Cluster(urls.clone(), self.response_timeout),
                         self.connect_timeout,

@@ -76,36 +76,36 @@ pub(super) enum Commands {
 /// first use (the store's builder does not connect), and again after a failed attempt.
 pub(super) struct Cluster {
     client: ClusterClient,
-    connect_timeout: Duration,
+    /// The connect timeout plus the response timeout.
+    setup_timeout: Duration,
     connection: OnceCell<ClusterConnection>,
 }
 
 impl Cluster {
-    pub(super) fn new(client: ClusterClient, connect_timeout: Duration) -> Self {
+    pub(super) fn new(client: ClusterClient, setup_timeout: Duration) -> Self {
         Self {
             client,
-            connect_timeout,
+            setup_timeout,
             connection: OnceCell::new(),
         }
     }
 
     /// The connection, made now if it is not yet: the cluster client reaches one of the nodes
-    /// it was given and reads the slot map.
+    /// it was given, reads the slot map and connects to every node in it, each within the
+    /// connect and response timeouts (a node that does not answer is left out, and tried
+    /// again when a command needs it), so the whole may take their sum.
     pub(super) async fn connection(&self) -> Result<ClusterConnection, RedisError> {
         self.connection
             .get_or_try_init(|| async {
-                match tokio::time::timeout(
-                    self.connect_timeout,
-                    self.client.get_async_connection(),
-                )
+                match tokio::time::timeout(self.setup_timeout, self.client.get_async_connection())
                 .await
                 {
                     Ok(connection) => connection,
                     Err(_) => Err(RedisError::from(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         format!(
-                            "no node of the Redis Cluster answered within the connect timeout ({:?})",
-                            self.connect_timeout
+                            "the Redis Cluster's nodes did not answer within the connect timeout plus the response timeout ({:?})",
+                            self.setup_timeout
                         ),
                     ))),
                 }
