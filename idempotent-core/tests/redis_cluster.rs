@@ -137,10 +137,16 @@ async fn with_cluster<T: Send + 'static>(
     .unwrap()
 }
 
-/// A key of `name` whose record lives on `primary`.
-fn key_on(cluster: &RedisCluster, store: &RedisStore, name: &str, primary: usize) -> String {
+/// A key of `name`, starting with `prefix`, whose record lives on `primary`.
+fn key_on(
+    cluster: &RedisCluster,
+    store: &RedisStore,
+    name: &str,
+    prefix: &str,
+    primary: usize,
+) -> String {
     (0..)
-        .map(|n| format!("order-{n}"))
+        .map(|n| format!("{prefix}-{n}"))
         .find(|key| {
             let storage = StorageKey::derive(name, None, key.as_bytes()).unwrap();
             cluster.node_for_key(&store.record_key(&storage)) == primary
@@ -169,24 +175,9 @@ async fn a_failover_that_loses_a_record_lets_its_key_run_again_unless_claims_wai
         Call::new("cluster::failover", Fingerprint::of(&1).unwrap()).key(key)
     }
     let primary = cluster.primaries()[0];
-    let kept = key_on(&cluster, &waiting_store, name, primary);
-    let lost = key_on(&cluster, &waiting_store, &format!("{name}"), primary);
-    let lost = format!("{lost}-lost");
-    let lost = (0..)
-        .map(|n| format!("{lost}{n}"))
-        .find(|key| {
-            let storage = StorageKey::derive(name, None, key.as_bytes()).unwrap();
-            cluster.node_for_key(&waiting_store.record_key(&storage)) == primary
-        })
-        .unwrap();
-    let refused = format!("{lost}-refused");
-    let refused = (0..)
-        .map(|n| format!("{refused}{n}"))
-        .find(|key| {
-            let storage = StorageKey::derive(name, None, key.as_bytes()).unwrap();
-            cluster.node_for_key(&waiting_store.record_key(&storage)) == primary
-        })
-        .unwrap();
+    let kept = key_on(&cluster, &waiting_store, name, "kept", primary);
+    let lost = key_on(&cluster, &waiting_store, name, "lost", primary);
+    let refused = key_on(&cluster, &waiting_store, name, "refused", primary);
 
     // Recorded and replicated before anything goes wrong; both stores are connected.
     assert!(
