@@ -28,6 +28,23 @@ mod redis {
     }
 }
 
+#[cfg(feature = "redis")]
+mod redis_cluster {
+    use super::*;
+
+    #[test]
+    fn four_processes_execute_each_key_exactly_once() {
+        let cluster = idempotent_test_support::RedisCluster::start();
+        exactly_once_across_processes(stores::Kind::RedisCluster, &cluster.urls().join(","));
+    }
+
+    #[test]
+    fn a_holder_killed_mid_body_is_taken_over_once_after_its_lease() {
+        let cluster = idempotent_test_support::RedisCluster::start();
+        crash_recovery(stores::Kind::RedisCluster, &cluster.urls().join(","));
+    }
+}
+
 #[cfg(feature = "postgres")]
 mod postgres {
     use super::*;

@@ -10,6 +10,9 @@ pub enum Kind {
     Postgres,
     #[cfg(feature = "redis")]
     Redis,
+    /// A Redis Cluster; the "url" is its nodes' URLs, separated by commas.
+    #[cfg(feature = "redis")]
+    RedisCluster,
     #[cfg(feature = "sqlite")]
     Sqlite,
     #[cfg(feature = "sqlx-postgres")]
@@ -25,6 +28,8 @@ impl Kind {
             Kind::Postgres => "postgres",
             #[cfg(feature = "redis")]
             Kind::Redis => "redis",
+            #[cfg(feature = "redis")]
+            Kind::RedisCluster => "redis-cluster",
             #[cfg(feature = "sqlite")]
             Kind::Sqlite => "sqlite",
             #[cfg(feature = "sqlx-postgres")]
@@ -40,6 +45,8 @@ impl Kind {
             "postgres" => Kind::Postgres,
             #[cfg(feature = "redis")]
             "redis" => Kind::Redis,
+            #[cfg(feature = "redis")]
+            "redis-cluster" => Kind::RedisCluster,
             #[cfg(feature = "sqlite")]
             "sqlite" => Kind::Sqlite,
             #[cfg(feature = "sqlx-postgres")]
@@ -64,6 +71,12 @@ pub async fn connect(kind: Kind, url: &str) -> Arc<dyn Store> {
         ),
         #[cfg(feature = "redis")]
         Kind::Redis => crate::support::redis_store(url),
+        #[cfg(feature = "redis")]
+        Kind::RedisCluster => Arc::new(
+            idempotent_core::stores::redis::RedisStore::cluster_builder(url.split(','))
+                .build()
+                .expect("valid Redis Cluster URLs"),
+        ),
         #[cfg(feature = "sqlite")]
         Kind::Sqlite => Arc::new(
             idempotent_core::stores::sqlite::SqliteStore::open(url)
@@ -129,14 +142,24 @@ pub async fn current_fence(kind: Kind, url: &str, key: &str) -> u64 {
                 .query_async(&mut connection)
                 .await
                 .expect("the record exists");
-            let fence = record
-                .split(|&byte| byte == b'|')
-                .nth(1)
-                .expect("a record with a fence");
-            std::str::from_utf8(fence)
-                .expect("an ASCII fence")
-                .parse()
-                .expect("a numeric fence")
+            fence_of(&record)
+        }
+        #[cfg(feature = "redis")]
+        Kind::RedisCluster => {
+            let store = idempotent_core::stores::redis::RedisStore::cluster_builder(url.split(','))
+                .build()
+                .expect("valid Redis Cluster URLs");
+            let mut connection = redis::cluster::ClusterClient::new(url.split(','))
+                .expect("valid Redis Cluster URLs")
+                .get_async_connection()
+                .await
+                .expect("connect to the cluster");
+            let record: Vec<u8> = redis::cmd("GET")
+                .arg(store.record_key(&storage_key))
+                .query_async(&mut connection)
+                .await
+                .expect("the record exists");
+            fence_of(&record)
         }
         #[cfg(feature = "sqlite")]
         Kind::Sqlite => {
@@ -177,6 +200,19 @@ pub async fn current_fence(kind: Kind, url: &str, key: &str) -> u64 {
             fence.try_into().expect("a non-negative fence")
         }
     }
+}
+
+/// The fence of a Redis record, `2<state><fingerprint>|<fence>|<output>` (redis/prelude.lua).
+#[cfg(feature = "redis")]
+fn fence_of(record: &[u8]) -> u64 {
+    let fence = record
+        .split(|&byte| byte == b'|')
+        .nth(1)
+        .expect("a record with a fence");
+    std::str::from_utf8(fence)
+        .expect("an ASCII fence")
+        .parse()
+        .expect("a numeric fence")
 }
 
 /// A pool on the database file `path`, as a service would open it: WAL, sqlx's defaults
