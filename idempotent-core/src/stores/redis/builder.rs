@@ -277,7 +277,7 @@ impl RedisStoreBuilder {
                     .set_number_of_retries(0);
                 (
                     Commands::Single(Connection::new(client.clone(), config)?),
-                    Subscriptions::new(Source::Single(client), self.connect_timeout),
+                    Subscriptions::new(Source::Single(Box::new(client)), self.connect_timeout),
                 )
             }
         };

@@ -61,7 +61,7 @@ impl Sink {
 
 /// What the subscriber connects to.
 pub(super) enum Source {
-    Single(redis::Client),
+    Single(Box<redis::Client>),
     /// A Redis Cluster: its nodes' URLs, and the response timeout.
     Cluster(Vec<String>, Duration),
 }
