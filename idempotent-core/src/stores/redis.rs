@@ -1,9 +1,16 @@
-//! The Redis store: a fleet of application servers sharing one Redis (or Redis Cluster).
+//! The Redis store: a fleet of application servers sharing one Redis, or a Redis Cluster
+//! ([`RedisStore::cluster_builder`]).
 //!
-//! Each record is one Redis string, and each operation one Lua script run with `EVALSHA`
-//! (loaded again after a `NOSCRIPT`), touching only that key: every script is atomic, and
-//! Redis Cluster routes it by its single key. A replay is one round trip; a first call two
-//! (claim, complete). The scripts use `SET .. KEEPTTL`, which Redis added in 6.0.
+//! Each record is one Redis string. The claim is one native command, `SET <key> <claim> NX PX
+//! <lease> GET` (Redis 7.0 takes `NX` with `GET`): it writes the claim if the key is absent and
+//! answers what the key holds otherwise, so a replay and a first claim cost the server no
+//! script. What that answer cannot settle alone (a key in progress, whose lease left is
+//! needed; a released key's tombstone, whose fence the new one must pass; anything malformed)
+//! goes to the claim script, which reads the key again. `complete`, `release` and `extend` are
+//! Lua scripts run with `EVALSHA` (loaded again after a `NOSCRIPT`), fenced and atomic. Every
+//! command touches one key, so a Redis Cluster routes each by its key. A replay is one round
+//! trip; a first call two (claim, complete). On a server older than 7.0, which refuses `NX`
+//! with `GET`, every claim runs as the script (Redis 6.0 at least: `SET .. KEEPTTL`).
 //!
 //! # Durability
 //!
@@ -12,13 +19,21 @@
 //! so their keys would run again. For payments, run Redis with `appendonly yes`: then a crash
 //! of the Redis process loses nothing it acknowledged (it writes the file before it answers),
 //! and `appendfsync` decides what a crash of the machine loses: about the last second with
-//! `everysec`, nothing with `always`. With
-//! replication, a failover to a replica that had not received a claim can let a key run twice;
-//! `WAIT 1 0` after each write is not used by this store. A failover behind the store's address
-//! (a DNS name, a virtual IP, a proxy) is followed: a demoted server that answers `READONLY`
-//! makes the store connect again and run the command on the new primary. Set
-//! `maxmemory-policy noeviction` (or a `volatile-*` policy on a dedicated instance): an evicted
-//! live record is a key that can run again.
+//! `everysec`, nothing with `always`. Set `maxmemory-policy noeviction`: every record has a
+//! ttl, so the `volatile-*` policies evict records too, and an evicted live record is a key
+//! that can run again.
+//!
+//! Replication is asynchronous. A failover to a replica that had not received a claim lets
+//! another caller claim the key and run the body a second time; one that had not received a
+//! completion leaves the claim in progress, so the key runs again once its lease ends.
+//! [`RedisStoreBuilder::wait_for_replicas`] narrows that window: a claim is kept only once
+//! replicas have acknowledged it (else it is released and the call fails before its body
+//! runs), and a completion too few acknowledged is logged. A failover behind the store's
+//! address (a DNS name, a virtual IP, a proxy) is followed: a demoted server that answers
+//! `READONLY` makes the store connect again and run the command on the new primary. On a
+//! Redis Cluster the cluster client follows the cluster's own failovers; while a shard has no
+//! primary (a few seconds), calls fail with [`StoreError::Unavailable`] without running their
+//! bodies.
 //!
 //! # Time
 //!
@@ -27,15 +42,21 @@
 //! and clock skew between application servers cannot break a lease. Leases and ttls are sent
 //! in whole milliseconds, rounded up ([`held_millis`](crate::held_millis)); the lease left is
 //! the key's `PTTL`, whole milliseconds rounded down, answered as at least 1 ms. A record
-//! that is present is therefore live, and only a claim that acquires reads the server's
-//! `TIME`, for its fence (the time in microseconds, or one more than the key's last fence).
+//! that is present is therefore live, and no operation reads a clock on the server.
 //! Redis deletes expired records by itself: [`purge_expired`](Store::purge_expired) has
 //! nothing to do.
 //!
+//! Fences come from the claiming process: its clock in microseconds, kept strictly increasing
+//! within the process, or one more than the key's last fence while the key's tombstone is
+//! there. A key's fences therefore grow past a release whatever the clocks read, and across
+//! expiries as long as the application servers' clocks agree to within the record's life
+//! (GUARANTEES.md, "Clocks").
+//!
 //! # Waiting
 //!
-//! Waiting uses pub/sub: waiters subscribe to a channel per key over one shared connection,
-//! then look at the record, and the look marks it; `complete` and `release` publish on the
+//! Waiting uses pub/sub: waiters subscribe to a channel per key over one shared connection
+//! (on a Redis Cluster, a shard channel with `SSUBSCRIBE`, on the record's shard), then look at
+//! the record, and the look marks it; `complete` and `release` publish on the
 //! channel when the record is marked, so no completion can slip between the look and the wait,
 //! and a call nobody waits for publishes nothing. The wait also ends when the holder's lease
 //! does. If the subscription cannot be made, a waiter falls back to sleeping for
@@ -46,7 +67,9 @@
 //!
 //! A record is the key `<prefix><storage key in hex>` ([`RedisStore::record_key`]; the prefix
 //! is [`key_prefix`](RedisStoreBuilder::key_prefix), `idempotent:` by default), and its
-//! waiters' channel is `<prefix>done:<storage key in hex>`. The record is one string,
+//! waiters' channel is `<prefix>done:<storage key in hex>`. On a Redis Cluster the hex is a
+//! hash tag, `<prefix>{<hex>}` and `<prefix>done:{<hex>}`, so both live on one shard (the
+//! scripts then announce with `SPUBLISH`). The record is one string,
 //! `2<state><fingerprint hex>|<fence>|<output>`: the format `2`; the state, `p` in progress,
 //! `w` in progress with a waiter to notify, `c` completed or `r` released (a tombstone that
 //! keeps the fence, with no fingerprint: `2r|<fence>|`); the fingerprint in 64 hex digits; the
