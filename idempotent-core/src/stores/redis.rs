@@ -204,6 +204,7 @@ impl RedisStore {
             response_timeout: Duration::from_secs(1),
             poll_interval: Duration::from_millis(50),
             wait_for_replicas: None,
+            claims_by_script: false,
             root_certificate_file: None,
         }
     }
@@ -363,12 +364,7 @@ impl RedisStore {
             // Another type under the key: the script reports it as corrupt.
             Err(error) if error.code() == Some("WRONGTYPE") => Ok(Native::AskScript),
             // A server older than 7.0 refuses NX with GET: claim by script from now on.
-            Err(error)
-                if error.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
-                    && error
-                        .detail()
-                        .is_some_and(|detail| detail.contains("syntax error")) =>
-            {
+            Err(error) if refuses_nx_with_get(&error) => {
                 tracing::info!(
                     error = %error,
                     "the Redis server refused SET NX GET (it needs Redis 7.0): claims run as a script"
@@ -478,6 +474,15 @@ impl RedisStore {
             other => Err(other.unexpected(key)),
         }
     }
+}
+
+/// Whether `error` is a server's refusal of `SET .. NX .. GET`: Redis before 7.0 answers
+/// `ERR syntax error`.
+fn refuses_nx_with_get(error: &redis::RedisError) -> bool {
+    error.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
+        && error
+            .detail()
+            .is_some_and(|detail| detail.contains("syntax error"))
 }
 
 /// What the native claim made of a key.
@@ -642,5 +647,35 @@ impl Store for RedisStore {
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         // Redis expires records by itself (PEXPIRE): nothing is left to purge.
         Box::pin(std::future::ready(Ok(0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refuses_nx_with_get;
+
+    fn server_error(reply: &[u8]) -> redis::RedisError {
+        match redis::parse_redis_value(reply) {
+            Ok(value) => value.extract_error().expect_err("an error reply"),
+            Err(error) => error,
+        }
+    }
+
+    #[test]
+    fn only_a_syntax_error_means_the_server_refuses_nx_with_get() {
+        // Redis 6.2's answer to SET k v NX PX 1 GET.
+        assert!(refuses_nx_with_get(&server_error(b"-ERR syntax error\r\n")));
+        for other in [
+            b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n".as_slice(),
+            b"-ERR invalid expire time in 'set' command\r\n",
+            b"-OOM command not allowed when used memory > 'maxmemory'.\r\n",
+            b"-READONLY You can't write against a read only replica.\r\n",
+        ] {
+            assert!(
+                !refuses_nx_with_get(&server_error(other)),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
     }
 }

@@ -43,6 +43,8 @@ pub struct RedisStoreBuilder {
     pub(super) poll_interval: Duration,
     /// `WAIT <replicas> <timeout>` after each claim that acquires and each completion.
     pub(super) wait_for_replicas: Option<(u32, Duration)>,
+    /// Claims by the script only, as on a server older than Redis 7.0.
+    pub(super) claims_by_script: bool,
     /// The CA file for `rediss://` URLs, in place of the webpki roots.
     pub(super) root_certificate_file: Option<PathBuf>,
 }
@@ -131,6 +133,15 @@ impl RedisStoreBuilder {
     /// ```
     pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
         self.wait_for_replicas = Some((replicas, timeout));
+        self
+    }
+
+    /// Every claim runs as the claim script, as it does on a server older than Redis 7.0 (which
+    /// refuses `SET .. NX .. GET`; the store finds that out by itself). For testing that path
+    /// on a newer server.
+    #[doc(hidden)]
+    pub fn claims_by_script_only(mut self) -> Self {
+        self.claims_by_script = true;
         self
     }
 
@@ -290,7 +301,7 @@ impl RedisStoreBuilder {
             key_prefix: self.key_prefix,
             poll_interval: self.poll_interval,
             wait_for_replicas: self.wait_for_replicas,
-            native_claim: Arc::new(AtomicBool::new(true)),
+            native_claim: Arc::new(AtomicBool::new(!self.claims_by_script)),
         })
     }
 }
