@@ -3,23 +3,43 @@
 //!
 //! Cases (group `redis`): `replay-1` and `first_call-1` (one caller), `replay-64` and
 //! `first_call-64` (64 concurrent tasks over one multiplexed connection; one iteration is one
-//! call by each task), and `race` (64 tasks call one fresh key at once). The baselines of the
-//! race poll `GET` every millisecond, as a hand-written lock without pub/sub would. The bench
-//! starts its own `redis-server` (idempotent-test-support).
+//! call by each task), `hot_replay-64` (64 tasks, each call a replay of one of `HOT_KEYS`
+//! recorded keys) and `race` (64 tasks call one fresh key at once). The baselines of the race
+//! poll `GET` every millisecond, as a hand-written lock without pub/sub would. The bench starts
+//! its own `redis-server` (idempotent-test-support).
+//!
+//! Variants: `idempotent` (the store through `#[idempotent]`); `baseline` (the raw client
+//! doing the same round trips and the same SHA-256 over JSON, kept beside the value, and the
+//! JSON decode); `floor` (the raw client doing only the round trips: `GET` of a value the size
+//! of the store's completed record, or `SET NX PX` and `SET PX` of prebuilt values the sizes of
+//! its claim and completed records, on a fresh key from a counter; no hashing, encoding or
+//! decoding). The sizes are read from the store's own records (`STRLEN`) before the cases run.
+//!
+//! A variant of the hot set on another caller (e.g. the store with a local cache) is one more
+//! line: `common::bench_hot_replays(&mut group, &runtime, "hot_replay-64/<variant>", TASKS,
+//! &caller, &hot)`.
 
 mod common;
 
+use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use idempotent_core::conformance::{Claiming, Completing, Forwarding, Hooks};
 use idempotent_core::stores::redis::RedisStore;
+use idempotent_core::{BoxFuture, Claim, FencedWrite, StorageKey, Store, StoreError};
+use redis::Value;
 use redis::aio::MultiplexedConnection;
 
 use common::{Call, OrderRequest, Receipt, Round, ShopError};
 
 /// Concurrent tasks over the one connection.
 const TASKS: usize = 64;
+/// Recorded keys in the hot set of `hot_replay-64`.
+const HOT_KEYS: usize = 1_000;
 const LEASE_MS: u64 = 30_000;
 const TTL_MS: u64 = 120_000;
 
@@ -167,6 +187,184 @@ impl Raw {
     }
 }
 
+/// The key the floor's replays read (`replay-1`, `replay-64`).
+const FLOOR_REPLAY_KEY: &str = "floor:replay";
+
+/// The floor's hot set: key `i` stands for the store's record of `order-{i:04}`.
+fn floor_hot_key(i: usize) -> String {
+    format!("floor:hot:{i:04}")
+}
+
+/// The bare client: only the round trips, on values built beforehand.
+#[derive(Clone)]
+struct Floor {
+    connection: MultiplexedConnection,
+    /// What a first call's `SET NX PX` writes: the size of the store's claim record.
+    claim: Arc<[u8]>,
+    /// What a first call's `SET PX` writes: the size of the store's completed record.
+    completed: Arc<[u8]>,
+}
+
+/// The floor's fresh keys: `floor:` and a counter in 16 hex digits, on the stack.
+fn floor_key() -> [u8; 22] {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut key = *b"floor:0000000000000000";
+    for (i, digit) in key[6..].iter_mut().enumerate() {
+        *digit = HEX[(n >> (60 - 4 * i) & 0xf) as usize];
+    }
+    key
+}
+
+impl Floor {
+    /// `GET key`; panics if the key holds nothing (the floor would not be a replay).
+    async fn replay(&self, key: &str) {
+        let mut connection = self.connection.clone();
+        let record: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .expect("the floor's GET");
+        black_box(
+            record
+                .expect("the floor's replayed key holds no record: it is set before the cases run"),
+        );
+    }
+
+    /// `SET key <claim> NX PX` and `SET key <completed> PX` on a fresh key.
+    async fn first_call(&self) {
+        let key = floor_key();
+        let mut connection = self.connection.clone();
+        let claimed: Value = redis::cmd("SET")
+            .arg(&key[..])
+            .arg(&self.claim[..])
+            .arg("NX")
+            .arg("PX")
+            .arg(LEASE_MS)
+            .query_async(&mut connection)
+            .await
+            .expect("the floor's SET NX PX");
+        assert!(
+            !matches!(claimed, Value::Nil),
+            "the floor's fresh key was already set"
+        );
+        redis::cmd("SET")
+            .arg(&key[..])
+            .arg(&self.completed[..])
+            .arg("PX")
+            .arg(TTL_MS)
+            .query_async::<()>(&mut connection)
+            .await
+            .expect("the floor's SET PX");
+    }
+
+    /// Sets `key` to a record the size of `completed`, for the replays.
+    async fn record(&self, key: &str) {
+        let mut connection = self.connection.clone();
+        redis::cmd("SET")
+            .arg(key)
+            .arg(&self.completed[..])
+            .arg("PX")
+            .arg(TTL_MS)
+            .query_async::<()>(&mut connection)
+            .await
+            .expect("the floor's SET PX");
+    }
+}
+
+/// Watches a `RedisStore`'s records: the size (`STRLEN`) of the operation's record after each
+/// claim and each complete passed on.
+struct RecordSizes {
+    store: RedisStore,
+    connection: MultiplexedConnection,
+    seen: Mutex<Vec<usize>>,
+}
+
+impl fmt::Debug for RecordSizes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordSizes")
+            .field("seen", &self.seen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RecordSizes {
+    async fn note(&self, key: &StorageKey) {
+        let mut connection = self.connection.clone();
+        let size: usize = redis::cmd("STRLEN")
+            .arg(self.store.record_key(key))
+            .query_async(&mut connection)
+            .await
+            .expect("STRLEN of the store's record");
+        self.seen.lock().unwrap().push(size);
+    }
+
+    /// The sizes of the record of `request`'s key, as one call through `#[idempotent]` on
+    /// `store` leaves it: after the claim, and after the complete when the call ran its body.
+    async fn of(
+        store: &RedisStore,
+        connection: &MultiplexedConnection,
+        request: &OrderRequest,
+    ) -> Vec<usize> {
+        let hooks = RecordSizes {
+            store: store.clone(),
+            connection: connection.clone(),
+            seen: Mutex::new(Vec::new()),
+        };
+        let watched = Arc::new(Forwarding::new(
+            Arc::new(store.clone()) as Arc<dyn Store>,
+            hooks,
+        ));
+        let shop = common::Shop {
+            store: Arc::clone(&watched),
+        };
+        shop.place_order(request)
+            .await
+            .expect("the watched call succeeds");
+        let seen = watched.seen.lock().unwrap().clone();
+        assert!(
+            !seen.is_empty() && seen.iter().all(|&size| size > 0),
+            "the store's record of {} was not found after its claim and complete (sizes {seen:?})",
+            request.order_id
+        );
+        seen
+    }
+}
+
+impl Hooks for RecordSizes {
+    fn claim<'a>(&'a self, op: Claiming<'a>) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(async move {
+            let key = *op.key;
+            let claim = op.send().await;
+            self.note(&key).await;
+            claim
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        op: Completing<'a>,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        Box::pin(async move {
+            let key = *op.key;
+            let written = op.send().await;
+            self.note(&key).await;
+            written
+        })
+    }
+}
+
+/// The hot set: `HOT_KEYS` orders whose ids have the length of the replay case's
+/// (`order-0000` to `order-0999`), so their records have its record's size.
+fn hot_set() -> Arc<Vec<OrderRequest>> {
+    Arc::new(
+        (0..HOT_KEYS)
+            .map(|i| common::order(format!("order-{i:04}")))
+            .collect(),
+    )
+}
+
 fn bench(c: &mut Criterion) {
     let runtime = common::runtime();
     let server = idempotent_test_support::RedisServer::start();
@@ -188,10 +386,47 @@ fn bench(c: &mut Criterion) {
         }),
     });
     let request = Arc::new(common::order("order-1001".to_string()));
-    runtime.block_on(async {
+    let hot = hot_set();
+    let floor = Arc::new(runtime.block_on(async {
         shop.place_order(&request).await.unwrap();
         raw.first_call(&request).await.unwrap();
-    });
+        // The sizes of the store's records: the replayed one, and a first call's claim and
+        // completed records (the order id of the same length as the timed first calls').
+        let replayed = *RecordSizes::of(&shop.store, &raw.connection, &request)
+            .await
+            .last()
+            .expect("a size");
+        let first = RecordSizes::of(
+            &shop.store,
+            &raw.connection,
+            &common::order(common::fresh_id("first")),
+        )
+        .await;
+        let [claim, completed] = first[..] else {
+            panic!("a first call's claim and complete, each seen once; saw sizes {first:?}");
+        };
+        eprintln!(
+            "redis: the floor's values are the store's record sizes: claim {claim} bytes, \
+             completed {completed} bytes (first call), replayed {replayed} bytes"
+        );
+        let floor = Floor {
+            connection: raw.connection.clone(),
+            claim: vec![b'c'; claim].into(),
+            completed: vec![b'r'; completed].into(),
+        };
+        let hot_floor = Floor {
+            completed: vec![b'r'; replayed].into(),
+            ..floor.clone()
+        };
+        hot_floor.record(FLOOR_REPLAY_KEY).await;
+        for (i, order) in hot.iter().enumerate() {
+            shop.place_order(order).await.unwrap();
+            raw.first_call(order).await.unwrap();
+            hot_floor.record(&floor_hot_key(i)).await;
+        }
+        floor
+    }));
+    let hot_floor_keys: Arc<Vec<String>> = Arc::new((0..HOT_KEYS).map(floor_hot_key).collect());
 
     let mut group = c.benchmark_group("redis");
     // One caller: a task on a worker, as a request handler would be (not the bench's own
@@ -220,8 +455,49 @@ fn bench(c: &mut Criterion) {
                 &raw,
                 &request,
             );
+            let floor = Arc::clone(&floor);
+            match call {
+                Call::Replay => {
+                    common::bench_ops(&mut group, &runtime, &id("floor"), tasks, move |_, _| {
+                        let floor = Arc::clone(&floor);
+                        async move { floor.replay(FLOOR_REPLAY_KEY).await }
+                    })
+                }
+                Call::FirstCall => {
+                    common::bench_ops(&mut group, &runtime, &id("floor"), tasks, move |_, _| {
+                        let floor = Arc::clone(&floor);
+                        async move { floor.first_call().await }
+                    })
+                }
+            }
         }
     }
+
+    // The hot set: each call replays one of HOT_KEYS recorded keys (`common::hot_index`).
+    group.throughput(Throughput::Elements(TASKS as u64));
+    let hot_id = |variant: &str| format!("hot_replay-{TASKS}/{variant}");
+    common::bench_hot_replays(
+        &mut group,
+        &runtime,
+        &hot_id("idempotent"),
+        TASKS,
+        &shop,
+        &hot,
+    );
+    common::bench_hot_replays(&mut group, &runtime, &hot_id("baseline"), TASKS, &raw, &hot);
+    common::bench_ops(
+        &mut group,
+        &runtime,
+        &hot_id("floor"),
+        TASKS,
+        move |task, i| {
+            let (floor, keys) = (Arc::clone(&floor), Arc::clone(&hot_floor_keys));
+            async move {
+                let key = &keys[common::hot_index(task, TASKS, i, keys.len())];
+                floor.replay(key).await
+            }
+        },
+    );
 
     group.throughput(Throughput::Elements(1));
     common::bench_races(&mut group, &runtime, "redis", &shop, &raw);

@@ -454,3 +454,48 @@ where
     }
     started.elapsed()
 }
+
+/// Benches `id`: `tasks` concurrent tasks (see [`concurrent`]), each running `op(task, i)`
+/// once per iteration; for variants that are not a [`Caller`], such as the bare client's floor.
+pub fn bench_ops<F, Fut>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    runtime: &tokio::runtime::Runtime,
+    id: &str,
+    tasks: usize,
+    op: F,
+) where
+    F: Fn(usize, u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    group.bench_function(id, |b| {
+        b.to_async(runtime)
+            .iter_custom(|iters| concurrent(tasks, iters, op.clone()))
+    });
+}
+
+/// Which of a hot set of `len` keys task `task` (of `tasks`) uses in its `i`-th call: the tasks
+/// start spread evenly over the set and walk it round robin, without a lock.
+pub fn hot_index(task: usize, tasks: usize, i: u64, len: usize) -> usize {
+    let start = task * len / tasks.max(1);
+    ((start as u64 + i) % len as u64) as usize
+}
+
+/// Benches `id`: `tasks` concurrent tasks, each replaying through `caller` once per iteration
+/// one of `requests` (all recorded beforehand), chosen by [`hot_index`].
+pub fn bench_hot_replays<C: Caller>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    runtime: &tokio::runtime::Runtime,
+    id: &str,
+    tasks: usize,
+    caller: &Arc<C>,
+    requests: &Arc<Vec<OrderRequest>>,
+) {
+    let (caller, requests) = (Arc::clone(caller), Arc::clone(requests));
+    bench_ops(group, runtime, id, tasks, move |task, i| {
+        let (caller, requests) = (Arc::clone(&caller), Arc::clone(&requests));
+        async move {
+            let request = &requests[hot_index(task, tasks, i, requests.len())];
+            black_box(caller.replay(task, request).await.unwrap());
+        }
+    });
+}
