@@ -52,9 +52,9 @@
 //! expiries as long as the application servers' clocks agree to within the record's life
 //! (GUARANTEES.md, "Clocks").
 //!
-//! With [`local_cache`](RedisStoreBuilder::local_cache) (feature `redis-cache`), completed
-//! records are also kept in the process, each until its record's expiry as this store saw it
-//! (or sooner): a replay of a hot key is then answered with no round trip.
+//! With `RedisStoreBuilder::local_cache` (feature `redis-cache`), completed records are also
+//! kept in the process, each until its record's expiry as this store saw it (or sooner): a
+//! replay of a hot key is then answered with no round trip.
 //!
 //! # Waiting
 //!
@@ -184,7 +184,7 @@ pub struct RedisStore {
     wait_for_replicas: Option<(u32, Duration)>,
     /// Whether the server takes `SET NX GET` (Redis 7.0); cleared at its first refusal.
     native_claim: Arc<AtomicBool>,
-    /// The completed records kept in the process ([`RedisStoreBuilder::local_cache`]).
+    /// The completed records kept in the process (`RedisStoreBuilder::local_cache`).
     cache: Option<Arc<cache::LocalCache>>,
 }
 
@@ -640,10 +640,10 @@ impl Store for RedisStore {
         ))
     }
 
-    /// Deletes the record (`DEL`), and its entry in this store's
-    /// [local cache](RedisStoreBuilder::local_cache). Other processes' caches are not told:
-    /// they may replay the deleted record until their entry ends, at most their `max_age`
-    /// after it was made (or at the record's expiry, if sooner).
+    /// Deletes the record (`DEL`), and its entry in this store's local cache
+    /// (`RedisStoreBuilder::local_cache`, feature `redis-cache`). Other processes' caches are
+    /// not told: they may replay the deleted record until their entry ends, at most their
+    /// `max_age` after it was made (or at the record's expiry, if sooner).
     fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let mut command = redis::cmd("DEL");

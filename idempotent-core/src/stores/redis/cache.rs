@@ -1,4 +1,4 @@
-//! The local cache of completed records ([`RedisStoreBuilder::local_cache`], feature
+//! The local cache of completed records (`RedisStoreBuilder::local_cache`, feature
 //! `redis-cache`): replays of hot keys answered in the process, with no round trip.
 //!
 //! A completed record does not change until it expires (or is deleted), so a copy of it,
@@ -31,7 +31,7 @@ use crate::key::StorageKey;
 use crate::store::{Bytes, Claim, Fence, FencedWrite};
 use crate::stores::millis::held_u64 as millis;
 
-/// What [`RedisStoreBuilder::local_cache`](super::RedisStoreBuilder::local_cache) asked for.
+/// What `RedisStoreBuilder::local_cache` asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(not(feature = "redis-cache"), allow(dead_code))]
 pub(super) struct Settings {
@@ -244,6 +244,78 @@ mod enabled {
         pub(in crate::stores::redis) fn entry_count(&self) -> u64 {
             self.entries.run_pending_tasks();
             self.entries.entry_count()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn cache(max_age: Duration) -> LocalCache {
+            LocalCache::new(Settings {
+                max_bytes: 1 << 20,
+                max_age,
+            })
+        }
+
+        fn key(name: &[u8]) -> StorageKey {
+            StorageKey::derive("redis::cache", None, name).unwrap()
+        }
+
+        const MINE: [u8; 64] = [b'a'; 64];
+        const OTHER: [u8; 64] = [b'b'; 64];
+        const HOUR: Duration = Duration::from_secs(3600);
+
+        #[test]
+        fn an_entry_answers_its_fingerprint_and_refuses_another() {
+            let cache = cache(HOUR);
+            let output = Bytes::from_static(b"{}");
+            cache.keep(&key(b"k"), &MINE, &output, cache.sent(), HOUR);
+            assert_eq!(
+                cache.claim(&key(b"k"), &MINE),
+                Some(Claim::Completed { output })
+            );
+            assert_eq!(cache.claim(&key(b"k"), &OTHER), Some(Claim::Mismatch));
+            assert_eq!(cache.claim(&key(b"other"), &MINE), None);
+        }
+
+        #[test]
+        fn an_entry_ends_with_its_record_or_at_max_age_whichever_is_first() {
+            let output = Bytes::from_static(b"{}");
+            let long = cache(HOUR);
+            // A record whose life ended before the answer came makes no entry.
+            let sent = Sent {
+                at: Instant::now() - Duration::from_secs(2),
+                removals: 0,
+            };
+            long.keep(&key(b"k"), &MINE, &output, sent, Duration::from_secs(1));
+            assert_eq!(long.claim(&key(b"k"), &MINE), None);
+
+            let short = cache(Duration::from_millis(1));
+            short.keep(&key(b"k"), &MINE, &output, short.sent(), HOUR);
+            std::thread::sleep(Duration::from_millis(5));
+            assert_eq!(short.claim(&key(b"k"), &MINE), None, "past max_age");
+        }
+
+        #[test]
+        fn a_remove_while_a_claim_was_in_flight_keeps_its_answer_out() {
+            let cache = cache(HOUR);
+            let output = Bytes::from_static(b"{}");
+            let sent = cache.sent();
+            cache.forget(&key(b"elsewhere"));
+            cache.keep(&key(b"k"), &MINE, &output, sent, HOUR);
+            assert_eq!(cache.claim(&key(b"k"), &MINE), None);
+            cache.keep(&key(b"k"), &MINE, &output, cache.sent(), HOUR);
+            assert!(cache.claim(&key(b"k"), &MINE).is_some());
+        }
+
+        #[test]
+        fn a_completion_finds_the_fingerprint_of_its_own_claim_only() {
+            let cache = cache(HOUR);
+            cache.acquired(&key(b"k"), 7, &MINE);
+            assert_eq!(cache.take_claim(&key(b"k"), 8), None, "another fence");
+            assert_eq!(cache.take_claim(&key(b"k"), 7), Some(MINE));
+            assert_eq!(cache.take_claim(&key(b"k"), 7), None, "taken once");
         }
     }
 }
