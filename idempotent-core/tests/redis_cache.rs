@@ -323,3 +323,53 @@ async fn a_key_of_another_type_is_still_reported_corrupt_with_the_cache_on() {
         "the pipeline's WRONGTYPE goes to the claim script, which reports the key: {claim:?}"
     );
 }
+
+#[tokio::test]
+async fn on_a_redis_cluster_the_claim_and_its_pttl_go_to_the_keys_shard() {
+    let cluster = idempotent_test_support::RedisCluster::start();
+    let cached = || {
+        Arc::new(
+            RedisStore::cluster_builder(cluster.urls())
+                .local_cache(1 << 20, HOUR)
+                .build()
+                .expect("valid URLs"),
+        )
+    };
+    let a = Idempotency::new(cached());
+    let b_store = cached();
+    let b = Idempotency::new(b_store.clone());
+    let runs = Runs::default();
+    // Enough keys to land on every shard.
+    let keys: Vec<String> = (0..30).map(|i| format!("sharded-{i}")).collect();
+    for key in &keys {
+        a.run(call(key), counting(&runs)).await.unwrap();
+    }
+    for key in &keys {
+        let outcome = b.run(call(key), counting(&runs)).await.unwrap();
+        assert!(outcome.is_replayed(), "{key}: {outcome:?}");
+    }
+    assert_eq!(
+        b_store.local_cache_entries(),
+        Some(30),
+        "each replay through B made an entry from its claim's PTTL"
+    );
+
+    for node in 0..idempotent_test_support::RedisCluster::NODES {
+        cluster.node(node).reset_stats();
+    }
+    for key in &keys {
+        let outcome = b.run(call(key), counting(&runs)).await.unwrap();
+        assert!(outcome.is_replayed(), "{key}: {outcome:?}");
+    }
+    for node in 0..idempotent_test_support::RedisCluster::NODES {
+        let stats = cluster.node(node).command_stats();
+        for command in ["set", "pttl", "evalsha", "get"] {
+            assert_eq!(
+                stats.get(command),
+                None,
+                "node {node} ran {command} for a cached replay: {stats:?}"
+            );
+        }
+    }
+    assert_eq!(runs.count(), 30);
+}
