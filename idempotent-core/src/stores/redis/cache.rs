@@ -13,9 +13,11 @@
 //!
 //! Both are read on this process's monotonic clock from a time before the server started the
 //! record's life, so the entry ends before the record does (as long as the two clocks run at
-//! the same rate). An entry also ends `max_age` after it was made: the bound on how long a
-//! record deleted elsewhere (`remove`, or `forget` in another process) can still be replayed
-//! here. A `remove` through this store deletes its entry; and an entry that a claim or a
+//! the same rate). The pipeline is not a transaction: if the record is deleted and made
+//! again between the claim and its `PTTL`, the entry takes the new record's life, which is
+//! the staleness of a forget. An entry also ends `max_age` after it was made: the bound on
+//! how long a record deleted elsewhere (`remove`, or `forget` in another process) can still
+//! be replayed here. A `remove` through this store deletes its entry; and an entry that a claim or a
 //! completion sent before a `remove` would make is not made.
 //!
 //! Without the feature the cache is an empty type: every hook is a `None` check.
