@@ -52,6 +52,10 @@
 //! expiries as long as the application servers' clocks agree to within the record's life
 //! (GUARANTEES.md, "Clocks").
 //!
+//! With `RedisStoreBuilder::local_cache` (feature `redis-cache`), completed records are also
+//! kept in the process, each until its record's expiry as this store saw it (or sooner): a
+//! replay of a hot key is then answered with no round trip.
+//!
 //! # Waiting
 //!
 //! Waiting uses pub/sub: waiters subscribe to a channel per key over one shared connection
@@ -79,6 +83,7 @@
 //! delete it (`DEL`) to make the key usable again.
 
 mod builder;
+mod cache;
 mod connection;
 mod error;
 mod record;
@@ -179,6 +184,8 @@ pub struct RedisStore {
     wait_for_replicas: Option<(u32, Duration)>,
     /// Whether the server takes `SET NX GET` (Redis 7.0); cleared at its first refusal.
     native_claim: Arc<AtomicBool>,
+    /// The completed records kept in the process (`RedisStoreBuilder::local_cache`).
+    cache: Option<Arc<cache::LocalCache>>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -206,6 +213,7 @@ impl RedisStore {
             wait_for_replicas: None,
             claims_by_script: false,
             root_certificate_file: None,
+            local_cache: None,
         }
     }
 
@@ -346,12 +354,16 @@ impl RedisStore {
             .arg("PX")
             .arg(millis(lease))
             .arg("GET");
-        match self.send(&command, None).await {
+        let (answer, life) = self.send_claim(&command, key).await;
+        match answer {
             Ok(Value::Nil) => Ok(Native::Answered(Claim::Acquired {
                 fence: Fence::new(fence),
             })),
             Ok(Value::BulkString(stored)) => Ok(match record::completed(stored, fingerprint) {
-                Some(Found::Completed(output)) => Native::Answered(Claim::Completed { output }),
+                Some(Found::Completed(output)) => {
+                    self.replayed(key, fingerprint, &output, life);
+                    Native::Answered(Claim::Completed { output })
+                }
                 Some(Found::Mismatch) => Native::Answered(Claim::Mismatch),
                 None => Native::AskScript,
             }),
@@ -533,6 +545,9 @@ impl Store for RedisStore {
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         Box::pin(async move {
             let fingerprint = hex32(arguments.fingerprint().as_bytes());
+            if let Some(claim) = self.cached_claim(key, &fingerprint) {
+                return Ok(claim);
+            }
             let fence = next_fence();
             let mut claim = None;
             if self.native_claim.load(Ordering::Relaxed) {
@@ -553,7 +568,7 @@ impl Store for RedisStore {
             {
                 self.replicate_claim(key, *fence, replicas, timeout).await?;
             }
-            Ok(claim)
+            Ok(self.claimed(key, &fingerprint, claim))
         })
     }
 
@@ -565,6 +580,7 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         Box::pin(async move {
+            let sent = self.before_complete();
             let args = |command: &mut redis::Cmd| {
                 command.arg(fence.get()).arg(&output[..]).arg(millis(ttl));
             };
@@ -574,6 +590,7 @@ impl Store for RedisStore {
             {
                 self.replicate_completion(key, replicas, timeout).await;
             }
+            self.completed(key, fence, &output, ttl, sent, write);
             Ok(write)
         })
     }
@@ -623,6 +640,10 @@ impl Store for RedisStore {
         ))
     }
 
+    /// Deletes the record (`DEL`), and its entry in this store's local cache
+    /// (`RedisStoreBuilder::local_cache`, feature `redis-cache`). Other processes' caches are
+    /// not told: they may replay the deleted record until their entry ends, at most their
+    /// `max_age` after it was made (or at the record's expiry, if sooner).
     fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let mut command = redis::cmd("DEL");
@@ -630,7 +651,10 @@ impl Store for RedisStore {
             let deleted = self
                 .send(&command, None)
                 .await
-                .map_err(|error| from_redis("could not delete a record", error))?;
+                .map_err(|error| from_redis("could not delete a record", error));
+            // Also when the delete failed: it may have been carried out.
+            self.forgotten(key);
+            let deleted = deleted?;
             let deleted = match deleted {
                 Value::Int(deleted) => deleted,
                 _ => {

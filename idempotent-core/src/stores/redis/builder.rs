@@ -12,6 +12,7 @@ use redis::aio::ConnectionManagerConfig;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 
 use super::RedisStore;
+use super::cache;
 use super::connection::{Cluster, Commands, Connection};
 use super::scripts::Scripts;
 use super::subscriptions::{Source, Subscriptions};
@@ -47,6 +48,8 @@ pub struct RedisStoreBuilder {
     pub(super) claims_by_script: bool,
     /// The CA file for `rediss://` URLs, in place of the webpki roots.
     pub(super) root_certificate_file: Option<PathBuf>,
+    /// The local cache of completed records, if asked for.
+    pub(super) local_cache: Option<cache::Settings>,
 }
 
 /// The URL's password is masked: `redis://user:***@host`.
@@ -67,6 +70,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("poll_interval", &self.poll_interval)
             .field("wait_for_replicas", &self.wait_for_replicas)
             .field("root_certificate_file", &self.root_certificate_file)
+            .field("local_cache", &self.local_cache)
             .finish()
     }
 }
@@ -158,6 +162,56 @@ impl RedisStoreBuilder {
     #[cfg(feature = "redis-tls")]
     pub fn root_certificate_file(mut self, path: impl AsRef<Path>) -> Self {
         self.root_certificate_file = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Keeps completed records in the process (feature `redis-cache`; off by default), so that
+    /// replays of hot keys cost no round trip: a claim whose key has a live entry is answered
+    /// from it, `Completed` with the recorded output when the call's fingerprint is the
+    /// record's and `Mismatch` (`Error::KeyReused`) when it is not, as the record itself
+    /// would answer.
+    ///
+    /// - `max_bytes` bounds the cache's weight: each entry weighs its output's length plus
+    ///   256 bytes (its key, fingerprint and the cache's bookkeeping). Past it, the entries
+    ///   least likely to be used again are evicted (moka's TinyLFU). The bound is kept within
+    ///   a short while of each insert, not on every instant.
+    /// - `max_age` bounds how long an entry is kept after it is made.
+    ///
+    /// Entries are made from what this store sees of a record: its own `complete`, kept until
+    /// (the time before it was sent) + the ttl; or a claim that finds the record completed,
+    /// which then also asks for the record's `PTTL` in the same round trip (a pipeline) and
+    /// keeps it until (the time before it was sent) + that. An entry therefore never outlives
+    /// its record's expiry (both clocks running at the same rate), and
+    /// [`purge_expired`](crate::Store::purge_expired) still has nothing to do. A claim that
+    /// finds the record in another way (the claim script, on a server older than Redis 7.0 or
+    /// after a tombstone) makes no entry.
+    ///
+    /// What it trades:
+    ///
+    /// - **Staleness after a forget.** [`remove`](crate::Store::remove) (`forget`) through
+    ///   this store deletes its entry, but the caches of other processes (other stores) do not
+    ///   hear of it: they go on replaying the forgotten record until their entry ends, at most
+    ///   `max_age` later (or at the record's expiry, if sooner). Choose `max_age` as the
+    ///   longest such a replay may go on; with no forgets in the application, it can be long.
+    /// - **Memory**, up to `max_bytes` (and a small table of the claims this store holds,
+    ///   remembered for the entry their completion makes).
+    /// - A claim that does not hit the cache sends `PTTL` beside its `SET NX GET`: one round
+    ///   trip still, one more command for the server.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use idempotent_core::stores::redis::RedisStore;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_core::StoreError> {
+    /// // Up to 64 MiB of records; a record forgotten elsewhere is replayed here for 5 s at most.
+    /// let store = RedisStore::builder("redis://127.0.0.1:6379/")
+    ///     .local_cache(64 << 20, Duration::from_secs(5))
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "redis-cache")]
+    pub fn local_cache(mut self, max_bytes: u64, max_age: Duration) -> Self {
+        self.local_cache = Some(cache::Settings { max_bytes, max_age });
         self
     }
 
@@ -302,6 +356,7 @@ impl RedisStoreBuilder {
             poll_interval: self.poll_interval,
             wait_for_replicas: self.wait_for_replicas,
             native_claim: Arc::new(AtomicBool::new(!self.claims_by_script)),
+            cache: cache::build(self.local_cache),
         })
     }
 }
