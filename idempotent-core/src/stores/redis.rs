@@ -22,6 +22,8 @@
 //! `everysec`, nothing with `always`. Set `maxmemory-policy noeviction`: every record has a
 //! ttl, so the `volatile-*` policies evict records too, and an evicted live record is a key
 //! that can run again.
+//! The store reads these settings when it is made and logs a WARN for each unsafe one, or
+//! refuses the server ([`RedisStoreBuilder::require_durable_settings`]).
 //!
 //! Replication is asynchronous. A failover to a replica that had not received a claim lets
 //! another caller claim the key and run the body a second time; one that had not received a
@@ -88,6 +90,7 @@ mod connection;
 mod error;
 mod record;
 mod scripts;
+mod settings;
 mod subscriptions;
 
 use std::fmt::{self, Write as _};
@@ -214,6 +217,7 @@ impl RedisStore {
             claims_by_script: false,
             root_certificate_file: None,
             local_cache: None,
+            require_durable_settings: false,
         }
     }
 

@@ -14,7 +14,9 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use super::RedisStore;
 use super::cache;
 use super::connection::{Cluster, Commands, Connection};
+use super::error::from_redis;
 use super::scripts::Scripts;
+use super::settings::{self, Check, Node};
 use super::subscriptions::{Source, Subscriptions};
 use crate::error::StoreError;
 use crate::redact::RedactedUrl;
@@ -50,6 +52,8 @@ pub struct RedisStoreBuilder {
     pub(super) root_certificate_file: Option<PathBuf>,
     /// The local cache of completed records, if asked for.
     pub(super) local_cache: Option<cache::Settings>,
+    /// Whether [`RedisStoreBuilder::connect`] refuses a server that may lose records.
+    pub(super) require_durable_settings: bool,
 }
 
 /// The URL's password is masked: `redis://user:***@host`.
@@ -71,6 +75,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("wait_for_replicas", &self.wait_for_replicas)
             .field("root_certificate_file", &self.root_certificate_file)
             .field("local_cache", &self.local_cache)
+            .field("require_durable_settings", &self.require_durable_settings)
             .finish()
     }
 }
@@ -302,10 +307,124 @@ impl RedisStoreBuilder {
             })
     }
 
+    /// Refuse a Redis that may lose records (default `false`: such a server is logged at WARN
+    /// level, and the store runs on it).
+    ///
+    /// The store reads each server's `maxmemory-policy`, `appendonly` and `save` when it is
+    /// made, on every node the builder was given for a Redis Cluster. A record Redis drops
+    /// before its time is a key whose body runs again, so these settings are unsafe:
+    ///
+    /// - any `maxmemory-policy` but `noeviction`: every record has a TTL, so the `volatile-*`
+    ///   policies evict records too. A policy counts even while `maxmemory` is 0 (no limit),
+    ///   since a limit can be set at run time;
+    /// - `appendonly no`: with `save ""` a restart loses every record; with snapshots, a crash
+    ///   loses the records written since the last one.
+    ///
+    /// Without this option each unsafe setting is one `tracing` WARN (target
+    /// `idempotent_core::stores::redis`, fields `node`, `setting`, `value` and `fix`). With it,
+    /// [`connect`](Self::connect) fails with [`StoreError::Backend`] naming each unsafe
+    /// setting, its value and its fix, and [`build`](Self::build), which does not connect and
+    /// so cannot read them, fails at once, saying to use `connect`.
+    ///
+    /// The settings are read with `CONFIG GET`, or from `INFO` where `CONFIG` is renamed away
+    /// or forbidden (as on many managed services; `INFO` shows the policy and whether the
+    /// append-only file is on, which is all that decides). A server whose settings cannot be
+    /// read at all (neither command allowed, or, on a cluster, a node that does not answer)
+    /// is refused with this option, since it was asked for a server seen to keep every record;
+    /// without it, that is logged at INFO level and the store runs.
+    ///
+    /// ```no_run
+    /// use idempotent_core::stores::redis::RedisStore;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_core::StoreError> {
+    /// // Fails, naming the setting and its fix, unless Redis runs with
+    /// // maxmemory-policy noeviction and appendonly yes.
+    /// let store = RedisStore::builder("redis://127.0.0.1:6379/")
+    ///     .require_durable_settings(true)
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn require_durable_settings(mut self, require: bool) -> Self {
+        self.require_durable_settings = require;
+        self
+    }
+
     /// The store. It connects on first use and reconnects by itself after an outage, so this
     /// succeeds while the server is down; only a malformed URL fails. Must be called within a
     /// Tokio runtime.
+    ///
+    /// The server's eviction and persistence settings are checked once in the background (a
+    /// task spawned on the runtime, logging to the `tracing` subscriber current here): each
+    /// unsafe one is logged at WARN level (see
+    /// [`require_durable_settings`](Self::require_durable_settings)). With
+    /// `require_durable_settings(true)` this fails: use [`connect`](Self::connect), which reads
+    /// the settings before it answers.
     pub fn build(self) -> Result<RedisStore, StoreError> {
+        if self.require_durable_settings {
+            return Err(StoreError::Backend {
+                message: "require_durable_settings(true) is set, and build() does not connect, so it cannot read the server's settings: make the store with RedisStoreBuilder::connect().await".to_string(),
+                source: None,
+            });
+        }
+        let (store, check) = self.assemble()?;
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                use tracing::instrument::WithSubscriber as _;
+                runtime.spawn(
+                    async move {
+                        for report in check.run().await {
+                            report.log();
+                        }
+                    }
+                    .with_current_subscriber(),
+                );
+            }
+            Err(_) => tracing::info!(
+                target: "idempotent_core::stores::redis",
+                "the Redis store was built outside a Tokio runtime: its eviction and persistence settings are not checked"
+            ),
+        }
+        Ok(store)
+    }
+
+    /// The store, connected: it connects (within the connect timeout plus the response
+    /// timeout), reads the eviction and persistence settings of the server (of every node the
+    /// builder was given, for a Redis Cluster), and answers the store. An unsafe setting is
+    /// logged at WARN level, or, with
+    /// [`require_durable_settings(true)`](Self::require_durable_settings), refused with
+    /// [`StoreError::Backend`].
+    ///
+    /// Fails with [`StoreError::Unavailable`] if the server cannot be reached, and as
+    /// [`build`](Self::build) for a malformed URL. Settings that cannot be read fail it only
+    /// with `require_durable_settings(true)`; otherwise they are logged at INFO level.
+    ///
+    /// ```no_run
+    /// use idempotent_core::stores::redis::RedisStore;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_core::StoreError> {
+    /// let store = RedisStore::builder("redis://127.0.0.1:6379/").connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        let require = self.require_durable_settings;
+        let (store, check) = self.assemble()?;
+        store
+            .send(&redis::cmd("PING"), None)
+            .await
+            .map_err(|error| from_redis("could not connect to Redis", error))?;
+        let reports = check.run().await;
+        if require {
+            settings::refusal(&reports)?;
+        }
+        for report in &reports {
+            report.log();
+        }
+        Ok(store)
+    }
+
+    /// The store, not yet connected, and the check of its nodes' settings.
+    fn assemble(self) -> Result<(RedisStore, Check), StoreError> {
         if let Some((replicas, timeout)) = self.wait_for_replicas
             && (timeout >= self.response_timeout || timeout.is_zero() || replicas == 0)
         {
@@ -317,9 +436,17 @@ impl RedisStoreBuilder {
                 source: None,
             });
         }
-        let (commands, subscriptions) = match &self.cluster_urls {
+        let (commands, subscriptions, nodes) = match &self.cluster_urls {
             Some(urls) => {
                 let client = self.cluster_client(urls)?;
+                let nodes = urls
+                    .iter()
+                    .map(|url| {
+                        let client = redis::Client::open(url.as_str())
+                            .map_err(|error| format!("invalid node URL ({:?})", error.kind()));
+                        Node::new(url, client)
+                    })
+                    .collect();
                 (
                     Commands::Cluster(Cluster::new(
                         client,
@@ -329,6 +456,7 @@ impl RedisStoreBuilder {
                         Source::Cluster(urls.clone(), self.response_timeout),
                         self.connect_timeout,
                     ),
+                    nodes,
                 )
             }
             None => {
@@ -342,11 +470,20 @@ impl RedisStoreBuilder {
                     .set_number_of_retries(0);
                 (
                     Commands::Single(Connection::new(client.clone(), config)?),
-                    Subscriptions::new(Source::Single(Box::new(client)), self.connect_timeout),
+                    Subscriptions::new(
+                        Source::Single(Box::new(client.clone())),
+                        self.connect_timeout,
+                    ),
+                    vec![Node::new(&self.url, Ok(client))],
                 )
             }
         };
-        Ok(RedisStore {
+        let check = Check {
+            nodes,
+            connect_timeout: self.connect_timeout,
+            response_timeout: self.response_timeout,
+        };
+        let store = RedisStore {
             commands: Arc::new(commands),
             cluster: self.cluster_urls.is_some(),
             deadline: self.connect_timeout + self.response_timeout,
@@ -357,7 +494,8 @@ impl RedisStoreBuilder {
             wait_for_replicas: self.wait_for_replicas,
             native_claim: Arc::new(AtomicBool::new(!self.claims_by_script)),
             cache: cache::build(self.local_cache),
-        })
+        };
+        Ok((store, check))
     }
 }
 
