@@ -15,9 +15,9 @@
 //! its claim and completed records, on a fresh key from a counter; no hashing, encoding or
 //! decoding). The sizes are read from the store's own records (`STRLEN`) before the cases run.
 //!
-//! A variant of the hot set on another caller (e.g. the store with a local cache) is one more
-//! line: `common::bench_hot_replays(&mut group, &runtime, "hot_replay-64/<variant>", TASKS,
-//! &caller, &hot)`.
+//! `hot_replay-64/idempotent_cached` is the store with a local cache of completed records
+//! (feature `redis-cache`); `first_call-*/idempotent_wait` the store with
+//! `wait_for_replicas(1, 100 ms)`, the server having one replica (the cost of the `WAIT`s).
 
 mod common;
 
@@ -26,6 +26,7 @@ use std::future::Future;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use idempotent_core::conformance::{Claiming, Completing, Forwarding, Hooks};
@@ -385,6 +386,33 @@ fn bench(c: &mut Criterion) {
                 .expect("connect to Redis")
         }),
     });
+    // The same server with one replica, for the store that WAITs for it after each claim and
+    // completion (`idempotent_wait`).
+    let replica = idempotent_test_support::RedisServer::start();
+    let primary_port = server.port().to_string();
+    assert_eq!(
+        replica.command(&["REPLICAOF", "127.0.0.1", &primary_port]),
+        "OK"
+    );
+    let waiting = Arc::new(Shop {
+        store: Arc::new({
+            let _entered = runtime.enter();
+            RedisStore::builder(server.url())
+                .wait_for_replicas(1, Duration::from_millis(100))
+                .build()
+                .expect("a valid Redis URL")
+        }),
+    });
+    #[cfg(feature = "redis-cache")]
+    let cached = Arc::new(Shop {
+        store: Arc::new({
+            let _entered = runtime.enter();
+            RedisStore::builder(server.url())
+                .local_cache(64 << 20, Duration::from_secs(600))
+                .build()
+                .expect("a valid Redis URL")
+        }),
+    });
     let request = Arc::new(common::order("order-1001".to_string()));
     let hot = hot_set();
     let floor = Arc::new(runtime.block_on(async {
@@ -424,6 +452,21 @@ fn bench(c: &mut Criterion) {
             raw.first_call(order).await.unwrap();
             hot_floor.record(&floor_hot_key(i)).await;
         }
+        // The replica has everything so far and acknowledges: a WAIT with nothing to wait for
+        // answers at once.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while waiting
+            .place_order(&common::order(common::fresh_id("replicated")))
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the replica never acknowledged a claim: {}",
+                server.command(&["INFO", "replication"])
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         floor
     }));
     let hot_floor_keys: Arc<Vec<String>> = Arc::new((0..HOT_KEYS).map(floor_hot_key).collect());
@@ -455,6 +498,17 @@ fn bench(c: &mut Criterion) {
                 &raw,
                 &request,
             );
+            if let Call::FirstCall = call {
+                common::bench_calls(
+                    &mut group,
+                    &runtime,
+                    &id("idempotent_wait"),
+                    tasks,
+                    call,
+                    &waiting,
+                    &request,
+                );
+            }
             let floor = Arc::clone(&floor);
             match call {
                 Call::Replay => {
@@ -484,6 +538,15 @@ fn bench(c: &mut Criterion) {
         &shop,
         &hot,
     );
+    #[cfg(feature = "redis-cache")]
+    common::bench_hot_replays(
+        &mut group,
+        &runtime,
+        &hot_id("idempotent_cached"),
+        TASKS,
+        &cached,
+        &hot,
+    );
     common::bench_hot_replays(&mut group, &runtime, &hot_id("baseline"), TASKS, &raw, &hot);
     common::bench_ops(
         &mut group,
@@ -503,6 +566,7 @@ fn bench(c: &mut Criterion) {
     common::bench_races(&mut group, &runtime, "redis", &shop, &raw);
     group.finish();
     drop(runtime);
+    drop(replica);
     drop(server);
 }
 

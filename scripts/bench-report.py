@@ -66,13 +66,13 @@ TARGETS = {
     "postgres/first_call-8conn": [("throughput_min", 0.8, "≥ 80% of the raw driver's throughput on the same statements", "same_statements")],
 }
 # The variants a floor table shows, in this order (the floor's own row last).
-FLOOR_ROWS = ("idempotent", "idempotent_cached", "baseline", "floor")
+FLOOR_ROWS = ("idempotent", "idempotent_cached", "idempotent_wait", "baseline", "floor")
 # The race: the last waiter returns within this of the completion (judged on the p99 over
 # rounds; the max is reported beside it).
 RACE_TARGET_US = {"memory": 2000.0, "redis": 5000.0, "postgres": 5000.0}
 GROUP_ORDER = ["memory", "redis", "postgres", "sqlx_postgres", "sqlite", "sqlx_sqlite", "http", "queue_redis"]
 CASE_ORDER = ["replay", "first_call", "hot_replay", "race"]
-VARIANTS = ("idempotent", "idempotent_cached", "same_statements", "baseline", "floor")
+VARIANTS = ("idempotent", "idempotent_cached", "idempotent_wait", "same_statements", "baseline", "floor")
 # The HTTP bench's cases: (label, the layer's id, the route's id, the raw Redis client's id or
 # None). Each row is compared with the same axum route without the layer: in process
 # (`http/route`), or over loopback HTTP (`http/loopback/route`).
@@ -558,7 +558,9 @@ def floor_markdown(cases):
         "floor: floor median / the variant's median; vs baseline: baseline median / the "
         "variant's median. Each target says which reference it is judged against. "
         "`idempotent_cached` is the store with a local cache of completed records; the hot "
-        "set's target is for it, and is not judged in a run without it.",
+        "set's target is for it, and is not judged in a run without it. `idempotent_wait` is "
+        "the store with `wait_for_replicas(1, 100 ms)` against a server with one replica: "
+        "the cost of a `WAIT` after each claim and completion.",
         "",
         "| case | variant | median | p99 | overhead over the floor | throughput vs floor | "
         "throughput vs baseline | target | |",
