@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use redis::{RedisError, Value};
 
 use super::RedisStore;
-use super::connection::Commands;
+use super::connection::{Commands, past_deadline};
 use super::error::is_demoted;
 use crate::key::StorageKey;
 use crate::store::{Bytes, Claim, Fence, FencedWrite};
@@ -484,14 +484,7 @@ impl RedisStore {
         pipeline: &redis::Pipeline,
     ) -> Result<(Value, Value), RedisError> {
         let deadline = self.deadline;
-        let timed_out = || {
-            RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "no answer within {deadline:?} (the connect timeout plus the response timeout)"
-                ),
-            ))
-        };
+        let timed_out = || past_deadline(deadline);
         match &*self.commands {
             Commands::Single(connection) => {
                 let (generation, mut manager) = connection.current();

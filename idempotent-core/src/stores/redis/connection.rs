@@ -292,7 +292,7 @@ pub(super) fn slot(key: &[u8]) -> u16 {
     crc % 16384
 }
 
-fn past_deadline(deadline: Duration) -> RedisError {
+pub(super) fn past_deadline(deadline: Duration) -> RedisError {
     RedisError::from(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
         format!("no answer within {deadline:?} (the connect timeout plus the response timeout)"),
