@@ -468,14 +468,14 @@ impl RedisStore {
         {
             Ok(acknowledged) if acknowledged >= replicas => {}
             Ok(acknowledged) => tracing::warn!(
-                key = %key,
+                key = %crate::telemetry::short_key(key),
                 acknowledged,
                 replicas,
                 ?timeout,
                 "a completion reached fewer replicas than asked for (RedisStoreBuilder::wait_for_replicas): it is recorded on the primary, but a failover now could lose it and let the key run again"
             ),
             Err(error) => tracing::warn!(
-                key = %key,
+                key = %crate::telemetry::short_key(key),
                 error = %error,
                 "could not learn whether replicas received a completion (WAIT): it is recorded on the primary, but a failover now could lose it"
             ),
