@@ -31,12 +31,12 @@ pub struct Shop<S> {
 }
 
 impl<S: Store + 'static> Shop<S> {
-    #[idempotent(key = request.order_id, store = self.store, ttl = "2m")]
+    #[idempotent(key = request.order_id, store = self.store, ttl = "1h")]
     pub async fn place_order(&self, request: &OrderRequest) -> Result<Receipt, ShopError> {
         Ok(receipt(request))
     }
 
-    #[idempotent(key = request.order_id, store = self.store, ttl = "2m", skip(task, round))]
+    #[idempotent(key = request.order_id, store = self.store, ttl = "1h", skip(task, round))]
     pub async fn race_order(
         &self,
         request: &OrderRequest,
