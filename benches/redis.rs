@@ -15,6 +15,11 @@
 //! its claim and completed records, on a fresh key from a counter; no hashing, encoding or
 //! decoding). The sizes are read from the store's own records (`STRLEN`) before the cases run.
 //!
+//! With `IDEMPOTENT_BENCH_INTERLEAVED=<rounds>` (and `IDEMPOTENT_BENCH_CALLS`, calls per task
+//! and round, 400 by default) the bench skips criterion and times `idempotent`, `baseline` and
+//! `floor` of the `replay-*` and `first_call-*` cases in turns, judging the targets on the
+//! medians of the per-round ratios (`interleaved`).
+//!
 //! `hot_replay-64/idempotent_cached` is the store with a local cache of completed records
 //! (feature `redis-cache`); `first_call-*/idempotent_wait` the store with
 //! `wait_for_replicas(1, 100 ms)`, the server having one replica (the cost of the `WAIT`s).
@@ -24,11 +29,12 @@ mod common;
 use std::fmt;
 use std::future::Future;
 use std::hint::black_box;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput};
 use idempotent_core::conformance::{Claiming, Completing, Forwarding, Hooks};
 use idempotent_core::stores::redis::RedisStore;
 use idempotent_core::{BoxFuture, Claim, FencedWrite, StorageKey, Store, StoreError};
@@ -368,7 +374,25 @@ fn hot_set() -> Arc<Vec<OrderRequest>> {
     )
 }
 
-fn bench(c: &mut Criterion) {
+/// What every case needs: the server (with one replica), the store variants, the raw client,
+/// the recorded request and hot set, and the floor sized from the store's own records.
+/// Fields drop in order: the stores, then the runtime, then the servers.
+struct Setup {
+    shop: Arc<Shop>,
+    raw: Arc<Raw>,
+    waiting: Arc<Shop>,
+    #[cfg(feature = "redis-cache")]
+    cached: Arc<Shop>,
+    request: Arc<OrderRequest>,
+    hot: Arc<Vec<OrderRequest>>,
+    floor: Arc<Floor>,
+    hot_floor_keys: Arc<Vec<String>>,
+    runtime: tokio::runtime::Runtime,
+    replica: idempotent_test_support::RedisServer,
+    server: idempotent_test_support::RedisServer,
+}
+
+fn setup() -> Setup {
     let runtime = common::runtime();
     let server = idempotent_test_support::RedisServer::start();
     let shop = Arc::new(Shop {
@@ -472,7 +496,37 @@ fn bench(c: &mut Criterion) {
         floor
     }));
     let hot_floor_keys: Arc<Vec<String>> = Arc::new((0..HOT_KEYS).map(floor_hot_key).collect());
+    Setup {
+        shop,
+        raw,
+        waiting,
+        #[cfg(feature = "redis-cache")]
+        cached,
+        request,
+        hot,
+        floor,
+        hot_floor_keys,
+        runtime,
+        replica,
+        server,
+    }
+}
 
+fn bench(c: &mut Criterion) {
+    let Setup {
+        shop,
+        raw,
+        waiting,
+        #[cfg(feature = "redis-cache")]
+        cached,
+        request,
+        hot,
+        floor,
+        hot_floor_keys,
+        runtime,
+        replica,
+        server,
+    } = setup();
     let mut group = c.benchmark_group("redis");
     // One caller: a task on a worker, as a request handler would be (not the bench's own
     // thread, whose every round trip would cost two extra cross-thread wake-ups); then TASKS
@@ -572,5 +626,99 @@ fn bench(c: &mut Criterion) {
     drop(server);
 }
 
-criterion_group!(benches, bench);
-criterion_main!(benches);
+/// A variant's op for the interleaved timing: boxed alike, so no variant pays for a box the
+/// others do not.
+type Op = Arc<dyn Fn(usize, u64) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// `IDEMPOTENT_BENCH_INTERLEAVED=<rounds>`: the one-caller and 64-task replays and first calls,
+/// `idempotent`, `baseline` and `floor` timed in turns (each round times every variant once on
+/// `calls` calls per task, in a rotating order). Prints per case each variant's median time per
+/// call over the rounds and the medians of the per-round throughputs relative to the floor,
+/// with the targets: load that comes and goes during the run then weighs on every variant
+/// alike, where criterion times one variant after the other.
+fn interleaved(rounds: usize, calls: u64) {
+    let setup = setup();
+    println!(
+        "| case | idempotent | baseline | floor | idempotent vs floor | baseline vs floor | target | |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---|---|");
+    for tasks in [1, TASKS] {
+        for (case, call, target) in [
+            ("replay", Call::Replay, if tasks == 1 { 0.90 } else { 0.80 }),
+            (
+                "first_call",
+                Call::FirstCall,
+                if tasks == 1 { 0.85 } else { 0.65 },
+            ),
+        ] {
+            let floor_op: Op = {
+                let floor = Arc::clone(&setup.floor);
+                match call {
+                    Call::Replay => Arc::new(move |_, _| {
+                        let floor = Arc::clone(&floor);
+                        Box::pin(async move { floor.replay(FLOOR_REPLAY_KEY).await })
+                    }),
+                    Call::FirstCall => Arc::new(move |_, _| {
+                        let floor = Arc::clone(&floor);
+                        Box::pin(async move { floor.first_call().await })
+                    }),
+                }
+            };
+            let variants: [Op; 3] = [
+                Arc::new(common::calls(&setup.shop, call, &setup.request)),
+                Arc::new(common::calls(&setup.raw, call, &setup.request)),
+                floor_op,
+            ];
+            let time = |variant: usize, calls: u64| {
+                let op = Arc::clone(&variants[variant]);
+                setup
+                    .runtime
+                    .block_on(common::time_ops(tasks, calls, move |task, i| op(task, i)))
+            };
+            for variant in 0..3 {
+                time(variant, 50);
+            }
+            let mut times: [Vec<f64>; 3] = Default::default();
+            let (mut idempotent, mut baseline) = (Vec::new(), Vec::new());
+            for round in 0..rounds {
+                let mut this = [0.0; 3];
+                for turn in 0..3 {
+                    let variant = (round + turn) % 3;
+                    this[variant] = time(variant, calls).as_nanos() as f64;
+                    times[variant].push(this[variant]);
+                }
+                idempotent.push(this[2] / this[0]);
+                baseline.push(this[2] / this[1]);
+            }
+            let us = |values: &mut Vec<f64>| common::median(values) / 1000.0;
+            let (idempotent, baseline) = (
+                common::median(&mut idempotent),
+                common::median(&mut baseline),
+            );
+            println!(
+                "| {case}-{tasks} | {:.2} µs | {:.2} µs | {:.2} µs | {:.0}% | {:.0}% | ≥ {:.0}% of the floor | {} |",
+                us(&mut times[0]),
+                us(&mut times[1]),
+                us(&mut times[2]),
+                idempotent * 100.0,
+                baseline * 100.0,
+                target * 100.0,
+                if idempotent >= target {
+                    "**met**"
+                } else {
+                    "**missed**"
+                },
+            );
+        }
+    }
+}
+
+fn main() {
+    if let Some((rounds, calls)) = common::interleaving(400) {
+        interleaved(rounds, calls);
+        return;
+    }
+    let mut criterion = Criterion::default().configure_from_args();
+    bench(&mut criterion);
+    criterion.final_summary();
+}

@@ -307,36 +307,10 @@ async fn time_calls<C: common::Caller>(
     call: Call,
     request: &Arc<OrderRequest>,
 ) -> Duration {
-    let (caller, request) = (Arc::clone(caller), Arc::clone(request));
-    let elapsed = common::concurrent(tasks, calls, move |task, _| {
-        let (caller, request) = (Arc::clone(&caller), Arc::clone(&request));
-        async move {
-            let receipt = match call {
-                Call::Replay => caller.replay(task, &request).await,
-                Call::FirstCall => {
-                    let request = common::order(common::fresh_id("first"));
-                    caller.first_call(task, &request).await
-                }
-            };
-            std::hint::black_box(receipt.unwrap());
-        }
-    })
-    .await;
-    // Per call, as the report gives it: an iteration is one call by each of the `tasks` tasks,
-    // run at once, and its time is divided by the number of tasks.
-    elapsed / u32::try_from(calls * tasks as u64).unwrap_or(u32::MAX)
+    common::time_ops(tasks, calls, common::calls(caller, call, request)).await
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-fn interleaved(rounds: usize) {
-    let calls: u64 = std::env::var("IDEMPOTENT_BENCH_CALLS")
-        .ok()
-        .and_then(|calls| calls.parse().ok())
-        .unwrap_or(400);
+fn interleaved(rounds: usize, calls: u64) {
     let runtime = common::runtime();
     let server = idempotent_test_support::PostgresServer::start();
     let url = server.create_database("bench");
@@ -375,14 +349,14 @@ fn interleaved(rounds: usize) {
                     vs_same.push(this[0] / this[1]);
                     vs_floor.push(this[0] / this[2]);
                 }
-                let us = |values: &mut Vec<f64>| median(values) / 1000.0;
+                let us = |values: &mut Vec<f64>| common::median(values) / 1000.0;
                 println!(
                     "| {case}-{conn} | {:.0} µs | {:.0} µs | {:.0} µs | {:.2}x | {:.2}x |",
                     us(&mut times[0]),
                     us(&mut times[1]),
                     us(&mut times[2]),
-                    median(&mut vs_same),
-                    median(&mut vs_floor),
+                    common::median(&mut vs_same),
+                    common::median(&mut vs_floor),
                 );
             }
         }
@@ -392,11 +366,8 @@ fn interleaved(rounds: usize) {
 }
 
 fn main() {
-    if let Some(rounds) = std::env::var("IDEMPOTENT_BENCH_INTERLEAVED")
-        .ok()
-        .and_then(|rounds| rounds.parse().ok())
-    {
-        interleaved(rounds);
+    if let Some((rounds, calls)) = common::interleaving(400) {
+        interleaved(rounds, calls);
         return;
     }
     let mut criterion = Criterion::default().configure_from_args();

@@ -473,6 +473,66 @@ pub fn bench_ops<F, Fut>(
     });
 }
 
+/// The op of [`bench_calls`] as a closure: each task's `i`-th call through `caller`, a replay
+/// of `request` or a first call on a fresh key.
+pub fn calls<C: Caller>(
+    caller: &Arc<C>,
+    call: Call,
+    request: &Arc<OrderRequest>,
+) -> impl Fn(usize, u64) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
++ Send
++ Sync
++ Clone
++ 'static {
+    let (caller, request) = (Arc::clone(caller), Arc::clone(request));
+    move |task, _| {
+        let (caller, request) = (Arc::clone(&caller), Arc::clone(&request));
+        Box::pin(async move {
+            let receipt = match call {
+                Call::Replay => caller.replay(task, &request).await,
+                Call::FirstCall => {
+                    let request = order(fresh_id("first"));
+                    caller.first_call(task, &request).await
+                }
+            };
+            black_box(receipt.unwrap());
+        })
+    }
+}
+
+/// Times `iters` iterations of `op` by `tasks` concurrent tasks (see [`concurrent`]): per call,
+/// as the report gives it (an iteration's time divided by the number of tasks). For benches
+/// that time their variants in turns (`IDEMPOTENT_BENCH_INTERLEAVED`).
+pub async fn time_ops<F, Fut>(tasks: usize, iters: u64, op: F) -> Duration
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let elapsed = concurrent(tasks, iters, op).await;
+    elapsed / u32::try_from(iters * tasks as u64).unwrap_or(u32::MAX)
+}
+
+/// The median of `values` (sorted in place).
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// `IDEMPOTENT_BENCH_INTERLEAVED` (rounds) and `IDEMPOTENT_BENCH_CALLS` (calls per task and
+/// round, `default_calls` when unset), when the first is set: the bench then times its
+/// variants in turns instead of through criterion.
+pub fn interleaving(default_calls: u64) -> Option<(usize, u64)> {
+    let rounds = std::env::var("IDEMPOTENT_BENCH_INTERLEAVED")
+        .ok()?
+        .parse()
+        .ok()?;
+    let calls = std::env::var("IDEMPOTENT_BENCH_CALLS")
+        .ok()
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(default_calls);
+    Some((rounds, calls))
+}
+
 /// Which of a hot set of `len` keys task `task` (of `tasks`) uses in its `i`-th call: the tasks
 /// start spread evenly over the set and walk it round robin, without a lock.
 pub fn hot_index(task: usize, tasks: usize, i: u64, len: usize) -> usize {
