@@ -16,9 +16,9 @@
 //! decoding). The sizes are read from the store's own records (`STRLEN`) before the cases run.
 //!
 //! With `IDEMPOTENT_BENCH_INTERLEAVED=<rounds>` (and `IDEMPOTENT_BENCH_CALLS`, calls per task
-//! and round, 400 by default) the bench skips criterion and times `idempotent`, `baseline` and
-//! `floor` of the `replay-*` and `first_call-*` cases in turns, judging the targets on the
-//! medians of the per-round ratios (`interleaved`).
+//! and round, 400 by default) the bench skips criterion and times the variants of the
+//! `replay-*`, `first_call-*` and `hot_replay-64` cases in turns, judging the targets on the
+//! medians of the per-round ratios to the floor (`interleaved`).
 //!
 //! `hot_replay-64/idempotent_cached` is the store with a local cache of completed records
 //! (feature `redis-cache`); `first_call-*/idempotent_wait` the store with
@@ -630,84 +630,156 @@ fn bench(c: &mut Criterion) {
 /// others do not.
 type Op = Arc<dyn Fn(usize, u64) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
-/// `IDEMPOTENT_BENCH_INTERLEAVED=<rounds>`: the one-caller and 64-task replays and first calls,
-/// `idempotent`, `baseline` and `floor` timed in turns (each round times every variant once on
-/// `calls` calls per task, in a rotating order). Prints per case each variant's median time per
-/// call over the rounds and the medians of the per-round throughputs relative to the floor,
-/// with the targets: load that comes and goes during the run then weighs on every variant
-/// alike, where criterion times one variant after the other.
+/// One case of the interleaved timing: its variants, the last of which is the floor, and the
+/// target of the first against the floor.
+struct Case {
+    name: String,
+    tasks: usize,
+    variants: Vec<(&'static str, Op)>,
+    target: &'static str,
+    /// The first variant's least throughput relative to the floor's.
+    at_least: f64,
+}
+
+/// `IDEMPOTENT_BENCH_INTERLEAVED=<rounds>`: the replays and first calls (one caller, 64 tasks)
+/// and the hot set, each variant timed in turns with the others of its case (each round times
+/// every variant once on `calls` calls per task, in a rotating order). Prints per variant its
+/// median time per call over the rounds and the median of its per-round throughputs relative
+/// to the floor's, with the targets: load that comes and goes during the run then weighs on
+/// every variant alike, where criterion times one variant after the other.
 fn interleaved(rounds: usize, calls: u64) {
     let setup = setup();
-    println!(
-        "| case | idempotent | baseline | floor | idempotent vs floor | baseline vs floor | target | |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---|---|");
+    let floor = |call: Call| -> Op {
+        let floor = Arc::clone(&setup.floor);
+        match call {
+            Call::Replay => Arc::new(move |_, _| {
+                let floor = Arc::clone(&floor);
+                Box::pin(async move { floor.replay(FLOOR_REPLAY_KEY).await })
+            }),
+            Call::FirstCall => Arc::new(move |_, _| {
+                let floor = Arc::clone(&floor);
+                Box::pin(async move { floor.first_call().await })
+            }),
+        }
+    };
+    let mut cases = Vec::new();
     for tasks in [1, TASKS] {
-        for (case, call, target) in [
-            ("replay", Call::Replay, if tasks == 1 { 0.90 } else { 0.80 }),
+        for (case, call, at_least, target) in [
+            (
+                "replay",
+                Call::Replay,
+                if tasks == 1 { 0.90 } else { 0.80 },
+                "a bare GET",
+            ),
             (
                 "first_call",
                 Call::FirstCall,
                 if tasks == 1 { 0.85 } else { 0.65 },
+                "a bare SET NX PX + SET PX",
             ),
         ] {
-            let floor_op: Op = {
-                let floor = Arc::clone(&setup.floor);
-                match call {
-                    Call::Replay => Arc::new(move |_, _| {
-                        let floor = Arc::clone(&floor);
-                        Box::pin(async move { floor.replay(FLOOR_REPLAY_KEY).await })
-                    }),
-                    Call::FirstCall => Arc::new(move |_, _| {
-                        let floor = Arc::clone(&floor);
-                        Box::pin(async move { floor.first_call().await })
-                    }),
-                }
-            };
-            let variants: [Op; 3] = [
-                Arc::new(common::calls(&setup.shop, call, &setup.request)),
-                Arc::new(common::calls(&setup.raw, call, &setup.request)),
-                floor_op,
-            ];
-            let time = |variant: usize, calls: u64| {
-                let op = Arc::clone(&variants[variant]);
-                setup
-                    .runtime
-                    .block_on(common::time_ops(tasks, calls, move |task, i| op(task, i)))
-            };
-            for variant in 0..3 {
-                time(variant, 50);
+            cases.push(Case {
+                name: format!("{case}-{tasks}"),
+                tasks,
+                variants: vec![
+                    (
+                        "idempotent",
+                        Arc::new(common::calls(&setup.shop, call, &setup.request)),
+                    ),
+                    (
+                        "baseline",
+                        Arc::new(common::calls(&setup.raw, call, &setup.request)),
+                    ),
+                    ("floor", floor(call)),
+                ],
+                target,
+                at_least,
+            });
+        }
+    }
+    let hot_floor: Op = {
+        let (floor, keys) = (Arc::clone(&setup.floor), Arc::clone(&setup.hot_floor_keys));
+        Arc::new(move |task, i| {
+            let (floor, keys) = (Arc::clone(&floor), Arc::clone(&keys));
+            Box::pin(async move {
+                let key = &keys[common::hot_index(task, TASKS, i, keys.len())];
+                floor.replay(key).await
+            })
+        })
+    };
+    let hot = |shop: &Arc<Shop>| -> Op { Arc::new(common::hot_replays(shop, TASKS, &setup.hot)) };
+    #[cfg(feature = "redis-cache")]
+    let (variants, at_least, target) = (
+        vec![
+            ("idempotent_cached", hot(&setup.cached)),
+            ("idempotent", hot(&setup.shop)),
+            ("floor", hot_floor),
+        ],
+        5.0,
+        "a bare GET, with the local cache",
+    );
+    #[cfg(not(feature = "redis-cache"))]
+    let (variants, at_least, target) = (
+        vec![("idempotent", hot(&setup.shop)), ("floor", hot_floor)],
+        0.0,
+        "none without the feature redis-cache",
+    );
+    cases.push(Case {
+        name: format!("hot_replay-{TASKS}"),
+        tasks: TASKS,
+        variants,
+        target,
+        at_least,
+    });
+
+    println!("| case | variant | median per call | throughput vs floor | target | |");
+    println!("|---|---|---:|---:|---|---|");
+    for case in &cases {
+        let n = case.variants.len();
+        let time = |variant: usize, calls: u64| {
+            let op = Arc::clone(&case.variants[variant].1);
+            setup
+                .runtime
+                .block_on(common::time_ops(case.tasks, calls, move |task, i| {
+                    op(task, i)
+                }))
+        };
+        for variant in 0..n {
+            time(variant, 50);
+        }
+        let mut times = vec![Vec::new(); n];
+        let mut vs_floor = vec![Vec::new(); n];
+        for round in 0..rounds {
+            let mut this = vec![0.0; n];
+            for turn in 0..n {
+                let variant = (round + turn) % n;
+                this[variant] = time(variant, calls).as_nanos() as f64;
+                times[variant].push(this[variant]);
             }
-            let mut times: [Vec<f64>; 3] = Default::default();
-            let (mut idempotent, mut baseline) = (Vec::new(), Vec::new());
-            for round in 0..rounds {
-                let mut this = [0.0; 3];
-                for turn in 0..3 {
-                    let variant = (round + turn) % 3;
-                    this[variant] = time(variant, calls).as_nanos() as f64;
-                    times[variant].push(this[variant]);
-                }
-                idempotent.push(this[2] / this[0]);
-                baseline.push(this[2] / this[1]);
+            for variant in 0..n {
+                vs_floor[variant].push(this[n - 1] / this[variant]);
             }
-            let us = |values: &mut Vec<f64>| common::median(values) / 1000.0;
-            let (idempotent, baseline) = (
-                common::median(&mut idempotent),
-                common::median(&mut baseline),
-            );
+        }
+        for variant in 0..n {
+            let ratio = common::median(&mut vs_floor[variant]);
+            let (target, judged) = if variant == 0 && case.at_least > 0.0 {
+                (
+                    format!("≥ {:.0}% of {}", case.at_least * 100.0, case.target),
+                    if ratio >= case.at_least {
+                        "**met**"
+                    } else {
+                        "**missed**"
+                    },
+                )
+            } else {
+                ("–".to_string(), "–")
+            };
             println!(
-                "| {case}-{tasks} | {:.2} µs | {:.2} µs | {:.2} µs | {:.0}% | {:.0}% | ≥ {:.0}% of the floor | {} |",
-                us(&mut times[0]),
-                us(&mut times[1]),
-                us(&mut times[2]),
-                idempotent * 100.0,
-                baseline * 100.0,
-                target * 100.0,
-                if idempotent >= target {
-                    "**met**"
-                } else {
-                    "**missed**"
-                },
+                "| {} | {} | {:.2} µs | {:.0}% | {target} | {judged} |",
+                case.name,
+                case.variants[variant].0,
+                common::median(&mut times[variant]) / 1000.0,
+                ratio * 100.0,
             );
         }
     }

@@ -500,6 +500,26 @@ pub fn calls<C: Caller>(
     }
 }
 
+/// The op of [`bench_hot_replays`] as a closure, boxed as [`calls`]'s.
+pub fn hot_replays<C: Caller>(
+    caller: &Arc<C>,
+    tasks: usize,
+    requests: &Arc<Vec<OrderRequest>>,
+) -> impl Fn(usize, u64) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
++ Send
++ Sync
++ Clone
++ 'static {
+    let (caller, requests) = (Arc::clone(caller), Arc::clone(requests));
+    move |task, i| {
+        let (caller, requests) = (Arc::clone(&caller), Arc::clone(&requests));
+        Box::pin(async move {
+            let request = &requests[hot_index(task, tasks, i, requests.len())];
+            black_box(caller.replay(task, request).await.unwrap());
+        })
+    }
+}
+
 /// Times `iters` iterations of `op` by `tasks` concurrent tasks (see [`concurrent`]): per call,
 /// as the report gives it (an iteration's time divided by the number of tasks). For benches
 /// that time their variants in turns (`IDEMPOTENT_BENCH_INTERLEAVED`).
