@@ -66,6 +66,7 @@
 //! record; an operator can delete it (`DELETE FROM <table> WHERE key = '\x…'`) to make the
 //! key usable again.
 
+mod admin;
 mod builder;
 mod error;
 mod listener;
@@ -288,6 +289,30 @@ impl PostgresStore {
                 .await?;
             client
                 .query(&prepared, params)
+                .await
+                .map_err(|error| from_pg("a statement failed", error))
+        };
+        let outcome = tokio::time::timeout_at(deadline, work).await;
+        running.end(outcome, "a statement", self.timeout).await
+    }
+
+    /// Runs `sql` (not prepared ahead: the operator's statements, `admin.rs`) within the
+    /// store's timeout, as [`query`](Self::query) runs the protocol's.
+    async fn query_text(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let pooled = tokio::time::timeout_at(deadline, self.client())
+            .await
+            .map_err(|_| timed_out("getting a connection", self.timeout))??;
+        let mut running = Running::new(pooled, self.timeout, self.connector.clone());
+        let work = async {
+            running
+                .connection()
+                .client()
+                .query(sql, params)
                 .await
                 .map_err(|error| from_pg("a statement failed", error))
         };

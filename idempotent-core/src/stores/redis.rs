@@ -84,6 +84,7 @@
 //! [`StoreError::Corrupt`] for its key, never taken for an absent record; an operator can
 //! delete it (`DEL`) to make the key usable again.
 
+mod admin;
 mod builder;
 mod cache;
 mod connection;

@@ -50,6 +50,7 @@
 //! never taken for an absent record; an operator can delete it
 //! (`DELETE FROM idempotent_records WHERE key = X'…'`) to make the key usable again.
 
+mod admin;
 mod builder;
 mod ops;
 mod pool;

@@ -1,0 +1,130 @@
+//! What an operator needs from a store that the engine does not: one record as it stands,
+//! counts over all of them, and purging in batches. The operator CLI (`idempotent-cli`, the
+//! command `idempotent`) is built on it; a service can use it for its own admin pages.
+//!
+//! [`Admin`] is implemented by the stores that outlive a process: [`SqliteStore`], the
+//! [`PostgresStore`] and the [`RedisStore`] (one server; not a Redis Cluster). Forgetting one
+//! record is [`Store::remove`].
+//!
+//! No store keeps when a record was written, only when it ends (its lease, or its expiry): the
+//! statistics therefore give the record nearest its end, not the oldest.
+//!
+//! [`SqliteStore`]: crate::stores::sqlite::SqliteStore
+//! [`PostgresStore`]: crate::stores::postgres::PostgresStore
+//! [`RedisStore`]: crate::stores::redis::RedisStore
+//!
+//! ```no_run
+//! # #[cfg(feature = "sqlite")]
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use idempotent_core::StorageKey;
+//! use idempotent_core::admin::Admin;
+//! use idempotent_core::stores::sqlite::SqliteStore;
+//!
+//! let store = SqliteStore::open("/var/lib/shop/idempotency.sqlite3")?;
+//! let key = StorageKey::derive("shop::checkout", None, b"order-1")?;
+//! if let Some(record) = store.inspect(&key).await? {
+//!     println!("{:?}, fence {}, ends in {:?}", record.state, record.fence, record.left);
+//! }
+//! let stats = store.stats().await?;
+//! println!("{} completed, {} bytes", stats.completed, stats.bytes);
+//! # Ok(()) }
+//! # #[cfg(not(feature = "sqlite"))] fn main() {}
+//! ```
+
+use std::time::Duration;
+
+use crate::error::StoreError;
+use crate::key::StorageKey;
+use crate::store::{BoxFuture, Bytes, Store};
+
+/// Where a record is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RecordState {
+    /// Claimed: its body is running, or its holder died and the lease has not ended yet.
+    InProgress,
+    /// Its output is recorded; calls with its key replay it until it expires.
+    Completed,
+    /// Released (the body failed, panicked or was cancelled): a short-lived tombstone that
+    /// keeps the last fence (Redis only; the SQL stores delete a released record).
+    Released,
+}
+
+impl RecordState {
+    /// `in_progress`, `completed` or `released`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InProgress => "in_progress",
+            Self::Completed => "completed",
+            Self::Released => "released",
+        }
+    }
+}
+
+/// One record as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecordView {
+    /// Where it is in its life.
+    pub state: RecordState,
+    /// The fence of the claim that wrote it.
+    pub fence: u64,
+    /// How long until it ends: the lease left while in progress, the time to its expiry once
+    /// completed. Zero once it has ended (a record the store has not purged yet).
+    pub left: Duration,
+    /// Whether it has ended (its lease or its ttl ran out) and waits to be purged: the key is
+    /// free, and the record is never replayed.
+    pub expired: bool,
+    /// The recorded output (the serialized `Ok` value), for a completed record.
+    pub output: Option<Bytes>,
+    /// What the record takes in the store, in bytes: its key, fingerprint, fence and output
+    /// as stored (not the store's own overhead per row or key).
+    pub bytes: u64,
+}
+
+/// Counts over every record of the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Live records in progress.
+    pub in_progress: u64,
+    /// Live completed records.
+    pub completed: u64,
+    /// Live tombstones of released records (Redis).
+    pub released: u64,
+    /// Records that have ended but are not purged yet (the SQL stores; Redis deletes them by
+    /// itself).
+    pub expired: u64,
+    /// The bytes of every record, as [`RecordView::bytes`] counts them.
+    pub bytes: u64,
+    /// How long until the live record nearest its end ends (its lease or its expiry); `None`
+    /// without live records. The stores keep no write time, so this stands in for the oldest.
+    pub nearest_end: Option<Duration>,
+}
+
+impl StoreStats {
+    /// Every record counted: live and expired.
+    pub fn records(&self) -> u64 {
+        self.in_progress + self.completed + self.released + self.expired
+    }
+}
+
+/// An operator's access to a store: see the [module docs](self).
+pub trait Admin: Store {
+    /// The record of `key` as it stands, expired or not; `None` if the store holds none.
+    fn inspect<'a>(
+        &'a self,
+        key: &'a StorageKey,
+    ) -> BoxFuture<'a, Result<Option<RecordView>, StoreError>>;
+
+    /// Counts over every record. On Redis this walks the keys with `SCAN` (never `KEYS`), so
+    /// it takes time on a large keyspace but does not block the server.
+    fn stats(&self) -> BoxFuture<'_, Result<StoreStats, StoreError>>;
+
+    /// Deletes at most `limit` (at least 1) of the ended records [`Store::purge_expired`]
+    /// would delete, in one short transaction, and answers how many it deleted: 0 once none is
+    /// left. Call it until it answers 0 to purge everything without one long transaction
+    /// (PostgreSQL skips rows another transaction holds locked). Redis deletes ended records
+    /// by itself: there it always answers 0.
+    fn purge_expired_batch(&self, limit: u64) -> BoxFuture<'_, Result<u64, StoreError>>;
+}
