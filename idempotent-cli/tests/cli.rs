@@ -1,0 +1,399 @@
+//! The `idempotent` command against real stores: a SQLite file, a PostgreSQL server and a Redis
+//! server started for the tests. Records are written through the library, then read, counted,
+//! purged and forgotten through the binary; its output (text and `--json`) and exit codes are
+//! checked.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use assert_cmd::Command;
+use idempotent_core::stores::postgres::PostgresStore;
+use idempotent_core::stores::redis::RedisStore;
+use idempotent_core::stores::sqlite::SqliteStore;
+use idempotent_core::{
+    Call, CanonicalArguments, Claim, Error, Fingerprint, Idempotency, Options, StorageKey, Store,
+};
+use idempotent_test_support::{PostgresServer, RedisServer};
+use serde_json::Value;
+
+const NAME: &str = "shop::checkout";
+
+/// A store to run the command against, and how the command reaches it.
+struct Fixture {
+    store: Arc<dyn Store>,
+    /// `--store-url`.
+    url: String,
+    /// Redis deletes ended records by itself: nothing is left to purge.
+    expires_by_itself: bool,
+}
+
+fn idempotent(fixture: &Fixture) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_idempotent"));
+    command
+        .env_remove("IDEMPOTENT_STORE_URL")
+        .args(["--store-url", &fixture.url]);
+    command
+}
+
+fn json_of(output: &[u8]) -> Value {
+    serde_json::from_slice(output)
+        .unwrap_or_else(|error| panic!("not JSON ({error}): {}", String::from_utf8_lossy(output)))
+}
+
+/// Records `key` through the library with the value `amount`, kept for `ttl`.
+async fn record(fixture: &Fixture, key: &str, amount: u64, ttl: Duration) {
+    let options = Options::new()
+        .with_ttl(ttl)
+        .with_lease(ttl.min(Duration::from_secs(30)));
+    let engine = Idempotency::new(fixture.store.clone()).with_options(options);
+    let call = Call::new(NAME, Fingerprint::of(&amount).unwrap()).key(key);
+    let outcome = engine
+        .run(call, async {
+            Ok::<_, Error>(serde_json::json!({ "receipt": key, "amount": amount }))
+        })
+        .await
+        .unwrap();
+    assert!(!outcome.is_replayed(), "{key} was fresh");
+}
+
+/// Holds `key` in progress (a claim with an hour's lease, as a running body holds it).
+async fn hold(fixture: &Fixture, key: &str) {
+    let storage = StorageKey::derive(NAME, None, key.as_bytes()).unwrap();
+    let arguments = CanonicalArguments::from(Fingerprint::from_bytes([7; 32]));
+    let claim = fixture
+        .store
+        .claim(&storage, &arguments, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert!(matches!(claim, Claim::Acquired { .. }), "{key} was free");
+}
+
+async fn exercise(fixture: Fixture) {
+    for n in 0..3u64 {
+        record(
+            &fixture,
+            &format!("order-{n}"),
+            100 + n,
+            Duration::from_secs(3600),
+        )
+        .await;
+    }
+    hold(&fixture, "order-held").await;
+
+    // inspect, as text and as JSON.
+    let text = idempotent(&fixture)
+        .args(["inspect", "--name", NAME, "--key", "order-1"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let text = String::from_utf8(text).unwrap();
+    assert!(text.contains("state:       completed"), "{text}");
+    assert!(text.contains("expires in "), "{text}");
+    assert!(
+        text.contains("\"amount\": 101"),
+        "the output, pretty-printed: {text}"
+    );
+    let json = json_of(
+        &idempotent(&fixture)
+            .args(["--json", "inspect", "--name", NAME, "--key", "order-1"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    assert_eq!(json["state"], "completed");
+    assert_eq!(json["expired"], false);
+    assert!(json["fence"].as_u64().unwrap() > 0, "{json}");
+    let left = json["left_ms"].as_u64().unwrap();
+    assert!(
+        left > 3_500_000 && left <= 3_600_000,
+        "an hour's ttl: {json}"
+    );
+    assert_eq!(json["output"]["ok"]["amount"], 101, "{json}");
+    assert_eq!(
+        json["storage_key"],
+        StorageKey::derive(NAME, None, b"order-1").unwrap().to_hex()
+    );
+    assert!(json["bytes"].as_u64().unwrap() > json["output_bytes"].as_u64().unwrap());
+
+    let held = json_of(
+        &idempotent(&fixture)
+            .args(["--json", "inspect", "--name", NAME, "--key", "order-held"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    assert_eq!(held["state"], "in_progress");
+    assert_eq!(held["output"], Value::Null);
+    assert!(held["left_ms"].as_u64().unwrap() > 3_500_000, "{held}");
+
+    // A key that was never recorded, and one under another scope, are not found: exit 3.
+    idempotent(&fixture)
+        .args(["inspect", "--name", NAME, "--key", "order-9"])
+        .assert()
+        .code(3)
+        .stderr_has("no record for key \"order-9\"");
+    idempotent(&fixture)
+        .args([
+            "inspect", "--name", NAME, "--scope", "tenant-a", "--key", "order-1",
+        ])
+        .assert()
+        .code(3);
+
+    // stats.
+    let stats = json_of(
+        &idempotent(&fixture)
+            .args(["stats", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    assert_eq!(stats["completed"], 3, "{stats}");
+    assert_eq!(stats["in_progress"], 1, "{stats}");
+    assert_eq!(stats["expired"], 0, "{stats}");
+    assert_eq!(stats["records"], 4, "{stats}");
+    assert!(stats["bytes"].as_u64().unwrap() > 3 * 64, "{stats}");
+    assert!(
+        stats["nearest_end_ms"].as_u64().unwrap() > 3_500_000,
+        "{stats}"
+    );
+
+    // purge-expired: two records that end at once.
+    for n in 0..2u64 {
+        record(
+            &fixture,
+            &format!("short-{n}"),
+            n,
+            Duration::from_millis(50),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let dry = json_of(
+        &idempotent(&fixture)
+            .args(["purge-expired", "--dry-run", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    let expected = if fixture.expires_by_itself { 0 } else { 2 };
+    assert_eq!(dry["expired"], expected, "{dry}");
+    let still = json_of(
+        &idempotent(&fixture)
+            .args(["--json", "stats"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    assert_eq!(
+        still["expired"], expected,
+        "a dry run deletes nothing: {still}"
+    );
+    // One record per batch: the loop must go round until none is left.
+    let purged = json_of(
+        &idempotent(&fixture)
+            .args(["purge-expired", "--batch", "1", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    assert_eq!(purged["purged"], expected, "{purged}");
+    let after = json_of(
+        &idempotent(&fixture)
+            .args(["--json", "stats"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    assert_eq!(after["expired"], 0, "{after}");
+    assert_eq!(after["completed"], 3, "live records are kept: {after}");
+
+    // forget: refused at the prompt, then confirmed, then with --yes.
+    idempotent(&fixture)
+        .args(["forget", "--name", NAME, "--key", "order-0"])
+        .write_stdin("n\n")
+        .assert()
+        .code(4)
+        .stderr_has("not confirmed");
+    idempotent(&fixture)
+        .args(["inspect", "--name", NAME, "--key", "order-0"])
+        .assert()
+        .success();
+    idempotent(&fixture)
+        .args(["forget", "--name", NAME, "--key", "order-0"])
+        .write_stdin("y\n")
+        .assert()
+        .success()
+        .stdout_has("forgot the completed record");
+    idempotent(&fixture)
+        .args(["inspect", "--name", NAME, "--key", "order-0"])
+        .assert()
+        .code(3);
+    let forgotten = json_of(
+        &idempotent(&fixture)
+            .args([
+                "forget",
+                "--yes",
+                "--json",
+                "--name",
+                NAME,
+                "--key",
+                "order-held",
+            ])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    assert_eq!(forgotten["state"], "in_progress");
+    idempotent(&fixture)
+        .args(["forget", "--yes", "--name", NAME, "--key", "order-0"])
+        .assert()
+        .code(3);
+
+    // The forgotten key runs its body again; the others still replay.
+    let engine = Idempotency::new(fixture.store.clone());
+    let again = engine
+        .run(
+            Call::new(NAME, Fingerprint::of(&100u64).unwrap()).key("order-0"),
+            async { Ok::<_, Error>(serde_json::json!({ "receipt": "again" })) },
+        )
+        .await
+        .unwrap();
+    assert!(!again.is_replayed(), "a forgotten key runs again");
+    let replay = engine
+        .run(
+            Call::new(NAME, Fingerprint::of(&102u64).unwrap()).key("order-2"),
+            async { Ok::<_, Error>(serde_json::json!({ "receipt": "twice" })) },
+        )
+        .await
+        .unwrap();
+    assert!(replay.is_replayed());
+}
+
+/// Checks of what the command printed.
+trait Printed: Sized {
+    fn stderr_has(self, text: &str) -> Self;
+    fn stdout_has(self, text: &str) -> Self;
+}
+
+impl Printed for assert_cmd::assert::Assert {
+    fn stderr_has(self, text: &str) -> Self {
+        let stderr = String::from_utf8_lossy(&self.get_output().stderr).into_owned();
+        assert!(stderr.contains(text), "stderr lacks {text:?}: {stderr}");
+        self
+    }
+
+    fn stdout_has(self, text: &str) -> Self {
+        let stdout = String::from_utf8_lossy(&self.get_output().stdout).into_owned();
+        assert!(stdout.contains(text), "stdout lacks {text:?}: {stdout}");
+        self
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite() {
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("idempotency.sqlite3");
+    let store = SqliteStore::open(&path).unwrap();
+    exercise(Fixture {
+        store: Arc::new(store),
+        url: format!("sqlite://{}", path.display()),
+        expires_by_itself: false,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres() {
+    let server = tokio::task::spawn_blocking(PostgresServer::start)
+        .await
+        .unwrap();
+    let url = server.create_database("cli");
+    let store = PostgresStore::builder(url.clone()).build().await.unwrap();
+    exercise(Fixture {
+        store: Arc::new(store),
+        url,
+        expires_by_itself: false,
+    })
+    .await;
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let store = RedisStore::builder(server.url()).build().unwrap();
+    exercise(Fixture {
+        store: Arc::new(store),
+        url: server.url(),
+        expires_by_itself: true,
+    })
+    .await;
+    drop(server);
+}
+
+#[test]
+fn a_command_line_or_url_that_cannot_work_exits_2_and_says_what_to_give() {
+    let run = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_idempotent"));
+        command.env_remove("IDEMPOTENT_STORE_URL").args(args);
+        command.assert()
+    };
+    run(&["stats"])
+        .code(2)
+        .stderr_has("pass --store-url or set IDEMPOTENT_STORE_URL");
+    run(&["--store-url", "mysql://db/shop", "stats"])
+        .code(2)
+        .stderr_has("unknown store URL");
+    run(&["--store-url", "sqlite:///nowhere/at/all.sqlite3", "stats"])
+        .code(2)
+        .stderr_has("no SQLite database at /nowhere/at/all.sqlite3");
+    run(&[
+        "--store-url",
+        "redis://127.0.0.1:1/",
+        "inspect",
+        "--name",
+        NAME,
+        "--key",
+        "",
+    ])
+    .code(2)
+    .stderr_has("the key cannot be derived");
+    run(&[
+        "--store-url",
+        "redis://127.0.0.1:1/",
+        "purge-expired",
+        "--batch",
+        "0",
+    ])
+    .code(2);
+}
+
+#[test]
+fn an_unreachable_store_exits_1_without_its_password() {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_idempotent"));
+    command
+        .env(
+            "IDEMPOTENT_STORE_URL",
+            "postgres://shop:s3cret@127.0.0.1:1/shop?connect_timeout=1",
+        )
+        .arg("stats");
+    let output = command.assert().code(1).get_output().stderr.clone();
+    let stderr = String::from_utf8_lossy(&output);
+    assert!(stderr.contains("could not open the store"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_idempotent"));
+    command.args(["--store-url", "redis://127.0.0.1:1/", "stats"]);
+    command.assert().code(1);
+}
