@@ -12,7 +12,8 @@
 //!   `Store::purge_expired` and once in batches of `BATCH` (`Admin::purge_expired_batch`, as the
 //!   CLI's `purge-expired` does): the total time, and the longest single statement. Each
 //!   statement is its own transaction, so the longest one is the longest any lock is held: on
-//!   PostgreSQL the row locks of the rows deleted, on SQLite the database's write lock. Redis
+//!   PostgreSQL (with `fsync=on`) the row locks of the rows deleted, on SQLite (the store's
+//!   defaults) the database's write lock. Redis
 //!   deletes each record when it ends: nothing is left to purge.
 //!
 //! Run without `--bench` (as `cargo test --all-targets` runs it) it does the same on a few
@@ -27,7 +28,7 @@ use idempotent_core::stores::postgres::PostgresStore;
 use idempotent_core::stores::redis::RedisStore;
 use idempotent_core::stores::sqlite::SqliteStore;
 use idempotent_core::{Call, Error, Fingerprint, Idempotency, MemoryStore, Options, Store};
-use idempotent_test_support::{PostgresServer, RedisServer};
+use idempotent_test_support::{PostgresOptions, PostgresServer, RedisServer};
 
 /// Records written for the bytes per record.
 const RECORDS: u64 = 10_000;
@@ -66,7 +67,10 @@ async fn write_records(store: Arc<dyn Store>, prefix: &str, n: u64) {
 }
 
 fn per_record(before: u64, after: u64, records: u64) -> String {
-    format!("{:.0}", after.saturating_sub(before) as f64 / records as f64)
+    format!(
+        "{:.0}",
+        after.saturating_sub(before) as f64 / records as f64
+    )
 }
 
 /// SQLite's file after a checkpoint (so the WAL's pages are counted once, in the file).
@@ -230,9 +234,15 @@ async fn measure(scale: Scale) {
     }
 
     // PostgreSQL: the table with its index and TOAST.
-    let server = tokio::task::spawn_blocking(PostgresServer::start)
-        .await
-        .unwrap();
+    // fsync on, as in production: each batch's commit flushes the WAL.
+    let server = tokio::task::spawn_blocking(|| {
+        PostgresServer::start_with(PostgresOptions {
+            fsync: true,
+            ..PostgresOptions::default()
+        })
+    })
+    .await
+    .unwrap();
     let url = server.create_database("storage");
     let postgres = Arc::new(PostgresStore::builder(url.clone()).build().await.unwrap());
     let client = pg_client(&url).await;
