@@ -34,6 +34,7 @@ mod hooks;
 mod idempotency_key;
 mod key;
 mod ledger;
+pub mod metrics;
 mod options;
 #[doc(hidden)]
 pub mod __private {

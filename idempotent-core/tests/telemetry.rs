@@ -13,9 +13,13 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 
 type Fields = BTreeMap<String, String>;
 
-/// Keeps the fields of every event of the crate (targets `idempotent` and `idempotent::*`).
+/// Keeps the fields of every event of the crate (targets `idempotent` and `idempotent::*`)
+/// but the audit trail's, or (made by [`Captured::audit`]) of the audit trail's only.
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<(tracing::Level, Fields)>>>);
+struct Captured {
+    events: Arc<Mutex<Vec<(tracing::Level, Fields)>>>,
+    audit: bool,
+}
 
 struct FieldVisitor<'a>(&'a mut Fields);
 
@@ -37,13 +41,14 @@ impl Visit for FieldVisitor<'_> {
 
 impl<S: tracing::Subscriber> Layer<S> for Captured {
     fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
-        // The calls' events, and the HTTP layer's (`idempotent::http`).
-        if !event.metadata().target().starts_with("idempotent") {
+        // The calls' events, and the HTTP layer's (`idempotent::http`); or the audit trail's.
+        let target = event.metadata().target();
+        if !target.starts_with("idempotent") || (target == "idempotent::audit") != self.audit {
             return;
         }
         let mut fields = Fields::new();
         event.record(&mut FieldVisitor(&mut fields));
-        self.0
+        self.events
             .lock()
             .unwrap()
             .push((*event.metadata().level(), fields));
@@ -51,8 +56,15 @@ impl<S: tracing::Subscriber> Layer<S> for Captured {
 }
 
 impl Captured {
+    fn audit() -> Self {
+        Self {
+            audit: true,
+            ..Self::default()
+        }
+    }
+
     fn outcomes(&self) -> Vec<(tracing::Level, Fields)> {
-        std::mem::take(&mut *self.0.lock().unwrap())
+        std::mem::take(&mut *self.events.lock().unwrap())
     }
 }
 
