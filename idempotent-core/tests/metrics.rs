@@ -289,3 +289,54 @@ fn a_purge_through_the_engine_is_timed() {
         1
     );
 }
+
+/// A call that waited, then got the key (its holder failed) and ran its body: its wait ends
+/// when it acquires, not when its body returns.
+#[test]
+fn a_wait_is_measured_until_the_key_is_acquired() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let body = Duration::from_millis(200);
+    metrics::with_local_recorder(&recorder, || {
+        runtime().block_on(async {
+            let engine = Idempotency::new(Arc::new(MemoryStore::new()));
+            let call = Call::new("jobs::run", Fingerprint::of(&1).unwrap()).key("job-1");
+            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+            let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+            let failing = engine.run(call, async {
+                let _ = started_tx.send(());
+                let _ = finish_rx.await;
+                Err::<u8, _>(AppError::Declined("busy".into()))
+            });
+            let waiting = async {
+                started_rx.await.unwrap();
+                let finish = async {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    finish_tx.send(()).unwrap();
+                };
+                let slow = async {
+                    tokio::time::sleep(body).await;
+                    Ok::<_, AppError>(2u8)
+                };
+                tokio::join!(engine.run(call, slow), finish).0
+            };
+            let (failed, ran) = tokio::join!(failing, waiting);
+            failed.unwrap_err();
+            assert!(!ran.unwrap().is_replayed(), "the waiter ran its body");
+        });
+    });
+    let metrics = metrics(&snapshotter);
+    let key = (
+        WAIT_DURATION_SECONDS.to_owned(),
+        labels(&[("function", "jobs::run")]),
+    );
+    let Some(DebugValue::Histogram(waits)) = metrics.get(&key) else {
+        panic!("no wait recorded: {metrics:#?}");
+    };
+    assert_eq!(waits.len(), 1);
+    assert!(
+        waits[0].0 < body.as_secs_f64(),
+        "the wait ({} s) is not the body's time",
+        waits[0].0
+    );
+}
