@@ -293,7 +293,7 @@ impl CallTrace {
         self.stop_waiting();
         metrics::call_ended(
             self.function,
-            outcome,
+            outcome.as_str(),
             self.started.map(|started| started.elapsed()),
         );
     }
