@@ -77,8 +77,14 @@ impl Holder {
     /// before it is done, the holder releases in the background instead.
     pub(crate) async fn release(mut self) {
         let release = self.store.release(&self.key, self.fence);
-        let released = timed(&*self.store, StoreOperation::Release, release).await;
-        audit_release(&self.trace, self.fence, released);
+        match timed(&*self.store, StoreOperation::Release, release).await {
+            Ok(write) => audit_release(&self.trace, self.fence, write),
+            Err(error) => tracing::warn!(
+                target: "idempotent",
+                %error,
+                "could not release an idempotency key; it becomes claimable when its lease ends"
+            ),
+        }
         self.state = State::Settled;
     }
 
@@ -183,8 +189,9 @@ async fn keep_alive(
                 trace.audit(fence, Change::TakenOver);
                 return lease_lost(key, "another caller took it over");
             }
+            // Not audited here: the recording or the release that settles this claim is fenced
+            // too, and says so once.
             Ok(FencedWrite::Fenced) => {
-                trace.audit(fence, Change::TakenOver);
                 tracing::warn!(
                     target: "idempotent",
                     key = %short_key(key),
@@ -231,8 +238,10 @@ impl Drop for Holder {
                 trace.emit(CallOutcome::Abandoned);
                 runtime.spawn(async move {
                     let release = store.release(&key, fence);
-                    let released = timed(&*store, StoreOperation::Release, release).await;
-                    audit_release(&trace, fence, released);
+                    // A failure is not logged (nor was it before): the lease runs out anyway.
+                    if let Ok(write) = timed(&*store, StoreOperation::Release, release).await {
+                        audit_release(&trace, fence, write);
+                    }
                     drop(in_flight);
                 });
             }
@@ -249,17 +258,11 @@ impl Drop for Holder {
     }
 }
 
-/// The audit trail's event for a release that ended with `released`; a failure is only
-/// logged: the lease runs out anyway.
-fn audit_release(trace: &CallTrace, fence: Fence, released: Result<FencedWrite, StoreError>) {
-    match released {
-        Ok(FencedWrite::Applied) => trace.audit(fence, Change::Released),
-        Ok(FencedWrite::Fenced) => trace.audit(fence, Change::TakenOver),
-        Err(error) => tracing::warn!(
-            target: "idempotent",
-            %error,
-            "could not release an idempotency key; it becomes claimable when its lease ends"
-        ),
+/// The audit trail's event for a release the store answered with `write`.
+fn audit_release(trace: &CallTrace, fence: Fence, write: FencedWrite) {
+    match write {
+        FencedWrite::Applied => trace.audit(fence, Change::Released),
+        FencedWrite::Fenced => trace.audit(fence, Change::TakenOver),
     }
 }
 

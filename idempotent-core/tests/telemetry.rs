@@ -615,3 +615,62 @@ fn a_transactional_call_cancelled_or_panicking_is_an_abandoned_event() {
             .all(|(level, _)| *level == tracing::Level::WARN)
     );
 }
+
+/// A holder whose renewal is fenced while its body runs, and whose recording is then fenced
+/// too, says `taken_over` once; with `on_lease_loss = "cancel"` the renewal says it, as nothing
+/// is written after.
+#[test]
+fn a_lease_taken_over_is_one_audit_event_whoever_sees_it() {
+    use idempotent_core::OnLeaseLoss;
+
+    for on_lease_loss in [OnLeaseLoss::Continue, OnLeaseLoss::Cancel] {
+        let captured = Captured::audit();
+        let _guard = capture(&captured);
+        let clock = ManualClock::new();
+        let lease = Duration::from_millis(300);
+        let engine = Idempotency::new(Arc::new(
+            MemoryStore::builder().clock(clock.clone()).build(),
+        ))
+        .with_options(
+            Options::new()
+                .with_lease(lease)
+                .with_on_lease_loss(on_lease_loss),
+        );
+        let call = Call::new("shop::checkout", Fingerprint::of(&1).unwrap()).key("taken");
+        current_thread().block_on(async {
+            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+            let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+            let first = engine.run(call, async {
+                let _ = started_tx.send(());
+                let _ = finish_rx.await;
+                Ok::<_, AppError>(1u32)
+            });
+            let second = async {
+                started_rx.await.unwrap();
+                clock.advance(Duration::from_secs(1));
+                engine
+                    .run(call, async { Ok::<_, AppError>(2u32) })
+                    .await
+                    .unwrap();
+                // Past the first holder's next renewals.
+                tokio::time::sleep(lease).await;
+                let _ = finish_tx.send(());
+            };
+            let (first, ()) = tokio::join!(first, second);
+            match on_lease_loss {
+                OnLeaseLoss::Cancel => assert!(first.is_err(), "{first:?}"),
+                _ => assert_eq!(first.unwrap(), Outcome::Unrecorded(1)),
+            }
+        });
+        let trail: Vec<String> = captured
+            .outcomes()
+            .into_iter()
+            .map(|(_, fields)| fields["outcome"].clone())
+            .collect();
+        assert_eq!(
+            trail,
+            ["claimed", "claimed", "completed", "taken_over"],
+            "{on_lease_loss:?}"
+        );
+    }
+}
