@@ -13,7 +13,7 @@
 //! | `idempotent_claims_in_flight` | gauge | `function` | claims held by this process: bodies running, results being recorded |
 //!
 //! `function` is the function's name as the attribute (or [`Call::new`](crate::Call::new))
-//! gives it, a static string; `store` is [`Store::kind`](crate::Store::kind) (`memory`,
+//! gives it, a static string; `store` is [`Store::kind`] (`memory`,
 //! `sqlite`, `postgres`, `redis`, `sqlx_postgres`, `sqlx_sqlite`, or `custom`); `operation`
 //! is one of `claim`, `complete`, `release`, `extend`, `wait`, `remove` and `purge_expired`.
 //! No label ever holds a key, a scope or an argument: every label value is a static string,
@@ -48,7 +48,7 @@
 //! call, the lease's renewals, the recording and the release, [`Idempotency::forget`]
 //! (`remove`) and [`Idempotency::purge_expired`]. Operations a program sends to a store
 //! itself are not, nor are the statements of the transactional mode, which run in the
-//! caller's transaction rather than through the [`Store`](crate::Store) trait.
+//! caller's transaction rather than through the [`Store`] trait.
 //!
 //! [`Idempotency::forget`]: crate::Idempotency::forget
 //! [`Idempotency::purge_expired`]: crate::Idempotency::purge_expired

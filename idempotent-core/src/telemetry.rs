@@ -20,10 +20,11 @@
 //! - `released`: the claim under `fence` was given back (the body failed or was abandoned, or
 //!   its output could not be recorded);
 //! - `taken_over`: a write under `fence` was refused because another caller's claim took the
-//!   key over after this lease ran out. It is seen by the caller that lost the lease, when it
-//!   next writes (a renewal, the recording or the release): a claim that acquires a key
-//!   cannot tell an expired lease from an absent record ([`Claim::Acquired`] says neither),
-//!   so the taker's own event is `claimed`;
+//!   key over after this lease ran out. It is seen by the caller that lost the lease, once:
+//!   by the renewal that finds it when the body is then cancelled (`on_lease_loss =
+//!   "cancel"`), else by the recording or the release that settles the claim. A claim that
+//!   acquires a key cannot tell an expired lease from an absent record ([`Claim::Acquired`]
+//!   says neither), so the taker's own event is `claimed`;
 //! - `forgotten`: [`Idempotency::forget`] removed the record (`fence` is `-`);
 //! - `purged`: [`Idempotency::purge_expired`] removed `count` expired records (the store does
 //!   not say which: `function`, `key` and `fence` are `-`).
