@@ -13,14 +13,15 @@ use crate::context;
 use crate::error::{Error, JsonError};
 use crate::fingerprint::CanonicalArguments;
 use crate::fingerprint::Fingerprint;
-use crate::holder::{Holder, PendingRecord, settled_outcome};
+use crate::holder::{Holder, PendingRecord, settle_recording};
 use crate::idempotency_key::IdempotencyKey;
 use crate::key::{KeyError, MAX_KEY_BYTES, StorageKey};
 use crate::ledger::{Claimed, Keeping, Leased, Ledger, WaitBudget, Writes};
+use crate::metrics::{InFlight, StoreOperation, timed};
 use crate::options::{OnConflict, OnLeaseLoss, Options};
 use crate::recorded::{OkAndErr, OkOnly, Recording};
 use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
-use crate::telemetry::{CallOutcome, CallTrace};
+use crate::telemetry::{CallOutcome, CallTrace, Change, OpenCall, audit, audit_purged};
 
 /// One call to make idempotent: which function, which key, which arguments.
 ///
@@ -451,7 +452,40 @@ impl Idempotency {
     /// ```
     pub async fn forget(&self, call: Call<'_>) -> Result<bool, Error> {
         let key = call.storage_key()?;
-        Ok(self.store.remove(&key).await?)
+        let removed = timed(
+            &*self.store,
+            StoreOperation::Remove,
+            self.store.remove(&key),
+        )
+        .await?;
+        if removed {
+            audit(call.name, &key, None, Change::Forgotten);
+        }
+        Ok(removed)
+    }
+
+    /// Deletes the store's expired records and returns how many there were
+    /// ([`Store::purge_expired`]), with the audit trail's `purged` event and the store
+    /// metrics' timing, which a purge sent to the store itself has not.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// use idempotent_core::{Idempotency, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idempotent_core::Error> {
+    /// let engine = Idempotency::new(Arc::new(MemoryStore::new()));
+    /// assert_eq!(engine.purge_expired().await?, 0, "nothing has expired yet");
+    /// # Ok(()) }
+    /// ```
+    pub async fn purge_expired(&self) -> Result<u64, Error> {
+        let purged = timed(
+            &*self.store,
+            StoreOperation::PurgeExpired,
+            self.store.purge_expired(),
+        )
+        .await?;
+        audit_purged(purged);
+        Ok(purged)
     }
 
     /// Runs `body` under `call`'s key unless a result is recorded; `Err` results are not
@@ -537,20 +571,29 @@ where
     E: From<Error>,
     F: Future<Output = Result<T, E>>,
 {
-    let (mut trace, KeyedArguments { key, arguments }) = start_call(call, options)?;
-    let (fence, claimed_at) =
-        match acquire::<R, T, E>(ledger, &key, &arguments, options, &mut trace).await {
-            Acquisition::Held { fence, claimed_at } => (fence, claimed_at),
-            Acquisition::Answered(answer) => return answer,
-        };
+    let (trace, KeyedArguments { key, arguments }) = start_call(call, options)?;
+    // From here until the claim is settled, a dropped call still emits its event.
+    let mut open = OpenCall::new(trace);
+    let acquisition = acquire::<R, T, E>(ledger, &key, &arguments, options, &mut open).await;
+    open.stop_waiting();
+    let (fence, claimed_at) = match acquisition {
+        Acquisition::Held { fence, claimed_at } => (fence, claimed_at),
+        Acquisition::Answered(outcome, answer) => {
+            open.emit(outcome);
+            return answer;
+        }
+    };
+    open.audit(fence, Change::Claimed);
     match ledger.keeping() {
         Keeping::Lease(store) => {
             let body = context::hold(store.as_store(), key, fence, body);
+            // The holder owes the event from here: it emits `abandoned` if dropped unsettled.
+            let trace = open.hand_over();
             let holder = Holder::new(store.to_store(), key, fence, trace.clone());
             run_leased::<R, T, E, _>(holder, options, claimed_at, trace, body).await
         }
         Keeping::Writes(writes) => {
-            run_unleased::<R, T, E, _>(writes, key, fence, options, trace, body).await
+            run_unleased::<R, T, E, _>(writes, key, fence, options, open, body).await
         }
     }
 }
@@ -578,8 +621,9 @@ enum Acquisition<T, E> {
         fence: Fence,
         claimed_at: Option<tokio::time::Instant>,
     },
-    /// The call is answered without running its body: the replay, or why not.
-    Answered(Result<Outcome<T>, E>),
+    /// The call is answered without running its body: the replay, or why not, and the
+    /// outcome its event says.
+    Answered(CallOutcome, Result<Outcome<T>, E>),
 }
 
 /// Claims until the key is this call's or the call has its answer, waiting for another holder
@@ -595,10 +639,7 @@ where
     R: Recording<T, E>,
     E: From<Error>,
 {
-    let answered = |trace: &mut CallTrace, outcome, error: Error| {
-        trace.emit(outcome);
-        Acquisition::Answered(Err(error.into()))
-    };
+    let answered = |outcome, error: Error| Acquisition::Answered(outcome, Err(error.into()));
     // A clock read is a noticeable share of a replay from memory: only this mode needs one.
     let cancels = options.on_lease_loss() == OnLeaseLoss::Cancel;
     let mut wait = WaitBudget::new(match options.on_conflict() {
@@ -615,45 +656,41 @@ where
                 return Acquisition::Held { fence, claimed_at };
             }
             Ok(Claimed::Claim(Claim::Completed { output })) => {
-                return Acquisition::Answered(match R::decode(&output) {
-                    Ok(result) => {
-                        trace.emit(if trace.waited {
+                return match R::decode(&output) {
+                    Ok(result) => Acquisition::Answered(
+                        if trace.waited {
                             CallOutcome::Waited
                         } else {
                             CallOutcome::Replayed
-                        });
-                        result.map(Outcome::Replayed)
-                    }
-                    Err(error) => {
-                        trace.emit(CallOutcome::DecodeError);
-                        Err(Error::Decode(JsonError::new(error)).into())
-                    }
-                });
+                        },
+                        result.map(Outcome::Replayed),
+                    ),
+                    Err(error) => Acquisition::Answered(
+                        CallOutcome::DecodeError,
+                        Err(Error::Decode(JsonError::new(error)).into()),
+                    ),
+                };
             }
             Ok(Claimed::Claim(Claim::Mismatch)) => {
-                return answered(trace, CallOutcome::Mismatch, Error::KeyReused);
+                return answered(CallOutcome::Mismatch, Error::KeyReused);
             }
             Ok(Claimed::Refused(error)) => {
                 let outcome = match error {
                     Error::Reentered => CallOutcome::Reentered,
                     _ => CallOutcome::Conflict,
                 };
-                return answered(trace, outcome, error);
+                return answered(outcome, error);
             }
             Ok(Claimed::Claim(Claim::InProgress { retry_after })) => retry_after,
-            Err(error) => return answered(trace, CallOutcome::StoreError, Error::Store(error)),
+            Err(error) => return answered(CallOutcome::StoreError, Error::Store(error)),
         };
         let left = wait.left();
         if left.is_zero() {
-            return answered(
-                trace,
-                CallOutcome::Conflict,
-                Error::Conflict { retry_after },
-            );
+            return answered(CallOutcome::Conflict, Error::Conflict { retry_after });
         }
-        trace.waited = true;
+        trace.start_waiting();
         if let Err(error) = ledger.wait(key, left).await {
-            return answered(trace, CallOutcome::StoreError, Error::Store(error));
+            return answered(CallOutcome::StoreError, Error::Store(error));
         }
     }
 }
@@ -663,7 +700,7 @@ async fn run_leased<R, T, E, F>(
     holder: Holder,
     options: &Options,
     claimed_at: Option<tokio::time::Instant>,
-    trace: CallTrace,
+    mut trace: CallTrace,
     body: F,
 ) -> Result<Outcome<T>, E>
 where
@@ -691,6 +728,7 @@ where
             );
         }
     };
+    let fence = holder.fence();
     let write = holder
         .record(PendingRecord {
             output: bytes,
@@ -701,9 +739,7 @@ where
             recorded,
         })
         .await;
-    let outcome = settled_outcome(write, recorded);
-    trace.emit(outcome);
-    if outcome == recorded {
+    if settle_recording(&mut trace, fence, write, recorded) == recorded {
         result.map(Outcome::Executed)
     } else {
         result.map(Outcome::Unrecorded)
@@ -711,13 +747,15 @@ where
 }
 
 /// The key is ours in something that settles the claim when it ends (a transaction): run the
-/// body, then record its result or give the key back, once each.
+/// body, then record its result or give the key back, once each. A body that panics, or a
+/// call dropped before this returns, emits `abandoned` (`trace` is dropped open); the
+/// transaction's end settles the claim.
 async fn run_unleased<R, T, E, F>(
     writes: &impl Writes,
     key: StorageKey,
     fence: Fence,
     options: &Options,
-    trace: CallTrace,
+    trace: OpenCall,
     body: F,
 ) -> Result<Outcome<T>, E>
 where
@@ -725,11 +763,13 @@ where
     E: From<Error>,
     F: Future<Output = Result<T, E>>,
 {
+    let _in_flight = InFlight::start(trace.function());
     let result = body.await;
     let (bytes, recorded) = match encode_result::<R, T, E>(&result, options) {
         ToRecord::Bytes(bytes, recorded) => (bytes, recorded),
         ToRecord::Nothing(outcome, answer) => {
             writes.release(&key, fence).await;
+            trace.audit(fence, Change::Released);
             trace.emit(outcome);
             return answer.map_or_else(
                 |error| Err(error.into()),
@@ -739,10 +779,12 @@ where
     };
     match writes.complete(&key, fence, bytes, options.ttl()).await {
         Ok(FencedWrite::Applied) => {
+            trace.audit(fence, Change::Completed);
             trace.emit(recorded);
             result.map(Outcome::Executed)
         }
         Ok(FencedWrite::Fenced) => {
+            trace.audit(fence, Change::TakenOver);
             trace.emit(CallOutcome::Fenced);
             result.map(Outcome::Unrecorded)
         }

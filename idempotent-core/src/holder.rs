@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use crate::error::StoreError;
 use crate::key::StorageKey;
+use crate::metrics::{InFlight, StoreOperation, timed};
 use crate::options::OnLeaseLoss;
 use crate::store::{Bytes, Fence, FencedWrite, Store};
-use crate::telemetry::{CallOutcome, CallTrace, short_key};
+use crate::telemetry::{CallOutcome, CallTrace, Change, short_key};
 use tokio::time::Instant;
 
 /// The claim held by this call, and what it still owes the store.
@@ -25,6 +26,8 @@ pub(crate) struct Holder {
     fence: Fence,
     trace: CallTrace,
     state: State,
+    /// Counts the claim in the metrics until it is settled.
+    in_flight: InFlight,
 }
 
 /// What dropping the holder must do.
@@ -56,6 +59,7 @@ impl Holder {
         trace: CallTrace,
     ) -> Self {
         Self {
+            in_flight: InFlight::start(trace.function()),
             store,
             key,
             fence,
@@ -64,15 +68,22 @@ impl Holder {
         }
     }
 
+    /// The fence the key is held under.
+    pub(crate) fn fence(&self) -> Fence {
+        self.fence
+    }
+
     /// Gives the key back now. A failure is only logged: the lease runs out anyway. Dropped
     /// before it is done, the holder releases in the background instead.
     pub(crate) async fn release(mut self) {
-        if let Err(error) = self.store.release(&self.key, self.fence).await {
-            tracing::warn!(
+        let release = self.store.release(&self.key, self.fence);
+        match timed(&*self.store, StoreOperation::Release, release).await {
+            Ok(write) => audit_release(&self.trace, self.fence, write),
+            Err(error) => tracing::warn!(
                 target: "idempotent",
                 %error,
                 "could not release an idempotency key; it becomes claimable when its lease ends"
-            );
+            ),
         }
         self.state = State::Settled;
     }
@@ -108,7 +119,14 @@ impl Holder {
             (OnLeaseLoss::Cancel, Some(claimed_at)) => Some(claimed_at),
             _ => None,
         };
-        let heartbeat = keep_alive(&*self.store, &self.key, self.fence, lease, cancel_at);
+        let heartbeat = keep_alive(
+            &*self.store,
+            &self.trace,
+            &self.key,
+            self.fence,
+            lease,
+            cancel_at,
+        );
         // `biased`: the body is polled first, so a body that finishes at once never starts a timer.
         tokio::select! {
             biased;
@@ -133,6 +151,7 @@ pub(crate) struct LeaseLost;
 /// until a sixth of the lease is left.
 async fn keep_alive(
     store: &dyn Store,
+    trace: &CallTrace,
     key: &StorageKey,
     fence: Fence,
     lease: Duration,
@@ -152,7 +171,11 @@ async fn keep_alive(
             _ => tokio::time::sleep_until(next).await,
         }
         let sent = Instant::now();
-        let extend = store.extend(key, fence, lease);
+        let extend = timed(
+            store,
+            StoreOperation::Extend,
+            store.extend(key, fence, lease),
+        );
         let write = match give_up {
             Some(deadline) => match tokio::time::timeout_at(deadline, extend).await {
                 Ok(write) => write,
@@ -163,8 +186,11 @@ async fn keep_alive(
         match write {
             Ok(FencedWrite::Applied) => give_up = cancel_from.map(|_| give_up_after(sent)),
             Ok(FencedWrite::Fenced) if cancel_from.is_some() => {
+                trace.audit(fence, Change::TakenOver);
                 return lease_lost(key, "another caller took it over");
             }
+            // Not audited here: the recording or the release that settles this claim is fenced
+            // too, and says so once.
             Ok(FencedWrite::Fenced) => {
                 tracing::warn!(
                     target: "idempotent",
@@ -204,19 +230,27 @@ impl Drop for Holder {
         };
         let store = Arc::clone(&self.store);
         let (key, fence) = (self.key, self.fence);
+        // The claim stays in flight until the task settles it.
+        let in_flight = self.in_flight.take();
+        let mut trace = self.trace.clone();
         match state {
             State::Held => {
-                self.trace.emit(CallOutcome::Abandoned);
+                trace.emit(CallOutcome::Abandoned);
                 runtime.spawn(async move {
-                    let _ = store.release(&key, fence).await;
+                    let release = store.release(&key, fence);
+                    // A failure is not logged (nor was it before): the lease runs out anyway.
+                    if let Ok(write) = timed(&*store, StoreOperation::Release, release).await {
+                        audit_release(&trace, fence, write);
+                    }
+                    drop(in_flight);
                 });
             }
             State::Recording(recording) => {
-                let trace = self.trace.clone();
                 runtime.spawn(async move {
                     let recorded = recording.recorded;
                     let write = complete_with_retries(&*store, &key, fence, recording).await;
-                    trace.emit(settled_outcome(write, recorded));
+                    settle_recording(&mut trace, fence, write, recorded);
+                    drop(in_flight);
                 });
             }
             State::Settled => {}
@@ -224,16 +258,35 @@ impl Drop for Holder {
     }
 }
 
-/// The event for a recording that ended with `write`.
-pub(crate) fn settled_outcome(
+/// The audit trail's event for a release the store answered with `write`.
+fn audit_release(trace: &CallTrace, fence: Fence, write: FencedWrite) {
+    match write {
+        FencedWrite::Applied => trace.audit(fence, Change::Released),
+        FencedWrite::Fenced => trace.audit(fence, Change::TakenOver),
+    }
+}
+
+/// Emits the call's event (and the audit trail's) for a recording that ended with `write`,
+/// and returns its outcome. An unrecorded result is one `WARN`, with the store's error.
+pub(crate) fn settle_recording(
+    trace: &mut CallTrace,
+    fence: Fence,
     write: Result<FencedWrite, StoreError>,
     recorded: CallOutcome,
 ) -> CallOutcome {
     match write {
-        Ok(FencedWrite::Applied) => recorded,
-        Ok(FencedWrite::Fenced) => CallOutcome::Fenced,
+        Ok(FencedWrite::Applied) => {
+            trace.audit(fence, Change::Completed);
+            trace.emit(recorded);
+            recorded
+        }
+        Ok(FencedWrite::Fenced) => {
+            trace.audit(fence, Change::TakenOver);
+            trace.emit(CallOutcome::Fenced);
+            CallOutcome::Fenced
+        }
         Err(error) => {
-            tracing::warn!(target: "idempotent", %error, "could not record an idempotent result");
+            trace.emit_unrecorded(&error);
             CallOutcome::Unrecorded
         }
     }
@@ -251,9 +304,8 @@ async fn complete_with_retries(
     let mut pause = Duration::from_millis(5);
     loop {
         // Shared, not copied: a retry sends the same bytes.
-        let write = store
-            .complete(key, fence, recording.output.clone(), recording.ttl)
-            .await;
+        let complete = store.complete(key, fence, recording.output.clone(), recording.ttl);
+        let write = timed(store, StoreOperation::Complete, complete).await;
         match write {
             Err(StoreError::Unavailable { .. })
                 if tokio::time::Instant::now() + pause < recording.give_up =>

@@ -17,6 +17,7 @@ use std::time::Duration;
 use crate::error::{Error, StoreError};
 use crate::fingerprint::CanonicalArguments;
 use crate::key::StorageKey;
+use crate::metrics::{StoreOperation, timed};
 use crate::store::{Bytes, Claim, Fence, FencedWrite, Store};
 
 /// What one claim through a ledger found.
@@ -216,7 +217,11 @@ impl Ledger for Leased<'_> {
         lease: Duration,
         _: &'a mut WaitBudget,
     ) -> impl Future<Output = Result<Claimed, StoreError>> + 'a {
-        let claim = self.store.claim(key, arguments, lease);
+        let claim = timed(
+            self.store,
+            StoreOperation::Claim,
+            self.store.claim(key, arguments, lease),
+        );
         async move {
             match claim.await? {
                 // Waiting for a claim that a call around this one holds would wait for itself.
@@ -233,7 +238,7 @@ impl Ledger for Leased<'_> {
         key: &'a StorageKey,
         max: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + 'a {
-        self.store.wait(key, max)
+        timed(self.store, StoreOperation::Wait, self.store.wait(key, max))
     }
 
     fn keeping(&self) -> Keeping<'_, NoWrites> {

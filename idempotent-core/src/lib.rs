@@ -15,6 +15,25 @@
 //! assert_eq!(again.into_value(), true, "the second call replays the first one's result");
 //! # Ok(()) }
 //! ```
+//!
+//! # Telemetry
+//!
+//! Every call emits one `tracing` event, however it ends (a panic or a cancellation included),
+//! with target `idempotent` and the fields `function`, `key` (the first 16 hex digits of the
+//! storage key, never the raw key), `outcome`, `waited` and `elapsed_us`; the outcomes are
+//! listed in [`metrics`], which counts the same calls (feature `metrics`).
+//!
+//! The audit trail is one `DEBUG` event per change of a record the engine makes, with target
+//! `idempotent::audit` (enable it with a filter such as `idempotent::audit=debug`) and the
+//! fields `function`, `key` (as above), `fence` and `outcome`: `claimed` (a call acquired the
+//! key under `fence`), `completed` (its result was recorded), `released` (its claim was given
+//! back: the body failed or was abandoned, or its output could not be recorded), `taken_over`
+//! (a write under `fence` was refused: another caller took the key over after this lease ran
+//! out; seen once, by the caller that lost the lease, as a claim that acquires cannot tell an
+//! expired lease from an absent record), `forgotten` ([`Idempotency::forget`]; `fence` is `-`)
+//! and `purged` ([`Idempotency::purge_expired`], with a `count`; `function`, `key` and `fence`
+//! are `-`). Changes the engine does not make are not seen: expiry, a store's own sweep,
+//! operations sent to a store directly.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -35,6 +54,7 @@ mod hooks;
 mod idempotency_key;
 mod key;
 mod ledger;
+pub mod metrics;
 mod options;
 #[doc(hidden)]
 pub mod __private {

@@ -286,4 +286,16 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// with it, and the next call runs. Deleting a live claim lets a second caller run while
     /// the first still does, so use it on records known to be dead or wrong.
     fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// A short, static name of the kind of store (`"memory"`, `"redis"`, ...): the `store`
+    /// label of the store metrics (feature `metrics`, see [`crate::metrics`]). A store of
+    /// its own keeps the default, `"custom"`, or names itself; a wrapper names what it wraps.
+    ///
+    /// ```
+    /// use idempotent_core::{MemoryStore, Store};
+    /// assert_eq!(MemoryStore::new().kind(), "memory");
+    /// ```
+    fn kind(&self) -> &'static str {
+        "custom"
+    }
 }

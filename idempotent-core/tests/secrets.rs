@@ -21,6 +21,7 @@ fn everything_shown(error: &(dyn std::error::Error + 'static)) -> String {
 
 /// Passwords with URL-special characters, raw and percent-encoded, and what of each must not
 /// show.
+#[cfg(any(feature = "redis", feature = "postgres"))]
 const PASSWORDS: [(&str, &str); 3] = [
     ("p@ss:w/rd#?&=", "p@ss"),
     ("p%40ss%3Aw%2Frd%23", "p%40ss"),

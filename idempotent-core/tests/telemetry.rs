@@ -4,8 +4,13 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use idempotent_core::{Call, Fingerprint, Idempotency, MemoryStore, OnConflict, Options};
+use idempotent_core::conformance::{Claiming, Completing, Forwarding, Hooks};
+use idempotent_core::{
+    BoxFuture, Call, Claim, FencedWrite, Fingerprint, Idempotency, ManualClock, MemoryStore,
+    OnConflict, Options, Outcome, StoreError,
+};
 use support::{AppError, DownStore};
 use tracing::field::{Field, Visit};
 use tracing_subscriber::Layer;
@@ -13,9 +18,13 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 
 type Fields = BTreeMap<String, String>;
 
-/// Keeps the fields of every event of the crate (targets `idempotent` and `idempotent::*`).
+/// Keeps the fields of every event of the crate (targets `idempotent` and `idempotent::*`)
+/// but the audit trail's, or (made by [`Captured::audit`]) of the audit trail's only.
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<(tracing::Level, Fields)>>>);
+struct Captured {
+    events: Arc<Mutex<Vec<(tracing::Level, Fields)>>>,
+    audit: bool,
+}
 
 struct FieldVisitor<'a>(&'a mut Fields);
 
@@ -37,13 +46,14 @@ impl Visit for FieldVisitor<'_> {
 
 impl<S: tracing::Subscriber> Layer<S> for Captured {
     fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
-        // The calls' events, and the HTTP layer's (`idempotent::http`).
-        if !event.metadata().target().starts_with("idempotent") {
+        // The calls' events, and the HTTP layer's (`idempotent::http`); or the audit trail's.
+        let target = event.metadata().target();
+        if !target.starts_with("idempotent") || (target == "idempotent::audit") != self.audit {
             return;
         }
         let mut fields = Fields::new();
         event.record(&mut FieldVisitor(&mut fields));
-        self.0
+        self.events
             .lock()
             .unwrap()
             .push((*event.metadata().level(), fields));
@@ -51,8 +61,15 @@ impl<S: tracing::Subscriber> Layer<S> for Captured {
 }
 
 impl Captured {
+    fn audit() -> Self {
+        Self {
+            audit: true,
+            ..Self::default()
+        }
+    }
+
     fn outcomes(&self) -> Vec<(tracing::Level, Fields)> {
-        std::mem::take(&mut *self.0.lock().unwrap())
+        std::mem::take(&mut *self.events.lock().unwrap())
     }
 }
 
@@ -299,4 +316,361 @@ fn a_response_too_large_to_record_is_a_warn_without_the_key() {
             .all(|value| !value.contains("export-secret-key"))),
         "no event holds the key: {events:?}"
     );
+}
+
+fn capture(captured: &Captured) -> tracing::subscriber::DefaultGuard {
+    tracing::subscriber::set_default(tracing_subscriber::registry().with(captured.clone()))
+}
+
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A store whose claims never answer, as one behind a stalled connection.
+#[derive(Debug)]
+struct StalledClaims;
+
+impl Hooks for StalledClaims {
+    fn claim<'a>(&'a self, _: Claiming<'a>) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A store that fails every `complete` with an error that is not worth retrying.
+#[derive(Debug)]
+struct FailingCompletes;
+
+impl Hooks for FailingCompletes {
+    fn complete<'a>(&'a self, _: Completing<'a>) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        Box::pin(async {
+            Err(StoreError::Backend {
+                message: "disk full".into(),
+                source: None,
+            })
+        })
+    }
+}
+
+/// A call dropped while it claims, or while it waits for another holder of its key, emits
+/// `abandoned` too (it emitted nothing before it held a claim).
+#[test]
+fn a_call_dropped_while_it_claims_or_waits_is_an_abandoned_event() {
+    let captured = Captured::default();
+    let _guard = capture(&captured);
+    let runtime = current_thread();
+    let args = Fingerprint::of(&1).unwrap();
+    let call = Call::new("shop::checkout", args).key("order-1");
+    let ok = || async { Ok::<_, AppError>(1u32) };
+
+    runtime.block_on(async {
+        let stalled = Idempotency::new(Arc::new(Forwarding::new(
+            Arc::new(MemoryStore::new()),
+            StalledClaims,
+        )));
+        let claiming = stalled.run(call, ok());
+        tokio::time::timeout(Duration::from_millis(1), claiming)
+            .await
+            .unwrap_err();
+    });
+    let events = captured.outcomes();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].1["outcome"], "abandoned");
+    assert_eq!(events[0].1["waited"], "false");
+    assert_eq!(events[0].0, tracing::Level::WARN);
+
+    runtime.block_on(async {
+        let engine = Idempotency::new(Arc::new(MemoryStore::new()));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+        let holder = engine.run(call, async {
+            let _ = started_tx.send(());
+            let _ = finish_rx.await;
+            Ok::<_, AppError>(4u32)
+        });
+        let waiter = async {
+            started_rx.await.unwrap();
+            let waiting = engine.run(call, ok());
+            tokio::time::timeout(Duration::from_millis(5), waiting)
+                .await
+                .unwrap_err();
+            finish_tx.send(()).unwrap();
+        };
+        tokio::join!(holder, waiter).0.unwrap();
+    });
+    let events = captured.outcomes();
+    let outcomes: Vec<(&str, &str)> = events
+        .iter()
+        .map(|(_, f)| (f["outcome"].as_str(), f["waited"].as_str()))
+        .collect();
+    assert_eq!(outcomes, [("abandoned", "true"), ("executed", "false")]);
+}
+
+/// A result the store failed to record is returned (`Outcome::Unrecorded`, which the
+/// attribute cannot return) and said once: one `WARN`, with the store's error.
+#[test]
+fn an_unrecorded_result_is_one_warn_with_the_stores_error() {
+    let captured = Captured::default();
+    let _guard = capture(&captured);
+    let engine = Idempotency::new(Arc::new(Forwarding::new(
+        Arc::new(MemoryStore::new()),
+        FailingCompletes,
+    )));
+    let call = Call::new("shop::checkout", Fingerprint::of(&1).unwrap()).key("order-1");
+    let outcome = current_thread()
+        .block_on(engine.run(call, async { Ok::<_, AppError>(1u32) }))
+        .unwrap();
+    assert_eq!(outcome, Outcome::Unrecorded(1));
+    let events = captured.outcomes();
+    assert_eq!(events.len(), 1, "one event: {events:?}");
+    let (level, fields) = &events[0];
+    assert_eq!(*level, tracing::Level::WARN);
+    assert_eq!(fields["outcome"], "unrecorded");
+    assert!(fields["error"].contains("disk full"), "{fields:?}");
+}
+
+/// The audit trail: one event per change of a record, with the function, the key's hash, the
+/// fence and the change, for a sequence of calls on the memory store.
+#[test]
+fn the_audit_trail_has_one_event_per_change_of_a_record() {
+    let captured = Captured::audit();
+    let _guard = capture(&captured);
+    let runtime = current_thread();
+    let clock = ManualClock::new();
+    let lease = Duration::from_secs(10);
+    let store = Arc::new(MemoryStore::builder().clock(clock.clone()).build());
+    let engine = Idempotency::new(store.clone()).with_options(
+        Options::new()
+            .with_lease(lease)
+            .with_ttl(Duration::from_secs(60)),
+    );
+    let args = Fingerprint::of(&1).unwrap();
+    let call = |key: &'static str| Call::new("shop::checkout", args).key(key);
+    let hash = |key: &'static str| call(key).storage_key().unwrap().to_hex()[..16].to_owned();
+    let ok = || async { Ok::<_, AppError>(1u32) };
+
+    let taken_over = runtime.block_on(async {
+        engine.run(call("executed"), ok()).await.unwrap();
+        engine.run(call("executed"), ok()).await.unwrap();
+        engine
+            .run(call("failed"), async {
+                Err::<u32, _>(AppError::Declined("card".into()))
+            })
+            .await
+            .unwrap_err();
+        let abandoned = engine.run(
+            call("abandoned"),
+            std::future::pending::<Result<u32, AppError>>(),
+        );
+        tokio::time::timeout(Duration::from_millis(1), abandoned)
+            .await
+            .unwrap_err();
+        // The abandoned call's release, on a task of its own.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+
+        // The first holder's lease runs out while its body runs; another call takes the key
+        // over and records; the first one's recording is then fenced.
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+        let first = engine.run(call("taken"), async {
+            let _ = started_tx.send(());
+            let _ = finish_rx.await;
+            Ok::<_, AppError>(1u32)
+        });
+        let second = async {
+            started_rx.await.unwrap();
+            clock.advance(lease + Duration::from_secs(1));
+            engine.run(call("taken"), ok()).await.unwrap();
+            finish_tx.send(()).unwrap();
+        };
+        let (first, ()) = tokio::join!(first, second);
+
+        assert!(engine.forget(call("executed")).await.unwrap());
+        assert!(
+            !engine.forget(call("never")).await.unwrap(),
+            "nothing to forget"
+        );
+        clock.advance(Duration::from_secs(120));
+        engine.purge_expired().await.unwrap();
+        first.unwrap()
+    });
+    assert_eq!(taken_over, Outcome::Unrecorded(1));
+
+    let events = captured.outcomes();
+    let trail: Vec<(String, String)> = events
+        .iter()
+        .map(|(level, fields)| {
+            assert_eq!(*level, tracing::Level::DEBUG);
+            (fields["outcome"].clone(), fields["key"].clone())
+        })
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("claimed", hash("executed")),
+        ("completed", hash("executed")),
+        ("claimed", hash("failed")),
+        ("released", hash("failed")),
+        ("claimed", hash("abandoned")),
+        ("released", hash("abandoned")),
+        ("claimed", hash("taken")),
+        ("claimed", hash("taken")),
+        ("completed", hash("taken")),
+        ("taken_over", hash("taken")),
+        ("forgotten", hash("executed")),
+        ("purged", "-".to_owned()),
+    ]
+    .into_iter()
+    .map(|(outcome, key)| (outcome.to_owned(), key))
+    .collect();
+    assert_eq!(trail, expected);
+
+    let fence = |i: usize| events[i].1["fence"].parse::<u64>().unwrap();
+    assert_eq!(
+        fence(0),
+        fence(1),
+        "completed under the fence it was claimed with"
+    );
+    assert_eq!(fence(2), fence(3));
+    assert_eq!(fence(4), fence(5));
+    assert_eq!(
+        fence(6),
+        fence(9),
+        "the first holder's fence was taken over"
+    );
+    assert!(fence(7) > fence(6), "by a later fence");
+    assert_eq!(fence(7), fence(8));
+    assert_eq!(events[10].1["fence"], "-");
+    assert!(
+        events[11].1["count"].parse::<u64>().unwrap() >= 1,
+        "{:?}",
+        events[11]
+    );
+    for (_, fields) in &events[..11] {
+        assert_eq!(fields["function"], "shop::checkout");
+    }
+    assert!(
+        events.iter().all(|(_, fields)| fields["key"] == "-"
+            || (fields["key"].len() == 16 && fields["key"].bytes().all(|b| b.is_ascii_hexdigit()))),
+        "keys are hash prefixes, never the raw key: {events:?}"
+    );
+}
+
+/// In the transactional mode a call cancelled, or whose body panics, emits `abandoned` too
+/// (its transaction's end settles the claim).
+#[cfg(feature = "sqlite")]
+#[test]
+fn a_transactional_call_cancelled_or_panicking_is_an_abandoned_event() {
+    use idempotent_core::stores::sqlite::SqliteStore;
+    use rusqlite::{Connection, TransactionBehavior};
+
+    let captured = Captured::default();
+    let _guard = capture(&captured);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shop.sqlite3");
+    let store = SqliteStore::open(&path).unwrap();
+    let mut connection = Connection::open(&path).unwrap();
+    let call =
+        |key: &'static str| Call::new("shop::checkout", Fingerprint::of(&1).unwrap()).key(key);
+    let options = Options::new();
+
+    let tx = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .unwrap();
+    current_thread().block_on(async {
+        let running = store.run_in_transaction(
+            &tx,
+            &options,
+            call("order-1"),
+            std::future::pending::<Result<u32, AppError>>(),
+        );
+        tokio::time::timeout(Duration::from_millis(1), running)
+            .await
+            .unwrap_err();
+    });
+    drop(tx);
+
+    let tx = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .unwrap();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        current_thread().block_on(
+            store.run_in_transaction(&tx, &options, call("order-2"), async {
+                if tx.is_autocommit() {
+                    return Ok::<u32, AppError>(0);
+                }
+                panic!("the body panics");
+            }),
+        )
+    }));
+    assert!(panicked.is_err());
+    drop(tx);
+
+    let events = captured.outcomes();
+    let outcomes: Vec<&str> = events.iter().map(|(_, f)| f["outcome"].as_str()).collect();
+    assert_eq!(outcomes, ["abandoned", "abandoned"], "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|(level, _)| *level == tracing::Level::WARN)
+    );
+}
+
+/// A holder whose renewal is fenced while its body runs, and whose recording is then fenced
+/// too, says `taken_over` once; with `on_lease_loss = "cancel"` the renewal says it, as nothing
+/// is written after.
+#[test]
+fn a_lease_taken_over_is_one_audit_event_whoever_sees_it() {
+    use idempotent_core::OnLeaseLoss;
+
+    for on_lease_loss in [OnLeaseLoss::Continue, OnLeaseLoss::Cancel] {
+        let captured = Captured::audit();
+        let _guard = capture(&captured);
+        let clock = ManualClock::new();
+        let lease = Duration::from_millis(300);
+        let engine = Idempotency::new(Arc::new(
+            MemoryStore::builder().clock(clock.clone()).build(),
+        ))
+        .with_options(
+            Options::new()
+                .with_lease(lease)
+                .with_on_lease_loss(on_lease_loss),
+        );
+        let call = Call::new("shop::checkout", Fingerprint::of(&1).unwrap()).key("taken");
+        current_thread().block_on(async {
+            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+            let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+            let first = engine.run(call, async {
+                let _ = started_tx.send(());
+                let _ = finish_rx.await;
+                Ok::<_, AppError>(1u32)
+            });
+            let second = async {
+                started_rx.await.unwrap();
+                clock.advance(Duration::from_secs(1));
+                engine
+                    .run(call, async { Ok::<_, AppError>(2u32) })
+                    .await
+                    .unwrap();
+                // Past the first holder's next renewals.
+                tokio::time::sleep(lease).await;
+                let _ = finish_tx.send(());
+            };
+            let (first, ()) = tokio::join!(first, second);
+            match on_lease_loss {
+                OnLeaseLoss::Cancel => assert!(first.is_err(), "{first:?}"),
+                _ => assert_eq!(first.unwrap(), Outcome::Unrecorded(1)),
+            }
+        });
+        let trail: Vec<String> = captured
+            .outcomes()
+            .into_iter()
+            .map(|(_, fields)| fields["outcome"].clone())
+            .collect();
+        assert_eq!(
+            trail,
+            ["claimed", "claimed", "completed", "taken_over"],
+            "{on_lease_loss:?}"
+        );
+    }
 }

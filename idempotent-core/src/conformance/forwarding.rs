@@ -189,6 +189,11 @@ impl<H: Hooks> Forwarding<H> {
 }
 
 impl<H: Hooks> Store for Forwarding<H> {
+    /// The inner store's kind: forwarding changes what a store answers, not what it is.
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,

@@ -477,6 +477,10 @@ impl fmt::Debug for MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,

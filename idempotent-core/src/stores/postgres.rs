@@ -369,6 +369,10 @@ impl PostgresStore {
 }
 
 impl Store for PostgresStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,

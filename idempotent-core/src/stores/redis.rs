@@ -542,6 +542,10 @@ fn next_fence() -> u64 {
 }
 
 impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,

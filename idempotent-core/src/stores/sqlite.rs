@@ -229,6 +229,10 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,

@@ -249,6 +249,10 @@ impl SqlxPgStore {
 }
 
 impl Store for SqlxPgStore {
+    fn kind(&self) -> &'static str {
+        "sqlx_postgres"
+    }
+
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,

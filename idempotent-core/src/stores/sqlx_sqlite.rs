@@ -157,6 +157,10 @@ impl SqlxSqliteStore {
 }
 
 impl Store for SqlxSqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlx_sqlite"
+    }
+
     fn claim<'a>(
         &'a self,
         key: &'a StorageKey,
