@@ -27,6 +27,10 @@
 //! idempotency store. The ledger at the end is computed from them, and the example exits with
 //! status 1 if a customer was charged twice, or has no order or no receipt.
 //!
+//! The same server answers `GET /metrics` with the library's metrics in Prometheus' text
+//! format (feature `metrics`, `metrics-exporter-prometheus`): calls of `shop.checkout.v1` by
+//! outcome, their times, the store's operations.
+//!
 //! Run it with `cargo run --example checkout_http`; with a durable store, e.g.
 //! `cargo run --example checkout_http --features sqlite -- --store sqlite`; only the server,
 //! for curl, with `cargo run --example checkout_http -- --listen 127.0.0.1:3000 --serve
@@ -201,9 +205,15 @@ async fn main() {
     let address = listener
         .local_addr()
         .unwrap_or_else(|error| fail(format!("the listener has no address: {error}")));
-    let server = axum::serve(listener, app(Arc::clone(&shop), store));
+    // The process's metrics recorder, rendered at GET /metrics.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .unwrap_or_else(|error| fail(format!("cannot install the metrics recorder: {error}")));
+    idempotent_core::metrics::describe();
+    let server = axum::serve(listener, app(Arc::clone(&shop), store, metrics));
     let url = format!("http://{address}/checkout");
     println!("run {run}, store: {}", args.store);
+    println!("metrics: http://{address}/metrics");
 
     if args.serve {
         println!("serving POST {url} until interrupted; try:");

@@ -11,11 +11,12 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use http_body_util::{Full, Limited};
 use idempotent_core::Store;
 use idempotent_core::http::IdempotencyLayer;
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio::time::sleep;
 
@@ -27,8 +28,10 @@ const SLOW_CHECKOUT: Duration = Duration::from_millis(500);
 
 const DOCS_URL: &str = "https://shop.example/docs/idempotency";
 
-/// `POST /checkout` behind the idempotency layer, behind a network that loses responses.
-pub(crate) fn app(shop: Arc<Shop>, store: Arc<dyn Store>) -> Router {
+/// `POST /checkout` behind the idempotency layer, behind a network that loses responses; and
+/// `GET /metrics`, the Prometheus text of `metrics` (the library's calls by outcome, their
+/// times, the store's operations: `idempotent_core::metrics`).
+pub(crate) fn app(shop: Arc<Shop>, store: Arc<dyn Store>, metrics: PrometheusHandle) -> Router {
     // A real service also scopes keys by the authenticated principal (`with_scope`); this
     // example has no authentication, so all customers share one key space.
     let idempotency = IdempotencyLayer::new("shop.checkout.v1")
@@ -46,6 +49,19 @@ pub(crate) fn app(shop: Arc<Shop>, store: Arc<dyn Store>) -> Router {
             lossy_network,
         ))
         .with_state(shop)
+        // Beside the checkout, not behind its layer or its lossy network.
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        metrics.render(),
+                    )
+                }
+            }),
+        )
 }
 
 async fn checkout(
