@@ -405,10 +405,13 @@ async fn a_consumer_that_dies_mid_handler_leaves_the_message_to_another_after_ac
         )
         .await
         .expect("the run");
-    assert_eq!(
-        seen.into_inner().unwrap(),
-        [("order-1".to_owned(), 2)],
-        "the second consumer got the message on its second delivery"
+    // Usually on its second delivery. A redelivery that reaches a pull request just as the
+    // client lets it expire (the poll interval) is lost until the next AckWait, so under load
+    // it can be a later one; what must hold is that the second consumer runs it, once.
+    let seen = seen.into_inner().unwrap();
+    assert!(
+        matches!(&seen[..], [(id, deliveries)] if id == "order-1" && *deliveries >= 2),
+        "the second consumer ran the message once, on a redelivery: {seen:?}"
     );
     assert_eq!(report.processed, 1, "{report:?}");
 }
