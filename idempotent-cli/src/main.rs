@@ -26,7 +26,7 @@ use stores::Opened;
 #[derive(Parser)]
 #[command(name = "idempotent", version, about = "Inspect, count, purge and forget idempotency records", long_about = None)]
 struct Cli {
-    /// The store: sqlite://<path>, postgres://…, redis://… or rediss://…
+    /// The store: sqlite://PATH, postgres://…, redis://… or rediss://…
     #[arg(
         long,
         env = "IDEMPOTENT_STORE_URL",

@@ -35,6 +35,18 @@ fn idempotent(fixture: &Fixture) -> Command {
     command
 }
 
+/// Runs the command with `args`, which must succeed, and reads its output as JSON.
+fn run_json(fixture: &Fixture, args: &[&str]) -> Value {
+    json_of(
+        &idempotent(fixture)
+            .args(args)
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    )
+}
+
 fn json_of(output: &[u8]) -> Value {
     serde_json::from_slice(output)
         .unwrap_or_else(|error| panic!("not JSON ({error}): {}", String::from_utf8_lossy(output)))
@@ -95,13 +107,9 @@ async fn exercise(fixture: Fixture) {
         text.contains("\"amount\": 101"),
         "the output, pretty-printed: {text}"
     );
-    let json = json_of(
-        &idempotent(&fixture)
-            .args(["--json", "inspect", "--name", NAME, "--key", "order-1"])
-            .assert()
-            .success()
-            .get_output()
-            .stdout,
+    let json = run_json(
+        &fixture,
+        &["--json", "inspect", "--name", NAME, "--key", "order-1"],
     );
     assert_eq!(json["state"], "completed");
     assert_eq!(json["expired"], false);
@@ -118,13 +126,9 @@ async fn exercise(fixture: Fixture) {
     );
     assert!(json["bytes"].as_u64().unwrap() > json["output_bytes"].as_u64().unwrap());
 
-    let held = json_of(
-        &idempotent(&fixture)
-            .args(["--json", "inspect", "--name", NAME, "--key", "order-held"])
-            .assert()
-            .success()
-            .get_output()
-            .stdout,
+    let held = run_json(
+        &fixture,
+        &["--json", "inspect", "--name", NAME, "--key", "order-held"],
     );
     assert_eq!(held["state"], "in_progress");
     assert_eq!(held["output"], Value::Null);
@@ -144,14 +148,7 @@ async fn exercise(fixture: Fixture) {
         .code(3);
 
     // stats.
-    let stats = json_of(
-        &idempotent(&fixture)
-            .args(["stats", "--json"])
-            .assert()
-            .success()
-            .get_output()
-            .stdout,
-    );
+    let stats = run_json(&fixture, &["stats", "--json"]);
     assert_eq!(stats["completed"], 3, "{stats}");
     assert_eq!(stats["in_progress"], 1, "{stats}");
     assert_eq!(stats["expired"], 0, "{stats}");
@@ -173,46 +170,18 @@ async fn exercise(fixture: Fixture) {
         .await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let dry = json_of(
-        &idempotent(&fixture)
-            .args(["purge-expired", "--dry-run", "--json"])
-            .assert()
-            .success()
-            .get_output()
-            .stdout,
-    );
+    let dry = run_json(&fixture, &["purge-expired", "--dry-run", "--json"]);
     let expected = if fixture.expires_by_itself { 0 } else { 2 };
     assert_eq!(dry["expired"], expected, "{dry}");
-    let still = json_of(
-        &idempotent(&fixture)
-            .args(["--json", "stats"])
-            .assert()
-            .success()
-            .get_output()
-            .stdout,
-    );
+    let still = run_json(&fixture, &["--json", "stats"]);
     assert_eq!(
         still["expired"], expected,
         "a dry run deletes nothing: {still}"
     );
     // One record per batch: the loop must go round until none is left.
-    let purged = json_of(
-        &idempotent(&fixture)
-            .args(["purge-expired", "--batch", "1", "--json"])
-            .assert()
-            .success()
-            .get_output()
-            .stdout,
-    );
+    let purged = run_json(&fixture, &["purge-expired", "--batch", "1", "--json"]);
     assert_eq!(purged["purged"], expected, "{purged}");
-    let after = json_of(
-        &idempotent(&fixture)
-            .args(["--json", "stats"])
-            .assert()
-            .success()
-            .get_output()
-            .stdout,
-    );
+    let after = run_json(&fixture, &["--json", "stats"]);
     assert_eq!(after["expired"], 0, "{after}");
     assert_eq!(after["completed"], 3, "live records are kept: {after}");
 
@@ -237,21 +206,17 @@ async fn exercise(fixture: Fixture) {
         .args(["inspect", "--name", NAME, "--key", "order-0"])
         .assert()
         .code(3);
-    let forgotten = json_of(
-        &idempotent(&fixture)
-            .args([
-                "forget",
-                "--yes",
-                "--json",
-                "--name",
-                NAME,
-                "--key",
-                "order-held",
-            ])
-            .assert()
-            .success()
-            .get_output()
-            .stdout,
+    let forgotten = run_json(
+        &fixture,
+        &[
+            "forget",
+            "--yes",
+            "--json",
+            "--name",
+            NAME,
+            "--key",
+            "order-held",
+        ],
     );
     assert_eq!(forgotten["state"], "in_progress");
     idempotent(&fixture)
