@@ -40,6 +40,8 @@
 pub mod admin;
 mod context;
 mod default_store;
+#[cfg(feature = "encryption")]
+pub mod encryption;
 mod engine;
 mod error;
 mod fingerprint;

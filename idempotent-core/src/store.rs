@@ -299,3 +299,72 @@ pub trait Store: Send + Sync + fmt::Debug {
         "custom"
     }
 }
+
+/// A shared store is a store: a wrapper (such as `encryption::EncryptedStore`) can take an
+/// `Arc<dyn Store>` the service already holds.
+///
+/// ```
+/// use std::sync::Arc;
+/// use idempotent_core::{MemoryStore, Store};
+///
+/// let shared: Arc<dyn Store> = Arc::new(MemoryStore::new());
+/// fn kind_of(store: &impl Store) -> &'static str { store.kind() }
+/// assert_eq!(kind_of(&shared), "memory");
+/// ```
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    fn claim<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        arguments: &'a CanonicalArguments,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        (**self).claim(key, arguments, lease)
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        output: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        (**self).complete(key, fence, output, ttl)
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        (**self).release(key, fence)
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        (**self).extend(key, fence, lease)
+    }
+
+    fn wait<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        max: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        (**self).wait(key, max)
+    }
+
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        (**self).purge_expired()
+    }
+
+    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        (**self).remove(key)
+    }
+
+    fn kind(&self) -> &'static str {
+        (**self).kind()
+    }
+}

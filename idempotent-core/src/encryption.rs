@@ -1,0 +1,413 @@
+//! Recorded outputs that whoever reads the store cannot read, and cannot move or alter
+//! unnoticed (feature `encryption`).
+//!
+//! [`EncryptedStore`] wraps any [`Store`]: every output is sealed before it is written
+//! ([`Store::complete`]) and opened when a claim finds it ([`Claim::Completed`]). The AEAD is
+//! XChaCha20-Poly1305 (RustCrypto's `chacha20poly1305`), with a fresh 192-bit nonce from the
+//! operating system's CSPRNG per record: nonces that large can be drawn at random without
+//! counting. The associated data is the record's storage key, so a sealed output copied under
+//! another key, or with a single bit flipped (in the header, the nonce, the ciphertext or the
+//! tag), is refused with [`StoreError::Corrupt`]: the call fails and its body does not run,
+//! and it is never replayed.
+//!
+//! The [`KeyRing`] holds the keys by id: the newest seals, every one opens, so keys rotate by
+//! adding a new one in front and keeping the old ones until the records they sealed have
+//! expired (the longest ttl in use). Key material is wiped when dropped and never printed.
+//!
+//! What it does not hide: the storage keys and the fingerprints (keyed fingerprints are a
+//! separate option), a record's size (to within the header) and its timing. The transactional
+//! mode writes its records through the caller's transaction, not through a [`Store`]: its
+//! outputs are not sealed by this wrapper.
+//!
+//! A record written without the wrapper (plaintext) is refused too, since a forger could write
+//! one: turn encryption on with a fresh table or key prefix, or expect the keys already
+//! recorded to fail until their records expire (or are forgotten).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use idempotent_core::encryption::{EncryptedStore, KeyRing};
+//! use idempotent_core::{Call, Fingerprint, Idempotency, MemoryStore};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // In production the keys come from a secret manager; 32 bytes each.
+//! let keys = KeyRing::new("2026-12", [7; 32])?.with_old_key("2026-06", [3; 32])?;
+//! let store = EncryptedStore::new(MemoryStore::new(), keys);
+//! let engine = Idempotency::new(Arc::new(store));
+//! let call = Call::new("payments::charge", Fingerprint::of(&4200)?).key("order-7");
+//! let receipt = engine
+//!     .run(call, async { Ok::<_, idempotent_core::Error>("ch_1".to_string()) })
+//!     .await?;
+//! assert_eq!(receipt.into_value(), "ch_1");
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use chacha20poly1305::aead::{Aead, Generate, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use zeroize::Zeroizing;
+
+use crate::error::StoreError;
+use crate::fingerprint::CanonicalArguments;
+use crate::key::StorageKey;
+use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
+
+/// The first byte of a sealed output: the format of what follows.
+const FORMAT: u8 = 1;
+/// XChaCha20-Poly1305's nonce and tag.
+const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+/// What the associated data starts with, before the storage key: the purpose, so a sealed
+/// output cannot be taken for anything else sealed with the same keys.
+const CONTEXT: &[u8] = b"idempotent-core output v1";
+
+/// Why a key ring cannot be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyRingError {
+    /// A key id must be 1 to 255 bytes, so it fits the sealed output's header.
+    #[error("a key id must be 1 to 255 bytes long, got {0} bytes")]
+    InvalidId(usize),
+    /// Two keys were given the same id: which one opens a record would be ambiguous.
+    #[error("the key id {0:?} is in the key ring twice")]
+    DuplicateId(String),
+}
+
+/// The keys an [`EncryptedStore`] seals and opens with, by id. The first (from
+/// [`KeyRing::new`]) seals every new record; the others ([`KeyRing::with_old_key`]) only open
+/// the records they sealed. `Debug` shows the ids, never the keys; the keys are wiped when the
+/// ring is dropped.
+///
+/// ```
+/// use idempotent_core::encryption::KeyRing;
+///
+/// let keys = KeyRing::new("k2", [2; 32])?.with_old_key("k1", [1; 32])?;
+/// assert_eq!(keys.current_id(), "k2");
+/// assert_eq!(format!("{keys:?}"), r#"KeyRing { current: "k2", old: ["k1"] }"#);
+/// # Ok::<(), idempotent_core::encryption::KeyRingError>(())
+/// ```
+pub struct KeyRing {
+    /// The sealing key first.
+    keys: Vec<(String, Zeroizing<[u8; 32]>)>,
+}
+
+impl KeyRing {
+    /// A ring whose key `id` seals and opens records.
+    pub fn new(id: impl Into<String>, key: [u8; 32]) -> Result<Self, KeyRingError> {
+        let id = checked(id.into())?;
+        Ok(Self {
+            keys: vec![(id, Zeroizing::new(key))],
+        })
+    }
+
+    /// Adds a key that only opens records (one that sealed them before a rotation).
+    pub fn with_old_key(
+        mut self,
+        id: impl Into<String>,
+        key: [u8; 32],
+    ) -> Result<Self, KeyRingError> {
+        let id = checked(id.into())?;
+        if self.keys.iter().any(|(known, _)| *known == id) {
+            return Err(KeyRingError::DuplicateId(id));
+        }
+        self.keys.push((id, Zeroizing::new(key)));
+        Ok(self)
+    }
+
+    /// The id of the key that seals new records.
+    pub fn current_id(&self) -> &str {
+        &self.keys[0].0
+    }
+
+    fn key(&self, id: &[u8]) -> Option<&[u8; 32]> {
+        self.keys
+            .iter()
+            .find(|(known, _)| known.as_bytes() == id)
+            .map(|(_, key)| &**key)
+    }
+}
+
+fn checked(id: String) -> Result<String, KeyRingError> {
+    if id.is_empty() || id.len() > 255 {
+        return Err(KeyRingError::InvalidId(id.len()));
+    }
+    Ok(id)
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("current", &self.keys[0].0)
+            .field(
+                "old",
+                &self.keys[1..].iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// The associated data of `key`'s sealed output with `header` (format and key id).
+fn associated_data(key: &StorageKey, header: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(CONTEXT.len() + 32 + header.len());
+    aad.extend_from_slice(CONTEXT);
+    aad.extend_from_slice(key.as_bytes());
+    aad.extend_from_slice(header);
+    aad
+}
+
+/// Seals `output` for `key` with the ring's current key:
+/// `[format][id length][id][nonce][ciphertext and tag]`.
+fn seal(ring: &KeyRing, key: &StorageKey, output: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let (id, secret) = &ring.keys[0];
+    let mut header = Vec::with_capacity(2 + id.len());
+    header.push(FORMAT);
+    header.push(id.len() as u8);
+    header.extend_from_slice(id.as_bytes());
+    let nonce = XNonce::try_generate().map_err(|error| StoreError::Backend {
+        message: format!(
+            "the operating system's random source failed, so no output was sealed: {error}"
+        ),
+        source: None,
+    })?;
+    let secret: &[u8; 32] = secret;
+    let cipher = XChaCha20Poly1305::new(secret.into());
+    let sealed = cipher
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: output,
+                aad: &associated_data(key, &header),
+            },
+        )
+        .map_err(|_| StoreError::Backend {
+            message: "the output could not be sealed (too long for the cipher)".to_string(),
+            source: None,
+        })?;
+    let mut record = header;
+    record.extend_from_slice(&nonce);
+    record.extend_from_slice(&sealed);
+    Ok(record)
+}
+
+/// Opens what [`seal`] wrote for `key`.
+fn open(ring: &KeyRing, key: &StorageKey, record: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let corrupt = |message: String| StoreError::Corrupt {
+        key: key.to_hex(),
+        message,
+    };
+    let Some((&format, rest)) = record.split_first() else {
+        return Err(corrupt(
+            "the recorded output is empty, not a sealed one".to_string(),
+        ));
+    };
+    if format != FORMAT {
+        return Err(corrupt(format!(
+            "the recorded output is not sealed by this release (format byte {format}): written without encryption, or altered"
+        )));
+    }
+    let id_len = usize::from(*rest.first().unwrap_or(&0));
+    if id_len == 0 || rest.len() < 1 + id_len + NONCE_LEN + TAG_LEN {
+        return Err(corrupt("the sealed output is truncated".to_string()));
+    }
+    let id = &rest[1..1 + id_len];
+    let header = &record[..2 + id_len];
+    let nonce = XNonce::try_from(&rest[1 + id_len..1 + id_len + NONCE_LEN])
+        .map_err(|_| corrupt("the sealed output's nonce is truncated".to_string()))?;
+    let sealed = &rest[1 + id_len + NONCE_LEN..];
+    let Some(secret) = ring.key(id) else {
+        return Err(corrupt(format!(
+            "the output was sealed with the key {:?}, which is not in the key ring: add it with KeyRing::with_old_key",
+            String::from_utf8_lossy(id)
+        )));
+    };
+    XChaCha20Poly1305::new(secret.into())
+        .decrypt(
+            &nonce,
+            Payload {
+                msg: sealed,
+                aad: &associated_data(key, header),
+            },
+        )
+        .map_err(|_| {
+            corrupt(format!(
+                "the sealed output does not authenticate under the key {:?}: it was altered, copied from another key, or sealed with another key of that id; it is not replayed",
+                String::from_utf8_lossy(id)
+            ))
+        })
+}
+
+/// A [`Store`] whose recorded outputs are sealed: see the [module docs](self).
+pub struct EncryptedStore<S> {
+    inner: S,
+    keys: KeyRing,
+}
+
+impl<S: Store> EncryptedStore<S> {
+    /// `inner`, with its outputs sealed under `keys`.
+    pub fn new(inner: S, keys: KeyRing) -> Self {
+        Self { inner, keys }
+    }
+
+    /// The store underneath.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for EncryptedStore<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncryptedStore")
+            .field("inner", &self.inner)
+            .field("keys", &self.keys)
+            .finish()
+    }
+}
+
+impl<S: Store> Store for EncryptedStore<S> {
+    fn claim<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        arguments: &'a CanonicalArguments,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(async move {
+            match self.inner.claim(key, arguments, lease).await? {
+                Claim::Completed { output } => Ok(Claim::Completed {
+                    output: Bytes::from(open(&self.keys, key, &output)?),
+                }),
+                other => Ok(other),
+            }
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        output: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        Box::pin(async move {
+            let sealed = seal(&self.keys, key, &output)?;
+            self.inner
+                .complete(key, fence, Bytes::from(sealed), ttl)
+                .await
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        self.inner.release(key, fence)
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        self.inner.extend(key, fence, lease)
+    }
+
+    fn wait<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        max: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.wait(key, max)
+    }
+
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.inner.purge_expired()
+    }
+
+    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.remove(key)
+    }
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> StorageKey {
+        StorageKey::derive("encryption::tests", None, name.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_sealed_output_opens_only_under_its_key_with_its_key_id() {
+        let ring = KeyRing::new("k1", [1; 32]).unwrap();
+        let sealed = seal(&ring, &key("a"), b"{\"ok\":42}").unwrap();
+        assert_eq!(open(&ring, &key("a"), &sealed).unwrap(), b"{\"ok\":42}");
+        assert!(!sealed.windows(4).any(|w| w == b"\"ok\""), "no plaintext");
+        assert!(matches!(
+            open(&ring, &key("b"), &sealed),
+            Err(StoreError::Corrupt { .. })
+        ));
+        // Every byte flipped, one at a time: the format, the id, the nonce, the ciphertext, the tag.
+        for i in 0..sealed.len() {
+            let mut altered = sealed.clone();
+            altered[i] ^= 1;
+            assert!(
+                open(&ring, &key("a"), &altered).is_err(),
+                "byte {i} flipped"
+            );
+        }
+        for len in 0..sealed.len() {
+            assert!(
+                open(&ring, &key("a"), &sealed[..len]).is_err(),
+                "cut at {len}"
+            );
+        }
+        let other = KeyRing::new("k1", [9; 32]).unwrap();
+        assert!(
+            open(&other, &key("a"), &sealed).is_err(),
+            "another key of the same id"
+        );
+        let rotated = KeyRing::new("k2", [2; 32]).unwrap();
+        let error = open(&rotated, &key("a"), &sealed).unwrap_err();
+        assert!(error.to_string().contains("\"k1\""), "{error}");
+    }
+
+    #[test]
+    fn key_rings_refuse_bad_ids_and_never_print_keys() {
+        assert_eq!(
+            KeyRing::new("", [0; 32]).unwrap_err(),
+            KeyRingError::InvalidId(0)
+        );
+        assert_eq!(
+            KeyRing::new("x".repeat(256), [0; 32]).unwrap_err(),
+            KeyRingError::InvalidId(256)
+        );
+        assert_eq!(
+            KeyRing::new("a", [1; 32])
+                .unwrap()
+                .with_old_key("a", [2; 32])
+                .unwrap_err(),
+            KeyRingError::DuplicateId("a".to_string())
+        );
+        let ring = KeyRing::new("a", [0xAB; 32]).unwrap();
+        let printed = format!("{ring:?}");
+        let store = EncryptedStore::new(crate::MemoryStore::new(), ring);
+        let printed = format!("{printed} {store:?}");
+        assert!(printed.contains("current: \"a\""), "{printed}");
+        assert!(!printed.contains("171"), "{printed}");
+    }
+
+    #[test]
+    fn every_seal_draws_a_new_nonce() {
+        let ring = KeyRing::new("k", [5; 32]).unwrap();
+        let first = seal(&ring, &key("a"), b"same").unwrap();
+        let second = seal(&ring, &key("a"), b"same").unwrap();
+        assert_ne!(first, second);
+        assert_ne!(first[3..3 + NONCE_LEN], second[3..3 + NONCE_LEN]);
+    }
+}

@@ -1,0 +1,264 @@
+//! `EncryptedStore` on every store: the memory store, a SQLite file, and PostgreSQL and Redis
+//! servers started here. A round trip through the engine; rotation; a sealed output copied
+//! under another key; a bit flipped in each part of it; a wrong key ring; and the rows and
+//! values as Redis and PostgreSQL hold them, read back raw, with no plaintext in them.
+#![cfg(all(
+    feature = "encryption",
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "redis"
+))]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use idempotent_core::encryption::{EncryptedStore, KeyRing};
+use idempotent_core::stores::postgres::PostgresStore;
+use idempotent_core::stores::redis::RedisStore;
+use idempotent_core::stores::sqlite::SqliteStore;
+use idempotent_core::{
+    Bytes, Call, CanonicalArguments, Claim, Error, Fingerprint, Idempotency, MemoryStore,
+    StorageKey, Store, StoreError,
+};
+use idempotent_test_support::{PostgresServer, RedisServer};
+
+const NAME: &str = "payments::charge";
+/// What every recorded output holds: searched for in the raw records.
+const SECRET: &str = "4242-card-receipt-visible-to-nobody";
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn ring() -> KeyRing {
+    KeyRing::new("2026-12", [7; 32]).unwrap()
+}
+
+fn engine(store: impl Store + 'static) -> Idempotency {
+    Idempotency::new(Arc::new(store))
+}
+
+/// A call of `key` whose body counts its runs in `runs` and returns the receipt.
+async fn charge(
+    engine: &Idempotency,
+    key: &str,
+    runs: &AtomicUsize,
+) -> Result<(String, bool), Error> {
+    let call = Call::new(NAME, Fingerprint::of(&4200).unwrap()).key(key);
+    let outcome = engine
+        .run(call, async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(format!("{SECRET} for {key}"))
+        })
+        .await?;
+    let replayed = outcome.is_replayed();
+    Ok((outcome.into_value(), replayed))
+}
+
+fn storage_key(key: &str) -> StorageKey {
+    StorageKey::derive(NAME, None, key.as_bytes()).unwrap()
+}
+
+/// The sealed output of `key` as the inner store holds it.
+async fn sealed(inner: &dyn Store, key: &str) -> Bytes {
+    let arguments = CanonicalArguments::from(Fingerprint::of(&4200).unwrap());
+    match inner
+        .claim(&storage_key(key), &arguments, HOUR)
+        .await
+        .unwrap()
+    {
+        Claim::Completed { output } => output,
+        other => panic!("{key} is recorded: {other:?}"),
+    }
+}
+
+/// Writes `output` under `key` through the inner store, as someone with write access to the
+/// store could.
+async fn plant(inner: &dyn Store, key: &str, output: Bytes) {
+    let storage = storage_key(key);
+    inner.remove(&storage).await.unwrap();
+    let arguments = CanonicalArguments::from(Fingerprint::of(&4200).unwrap());
+    let Claim::Acquired { fence } = inner.claim(&storage, &arguments, HOUR).await.unwrap() else {
+        panic!("{key} was removed");
+    };
+    inner.complete(&storage, fence, output, HOUR).await.unwrap();
+}
+
+/// The whole exercise on one store. `raw` reads every recorded value as the store holds it.
+async fn exercise(inner: Arc<dyn Store>, raw: impl AsyncFn() -> Vec<Vec<u8>>) {
+    let runs = AtomicUsize::new(0);
+    let encrypted = engine(EncryptedStore::new(inner.clone(), ring()));
+
+    // Round trip: executed, then replayed, the same value.
+    let (first, replayed) = charge(&encrypted, "order-1", &runs).await.unwrap();
+    assert!(!replayed);
+    let (again, replayed) = charge(&encrypted, "order-1", &runs).await.unwrap();
+    assert!(replayed);
+    assert_eq!(again, first);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // No plaintext at rest.
+    let values = raw().await;
+    assert!(!values.is_empty(), "the raw read finds the record");
+    for value in &values {
+        assert!(
+            !value
+                .windows(SECRET.len())
+                .any(|window| window == SECRET.as_bytes()),
+            "plaintext at rest: {}",
+            String::from_utf8_lossy(value)
+        );
+    }
+
+    // Rotation: a ring with a new key in front still replays what the old one sealed, and seals
+    // new records with the new key.
+    let rotated = EncryptedStore::new(
+        inner.clone(),
+        KeyRing::new("2027-06", [9; 32])
+            .unwrap()
+            .with_old_key("2026-12", [7; 32])
+            .unwrap(),
+    );
+    let rotated = engine(rotated);
+    let (old, replayed) = charge(&rotated, "order-1", &runs).await.unwrap();
+    assert!(replayed && old == first);
+    charge(&rotated, "order-2", &runs).await.unwrap();
+    let header = sealed(&*inner, "order-2").await;
+    assert_eq!(&header[2..9], b"2027-06", "sealed with the newest key");
+    // ... which the old ring alone cannot open: an error, not a run.
+    let before = runs.load(Ordering::SeqCst);
+    let error = charge(&encrypted, "order-2", &runs).await.unwrap_err();
+    assert!(
+        matches!(&error, Error::Store(StoreError::Corrupt { message, .. }) if message.contains("\"2027-06\"")),
+        "{error:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), before, "the body did not run");
+
+    // A sealed output copied under another key is refused, never replayed.
+    let copied = sealed(&*inner, "order-1").await;
+    plant(&*inner, "order-3", copied.clone()).await;
+    let error = charge(&encrypted, "order-3", &runs).await.unwrap_err();
+    assert!(
+        matches!(error, Error::Store(StoreError::Corrupt { .. })),
+        "{error:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), before);
+
+    // A bit flipped in the nonce, the ciphertext and the tag (under its own key).
+    let id_end = 2 + usize::from(copied[1]);
+    for (part, at) in [
+        ("nonce", id_end + 3),
+        ("ciphertext", id_end + 24 + 5),
+        ("tag", copied.len() - 2),
+    ] {
+        let mut altered = copied.to_vec();
+        altered[at] ^= 0x10;
+        plant(&*inner, "order-1", Bytes::from(altered)).await;
+        let error = charge(&encrypted, "order-1", &runs).await.unwrap_err();
+        assert!(
+            matches!(error, Error::Store(StoreError::Corrupt { .. })),
+            "{part}: {error:?}"
+        );
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        before,
+        "no altered record ran a body"
+    );
+
+    // A wrong key ring: the right id, another key.
+    plant(&*inner, "order-1", copied).await;
+    charge(&encrypted, "order-1", &runs).await.unwrap();
+    let wrong = engine(EncryptedStore::new(
+        inner.clone(),
+        KeyRing::new("2026-12", [8; 32]).unwrap(),
+    ));
+    let error = charge(&wrong, "order-1", &runs).await.unwrap_err();
+    assert!(
+        matches!(error, Error::Store(StoreError::Corrupt { .. })),
+        "{error:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), before);
+
+    // A plaintext record (written without the wrapper) is refused too: a forger could write one.
+    plant(
+        &*inner,
+        "order-4",
+        Bytes::from_static(b"{\"ok\":\"forged\"}"),
+    )
+    .await;
+    let error = charge(&encrypted, "order-4", &runs).await.unwrap_err();
+    assert!(
+        matches!(error, Error::Store(StoreError::Corrupt { .. })),
+        "{error:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), before);
+}
+
+#[tokio::test]
+async fn memory() {
+    let inner: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let probe = inner.clone();
+    // The memory store has no raw form apart from its API: its records, read without the wrapper.
+    exercise(inner, async || {
+        vec![sealed(&*probe, "order-1").await.to_vec()]
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sqlite() {
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("sealed.sqlite3");
+    let inner: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+    let raw = async || {
+        let connection = rusqlite::Connection::open(&path).unwrap();
+        let mut statement = connection
+            .prepare("SELECT output FROM idempotent_records WHERE output IS NOT NULL")
+            .unwrap();
+        statement
+            .query_map([], |row| row.get::<_, Vec<u8>>(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    exercise(inner, raw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres() {
+    let server = tokio::task::spawn_blocking(PostgresServer::start)
+        .await
+        .unwrap();
+    let url = server.create_database("sealed");
+    let inner: Arc<dyn Store> =
+        Arc::new(PostgresStore::builder(url.clone()).build().await.unwrap());
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let raw = async || {
+        client
+            .query(
+                "SELECT output FROM idempotent_records WHERE output IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<_, Vec<u8>>(0))
+            .collect()
+    };
+    exercise(inner, raw).await;
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let store = RedisStore::builder(server.url()).build().unwrap();
+    let record_key = store.record_key(&storage_key("order-1"));
+    let inner: Arc<dyn Store> = Arc::new(store);
+    let raw = async || vec![server.command(&["GET", &record_key]).into_bytes()];
+    exercise(inner, raw).await;
+}
