@@ -14,8 +14,10 @@
 //! adding a new one in front and keeping the old ones until the records they sealed have
 //! expired (the longest ttl in use). Key material is wiped when dropped and never printed.
 //!
-//! What it does not hide: the storage keys and the fingerprints (keyed fingerprints are a
-//! separate option), a record's size (to within the header) and its timing. The transactional
+//! What it does not hide: the storage keys and the fingerprints, a record's size (to within the
+//! header) and its timing. [`KeyedStore`] hides the first two: it derives both with a secret
+//! (HMAC-SHA256), so the store's contents say nothing testable about keys or arguments. The two
+//! wrap each other: `EncryptedStore::new(KeyedStore::new(store, secret), keys)`. The transactional
 //! mode writes its records through the caller's transaction, not through a [`Store`]: its
 //! outputs are not sealed by this wrapper.
 //!
@@ -46,10 +48,12 @@ use std::time::Duration;
 
 use chacha20poly1305::aead::{Aead, Generate, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::error::StoreError;
-use crate::fingerprint::CanonicalArguments;
+use crate::fingerprint::{CanonicalArguments, Fingerprint};
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 
@@ -327,6 +331,158 @@ impl<S: Store> Store for EncryptedStore<S> {
 
     fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
         self.inner.remove(key)
+    }
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+}
+
+/// A [`Store`] that sees storage keys and fingerprints only as HMAC-SHA256 under a secret.
+///
+/// A storage key is SHA-256 over the function's name, the scope and the key, and a
+/// fingerprint SHA-256 over the arguments: anyone who can read the store can hash guesses of a
+/// low-entropy key or argument (an order number, an amount) and look for them. Through this
+/// wrapper the store holds `HMAC(secret, storage key)` and `HMAC(secret, fingerprint)` instead
+/// (each with its own label), which cannot be tested without the secret. Nothing else changes:
+/// one key still has one record, and other arguments are still a mismatch.
+///
+/// Records written before the secret was set (or under another secret) are not found: a call
+/// with their key runs as a first call, and the old record is left alone until it expires.
+/// Keep the secret for as long as the records it wrote should replay. Operators who look up a
+/// record by its key (`idempotent inspect`) need the same secret; logs show the unkeyed storage
+/// key's first 8 bytes, as always.
+///
+/// ```
+/// use std::sync::Arc;
+/// use idempotent_core::encryption::KeyedStore;
+/// use idempotent_core::{Call, Fingerprint, Idempotency, MemoryStore};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = KeyedStore::new(MemoryStore::new(), [42; 32]);
+/// let engine = Idempotency::new(Arc::new(store));
+/// let call = Call::new("orders::create", Fingerprint::of(&7)?).key("order-7");
+/// let created = engine.run(call, async { Ok::<_, idempotent_core::Error>(7) }).await?;
+/// assert!(!created.is_replayed());
+/// # Ok(()) }
+/// ```
+pub struct KeyedStore<S> {
+    inner: S,
+    secret: Zeroizing<[u8; 32]>,
+}
+
+impl<S: Store> KeyedStore<S> {
+    /// `inner`, seeing keys and fingerprints under `secret` (32 random bytes, kept secret).
+    pub fn new(inner: S, secret: [u8; 32]) -> Self {
+        Self {
+            inner,
+            secret: Zeroizing::new(secret),
+        }
+    }
+
+    /// The store underneath.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    fn mac(&self, label: &[u8], bytes: &[u8; 32]) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(self.secret.as_ref())
+            .expect("HMAC takes a key of any length");
+        mac.update(label);
+        mac.update(bytes);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The storage key the inner store sees for `key`.
+    pub fn keyed(&self, key: &StorageKey) -> StorageKey {
+        StorageKey::from_bytes(self.mac(b"idempotent-core storage key v1", key.as_bytes()))
+    }
+
+    fn arguments(&self, arguments: &CanonicalArguments) -> CanonicalArguments {
+        let fingerprint = arguments.fingerprint();
+        CanonicalArguments::from(Fingerprint::from_bytes(
+            self.mac(b"idempotent-core fingerprint v1", fingerprint.as_bytes()),
+        ))
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for KeyedStore<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedStore")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Store> Store for KeyedStore<S> {
+    fn claim<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        arguments: &'a CanonicalArguments,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(async move {
+            let (key, arguments) = (self.keyed(key), self.arguments(arguments));
+            self.inner.claim(&key, &arguments, lease).await
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        output: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        Box::pin(async move {
+            let key = self.keyed(key);
+            self.inner.complete(&key, fence, output, ttl).await
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        Box::pin(async move {
+            let key = self.keyed(key);
+            self.inner.release(&key, fence).await
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fence: Fence,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        Box::pin(async move {
+            let key = self.keyed(key);
+            self.inner.extend(&key, fence, lease).await
+        })
+    }
+
+    fn wait<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        max: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let key = self.keyed(key);
+            self.inner.wait(&key, max).await
+        })
+    }
+
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.inner.purge_expired()
+    }
+
+    fn remove<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let key = self.keyed(key);
+            self.inner.remove(&key).await
+        })
     }
 
     fn kind(&self) -> &'static str {

@@ -1,7 +1,9 @@
 //! `EncryptedStore` on every store: the memory store, a SQLite file, and PostgreSQL and Redis
 //! servers started here. A round trip through the engine; rotation; a sealed output copied
 //! under another key; a bit flipped in each part of it; a wrong key ring; and the rows and
-//! values as Redis and PostgreSQL hold them, read back raw, with no plaintext in them.
+//! values as Redis and PostgreSQL hold them, read back raw, with no plaintext in them. And
+//! `KeyedStore`: keys and fingerprints under a secret, and what becomes of records written
+//! before it.
 #![cfg(all(
     feature = "encryption",
     feature = "sqlite",
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use idempotent_core::encryption::{EncryptedStore, KeyRing};
+use idempotent_core::encryption::{EncryptedStore, KeyRing, KeyedStore};
 use idempotent_core::stores::postgres::PostgresStore;
 use idempotent_core::stores::redis::RedisStore;
 use idempotent_core::stores::sqlite::SqliteStore;
@@ -261,4 +263,71 @@ async fn redis() {
     let inner: Arc<dyn Store> = Arc::new(store);
     let raw = async || vec![server.command(&["GET", &record_key]).into_bytes()];
     exercise(inner, raw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_records_reveal_no_testable_key_or_fingerprint_and_earlier_records_are_not_found() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let plain = RedisStore::builder(server.url()).build().unwrap();
+    let runs = AtomicUsize::new(0);
+
+    // A record written before the secret was set.
+    let (before, replayed) = charge(&engine(plain.clone()), "order-1", &runs)
+        .await
+        .unwrap();
+    assert!(!replayed);
+
+    let keyed = KeyedStore::new(plain.clone(), [42; 32]);
+    let keyed_key = plain.record_key(&keyed.keyed(&storage_key("order-1")));
+    let keyed = engine(keyed);
+    // Not found under the secret: the call runs as a first call, then replays.
+    let (_, replayed) = charge(&keyed, "order-1", &runs).await.unwrap();
+    assert!(!replayed, "a record written before the secret is not found");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    let (_, replayed) = charge(&keyed, "order-1", &runs).await.unwrap();
+    assert!(replayed);
+    // Nothing else: the earlier record is still there, as it was.
+    let (old, replayed) = charge(&engine(plain.clone()), "order-1", &runs)
+        .await
+        .unwrap();
+    assert!(replayed && old == before);
+    // Another secret finds neither.
+    let other = engine(KeyedStore::new(plain.clone(), [43; 32]));
+    let (_, replayed) = charge(&other, "order-1", &runs).await.unwrap();
+    assert!(!replayed);
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+
+    // The store's contents: the plain record carries the testable SHA-256 fingerprint, the
+    // keyed one does not, and lives under a key no one can derive without the secret.
+    let fingerprint = CanonicalArguments::from(Fingerprint::of(&4200).unwrap())
+        .fingerprint()
+        .to_hex();
+    let plain_record = server.command(&["GET", &plain.record_key(&storage_key("order-1"))]);
+    assert!(plain_record.contains(&fingerprint), "{plain_record}");
+    let keyed_record = server.command(&["GET", &keyed_key]);
+    assert!(
+        keyed_record.starts_with("2c"),
+        "the keyed record: {keyed_record}"
+    );
+    assert!(!keyed_record.contains(&fingerprint), "{keyed_record}");
+
+    // Other arguments under the secret are still a mismatch.
+    let call = Call::new(NAME, Fingerprint::of(&9999).unwrap()).key("order-1");
+    let error = keyed
+        .run(call, async { Ok::<_, Error>("no".to_string()) })
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::KeyReused), "{error:?}");
+
+    // With encryption on top: sealed and keyed at once.
+    let both = engine(EncryptedStore::new(
+        KeyedStore::new(plain, [42; 32]),
+        ring(),
+    ));
+    let (value, replayed) = charge(&both, "order-9", &runs).await.unwrap();
+    assert!(!replayed && value.contains(SECRET));
+    let (again, replayed) = charge(&both, "order-9", &runs).await.unwrap();
+    assert!(replayed && again == value);
 }
