@@ -92,8 +92,9 @@ pub enum KeyRingError {
 /// # Ok::<(), idempotent_core::encryption::KeyRingError>(())
 /// ```
 pub struct KeyRing {
-    /// The sealing key first.
-    keys: Vec<(String, Zeroizing<[u8; 32]>)>,
+    /// The sealing key's cipher first, each made once (XChaCha20-Poly1305 wipes its key when
+    /// dropped).
+    keys: Vec<(String, XChaCha20Poly1305)>,
 }
 
 impl KeyRing {
@@ -101,7 +102,7 @@ impl KeyRing {
     pub fn new(id: impl Into<String>, key: [u8; 32]) -> Result<Self, KeyRingError> {
         let id = checked(id.into())?;
         Ok(Self {
-            keys: vec![(id, Zeroizing::new(key))],
+            keys: vec![(id, cipher(key))],
         })
     }
 
@@ -115,7 +116,7 @@ impl KeyRing {
         if self.keys.iter().any(|(known, _)| *known == id) {
             return Err(KeyRingError::DuplicateId(id));
         }
-        self.keys.push((id, Zeroizing::new(key)));
+        self.keys.push((id, cipher(key)));
         Ok(self)
     }
 
@@ -124,12 +125,19 @@ impl KeyRing {
         &self.keys[0].0
     }
 
-    fn key(&self, id: &[u8]) -> Option<&[u8; 32]> {
+    fn cipher(&self, id: &[u8]) -> Option<&XChaCha20Poly1305> {
         self.keys
             .iter()
             .find(|(known, _)| known.as_bytes() == id)
-            .map(|(_, key)| &**key)
+            .map(|(_, cipher)| cipher)
     }
+}
+
+/// The cipher of `key`; the copy passed in is wiped once the cipher holds it.
+fn cipher(key: [u8; 32]) -> XChaCha20Poly1305 {
+    let key = Zeroizing::new(key);
+    let bytes: &[u8; 32] = &key;
+    XChaCha20Poly1305::new(bytes.into())
 }
 
 fn checked(id: String) -> Result<String, KeyRingError> {
@@ -163,7 +171,7 @@ fn associated_data(key: &StorageKey, header: &[u8]) -> Vec<u8> {
 /// Seals `output` for `key` with the ring's current key:
 /// `[format][id length][id][nonce][ciphertext and tag]`.
 fn seal(ring: &KeyRing, key: &StorageKey, output: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let (id, secret) = &ring.keys[0];
+    let (id, cipher) = &ring.keys[0];
     let mut header = Vec::with_capacity(2 + id.len());
     header.push(FORMAT);
     header.push(id.len() as u8);
@@ -174,8 +182,6 @@ fn seal(ring: &KeyRing, key: &StorageKey, output: &[u8]) -> Result<Vec<u8>, Stor
         ),
         source: None,
     })?;
-    let secret: &[u8; 32] = secret;
-    let cipher = XChaCha20Poly1305::new(secret.into());
     let sealed = cipher
         .encrypt(
             &nonce,
@@ -219,13 +225,13 @@ fn open(ring: &KeyRing, key: &StorageKey, record: &[u8]) -> Result<Vec<u8>, Stor
     let nonce = XNonce::try_from(&rest[1 + id_len..1 + id_len + NONCE_LEN])
         .map_err(|_| corrupt("the sealed output's nonce is truncated".to_string()))?;
     let sealed = &rest[1 + id_len + NONCE_LEN..];
-    let Some(secret) = ring.key(id) else {
+    let Some(cipher) = ring.cipher(id) else {
         return Err(corrupt(format!(
             "the output was sealed with the key {:?}, which is not in the key ring: add it with KeyRing::with_old_key",
             String::from_utf8_lossy(id)
         )));
     };
-    XChaCha20Poly1305::new(secret.into())
+    cipher
         .decrypt(
             &nonce,
             Payload {
