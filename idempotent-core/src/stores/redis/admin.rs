@@ -9,6 +9,7 @@ use redis::Value;
 use super::RedisStore;
 use super::connection::Commands;
 use super::error::from_redis;
+use super::record::FENCE_AT;
 use crate::admin::{Admin, RecordState, RecordView, StoreStats};
 use crate::error::StoreError;
 use crate::key::StorageKey;
@@ -21,8 +22,9 @@ const SCAN_COUNT: u64 = 1000;
 /// or `2r|<fence>|` for a released key's tombstone.
 fn parse(stored: &[u8]) -> Result<(RecordState, u64, Option<Bytes>), String> {
     let (state, fence_at) = match stored.get(..2) {
-        Some(b"2p" | b"2w") => (RecordState::InProgress, 67),
-        Some(b"2c") => (RecordState::Completed, 67),
+        Some(b"2p" | b"2w") => (RecordState::InProgress, FENCE_AT),
+        Some(b"2c") => (RecordState::Completed, FENCE_AT),
+        // A tombstone has no fingerprint: `2r|<fence>|`.
         Some(b"2r") => (RecordState::Released, 3),
         Some([version, _]) if version.is_ascii_digit() && *version != b'2' => {
             return Err(format!(

@@ -22,6 +22,10 @@ pub(super) enum Reply {
     NotInProgress,
 }
 
+/// Where the fence starts (0-based) in a record with a fingerprint: after '2', the state, 64
+/// hex digits and '|' (`prelude.lua`'s `FENCE_AT`, which counts from 1).
+pub(super) const FENCE_AT: usize = 67;
+
 /// What the native claim (`SET key <claim> NX PX <lease> GET`) found under the key, when it
 /// answers the call by itself.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,8 +43,6 @@ pub(super) enum Found {
 ///
 /// The layout is `2c<fingerprint hex>|<fence>|<output>` (`prelude.lua`).
 pub(super) fn completed(stored: Vec<u8>, fingerprint: &[u8; 64]) -> Option<Found> {
-    // '2', 'c', 64 hex digits, '|': the fence starts at 67 (0-based).
-    const FENCE_AT: usize = 67;
     let header = stored.get(..FENCE_AT)?;
     if &header[..2] != b"2c" || header[FENCE_AT - 1] != b'|' {
         return None;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use rusqlite::params;
 
 use super::SqliteStore;
-use super::ops::{OpError, read};
+use super::ops::{begin, commit, fail, read};
 use super::pool::Access;
 use super::record::{self, COMPLETED, FORMAT, IN_PROGRESS, State};
 use crate::admin::{Admin, RecordState, RecordView, StoreStats};
@@ -17,10 +17,6 @@ use crate::store::{BoxFuture, Bytes};
 /// What a row takes: its key and fingerprint (32 bytes each), its fence (8) and its output.
 const ROW_BYTES: &str =
     "length(key) + ifnull(length(fingerprint), 0) + 8 + ifnull(length(output), 0)";
-
-fn fail(what: &'static str) -> impl Fn(rusqlite::Error) -> OpError {
-    move |error| OpError::Sqlite(what, error)
-}
 
 /// The time left until `until` at `now`, as the claim reads it: zero once ended.
 fn left(now: i64, until: i64) -> Duration {
@@ -110,9 +106,7 @@ impl Admin for SqliteStore {
     fn purge_expired_batch(&self, limit: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
         let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
         Box::pin(self.run(Access::Write, move |connection| {
-            let transaction = connection
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(fail("could not begin a write transaction"))?;
+            let transaction = begin(connection)?;
             let purged = transaction
                 .execute(
                     "DELETE FROM idempotent_records WHERE key IN (
@@ -123,9 +117,7 @@ impl Admin for SqliteStore {
                     params![record::now_ms(), FORMAT, IN_PROGRESS, COMPLETED, limit],
                 )
                 .map_err(fail("could not purge expired records"))?;
-            transaction
-                .commit()
-                .map_err(fail("could not commit a write transaction"))?;
+            commit(transaction)?;
             Ok(purged as u64)
         }))
     }

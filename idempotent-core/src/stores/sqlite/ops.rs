@@ -30,17 +30,17 @@ impl From<StoreError> for OpError {
 
 pub(super) type OpResult<T> = Result<T, OpError>;
 
-fn fail(what: &'static str) -> impl Fn(rusqlite::Error) -> OpError {
+pub(super) fn fail(what: &'static str) -> impl Fn(rusqlite::Error) -> OpError {
     move |error| OpError::Sqlite(what, error)
 }
 
-fn begin(connection: &mut Connection) -> OpResult<Transaction<'_>> {
+pub(super) fn begin(connection: &mut Connection) -> OpResult<Transaction<'_>> {
     connection
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(fail("could not begin a write transaction"))
 }
 
-fn commit(transaction: Transaction<'_>) -> OpResult<()> {
+pub(super) fn commit(transaction: Transaction<'_>) -> OpResult<()> {
     transaction
         .commit()
         .map_err(fail("could not commit a write transaction"))
