@@ -49,14 +49,18 @@ fn serve() -> Server {
         .spawn()
         .expect("the example starts");
     let stdout = child.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
     let mut base = None;
-    for line in BufReader::new(stdout).lines() {
+    for line in lines.by_ref() {
         let line = line.expect("the example's output");
         if let Some(url) = line.strip_prefix("metrics: ") {
             base = Some(url.trim_end_matches("/metrics").to_string());
             break;
         }
     }
+    // The example goes on printing (how to call it with curl): keep its stdout open and read,
+    // or its next print fails on a closed pipe and stops the server.
+    std::thread::spawn(move || lines.for_each(drop));
     Server {
         base: base.expect("the example prints its metrics URL"),
         child,
