@@ -9,8 +9,6 @@
 
 mod common;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use idempotent_core::MemoryStore;
@@ -19,7 +17,7 @@ use idempotent_core::stores::redis::RedisStore;
 
 use common::{Call, Shop};
 
-type Op = Arc<dyn Fn(usize, u64) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+use common::TaskLoop as Op;
 
 fn ring() -> KeyRing {
     KeyRing::new("bench", [7; 32]).expect("a valid key ring")
@@ -51,12 +49,15 @@ where
     vec![
         (
             "plain",
-            Arc::new(common::calls(&plain, call, request)) as Op,
+            common::task_loop(common::calls(&plain, call, request)),
         ),
-        ("encrypted", Arc::new(common::calls(&sealed, call, request))),
+        (
+            "encrypted",
+            common::task_loop(common::calls(&sealed, call, request)),
+        ),
         (
             "encrypted_keyed",
-            Arc::new(common::calls(&keyed, call, request)),
+            common::task_loop(common::calls(&keyed, call, request)),
         ),
     ]
 }
@@ -72,8 +73,7 @@ fn time_in_turns(
 ) {
     let n = variants.len();
     let time = |variant: usize, calls: u64| {
-        let op = Arc::clone(&variants[variant].1);
-        runtime.block_on(common::time_ops(tasks, calls, move |task, i| op(task, i)))
+        runtime.block_on(common::time_ops(tasks, calls, &variants[variant].1))
     };
     for variant in 0..n {
         time(variant, calls.min(50));

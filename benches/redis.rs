@@ -29,7 +29,6 @@ mod common;
 use std::fmt;
 use std::future::Future;
 use std::hint::black_box;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -628,7 +627,7 @@ fn bench(c: &mut Criterion) {
 
 /// A variant's op for the interleaved timing: boxed alike, so no variant pays for a box the
 /// others do not.
-type Op = Arc<dyn Fn(usize, u64) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+use common::TaskLoop as Op;
 
 /// One case of the interleaved timing: its variants, the last of which is the floor, and the
 /// target of the first against the floor.
@@ -652,13 +651,13 @@ fn interleaved(rounds: usize, calls: u64) {
     let floor = |call: Call| -> Op {
         let floor = Arc::clone(&setup.floor);
         match call {
-            Call::Replay => Arc::new(move |_, _| {
+            Call::Replay => common::task_loop(move |_, _| {
                 let floor = Arc::clone(&floor);
-                Box::pin(async move { floor.replay(FLOOR_REPLAY_KEY).await })
+                async move { floor.replay(FLOOR_REPLAY_KEY).await }
             }),
-            Call::FirstCall => Arc::new(move |_, _| {
+            Call::FirstCall => common::task_loop(move |_, _| {
                 let floor = Arc::clone(&floor);
-                Box::pin(async move { floor.first_call().await })
+                async move { floor.first_call().await }
             }),
         }
     };
@@ -684,11 +683,11 @@ fn interleaved(rounds: usize, calls: u64) {
                 variants: vec![
                     (
                         "idempotent",
-                        Arc::new(common::calls(&setup.shop, call, &setup.request)),
+                        common::task_loop(common::calls(&setup.shop, call, &setup.request)),
                     ),
                     (
                         "baseline",
-                        Arc::new(common::calls(&setup.raw, call, &setup.request)),
+                        common::task_loop(common::calls(&setup.raw, call, &setup.request)),
                     ),
                     ("floor", floor(call)),
                 ],
@@ -699,15 +698,17 @@ fn interleaved(rounds: usize, calls: u64) {
     }
     let hot_floor: Op = {
         let (floor, keys) = (Arc::clone(&setup.floor), Arc::clone(&setup.hot_floor_keys));
-        Arc::new(move |task, i| {
+        common::task_loop(move |task, i| {
             let (floor, keys) = (Arc::clone(&floor), Arc::clone(&keys));
-            Box::pin(async move {
+            async move {
                 let key = &keys[common::hot_index(task, TASKS, i, keys.len())];
                 floor.replay(key).await
-            })
+            }
         })
     };
-    let hot = |shop: &Arc<Shop>| -> Op { Arc::new(common::hot_replays(shop, TASKS, &setup.hot)) };
+    let hot = |shop: &Arc<Shop>| -> Op {
+        common::task_loop(common::hot_replays(shop, TASKS, &setup.hot))
+    };
     #[cfg(feature = "redis-cache")]
     let (variants, at_least, target) = (
         vec![
@@ -732,29 +733,44 @@ fn interleaved(rounds: usize, calls: u64) {
         at_least,
     });
 
-    println!("| case | variant | median per call | throughput vs floor | target | |");
-    println!("|---|---|---:|---:|---|---|");
+    cases.retain(|case| common::selected(&case.name));
+    println!(
+        "| case | variant | median per call | client CPU per call | throughput vs floor | target | |"
+    );
+    println!("|---|---|---:|---:|---:|---|---|");
     for case in &cases {
         let n = case.variants.len();
+        // A round's time per call, and the bench process's CPU time per call over it.
         let time = |variant: usize, calls: u64| {
-            let op = Arc::clone(&case.variants[variant].1);
-            setup
-                .runtime
-                .block_on(common::time_ops(case.tasks, calls, move |task, i| {
-                    op(task, i)
-                }))
+            let cpu = common::process_cpu();
+            let took = setup.runtime.block_on(common::time_ops(
+                case.tasks,
+                calls,
+                &case.variants[variant].1,
+            ));
+            let cpu = common::process_cpu()
+                .zip(cpu)
+                .map(|(after, before)| after.saturating_sub(before))
+                .unwrap_or_default();
+            (
+                took,
+                cpu / u32::try_from(calls * case.tasks as u64).unwrap_or(u32::MAX),
+            )
         };
         for variant in 0..n {
             time(variant, 50);
         }
         let mut times = vec![Vec::new(); n];
+        let mut cpus = vec![Vec::new(); n];
         let mut vs_floor = vec![Vec::new(); n];
         for round in 0..rounds {
             let mut this = vec![0.0; n];
             for turn in 0..n {
                 let variant = (round + turn) % n;
-                this[variant] = time(variant, calls).as_nanos() as f64;
+                let (took, cpu) = time(variant, calls);
+                this[variant] = took.as_nanos() as f64;
                 times[variant].push(this[variant]);
+                cpus[variant].push(cpu.as_nanos() as f64);
             }
             for variant in 0..n {
                 vs_floor[variant].push(this[n - 1] / this[variant]);
@@ -775,10 +791,11 @@ fn interleaved(rounds: usize, calls: u64) {
                 ("–".to_string(), "–")
             };
             println!(
-                "| {} | {} | {:.2} µs | {:.0}% | {target} | {judged} |",
+                "| {} | {} | {:.2} µs | {:.2} µs | {:.0}% | {target} | {judged} |",
                 case.name,
                 case.variants[variant].0,
                 common::median(&mut times[variant]) / 1000.0,
+                common::median(&mut cpus[variant]) / 1000.0,
                 ratio * 100.0,
             );
         }

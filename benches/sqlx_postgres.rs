@@ -307,7 +307,12 @@ async fn time_calls<C: common::Caller>(
     call: Call,
     request: &Arc<OrderRequest>,
 ) -> Duration {
-    common::time_ops(tasks, calls, common::calls(caller, call, request)).await
+    common::time_ops(
+        tasks,
+        calls,
+        &common::task_loop(common::calls(caller, call, request)),
+    )
+    .await
 }
 
 fn interleaved(rounds: usize, calls: u64) {

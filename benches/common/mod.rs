@@ -129,24 +129,7 @@ pub fn bench_calls<C: Caller>(
     caller: &Arc<C>,
     request: &Arc<OrderRequest>,
 ) {
-    group.bench_function(id, |b| {
-        b.to_async(runtime).iter_custom(|iters| {
-            let (caller, request) = (Arc::clone(caller), Arc::clone(request));
-            concurrent(tasks, iters, move |task, _| {
-                let (caller, request) = (Arc::clone(&caller), Arc::clone(&request));
-                async move {
-                    let receipt = match call {
-                        Call::Replay => caller.replay(task, &request).await,
-                        Call::FirstCall => {
-                            let request = order(fresh_id("first"));
-                            caller.first_call(task, &request).await
-                        }
-                    };
-                    black_box(receipt.unwrap());
-                }
-            })
-        })
-    });
+    bench_ops(group, runtime, id, tasks, calls(caller, call, request));
 }
 
 /// Benches `race/idempotent` and `race/baseline`: rounds of `RACE_TASKS` tasks calling one
@@ -429,11 +412,7 @@ where
 
 /// Runs `tasks` concurrent tasks, each calling `op(task, i)` for `i in 0..iters`; returns the
 /// wall time. One criterion iteration is then `tasks` operations, one per task.
-pub async fn concurrent<F, Fut>(tasks: usize, iters: u64, op: F) -> Duration
-where
-    F: Fn(usize, u64) -> Fut + Send + Sync + Clone + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
+pub async fn concurrent<O: Op>(tasks: usize, iters: u64, op: O) -> Duration {
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(tasks + 1));
     let handles: Vec<_> = (0..tasks)
         .map(|task| {
@@ -442,7 +421,7 @@ where
             tokio::spawn(async move {
                 barrier.wait().await;
                 for i in 0..iters {
-                    op(task, i).await;
+                    op.call(task, i).await;
                 }
             })
         })
@@ -457,37 +436,71 @@ where
 
 /// Benches `id`: `tasks` concurrent tasks (see [`concurrent`]), each running `op(task, i)`
 /// once per iteration; for variants that are not a [`Caller`], such as the bare client's floor.
-pub fn bench_ops<F, Fut>(
+pub fn bench_ops<O: Op>(
     group: &mut BenchmarkGroup<'_, WallTime>,
     runtime: &tokio::runtime::Runtime,
     id: &str,
     tasks: usize,
-    op: F,
-) where
-    F: Fn(usize, u64) -> Fut + Send + Sync + Clone + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
+    op: O,
+) {
     group.bench_function(id, |b| {
         b.to_async(runtime)
             .iter_custom(|iters| concurrent(tasks, iters, op.clone()))
     });
 }
 
-/// The op of [`bench_calls`] as a closure: each task's `i`-th call through `caller`, a replay
-/// of `request` or a first call on a fresh key.
-pub fn calls<C: Caller>(
-    caller: &Arc<C>,
+/// What a bench times, one call at a time: task `task`'s `i`-th call. A closure
+/// `Fn(usize, u64) -> impl Future` is one (the bare clients' floors); [`calls`] and
+/// [`hot_replays`] are the calls through a [`Caller`].
+pub trait Op: Send + Sync + Clone + 'static {
+    fn call(&self, task: usize, i: u64) -> impl Future<Output = ()> + Send + 'static;
+}
+
+impl<F, Fut> Op for F
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    fn call(&self, task: usize, i: u64) -> impl Future<Output = ()> + Send + 'static {
+        self(task, i)
+    }
+}
+
+/// The op of [`bench_calls`]: each task's calls through `caller`, replays of `request` or
+/// first calls on fresh keys.
+pub fn calls<C: Caller>(caller: &Arc<C>, call: Call, request: &Arc<OrderRequest>) -> Calls<C> {
+    Calls {
+        caller: Arc::clone(caller),
+        call,
+        request: Arc::clone(request),
+    }
+}
+
+/// See [`calls`].
+pub struct Calls<C> {
+    caller: Arc<C>,
     call: Call,
-    request: &Arc<OrderRequest>,
-) -> impl Fn(usize, u64) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
-+ Send
-+ Sync
-+ Clone
-+ 'static {
-    let (caller, request) = (Arc::clone(caller), Arc::clone(request));
-    move |task, _| {
-        let (caller, request) = (Arc::clone(&caller), Arc::clone(&request));
-        Box::pin(async move {
+    request: Arc<OrderRequest>,
+}
+
+impl<C> Clone for Calls<C> {
+    fn clone(&self) -> Self {
+        Self {
+            caller: Arc::clone(&self.caller),
+            call: self.call,
+            request: Arc::clone(&self.request),
+        }
+    }
+}
+
+impl<C: Caller> Op for Calls<C> {
+    fn call(&self, task: usize, _: u64) -> impl Future<Output = ()> + Send + 'static {
+        let (caller, request, call) = (
+            Arc::clone(&self.caller),
+            Arc::clone(&self.request),
+            self.call,
+        );
+        async move {
             let receipt = match call {
                 Call::Replay => caller.replay(task, &request).await,
                 Call::FirstCall => {
@@ -496,40 +509,118 @@ pub fn calls<C: Caller>(
                 }
             };
             black_box(receipt.unwrap());
-        })
+        }
     }
 }
 
-/// The op of [`bench_hot_replays`] as a closure, boxed as [`calls`]'s.
+/// The op of [`bench_hot_replays`]: each task's `i`-th call a replay through `caller` of one
+/// of `requests` (all recorded beforehand), chosen by [`hot_index`].
 pub fn hot_replays<C: Caller>(
     caller: &Arc<C>,
     tasks: usize,
     requests: &Arc<Vec<OrderRequest>>,
-) -> impl Fn(usize, u64) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
-+ Send
-+ Sync
-+ Clone
-+ 'static {
-    let (caller, requests) = (Arc::clone(caller), Arc::clone(requests));
-    move |task, i| {
-        let (caller, requests) = (Arc::clone(&caller), Arc::clone(&requests));
-        Box::pin(async move {
-            let request = &requests[hot_index(task, tasks, i, requests.len())];
-            black_box(caller.replay(task, request).await.unwrap());
-        })
+) -> HotReplays<C> {
+    HotReplays {
+        caller: Arc::clone(caller),
+        tasks,
+        requests: Arc::clone(requests),
     }
 }
 
-/// Times `iters` iterations of `op` by `tasks` concurrent tasks (see [`concurrent`]): per call,
-/// as the report gives it (an iteration's time divided by the number of tasks). For benches
-/// that time their variants in turns (`IDEMPOTENT_BENCH_INTERLEAVED`).
-pub async fn time_ops<F, Fut>(tasks: usize, iters: u64, op: F) -> Duration
-where
-    F: Fn(usize, u64) -> Fut + Send + Sync + Clone + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let elapsed = concurrent(tasks, iters, op).await;
-    elapsed / u32::try_from(iters * tasks as u64).unwrap_or(u32::MAX)
+/// See [`hot_replays`].
+pub struct HotReplays<C> {
+    caller: Arc<C>,
+    tasks: usize,
+    requests: Arc<Vec<OrderRequest>>,
+}
+
+impl<C> Clone for HotReplays<C> {
+    fn clone(&self) -> Self {
+        Self {
+            caller: Arc::clone(&self.caller),
+            tasks: self.tasks,
+            requests: Arc::clone(&self.requests),
+        }
+    }
+}
+
+impl<C: Caller> Op for HotReplays<C> {
+    fn call(&self, task: usize, i: u64) -> impl Future<Output = ()> + Send + 'static {
+        let (caller, requests, tasks) = (
+            Arc::clone(&self.caller),
+            Arc::clone(&self.requests),
+            self.tasks,
+        );
+        async move {
+            let request = &requests[hot_index(task, tasks, i, requests.len())];
+            black_box(caller.replay(task, request).await.unwrap());
+        }
+    }
+}
+
+/// One variant of a bench that times its variants in turns (`IDEMPOTENT_BENCH_INTERLEAVED`):
+/// given a task and a number of calls, that task's calls in a round, as one boxed future. The
+/// variants of a case differ in type, hence the box; one per task and round, not per call, so
+/// that a variant's future costs it no allocation per call that criterion's unboxed loop
+/// (`bench_ops`) does not (a call through `#[idempotent]` is a future of a few KB: boxed per
+/// call, it would be timed with a large allocation the application does not make).
+pub type TaskLoop =
+    Arc<dyn Fn(usize, u64) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// `op`'s calls `0..calls`, as a [`TaskLoop`].
+pub fn task_loop<O: Op>(op: O) -> TaskLoop {
+    Arc::new(move |task, calls| {
+        let op = op.clone();
+        Box::pin(async move {
+            for i in 0..calls {
+                op.call(task, i).await;
+            }
+        })
+    })
+}
+
+/// Times `calls` calls by each of `tasks` concurrent tasks running `variant`: per call, as the
+/// report gives it (the round's time divided by the number of tasks and calls).
+pub async fn time_ops(tasks: usize, calls: u64, variant: &TaskLoop) -> Duration {
+    let barrier = Arc::new(tokio::sync::Barrier::new(tasks + 1));
+    let handles: Vec<_> = (0..tasks)
+        .map(|task| {
+            let (calls_of_task, barrier) = (variant(task, calls), Arc::clone(&barrier));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                calls_of_task.await;
+            })
+        })
+        .collect();
+    barrier.wait().await;
+    let started = Instant::now();
+    for handle in handles {
+        handle.await.expect("a benchmark task panicked");
+    }
+    started.elapsed() / u32::try_from(calls * tasks as u64).unwrap_or(u32::MAX)
+}
+
+/// CPU time used so far by every thread of this process (the bench's runtime and client, not
+/// the server it talks to), from `/proc/self/task/*/schedstat`, to the nanosecond; `None`
+/// where that is not readable (not Linux). Threads that ended before the call are not counted,
+/// so only differences over spans in which no thread ends mean anything (the runtime's
+/// workers live for the whole bench).
+pub fn process_cpu() -> Option<Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
+}
+
+/// `IDEMPOTENT_BENCH_CASES`: the interleaved cases to run, a comma-separated list of names
+/// (`replay-64,first_call-64`); all when unset.
+pub fn selected(case: &str) -> bool {
+    match std::env::var("IDEMPOTENT_BENCH_CASES") {
+        Ok(cases) => cases.split(',').any(|wanted| wanted.trim() == case),
+        Err(_) => true,
+    }
 }
 
 /// The median of `values` (sorted in place).
@@ -570,12 +661,11 @@ pub fn bench_hot_replays<C: Caller>(
     caller: &Arc<C>,
     requests: &Arc<Vec<OrderRequest>>,
 ) {
-    let (caller, requests) = (Arc::clone(caller), Arc::clone(requests));
-    bench_ops(group, runtime, id, tasks, move |task, i| {
-        let (caller, requests) = (Arc::clone(&caller), Arc::clone(&requests));
-        async move {
-            let request = &requests[hot_index(task, tasks, i, requests.len())];
-            black_box(caller.replay(task, request).await.unwrap());
-        }
-    });
+    bench_ops(
+        group,
+        runtime,
+        id,
+        tasks,
+        hot_replays(caller, tasks, requests),
+    );
 }
