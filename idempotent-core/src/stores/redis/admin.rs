@@ -139,7 +139,7 @@ impl Admin for RedisStore {
             let mut stats = StoreStats::default();
             let mut cursor: u64 = 0;
             loop {
-                let (_, mut manager) = connection.current();
+                let (_, mut manager) = connection.current().await.map_err(failed)?;
                 let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
                     .arg(cursor)
                     .arg("MATCH")

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use redis::aio::ConnectionManagerConfig;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 
 use super::RedisStore;
@@ -461,15 +460,13 @@ impl RedisStoreBuilder {
             }
             None => {
                 let client = self.client()?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.connect_timeout))
-                    .set_response_timeout(Some(self.response_timeout))
-                    // One connection attempt per call, no backoff: a call fails within the
-                    // connect timeout plus the response timeout, and the caller's retry
-                    // policy, not ours, decides how long to keep trying.
-                    .set_number_of_retries(0);
+                // One connection attempt per call, no backoff: a call fails within the connect
+                // timeout plus the response timeout, and the caller's retry policy, not ours,
+                // decides how long to keep trying.
+                let connection =
+                    Connection::new(client.clone(), self.connect_timeout, self.response_timeout);
                 (
-                    Commands::Single(Connection::new(client.clone(), config)?),
+                    Commands::Single(connection),
                     Subscriptions::new(
                         Source::Single(Box::new(client.clone())),
                         self.connect_timeout,

@@ -402,7 +402,9 @@ impl RedisStore {
             // Each command's error is its answer, not the pipeline's: see `query`.
             .ignore_errors();
         let sent = cache.sent();
-        match self.send_pipeline(&pipeline).await {
+        // Boxed: inline, the pipeline's future would make every claim's future larger, with
+        // the cache or without.
+        match Box::pin(self.send_pipeline(&pipeline)).await {
             Ok((answer, Value::Int(left))) => {
                 // -2 (no key: the record ended after the claim) or -1 (no expiry: not a
                 // record this store wrote) make no entry.
@@ -487,24 +489,34 @@ impl RedisStore {
         let timed_out = || past_deadline(deadline);
         match &*self.commands {
             Commands::Single(connection) => {
-                let (generation, mut manager) = connection.current();
+                let mut generation = None;
                 let send = async {
-                    match query(pipeline, &mut manager).await {
+                    let (seen, answer) = connection.send_pipeline(pipeline).await;
+                    generation = Some(seen);
+                    match two_answers(answer) {
                         Err(error) if is_demoted(&error) => {
-                            let (_, mut manager) = connection.replace(generation);
-                            query(pipeline, &mut manager).await
+                            connection.replace(seen);
+                            let (seen, answer) = connection.send_pipeline(pipeline).await;
+                            generation = Some(seen);
+                            two_answers(answer)
                         }
                         answer => answer,
                     }
                 };
-                match tokio::time::timeout(deadline, send).await {
-                    Ok(Err(error)) if error.is_timeout() => {
+                let answer = tokio::time::timeout(deadline, send).await;
+                let replace = || {
+                    if let Some(generation) = generation {
                         connection.replace(generation);
+                    }
+                };
+                match answer {
+                    Ok(Err(error)) if error.is_timeout() => {
+                        replace();
                         Err(error)
                     }
                     Ok(answer) => answer,
                     Err(_) => {
-                        connection.replace(generation);
+                        replace();
                         Err(timed_out())
                     }
                 }
@@ -529,8 +541,12 @@ async fn query(
     pipeline: &redis::Pipeline,
     connection: &mut impl redis::aio::ConnectionLike,
 ) -> Result<(Value, Value), RedisError> {
-    let answers: Vec<Value> = pipeline.query_async(connection).await?;
-    let mut answers = answers.into_iter();
+    two_answers(pipeline.query_async(connection).await)
+}
+
+/// [`query`]'s answer from the pipeline's answers.
+fn two_answers(answers: Result<Vec<Value>, RedisError>) -> Result<(Value, Value), RedisError> {
+    let mut answers = answers?.into_iter();
     match (answers.next(), answers.next()) {
         (Some(Value::ServerError(error)), _) => Err(error.into()),
         (Some(first), Some(second)) => Ok((first, second)),

@@ -1,66 +1,138 @@
 //! The connection commands go over, and sending a command on it within the store's deadline,
 //! through the passing failures a deployment has (a lost script cache, a failover).
 
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::MultiplexedConnection;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
+use redis::{AsyncConnectionConfig, ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::OnceCell;
 
 use super::RedisStore;
-use super::error::{is_demoted, unavailable};
-use crate::error::StoreError;
+use super::error::is_demoted;
 
-/// The connection commands go over: a `ConnectionManager`, which reconnects by itself when the
-/// connection breaks, replaced by a new one when the server it reaches answers but can no
-/// longer serve (see `RedisStore::send`). The generation tells a replacement asked for by many
-/// calls that met the same failure apart from a later one: one new connection per failure.
+/// The connection commands go over: one multiplexed connection, made on first use, and made
+/// again after it broke (an I/O error, a closed socket, a response timeout) or after the
+/// server it reaches answered but can no longer serve (see `RedisStore::send`). Each
+/// connection is a generation: many calls that met the same failure replace it once.
+///
+/// Commands go straight to the redis crate's `MultiplexedConnection` (its inherent
+/// `send_packed_command`, which boxes no future), not through its `ConnectionManager`: a
+/// replay is one command, and the manager's shared connection future and boxed call cost
+/// about as much client time per command as the store's own work.
 pub(super) struct Connection {
     client: redis::Client,
-    config: ConnectionManagerConfig,
-    current: RwLock<(u64, ConnectionManager)>,
+    config: AsyncConnectionConfig,
+    current: RwLock<Arc<Generation>>,
+}
+
+/// One connection of [`Connection`], made by the first call that needs it; a failed attempt
+/// leaves it unmade, for the next call to try again (one connection attempt per call, no
+/// backoff: the caller's retry policy decides how long to keep trying).
+struct Generation {
+    number: u64,
+    connection: OnceCell<MultiplexedConnection>,
+}
+
+impl Generation {
+    fn new(number: u64) -> Arc<Self> {
+        Arc::new(Self {
+            number,
+            connection: OnceCell::new(),
+        })
+    }
 }
 
 impl Connection {
     pub(super) fn new(
         client: redis::Client,
-        config: ConnectionManagerConfig,
-    ) -> Result<Self, StoreError> {
-        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-            .map_err(|error| unavailable("could not set up the Redis connection", error))?;
-        Ok(Self {
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Self {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(response_timeout));
+        Self {
             client,
             config,
-            current: RwLock::new((0, manager)),
-        })
+            current: RwLock::new(Generation::new(0)),
+        }
     }
 
-    pub(super) fn current(&self) -> (u64, ConnectionManager) {
-        let current = self
-            .current
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        (current.0, current.1.clone())
+    fn generation(&self) -> Arc<Generation> {
+        Arc::clone(
+            &self
+                .current
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 
-    /// A new connection in place of generation `seen`, unless that was replaced already; the
-    /// current one either way. The old one closes once its last command has its answer.
-    pub(super) fn replace(&self, seen: u64) -> (u64, ConnectionManager) {
+    /// The current connection and its generation, connecting now if it is not made yet.
+    pub(super) async fn current(&self) -> Result<(u64, MultiplexedConnection), RedisError> {
+        let generation = self.generation();
+        let connection = match generation.connection.get() {
+            Some(connection) => connection.clone(),
+            // Boxed: connecting is rare, and its future is larger than a command's; inline, it
+            // would make every command's future that much larger.
+            None => Box::pin(generation.connection.get_or_try_init(|| {
+                self.client
+                    .get_multiplexed_async_connection_with_config(&self.config)
+            }))
+            .await?
+            .clone(),
+        };
+        Ok((generation.number, connection))
+    }
+
+    /// Sends `command` on the current connection, and replaces the connection if the command
+    /// found it broken (the next command connects afresh).
+    pub(super) async fn send(&self, command: &redis::Cmd) -> (u64, Result<Value, RedisError>) {
+        let (generation, mut connection) = match self.current().await {
+            Ok(current) => current,
+            Err(error) => return (self.generation().number, Err(error)),
+        };
+        let answer = connection.send_packed_command(command).await;
+        if let Err(error) = &answer
+            && error.is_unrecoverable_error()
+        {
+            self.replace(generation);
+        }
+        // An error the server answered is the command's error, as `Cmd::query_async` has it.
+        (generation, answer.and_then(Value::extract_error))
+    }
+
+    /// Sends `pipeline` as [`send`](Self::send) sends a command.
+    pub(super) async fn send_pipeline(
+        &self,
+        pipeline: &redis::Pipeline,
+    ) -> (u64, Result<Vec<Value>, RedisError>) {
+        let (generation, mut connection) = match self.current().await {
+            Ok(current) => current,
+            Err(error) => return (self.generation().number, Err(error)),
+        };
+        let answer = pipeline.query_async(&mut connection).await;
+        if let Err(error) = &answer
+            && error.is_unrecoverable_error()
+        {
+            self.replace(generation);
+        }
+        (generation, answer)
+    }
+
+    /// A new connection in place of generation `seen`, unless that was replaced already. The
+    /// old one closes once its last command has its answer.
+    pub(super) fn replace(&self, seen: u64) {
         let mut current = self
             .current
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if current.0 == seen
-            && let Ok(manager) =
-                ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
-        {
-            *current = (seen + 1, manager);
+        if current.number == seen {
+            *current = Generation::new(seen + 1);
         }
-        (current.0, current.1.clone())
     }
 }
 
@@ -175,10 +247,9 @@ impl RedisStore {
         script: Option<&redis::Script>,
     ) -> Result<Value, RedisError> {
         let started = Instant::now();
-        let (mut generation, mut manager) = connection.current();
-        let mut error = match command.query_async::<Value>(&mut manager).await {
-            Err(error) => error,
-            answer => return answer,
+        let (mut generation, mut error) = match connection.send(command).await {
+            (generation, Err(error)) => (generation, error),
+            (_, answer) => return answer,
         };
         let again = async {
             let (mut loaded, mut replaced) = (false, false);
@@ -188,7 +259,11 @@ impl RedisStore {
                     && let Some(script) = script
                 {
                     loaded = true;
-                    if let Err(load) = script.load_async(&mut manager).await {
+                    let load = match connection.current().await {
+                        Ok((_, mut current)) => script.load_async(&mut current).await.map(drop),
+                        Err(error) => Err(error),
+                    };
+                    if let Err(load) = load {
                         error = load;
                         continue;
                     }
@@ -196,21 +271,22 @@ impl RedisStore {
                     replaced = true;
                     // The server now reached may lack the scripts.
                     loaded = false;
-                    (generation, manager) = connection.replace(generation);
+                    connection.replace(generation);
                 } else {
                     if error.is_timeout() {
                         connection.replace(generation);
                     }
                     return Err(error);
                 }
-                match command.query_async::<Value>(&mut manager).await {
-                    Err(next) => error = next,
-                    answer => return answer,
+                match connection.send(command).await {
+                    (next, Err(next_error)) => (generation, error) = (next, next_error),
+                    (_, answer) => return answer,
                 }
             }
         };
         let left = self.deadline.saturating_sub(started.elapsed());
-        match tokio::time::timeout(left, again).await {
+        // Boxed, as the retries are rare: see `Connection::current`.
+        match Box::pin(tokio::time::timeout(left, again)).await {
             Ok(result) => result,
             Err(_) => {
                 // A connection that took all of the deadline is as good as black-holed.

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use bytes::Buf as _;
 use redis::Value;
 
 use crate::error::StoreError;
@@ -63,7 +64,10 @@ pub(super) fn completed(stored: Vec<u8>, fingerprint: &[u8; 64]) -> Option<Found
         return Some(Found::Mismatch);
     }
     let output_at = FENCE_AT + fence_len + 1;
-    Some(Found::Completed(Bytes::from(stored).slice(output_at..)))
+    // `advance` keeps the reply's buffer as it is (`slice` would allocate to share it).
+    let mut output = Bytes::from(stored);
+    output.advance(output_at);
+    Some(Found::Completed(output))
 }
 
 impl Reply {
