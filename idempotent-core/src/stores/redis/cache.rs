@@ -67,6 +67,7 @@ pub(super) struct RecordLife {
 
 #[cfg(feature = "redis-cache")]
 mod enabled {
+    use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{Duration, Instant};
 
@@ -85,9 +86,9 @@ mod enabled {
 
     /// The cache of one store (and its clones).
     pub(in crate::stores::redis) struct LocalCache {
-        entries: Cache<StorageKey, Entry>,
+        entries: Cache<StorageKey, Entry, ByDigest>,
         /// The claims this store acquired: key → fence and fingerprint.
-        claimed: Cache<StorageKey, (u64, [u8; 64])>,
+        claimed: Cache<StorageKey, (u64, [u8; 64]), ByDigest>,
         max_age: Duration,
         /// How many `remove`s this store has made: a claim or completion sent before one
         /// makes no entry, which might hold the deleted record.
@@ -127,6 +128,41 @@ mod enabled {
         }
     }
 
+    /// Hashes a [`StorageKey`] by its first eight bytes: the key is a SHA-256 digest already,
+    /// as evenly spread as any hash of it, and the cache's default hasher (SipHash) was a
+    /// noticeable share of a cached replay.
+    #[derive(Clone, Default)]
+    pub(in crate::stores::redis) struct ByDigest;
+
+    impl BuildHasher for ByDigest {
+        type Hasher = DigestHasher;
+
+        fn build_hasher(&self) -> DigestHasher {
+            DigestHasher(0)
+        }
+    }
+
+    /// See [`ByDigest`]. A `StorageKey` hashes as its 32 bytes after their length; the
+    /// length is ignored, the bytes folded in eight at a time (only the first eight bytes of
+    /// a digest are needed, but any bytes written count, so other keys hash soundly too).
+    pub(in crate::stores::redis) struct DigestHasher(u64);
+
+    impl Hasher for DigestHasher {
+        fn write(&mut self, bytes: &[u8]) {
+            for chunk in bytes.chunks(8) {
+                let mut word = [0u8; 8];
+                word[..chunk.len()].copy_from_slice(chunk);
+                self.0 = self.0.rotate_left(29) ^ u64::from_le_bytes(word);
+            }
+        }
+
+        fn write_usize(&mut self, _length: usize) {}
+
+        fn finish(&self) -> u64 {
+            self.0
+        }
+    }
+
     impl LocalCache {
         pub(in crate::stores::redis) fn new(settings: Settings) -> Self {
             let entries = Cache::builder()
@@ -136,11 +172,11 @@ mod enabled {
                     u32::try_from(weight).unwrap_or(u32::MAX)
                 })
                 .expire_after(UntilDeadline)
-                .build();
+                .build_with_hasher(ByDigest);
             let claimed = Cache::builder()
                 .max_capacity(CLAIMS_REMEMBERED)
                 .time_to_live(CLAIM_REMEMBERED_FOR)
-                .build();
+                .build_with_hasher(ByDigest);
             Self {
                 entries,
                 claimed,
@@ -267,6 +303,31 @@ mod enabled {
         const MINE: [u8; 64] = [b'a'; 64];
         const OTHER: [u8; 64] = [b'b'; 64];
         const HOUR: Duration = Duration::from_secs(3600);
+
+        #[test]
+        fn keys_hash_by_every_byte_and_spread_over_the_buckets() {
+            let hash = |key: &StorageKey| ByDigest.hash_one(key);
+            // Keys alike but for one byte, anywhere, hash apart.
+            let base = [0u8; 32];
+            for at in 0..32 {
+                let mut other = base;
+                other[at] = 1;
+                assert_ne!(
+                    hash(&StorageKey::from_bytes(base)),
+                    hash(&StorageKey::from_bytes(other)),
+                    "byte {at}"
+                );
+            }
+            // Real keys fill the low bits evenly (a cache indexes its buckets by them).
+            let mut buckets = [0u32; 64];
+            for i in 0..64_000u32 {
+                buckets[(hash(&key(&i.to_le_bytes())) % 64) as usize] += 1;
+            }
+            assert!(
+                buckets.iter().all(|&n| (800..1200).contains(&n)),
+                "{buckets:?}"
+            );
+        }
 
         #[test]
         fn an_entry_answers_its_fingerprint_and_refuses_another() {
