@@ -987,12 +987,13 @@ async fn with_wait_for_replicas_a_claim_no_replica_received_is_released_and_its_
     wait_for_sync(&replica, &primary);
     wait_until_streaming(&primary, &replica);
 
-    let waiting = Idempotency::new(Arc::new(
+    let waiting_store = Arc::new(
         RedisStore::builder(primary.url())
             .wait_for_replicas(1, Duration::from_millis(200))
             .build()
             .unwrap(),
-    ));
+    );
+    let waiting = Idempotency::new(Arc::clone(&waiting_store) as Arc<dyn Store>);
     let plain = Idempotency::new(store_at(&primary.url()));
     let runs = Runs::default();
     let body = || async {
@@ -1019,6 +1020,38 @@ async fn with_wait_for_replicas_a_claim_no_replica_received_is_released_and_its_
             .is_replayed()
     );
     assert_eq!(runs.count(), 1);
+
+    // A lease renewal is waited for too (a failover that lost it would end the lease early and
+    // let another caller take the key over while the body runs); a fenced one is not.
+    let key = StorageKey::derive("redis::wait-replicas", None, b"renewed").unwrap();
+    let minute = Duration::from_secs(60);
+    let Claim::Acquired { fence } = waiting_store
+        .claim(
+            &key,
+            &CanonicalArguments::from(Fingerprint::from_bytes([2; 32])),
+            minute,
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key is free");
+    };
+    primary.reset_stats();
+    assert_eq!(
+        waiting_store.extend(&key, fence, minute).await.unwrap(),
+        FencedWrite::Applied
+    );
+    let stale = idempotent_core::Fence::new(fence.get() - 1);
+    assert_eq!(
+        waiting_store.extend(&key, stale, minute).await.unwrap(),
+        FencedWrite::Fenced
+    );
+    assert_eq!(
+        primary.command_stats().get("wait"),
+        Some(&1),
+        "a WAIT after the applied renewal only: {:?}",
+        primary.command_stats()
+    );
 
     // The replica stops receiving: a claim only the primary has is released, and the body
     // does not run.

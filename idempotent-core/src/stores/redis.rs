@@ -467,25 +467,44 @@ impl RedisStore {
         })
     }
 
-    /// [`RedisStoreBuilder::wait_for_replicas`] after a completion of `key`: the record stands
-    /// either way; too few acknowledgements are logged.
-    async fn replicate_completion(&self, key: &StorageKey, replicas: u32, timeout: Duration) {
-        match self
+    /// [`RedisStoreBuilder::wait_for_replicas`] after a completion or a lease renewal of
+    /// `key`: the write stands either way; too few acknowledgements are logged.
+    async fn replicate_write(
+        &self,
+        key: &StorageKey,
+        write: Replicated,
+        replicas: u32,
+        timeout: Duration,
+    ) {
+        let acknowledged = self
             .replicas_acknowledging(&self.record_key(key), replicas, timeout)
-            .await
-        {
-            Ok(acknowledged) if acknowledged >= replicas => {}
-            Ok(acknowledged) => tracing::warn!(
-                key = %crate::telemetry::short_key(key),
+            .await;
+        let key = crate::telemetry::short_key(key);
+        match (acknowledged, write) {
+            (Ok(acknowledged), _) if acknowledged >= replicas => {}
+            (Ok(acknowledged), Replicated::Completion) => tracing::warn!(
+                key = %key,
                 acknowledged,
                 replicas,
                 ?timeout,
                 "a completion reached fewer replicas than asked for (RedisStoreBuilder::wait_for_replicas): it is recorded on the primary, but a failover now could lose it and let the key run again"
             ),
-            Err(error) => tracing::warn!(
-                key = %crate::telemetry::short_key(key),
+            (Ok(acknowledged), Replicated::Renewal) => tracing::warn!(
+                key = %key,
+                acknowledged,
+                replicas,
+                ?timeout,
+                "a lease renewal reached fewer replicas than asked for (RedisStoreBuilder::wait_for_replicas): a failover now could end the lease early and let another call take the key over while this body runs"
+            ),
+            (Err(error), Replicated::Completion) => tracing::warn!(
+                key = %key,
                 error = %error,
                 "could not learn whether replicas received a completion (WAIT): it is recorded on the primary, but a failover now could lose it"
+            ),
+            (Err(error), Replicated::Renewal) => tracing::warn!(
+                key = %key,
+                error = %error,
+                "could not learn whether replicas received a lease renewal (WAIT): a failover now could end the lease early"
             ),
         }
     }
@@ -509,6 +528,13 @@ fn refuses_nx_with_get(error: &redis::RedisError) -> bool {
             .is_some_and(|detail| detail.contains("syntax error"))
 }
 
+/// A write that [`RedisStore::replicate_write`] waits for replicas to receive.
+#[derive(Clone, Copy)]
+enum Replicated {
+    Completion,
+    Renewal,
+}
+
 /// What the native claim made of a key.
 enum Native {
     Answered(Claim),
@@ -516,7 +542,6 @@ enum Native {
     AskScript,
 }
 
-/// Writes formatted text into a record's bytes.
 /// A record key as one command argument (see [`RedisStore::record_key_arg`]).
 #[derive(Clone, Copy)]
 struct RecordKey<'a> {
@@ -652,7 +677,8 @@ impl Store for RedisStore {
             if write == FencedWrite::Applied
                 && let Some((replicas, timeout)) = self.wait_for_replicas
             {
-                self.replicate_completion(key, replicas, timeout).await;
+                Box::pin(self.replicate_write(key, Replicated::Completion, replicas, timeout))
+                    .await;
             }
             self.completed(key, fence, &output, ttl, sent, write);
             Ok(write)
@@ -682,7 +708,13 @@ impl Store for RedisStore {
             let args = |command: &mut redis::Cmd| {
                 command.arg(fence.get()).arg(millis(lease));
             };
-            self.fenced_write(&self.scripts.extend, key, args).await
+            let write = self.fenced_write(&self.scripts.extend, key, args).await?;
+            if write == FencedWrite::Applied
+                && let Some((replicas, timeout)) = self.wait_for_replicas
+            {
+                Box::pin(self.replicate_write(key, Replicated::Renewal, replicas, timeout)).await;
+            }
+            Ok(write)
         })
     }
 

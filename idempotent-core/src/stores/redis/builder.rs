@@ -110,9 +110,9 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// After each claim that acquires a key, and each completion, waits until `replicas`
-    /// replicas of the key's primary have acknowledged it (Redis `WAIT`), for at most
-    /// `timeout`; off by default.
+    /// After each claim that acquires a key, each completion and each lease renewal, waits
+    /// until `replicas` replicas of the key's primary have acknowledged it (Redis `WAIT`), for
+    /// at most `timeout`; off by default.
     ///
     /// Redis replicates asynchronously: a failover to a replica that had not yet received a
     /// claim lets another caller claim the key and run the body a second time, and one that
@@ -122,13 +122,15 @@ impl RedisStoreBuilder {
     ///   and the call fails with [`StoreError::Unavailable`] without running the body (the
     ///   caller may retry);
     /// - a completion that fewer acknowledged stands (the body ran; its output is recorded
-    ///   on the primary) and is logged as a WARN, since a failover now could lose it.
+    ///   on the primary) and is logged as a WARN, since a failover now could lose it;
+    /// - so does a lease renewal (the lease is renewed on the primary; a failover now could
+    ///   end it early, and let another caller take the key over while the body runs).
     ///
     /// It narrows the window in which a failover loses a claim or a record to what Redis
     /// itself cannot promise: `WAIT` does not make Redis strongly consistent (a failover may
     /// still promote a replica that missed the write, e.g. one that lagged when the
-    /// acknowledging one failed too). It costs a round trip after each claim and completion,
-    /// and the time replicas take to acknowledge. `timeout` must be shorter than the
+    /// acknowledging one failed too). It costs a round trip after each claim, completion and
+    /// renewal, and the time replicas take to acknowledge. `timeout` must be shorter than the
     /// [response timeout](Self::response_timeout), which bounds every command and the `WAIT`
     /// with it; `build` refuses it otherwise.
     ///
