@@ -73,18 +73,26 @@ impl Connection {
 
     /// The current connection and its generation, connecting now if it is not made yet.
     pub(super) async fn current(&self) -> Result<(u64, MultiplexedConnection), RedisError> {
+        // The common case under the read lock only: the connection is made, and cloned
+        // without touching the generation's reference count.
+        {
+            let current = self
+                .current
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(connection) = current.connection.get() {
+                return Ok((current.number, connection.clone()));
+            }
+        }
         let generation = self.generation();
-        let connection = match generation.connection.get() {
-            Some(connection) => connection.clone(),
-            // Boxed: connecting is rare, and its future is larger than a command's; inline, it
-            // would make every command's future that much larger.
-            None => Box::pin(generation.connection.get_or_try_init(|| {
-                self.client
-                    .get_multiplexed_async_connection_with_config(&self.config)
-            }))
-            .await?
-            .clone(),
-        };
+        // Boxed: connecting is rare, and its future is larger than a command's; inline, it
+        // would make every command's future that much larger.
+        let connection = Box::pin(generation.connection.get_or_try_init(|| {
+            self.client
+                .get_multiplexed_async_connection_with_config(&self.config)
+        }))
+        .await?
+        .clone();
         Ok((generation.number, connection))
     }
 
