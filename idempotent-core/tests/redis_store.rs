@@ -50,8 +50,20 @@ fn evalsha_calls(server: &RedisServer) -> u64 {
     server.command_stats().get("evalsha").copied().unwrap_or(0)
 }
 
+/// How many `command`s `stats` (a `command_stats`) counts, asserting it counts no other.
+fn only(stats: &std::collections::BTreeMap<String, u64>, command: &str, what: &str) -> u64 {
+    for (other, _) in stats.iter().filter(|(other, _)| other.as_str() != command) {
+        // The stats' reset, and a new store's check of the server's settings.
+        assert!(
+            other.starts_with("config|") || other == "info",
+            "{what}: only {command}, but also {other}: {stats:?}"
+        );
+    }
+    stats.get(command).copied().unwrap_or(0)
+}
+
 #[tokio::test]
-async fn a_replay_is_one_native_command_and_a_first_call_one_more_script() {
+async fn a_replay_is_one_native_command_and_a_get_once_the_store_saw_the_key_completed() {
     let server = RedisServer::start();
     let engine = Idempotency::new(store_at(&server.url()));
     let runs = Runs::default();
@@ -80,31 +92,95 @@ async fn a_replay_is_one_native_command_and_a_first_call_one_more_script() {
         "nobody waited, so nothing is published: {first_call:?}"
     );
 
+    // The store that completed the key reads it: one GET.
     server.reset_stats();
     assert!(engine.run(call, body()).await.unwrap().is_replayed());
     let replay = server.command_stats();
     assert_eq!(
-        replay.get("set"),
-        Some(&1),
-        "one native SET NX GET answers the replay: {replay:?}"
+        only(&replay, "get", "a replay where the key was completed"),
+        1
     );
-    for command in [
-        "evalsha",
-        "eval",
-        "script",
-        "get",
-        "pttl",
-        "mget",
-        "subscribe",
-        "publish",
-    ] {
-        assert_eq!(
-            replay.get(command),
-            None,
-            "no {command} for a replay: {replay:?}"
-        );
-    }
+
+    // Another process's store has not seen it: one native SET NX GET, which finds it
+    // completed; from then on it reads it too.
+    let other = Idempotency::new(store_at(&server.url()));
+    server.reset_stats();
+    assert!(other.run(call, body()).await.unwrap().is_replayed());
+    assert_eq!(
+        only(&server.command_stats(), "set", "a replay by another store"),
+        1
+    );
+    server.reset_stats();
+    assert!(other.run(call, body()).await.unwrap().is_replayed());
+    assert_eq!(only(&server.command_stats(), "get", "its next replay"), 1);
     assert_eq!(runs.count(), 2);
+}
+
+#[tokio::test]
+async fn a_key_seen_completed_but_forgotten_or_taken_since_is_claimed_as_usual() {
+    let server = RedisServer::start();
+    let (mine, theirs) = (store_at(&server.url()), store_at(&server.url()));
+    let engine = Idempotency::new(Arc::clone(&mine) as Arc<dyn Store>)
+        .with_options(Options::default().with_on_conflict(OnConflict::Reject));
+    let other = Idempotency::new(Arc::clone(&theirs) as Arc<dyn Store>);
+    let runs = Runs::default();
+    let body = || async {
+        runs.hit();
+        Ok::<_, AppError>(format!("receipt {}", runs.count()))
+    };
+    let call = Call::new("redis::hints", Fingerprint::of(&1).unwrap()).key("order-1");
+    engine.run(call, body()).await.unwrap();
+    assert!(engine.run(call, body()).await.unwrap().is_replayed());
+
+    // Forgotten by another process: this store still takes it for completed, reads nothing,
+    // and claims it; the body runs again, as for any forgotten key.
+    assert!(other.forget(call).await.unwrap());
+    let again = engine.run(call, body()).await.unwrap();
+    assert_eq!(again, Outcome::Executed("receipt 2".to_string()));
+    assert_eq!(runs.count(), 2);
+    assert_eq!(
+        engine.run(call, body()).await.unwrap(),
+        Outcome::Replayed("receipt 2".to_string())
+    );
+
+    // Forgotten and claimed by another process, whose body is still running: this store
+    // reads a claim, not a record, and the claim it sends next finds the key held.
+    assert!(other.forget(call).await.unwrap());
+    let key = call.storage_key().unwrap();
+    let Claim::Acquired { .. } = theirs
+        .claim(
+            &key,
+            &CanonicalArguments::from(Fingerprint::of(&1).unwrap()),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("a forgotten key is free");
+    };
+    let held = engine.run(call, body()).await;
+    assert!(
+        matches!(held, Err(AppError::Idempotency(ref error)) if error.starts_with("Conflict")),
+        "{held:?}"
+    );
+    assert_eq!(runs.count(), 2, "the body did not run");
+
+    // Another call's arguments under a key seen completed: a mismatch, read with the GET.
+    let reused = Call::new("redis::hints", Fingerprint::of(&2).unwrap()).key("order-2");
+    engine
+        .run(
+            Call::new("redis::hints", Fingerprint::of(&1).unwrap()).key("order-2"),
+            body(),
+        )
+        .await
+        .unwrap();
+    server.reset_stats();
+    let mismatch = engine.run(reused, body()).await;
+    assert!(
+        matches!(mismatch, Err(AppError::Idempotency(ref error)) if error.starts_with("KeyReused")),
+        "{mismatch:?}"
+    );
+    assert_eq!(only(&server.command_stats(), "get", "a mismatch"), 1);
 }
 
 #[tokio::test]

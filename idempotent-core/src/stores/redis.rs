@@ -89,6 +89,7 @@ mod builder;
 mod cache;
 mod connection;
 mod error;
+mod hints;
 mod record;
 mod scripts;
 mod settings;
@@ -191,6 +192,8 @@ pub struct RedisStore {
     native_claim: Arc<AtomicBool>,
     /// The completed records kept in the process (`RedisStoreBuilder::local_cache`).
     cache: Option<Arc<cache::LocalCache>>,
+    /// The keys this store saw completed, whose replays are a plain `GET` (`hints.rs`).
+    completed: Arc<hints::CompletedKeys>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -373,10 +376,14 @@ impl RedisStore {
             })),
             Ok(Value::BulkString(stored)) => Ok(match record::completed(stored, fingerprint) {
                 Some(Found::Completed(output)) => {
+                    self.completed.insert(key);
                     self.replayed(key, fingerprint, &output, life);
                     Native::Answered(Claim::Completed { output })
                 }
-                Some(Found::Mismatch) => Native::Answered(Claim::Mismatch),
+                Some(Found::Mismatch) => {
+                    self.completed.insert(key);
+                    Native::Answered(Claim::Mismatch)
+                }
                 None => Native::AskScript,
             }),
             Ok(_) => Err(StoreError::Backend {
@@ -398,6 +405,33 @@ impl RedisStore {
             }
             Err(error) => Err(from_redis("a claim failed", error)),
         }
+    }
+
+    /// The answer of a key this store saw completed, read with a plain `GET` (see `hints.rs`):
+    /// a completed record is answered as the native claim would answer it; anything else
+    /// (nothing, a claim in progress, a tombstone, another type) is `None`, for the claim to
+    /// answer, and the key is no longer taken for completed. A failure to reach the server is
+    /// the call's error, as the claim's would be.
+    async fn replay_by_get(
+        &self,
+        key: &StorageKey,
+        fingerprint: &[u8; 64],
+    ) -> Result<Option<Claim>, StoreError> {
+        let mut command = redis::Cmd::with_capacity(2, 80 + self.key_prefix.len());
+        command.arg("GET").arg(self.record_key_arg(key));
+        match self.send(&command, None).await {
+            Ok(Value::BulkString(stored)) => match record::completed(stored, fingerprint) {
+                Some(Found::Completed(output)) => return Ok(Some(Claim::Completed { output })),
+                Some(Found::Mismatch) => return Ok(Some(Claim::Mismatch)),
+                None => {}
+            },
+            Ok(_) => {}
+            // The server's refusal (another type under the key, say): the claim reports it.
+            Err(error) if error.code().is_some() => {}
+            Err(error) => return Err(from_redis("a replay failed", error)),
+        }
+        self.completed.remove(key);
+        Ok(None)
     }
 
     /// The claim as the claim script (`redis/claim.lua`), taking `fence` if it acquires
@@ -638,6 +672,14 @@ impl Store for RedisStore {
             if let Some(claim) = self.cached_claim(key, &fingerprint) {
                 return Ok(claim);
             }
+            // A key seen completed is read rather than claimed (with the local cache on, the
+            // cache keeps what it read, and its claim pipeline reads the record's life too).
+            if self.cache.is_none()
+                && self.completed.contains(key)
+                && let Some(claim) = self.replay_by_get(key, &fingerprint).await?
+            {
+                return Ok(claim);
+            }
             let fence = next_fence();
             let mut claim = None;
             if self.native_claim.load(Ordering::Relaxed) {
@@ -679,6 +721,9 @@ impl Store for RedisStore {
             {
                 Box::pin(self.replicate_write(key, Replicated::Completion, replicas, timeout))
                     .await;
+            }
+            if write == FencedWrite::Applied {
+                self.completed.insert(key);
             }
             self.completed(key, fence, &output, ttl, sent, write);
             Ok(write)
@@ -750,6 +795,7 @@ impl Store for RedisStore {
                 .map_err(|error| from_redis("could not delete a record", error));
             // Also when the delete failed: it may have been carried out.
             self.forgotten(key);
+            self.completed.remove(key);
             let deleted = deleted?;
             let deleted = match deleted {
                 Value::Int(deleted) => deleted,

@@ -14,6 +14,7 @@ use super::RedisStore;
 use super::cache;
 use super::connection::{Cluster, Commands, Connection};
 use super::error::from_redis;
+use super::hints::CompletedKeys;
 use super::scripts::Scripts;
 use super::settings::{self, Check, Node};
 use super::subscriptions::{Source, Subscriptions};
@@ -493,6 +494,7 @@ impl RedisStoreBuilder {
             wait_for_replicas: self.wait_for_replicas,
             native_claim: Arc::new(AtomicBool::new(!self.claims_by_script)),
             cache: cache::build(self.local_cache),
+            completed: Arc::new(CompletedKeys::new()),
         };
         Ok((store, check))
     }
