@@ -12,6 +12,12 @@
 //! trip; a first call two (claim, complete). On a server older than 7.0, which refuses `NX`
 //! with `GET`, every claim runs as the script (Redis 6.0 at least: `SET .. KEEPTTL`).
 //!
+//! A key the store saw completed (its own completion, or a claim that found the record) is
+//! read with a plain `GET` instead: a completed record does not change until it ends, and a
+//! read costs the client and the server less than a claim. The store keeps a bounded table of
+//! such keys; a `GET` that finds anything but a completed record (the key was forgotten,
+//! expired, or claimed again since) goes on to the claim, with one round trip more.
+//!
 //! # Durability
 //!
 //! The guarantees hold as long as Redis keeps what it acknowledged. With the default
