@@ -164,6 +164,16 @@ async fn a_key_seen_completed_but_forgotten_or_taken_since_is_claimed_as_usual()
         "{held:?}"
     );
     assert_eq!(runs.count(), 2, "the body did not run");
+    // The GET that found a claim cleared the hint: the next call claims without reading
+    // (the one GET counted is the claim script's own, which reads the claim's lease).
+    server.reset_stats();
+    assert!(engine.run(call, body()).await.is_err());
+    let stats = server.command_stats();
+    assert_eq!(
+        (stats.get("get"), stats.get("evalsha")),
+        (Some(&1), Some(&1)),
+        "no GET of the store's own once the hint is cleared: {stats:?}"
+    );
 
     // Another call's arguments under a key seen completed: a mismatch, read with the GET.
     let reused = Call::new("redis::hints", Fingerprint::of(&2).unwrap()).key("order-2");
@@ -181,6 +191,29 @@ async fn a_key_seen_completed_but_forgotten_or_taken_since_is_claimed_as_usual()
         "{mismatch:?}"
     );
     assert_eq!(only(&server.command_stats(), "get", "a mismatch"), 1);
+
+    // A store that found the mismatch with its claim reads the key from then on.
+    let third = Idempotency::new(store_at(&server.url()) as Arc<dyn Store>);
+    assert!(third.run(reused, body()).await.is_err());
+    server.reset_stats();
+    assert!(third.run(reused, body()).await.is_err());
+    assert_eq!(
+        only(&server.command_stats(), "get", "a mismatch found before"),
+        1
+    );
+
+    // Forgotten by this store: its next call claims without reading first (the one GET
+    // counted is the complete script's own).
+    let order_2 = Call::new("redis::hints", Fingerprint::of(&1).unwrap()).key("order-2");
+    assert!(engine.forget(order_2).await.unwrap());
+    server.reset_stats();
+    assert!(!engine.run(order_2, body()).await.unwrap().is_replayed());
+    let stats = server.command_stats();
+    assert_eq!(
+        (stats.get("get"), stats.get("evalsha")),
+        (Some(&1), Some(&1)),
+        "no GET of the store's own after its forget: {stats:?}"
+    );
 }
 
 #[tokio::test]
