@@ -520,31 +520,29 @@ impl RedisStore {
             .replicas_acknowledging(&self.record_key(key), replicas, timeout)
             .await;
         let key = crate::telemetry::short_key(key);
-        match (acknowledged, write) {
-            (Ok(acknowledged), _) if acknowledged >= replicas => {}
-            (Ok(acknowledged), Replicated::Completion) => tracing::warn!(
+        let (what, risk) = match write {
+            Replicated::Completion => (
+                "completion",
+                "it is recorded on the primary, but a failover now could lose it and let the key run again",
+            ),
+            Replicated::Renewal => (
+                "lease renewal",
+                "a failover now could end the lease early and let another call take the key over while this body runs",
+            ),
+        };
+        match acknowledged {
+            Ok(acknowledged) if acknowledged >= replicas => {}
+            Ok(acknowledged) => tracing::warn!(
                 key = %key,
                 acknowledged,
                 replicas,
                 ?timeout,
-                "a completion reached fewer replicas than asked for (RedisStoreBuilder::wait_for_replicas): it is recorded on the primary, but a failover now could lose it and let the key run again"
+                "a {what} reached fewer replicas than asked for (RedisStoreBuilder::wait_for_replicas): {risk}"
             ),
-            (Ok(acknowledged), Replicated::Renewal) => tracing::warn!(
-                key = %key,
-                acknowledged,
-                replicas,
-                ?timeout,
-                "a lease renewal reached fewer replicas than asked for (RedisStoreBuilder::wait_for_replicas): a failover now could end the lease early and let another call take the key over while this body runs"
-            ),
-            (Err(error), Replicated::Completion) => tracing::warn!(
+            Err(error) => tracing::warn!(
                 key = %key,
                 error = %error,
-                "could not learn whether replicas received a completion (WAIT): it is recorded on the primary, but a failover now could lose it"
-            ),
-            (Err(error), Replicated::Renewal) => tracing::warn!(
-                key = %key,
-                error = %error,
-                "could not learn whether replicas received a lease renewal (WAIT): a failover now could end the lease early"
+                "could not learn whether replicas received a {what} (WAIT): {risk}"
             ),
         }
     }
