@@ -5,10 +5,16 @@
 //! ([`Store::complete`]) and opened when a claim finds it ([`Claim::Completed`]). The AEAD is
 //! XChaCha20-Poly1305 (RustCrypto's `chacha20poly1305`), with a fresh 192-bit nonce from the
 //! operating system's CSPRNG per record: nonces that large can be drawn at random without
-//! counting. The associated data is the record's storage key, so a sealed output copied under
-//! another key, or with a single bit flipped (in the header, the nonce, the ciphertext or the
-//! tag), is refused with [`StoreError::Corrupt`]: the call fails and its body does not run,
-//! and it is never replayed.
+//! counting. The associated data is the record's storage key and the fingerprint of the
+//! arguments it was recorded for, so a sealed output copied under another key, kept under its
+//! key beside the fingerprint of other arguments, or with a single bit flipped (in the header,
+//! the nonce, the ciphertext or the tag), is refused with [`StoreError::Corrupt`]: the call
+//! fails and its body does not run, and it is never replayed.
+//!
+//! [`Store::complete`] is not given the arguments, so the wrapper keeps the fingerprint of each
+//! claim it acquired, by key and fence, until that claim is completed or released (about 100
+//! bytes per claim in flight). A claim left neither (its release failed) is dropped from
+//! that table a minute after its lease ends, by which time the store fences its completion.
 //!
 //! The [`KeyRing`] holds the keys by id: the newest seals, every one opens, so keys rotate by
 //! adding a new one in front and keeping the old ones until the records they sealed have
@@ -43,8 +49,10 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::HashMap;
 use std::fmt;
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use chacha20poly1305::aead::{Aead, Generate, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -57,14 +65,15 @@ use crate::fingerprint::{CanonicalArguments, Fingerprint};
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Claim, Fence, FencedWrite, Store};
 
-/// The first byte of a sealed output: the format of what follows.
-const FORMAT: u8 = 1;
+/// The first byte of a sealed output: the format of what follows. Format 1 (an earlier
+/// development version) did not bind the fingerprint, and is refused.
+const FORMAT: u8 = 2;
 /// XChaCha20-Poly1305's nonce and tag.
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 /// What the associated data starts with, before the storage key: the purpose, so a sealed
 /// output cannot be taken for anything else sealed with the same keys.
-const CONTEXT: &[u8] = b"idempotent-core output v1";
+const CONTEXT: &[u8] = b"idempotent-core output v2";
 
 /// Why a key ring cannot be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,8 +102,9 @@ pub enum KeyRingError {
 /// ```
 pub struct KeyRing {
     /// The sealing key's cipher first, each made once (XChaCha20-Poly1305 wipes its key when
-    /// dropped).
-    keys: Vec<(String, XChaCha20Poly1305)>,
+    /// dropped). Boxed, so growing the ring moves pointers, not keys: a vector that grows frees
+    /// its old buffer without wiping it.
+    keys: Vec<(String, Box<XChaCha20Poly1305>)>,
 }
 
 impl KeyRing {
@@ -129,15 +139,15 @@ impl KeyRing {
         self.keys
             .iter()
             .find(|(known, _)| known.as_bytes() == id)
-            .map(|(_, cipher)| cipher)
+            .map(|(_, cipher)| &**cipher)
     }
 }
 
 /// The cipher of `key`; the copy passed in is wiped once the cipher holds it.
-fn cipher(key: [u8; 32]) -> XChaCha20Poly1305 {
+fn cipher(key: [u8; 32]) -> Box<XChaCha20Poly1305> {
     let key = Zeroizing::new(key);
     let bytes: &[u8; 32] = &key;
-    XChaCha20Poly1305::new(bytes.into())
+    Box::new(XChaCha20Poly1305::new(bytes.into()))
 }
 
 fn checked(id: String) -> Result<String, KeyRingError> {
@@ -159,18 +169,25 @@ impl fmt::Debug for KeyRing {
     }
 }
 
-/// The associated data of `key`'s sealed output with `header` (format and key id).
-fn associated_data(key: &StorageKey, header: &[u8]) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(CONTEXT.len() + 32 + header.len());
+/// The associated data of `key`'s sealed output for `arguments`, with `header` (format and
+/// key id).
+fn associated_data(key: &StorageKey, arguments: &Fingerprint, header: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(CONTEXT.len() + 64 + header.len());
     aad.extend_from_slice(CONTEXT);
     aad.extend_from_slice(key.as_bytes());
+    aad.extend_from_slice(arguments.as_bytes());
     aad.extend_from_slice(header);
     aad
 }
 
-/// Seals `output` for `key` with the ring's current key:
+/// Seals `output` for `key` and `arguments` with the ring's current key:
 /// `[format][id length][id][nonce][ciphertext and tag]`.
-fn seal(ring: &KeyRing, key: &StorageKey, output: &[u8]) -> Result<Vec<u8>, StoreError> {
+fn seal(
+    ring: &KeyRing,
+    key: &StorageKey,
+    arguments: &Fingerprint,
+    output: &[u8],
+) -> Result<Vec<u8>, StoreError> {
     let (id, cipher) = &ring.keys[0];
     let mut header = Vec::with_capacity(2 + id.len());
     header.push(FORMAT);
@@ -187,7 +204,7 @@ fn seal(ring: &KeyRing, key: &StorageKey, output: &[u8]) -> Result<Vec<u8>, Stor
             &nonce,
             Payload {
                 msg: output,
-                aad: &associated_data(key, &header),
+                aad: &associated_data(key, arguments, &header),
             },
         )
         .map_err(|_| StoreError::Backend {
@@ -200,8 +217,13 @@ fn seal(ring: &KeyRing, key: &StorageKey, output: &[u8]) -> Result<Vec<u8>, Stor
     Ok(record)
 }
 
-/// Opens what [`seal`] wrote for `key`.
-fn open(ring: &KeyRing, key: &StorageKey, record: &[u8]) -> Result<Vec<u8>, StoreError> {
+/// Opens what [`seal`] wrote for `key` and `arguments`.
+fn open(
+    ring: &KeyRing,
+    key: &StorageKey,
+    arguments: &Fingerprint,
+    record: &[u8],
+) -> Result<Vec<u8>, StoreError> {
     let corrupt = |message: String| StoreError::Corrupt {
         key: key.to_hex(),
         message,
@@ -236,12 +258,12 @@ fn open(ring: &KeyRing, key: &StorageKey, record: &[u8]) -> Result<Vec<u8>, Stor
             &nonce,
             Payload {
                 msg: sealed,
-                aad: &associated_data(key, header),
+                aad: &associated_data(key, arguments, header),
             },
         )
         .map_err(|_| {
             corrupt(format!(
-                "the sealed output does not authenticate under the key {:?}: it was altered, copied from another key, or sealed with another key of that id; it is not replayed",
+                "the sealed output does not authenticate under the key {:?}: it was altered, copied from another key or other arguments, or sealed with another key of that id; it is not replayed",
                 String::from_utf8_lossy(id)
             ))
         })
@@ -251,12 +273,63 @@ fn open(ring: &KeyRing, key: &StorageKey, record: &[u8]) -> Result<Vec<u8>, Stor
 pub struct EncryptedStore<S> {
     inner: S,
     keys: KeyRing,
+    claims: Mutex<Claims>,
+}
+
+/// The arguments of the claims an [`EncryptedStore`] acquired and has not seen completed or
+/// released, which it seals their outputs for.
+struct Claims {
+    held: HashMap<(StorageKey, Fence), Held>,
+    /// The size at which the claims whose leases ended long ago are dropped.
+    sweep_at: usize,
+}
+
+struct Held {
+    arguments: Fingerprint,
+    lease_ends: Instant,
+}
+
+/// How long after its lease ends a claim's arguments are kept: past it, the store fences the
+/// claim's completion (a lease is timed by the store's clock, close to this one).
+const KEPT_PAST_LEASE: Duration = Duration::from_secs(60);
+/// The fewest claims in the table before any are dropped.
+const SWEEP_AT_LEAST: usize = 1024;
+
+impl Claims {
+    fn hold(&mut self, key: StorageKey, fence: Fence, arguments: Fingerprint, lease: Duration) {
+        let now = Instant::now();
+        if self.held.len() >= self.sweep_at {
+            self.held
+                .retain(|_, held| held.lease_ends + KEPT_PAST_LEASE > now);
+            self.sweep_at = SWEEP_AT_LEAST.max(2 * self.held.len());
+        }
+        let lease_ends = now.checked_add(lease).unwrap_or(now + KEPT_PAST_LEASE);
+        self.held.insert(
+            (key, fence),
+            Held {
+                arguments,
+                lease_ends,
+            },
+        );
+    }
 }
 
 impl<S: Store> EncryptedStore<S> {
     /// `inner`, with its outputs sealed under `keys`.
     pub fn new(inner: S, keys: KeyRing) -> Self {
-        Self { inner, keys }
+        Self {
+            inner,
+            keys,
+            claims: Mutex::new(Claims {
+                held: HashMap::new(),
+                sweep_at: SWEEP_AT_LEAST,
+            }),
+        }
+    }
+
+    fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
+        // A panic elsewhere cannot leave the table half-changed: every change is one call.
+        self.claims.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The store underneath.
@@ -284,8 +357,13 @@ impl<S: Store> Store for EncryptedStore<S> {
         Box::pin(async move {
             match self.inner.claim(key, arguments, lease).await? {
                 Claim::Completed { output } => Ok(Claim::Completed {
-                    output: Bytes::from(open(&self.keys, key, &output)?),
+                    output: Bytes::from(open(&self.keys, key, &arguments.fingerprint(), &output)?),
                 }),
+                Claim::Acquired { fence } => {
+                    self.claims()
+                        .hold(*key, fence, arguments.fingerprint(), lease);
+                    Ok(Claim::Acquired { fence })
+                }
                 other => Ok(other),
             }
         })
@@ -299,10 +377,25 @@ impl<S: Store> Store for EncryptedStore<S> {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
         Box::pin(async move {
-            let sealed = seal(&self.keys, key, &output)?;
-            self.inner
+            let arguments = self
+                .claims()
+                .held
+                .get(&(*key, fence))
+                .map(|held| held.arguments);
+            let Some(arguments) = arguments else {
+                return Err(StoreError::Backend {
+                    message: "this EncryptedStore did not acquire the claim it is asked to complete (or its lease ended over a minute ago), so it does not know the arguments to seal the output for: the output is not recorded".to_string(),
+                    source: None,
+                });
+            };
+            let sealed = seal(&self.keys, key, &arguments, &output)?;
+            let write = self
+                .inner
                 .complete(key, fence, Bytes::from(sealed), ttl)
-                .await
+                .await?;
+            // Kept until the store answers: the engine tries a failed completion again.
+            self.claims().held.remove(&(*key, fence));
+            Ok(write)
         })
     }
 
@@ -311,7 +404,11 @@ impl<S: Store> Store for EncryptedStore<S> {
         key: &'a StorageKey,
         fence: Fence,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.inner.release(key, fence)
+        Box::pin(async move {
+            let write = self.inner.release(key, fence).await?;
+            self.claims().held.remove(&(*key, fence));
+            Ok(write)
+        })
     }
 
     fn extend<'a>(
@@ -320,7 +417,15 @@ impl<S: Store> Store for EncryptedStore<S> {
         fence: Fence,
         lease: Duration,
     ) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        self.inner.extend(key, fence, lease)
+        Box::pin(async move {
+            let write = self.inner.extend(key, fence, lease).await?;
+            if write == FencedWrite::Applied
+                && let Some(held) = self.claims().held.get_mut(&(*key, fence))
+            {
+                held.lease_ends = Instant::now().checked_add(lease).unwrap_or(held.lease_ends);
+            }
+            Ok(write)
+        })
     }
 
     fn wait<'a>(
@@ -504,14 +609,25 @@ mod tests {
         StorageKey::derive("encryption::tests", None, name.as_bytes()).unwrap()
     }
 
+    fn args(value: u32) -> Fingerprint {
+        Fingerprint::of(&value).unwrap()
+    }
+
     #[test]
     fn a_sealed_output_opens_only_under_its_key_with_its_key_id() {
         let ring = KeyRing::new("k1", [1; 32]).unwrap();
-        let sealed = seal(&ring, &key("a"), b"{\"ok\":42}").unwrap();
-        assert_eq!(open(&ring, &key("a"), &sealed).unwrap(), b"{\"ok\":42}");
+        let sealed = seal(&ring, &key("a"), &args(1), b"{\"ok\":42}").unwrap();
+        assert_eq!(
+            open(&ring, &key("a"), &args(1), &sealed).unwrap(),
+            b"{\"ok\":42}"
+        );
         assert!(!sealed.windows(4).any(|w| w == b"\"ok\""), "no plaintext");
         assert!(matches!(
-            open(&ring, &key("b"), &sealed),
+            open(&ring, &key("b"), &args(1), &sealed),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            open(&ring, &key("a"), &args(2), &sealed),
             Err(StoreError::Corrupt { .. })
         ));
         // Every byte flipped, one at a time: the format, the id, the nonce, the ciphertext, the tag.
@@ -519,23 +635,23 @@ mod tests {
             let mut altered = sealed.clone();
             altered[i] ^= 1;
             assert!(
-                open(&ring, &key("a"), &altered).is_err(),
+                open(&ring, &key("a"), &args(1), &altered).is_err(),
                 "byte {i} flipped"
             );
         }
         for len in 0..sealed.len() {
             assert!(
-                open(&ring, &key("a"), &sealed[..len]).is_err(),
+                open(&ring, &key("a"), &args(1), &sealed[..len]).is_err(),
                 "cut at {len}"
             );
         }
         let other = KeyRing::new("k1", [9; 32]).unwrap();
         assert!(
-            open(&other, &key("a"), &sealed).is_err(),
+            open(&other, &key("a"), &args(1), &sealed).is_err(),
             "another key of the same id"
         );
         let rotated = KeyRing::new("k2", [2; 32]).unwrap();
-        let error = open(&rotated, &key("a"), &sealed).unwrap_err();
+        let error = open(&rotated, &key("a"), &args(1), &sealed).unwrap_err();
         assert!(error.to_string().contains("\"k1\""), "{error}");
     }
 
@@ -559,16 +675,79 @@ mod tests {
         let ring = KeyRing::new("a", [0xAB; 32]).unwrap();
         let printed = format!("{ring:?}");
         let store = EncryptedStore::new(crate::MemoryStore::new(), ring);
-        let printed = format!("{printed} {store:?}");
+        let keyed = KeyedStore::new(crate::MemoryStore::new(), [0xAB; 32]);
+        let printed = format!("{printed} {store:?} {keyed:?}");
         assert!(printed.contains("current: \"a\""), "{printed}");
+        assert!(printed.contains("KeyedStore"), "{printed}");
         assert!(!printed.contains("171"), "{printed}");
+        assert!(!printed.to_lowercase().contains("ab, "), "{printed}");
+    }
+
+    /// What holds key material wipes it when dropped: the ciphers of the ring, the copy of a
+    /// key passed in, the keyed store's secret, and the HMAC state derived from it (with the
+    /// `zeroize` features of `hmac` and `sha2`, which `encryption` turns on). Checked by the
+    /// types: this does not compile if one of them stops wiping.
+    #[test]
+    fn key_material_is_of_types_that_wipe_it_when_dropped() {
+        fn wiped_on_drop<T: zeroize::ZeroizeOnDrop + ?Sized>() {}
+        wiped_on_drop::<XChaCha20Poly1305>();
+        wiped_on_drop::<Zeroizing<[u8; 32]>>();
+        // An HMAC's state is two SHA-256 states (inner and outer) keyed by the secret.
+        wiped_on_drop::<<Sha256 as hmac::EagerHash>::Core>();
+    }
+
+    /// The keyed store's derivations are HMAC-SHA256 under the secret, each with its label:
+    /// values computed apart from this crate (Python's `hmac` module).
+    #[test]
+    fn keyed_keys_and_fingerprints_are_hmac_sha256_of_their_label_and_bytes() {
+        let store = KeyedStore::new(crate::MemoryStore::new(), [42; 32]);
+        let bytes: [u8; 32] = std::array::from_fn(|i| i as u8);
+        assert_eq!(
+            store.keyed(&StorageKey::from_bytes(bytes)).to_hex(),
+            "4034149228f9f7a134d78715dc78c5a1adfc6f9ee27b26b17b53826914b66661"
+        );
+        let arguments = CanonicalArguments::from(Fingerprint::from_bytes(bytes));
+        assert_eq!(
+            store.arguments(&arguments).fingerprint().to_hex(),
+            "ba99901eeee3c1f2367a4e5c677e238964f209bf9a6665cc8bcb049d5c982549"
+        );
+    }
+
+    #[test]
+    fn claims_whose_leases_ended_long_ago_are_dropped_once_the_table_grows() {
+        let mut claims = Claims {
+            held: HashMap::new(),
+            sweep_at: SWEEP_AT_LEAST,
+        };
+        let long_ago = Instant::now() - (KEPT_PAST_LEASE + Duration::from_secs(1));
+        let lately = Instant::now() - (KEPT_PAST_LEASE - Duration::from_secs(5));
+        for i in 0..SWEEP_AT_LEAST as u64 {
+            let lease_ends = if i == 0 { lately } else { long_ago };
+            let held = Held {
+                arguments: args(1),
+                lease_ends,
+            };
+            claims
+                .held
+                .insert((key(&i.to_string()), Fence::new(i)), held);
+        }
+        claims.hold(key("live"), Fence::new(7), args(2), Duration::from_secs(30));
+        // The claim whose lease ended less than a minute ago, and the new one.
+        assert_eq!(claims.held.len(), 2);
+        assert!(claims.held.contains_key(&(key("0"), Fence::new(0))));
+        // Live claims are all kept, however many.
+        for i in 0..2 * SWEEP_AT_LEAST as u64 {
+            let name = format!("live-{i}");
+            claims.hold(key(&name), Fence::new(i), args(2), Duration::from_secs(30));
+        }
+        assert_eq!(claims.held.len(), 2 + 2 * SWEEP_AT_LEAST);
     }
 
     #[test]
     fn every_seal_draws_a_new_nonce() {
         let ring = KeyRing::new("k", [5; 32]).unwrap();
-        let first = seal(&ring, &key("a"), b"same").unwrap();
-        let second = seal(&ring, &key("a"), b"same").unwrap();
+        let first = seal(&ring, &key("a"), &args(1), b"same").unwrap();
+        let second = seal(&ring, &key("a"), &args(1), b"same").unwrap();
         assert_ne!(first, second);
         assert_ne!(first[3..3 + NONCE_LEN], second[3..3 + NONCE_LEN]);
     }

@@ -11,6 +11,8 @@
     feature = "redis"
 ))]
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -29,6 +31,8 @@ const NAME: &str = "payments::charge";
 /// What every recorded output holds: searched for in the raw records.
 const SECRET: &str = "4242-card-receipt-visible-to-nobody";
 const HOUR: Duration = Duration::from_secs(3600);
+/// The arguments of every call but one.
+const AMOUNT: u32 = 4200;
 
 fn ring() -> KeyRing {
     KeyRing::new("2026-12", [7; 32]).unwrap()
@@ -44,7 +48,17 @@ async fn charge(
     key: &str,
     runs: &AtomicUsize,
 ) -> Result<(String, bool), Error> {
-    let call = Call::new(NAME, Fingerprint::of(&4200).unwrap()).key(key);
+    charge_amount(engine, key, AMOUNT, runs).await
+}
+
+/// [`charge`] with another amount: other arguments.
+async fn charge_amount(
+    engine: &Idempotency,
+    key: &str,
+    amount: u32,
+    runs: &AtomicUsize,
+) -> Result<(String, bool), Error> {
+    let call = Call::new(NAME, Fingerprint::of(&amount).unwrap()).key(key);
     let outcome = engine
         .run(call, async {
             runs.fetch_add(1, Ordering::SeqCst);
@@ -61,7 +75,7 @@ fn storage_key(key: &str) -> StorageKey {
 
 /// The sealed output of `key` as the inner store holds it.
 async fn sealed(inner: &dyn Store, key: &str) -> Bytes {
-    let arguments = CanonicalArguments::from(Fingerprint::of(&4200).unwrap());
+    let arguments = CanonicalArguments::from(Fingerprint::of(&AMOUNT).unwrap());
     match inner
         .claim(&storage_key(key), &arguments, HOUR)
         .await
@@ -75,9 +89,14 @@ async fn sealed(inner: &dyn Store, key: &str) -> Bytes {
 /// Writes `output` under `key` through the inner store, as someone with write access to the
 /// store could.
 async fn plant(inner: &dyn Store, key: &str, output: Bytes) {
+    plant_amount(inner, key, AMOUNT, output).await
+}
+
+/// [`plant`], with the fingerprint of `amount` beside the output.
+async fn plant_amount(inner: &dyn Store, key: &str, amount: u32, output: Bytes) {
     let storage = storage_key(key);
     inner.remove(&storage).await.unwrap();
-    let arguments = CanonicalArguments::from(Fingerprint::of(&4200).unwrap());
+    let arguments = CanonicalArguments::from(Fingerprint::of(&amount).unwrap());
     let Claim::Acquired { fence } = inner.claim(&storage, &arguments, HOUR).await.unwrap() else {
         panic!("{key} was removed");
     };
@@ -97,14 +116,18 @@ async fn exercise(inner: Arc<dyn Store>, raw: impl AsyncFn() -> Vec<Vec<u8>>) {
     assert_eq!(again, first);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 
-    // No plaintext at rest.
+    // No plaintext at rest: the raw read finds the sealed record (its header names the key
+    // id), and no receipt in it.
     let values = raw().await;
     assert!(!values.is_empty(), "the raw read finds the record");
     for value in &values {
         assert!(
-            !value
-                .windows(SECRET.len())
-                .any(|window| window == SECRET.as_bytes()),
+            contains(value, b"2026-12"),
+            "a sealed record: {}",
+            String::from_utf8_lossy(value)
+        );
+        assert!(
+            !contains(value, SECRET.as_bytes()),
             "plaintext at rest: {}",
             String::from_utf8_lossy(value)
         );
@@ -180,6 +203,20 @@ async fn exercise(inner: Arc<dyn Store>, raw: impl AsyncFn() -> Vec<Vec<u8>>) {
     );
     assert_eq!(runs.load(Ordering::SeqCst), before);
 
+    // The sealed output left under its key, with the fingerprint of other arguments written
+    // beside it: a call with those arguments is refused, where a replay would hand it the
+    // output of a call it did not make (and hide that the key was reused).
+    let sealed_one = sealed(&*inner, "order-1").await;
+    plant_amount(&*inner, "order-1", 1, sealed_one).await;
+    let error = charge_amount(&encrypted, "order-1", 1, &runs)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::Store(StoreError::Corrupt { .. })),
+        "{error:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), before);
+
     // A plaintext record (written without the wrapper) is refused too: a forger could write one.
     plant(
         &*inner,
@@ -193,6 +230,25 @@ async fn exercise(inner: Arc<dyn Store>, raw: impl AsyncFn() -> Vec<Vec<u8>>) {
         "{error:?}"
     );
     assert_eq!(runs.load(Ordering::SeqCst), before);
+
+    // The control: the same raw read shows the receipt of a record written without the wrapper.
+    inner.remove(&storage_key("order-1")).await.unwrap();
+    charge(&engine(inner.clone()), "order-1", &runs)
+        .await
+        .unwrap();
+    let values = raw().await;
+    assert!(
+        values
+            .iter()
+            .any(|value| contains(value, SECRET.as_bytes())),
+        "the raw read shows a plain record's receipt"
+    );
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
 }
 
 #[tokio::test]
@@ -312,6 +368,12 @@ async fn keyed_records_reveal_no_testable_key_or_fingerprint_and_earlier_records
         "the keyed record: {keyed_record}"
     );
     assert!(!keyed_record.contains(&fingerprint), "{keyed_record}");
+    let unkeyed = storage_key("order-1").to_hex();
+    assert!(
+        plain.record_key(&storage_key("order-1")).contains(&unkeyed),
+        "a plain record's key shows the testable storage key"
+    );
+    assert!(!keyed_key.contains(&unkeyed), "{keyed_key}");
 
     // Other arguments under the secret are still a mismatch.
     let call = Call::new(NAME, Fingerprint::of(&9999).unwrap()).key("order-1");
@@ -330,4 +392,63 @@ async fn keyed_records_reveal_no_testable_key_or_fingerprint_and_earlier_records
     assert!(!replayed && value.contains(SECRET));
     let (again, replayed) = charge(&both, "order-9", &runs).await.unwrap();
     assert!(replayed && again == value);
+}
+
+/// The wrapper seals an output for the arguments its claim was made with, which
+/// `Store::complete` is not given: it keeps them until the store answers, so a completion the
+/// engine tries again (the first attempt failed, or its answer was lost) seals for the same
+/// arguments, and the record replays.
+#[tokio::test]
+async fn a_completion_tried_again_seals_for_the_claims_arguments() {
+    for lost_after_write in [false, true] {
+        let inner = support::FlakyComplete::around(MemoryStore::new(), 1, lost_after_write);
+        let encrypted = engine(EncryptedStore::new(inner, ring()));
+        let runs = AtomicUsize::new(0);
+        let (first, replayed) = charge(&encrypted, "order-1", &runs).await.unwrap();
+        assert!(!replayed, "lost after write: {lost_after_write}");
+        let (again, replayed) = charge(&encrypted, "order-1", &runs).await.unwrap();
+        assert!(
+            replayed && again == first,
+            "lost after write: {lost_after_write}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+}
+
+/// A completion of a claim the wrapper did not acquire (another wrapper's) is refused with an
+/// error that says why, and nothing is written: the wrapper cannot tell what to seal it for.
+#[tokio::test]
+async fn a_claim_acquired_through_another_wrapper_is_not_completed_through_this_one() {
+    let inner: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let claiming = EncryptedStore::new(inner.clone(), ring());
+    let completing = EncryptedStore::new(inner.clone(), ring());
+    let arguments = CanonicalArguments::from(Fingerprint::of(&AMOUNT).unwrap());
+    let Claim::Acquired { fence } = claiming
+        .claim(&storage_key("order-1"), &arguments, HOUR)
+        .await
+        .unwrap()
+    else {
+        panic!("a new key is acquired");
+    };
+    let error = completing
+        .complete(
+            &storage_key("order-1"),
+            fence,
+            Bytes::from_static(b"1"),
+            HOUR,
+        )
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("did not acquire"), "{error}");
+    assert!(matches!(
+        claiming
+            .complete(
+                &storage_key("order-1"),
+                fence,
+                Bytes::from_static(b"1"),
+                HOUR
+            )
+            .await,
+        Ok(idempotent_core::FencedWrite::Applied)
+    ));
 }
