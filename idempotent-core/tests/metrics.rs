@@ -9,13 +9,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use idempotent_core::conformance::{Claiming, Completing, Forwarding, Hooks};
 use idempotent_core::metrics::{
     CALL_DURATION_SECONDS, CALLS_TOTAL, CLAIMS_IN_FLIGHT, STORE_OPERATION_DURATION_SECONDS,
     WAIT_DURATION_SECONDS,
 };
-use idempotent_core::{Call, Fingerprint, Idempotency, MemoryStore, OnConflict, Options};
+use idempotent_core::{
+    BoxFuture, Call, Claim, FencedWrite, Fingerprint, Idempotency, MemoryStore, OnConflict,
+    Options, Outcome, StoreError,
+};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use support::AppError;
+use support::{AppError, DownStore};
 
 /// One metric as the recorder holds it: its name and labels (sorted), and its value.
 type Metrics = BTreeMap<(String, Vec<(String, String)>), DebugValue>;
@@ -338,5 +342,163 @@ fn a_wait_is_measured_until_the_key_is_acquired() {
         waits[0].0 < body.as_secs_f64(),
         "the wait ({} s) is not the body's time",
         waits[0].0
+    );
+}
+
+/// A thread that recorded with no recorder, or with another one, records into the recorder
+/// installed now: what a thread keeps between calls is never a recorder's handle.
+#[test]
+fn each_call_records_into_the_recorder_installed_at_the_time() {
+    let runtime = runtime();
+    let store = Arc::new(MemoryStore::new());
+    let engine = Idempotency::new(store);
+    let arguments = Fingerprint::of(ARGUMENT).unwrap();
+    let run = |key: &'static str| {
+        runtime.block_on(engine.run(Call::new(FUNCTION, arguments).key(key), async {
+            Ok::<_, AppError>(1u32)
+        }))
+    };
+    // With no recorder: nothing to see, and nothing kept that would hide the next ones.
+    run("key-before").unwrap();
+    // Then two recorders in turn, each seeing its own call only.
+    for _ in 0..2 {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || run("key-before")).unwrap();
+        let seen = metrics(&snapshotter);
+        assert_eq!(calls(&seen, FUNCTION, "replayed"), 1);
+        assert_eq!(
+            histogram_len(
+                &seen,
+                STORE_OPERATION_DURATION_SECONDS,
+                &[("store", "memory"), ("operation", "claim")]
+            ),
+            1
+        );
+        assert_eq!(
+            histogram_len(
+                &seen,
+                CALL_DURATION_SECONDS,
+                &[("function", FUNCTION), ("outcome", "replayed")]
+            ),
+            1
+        );
+    }
+}
+
+/// A store whose claims never answer, as one behind a stalled connection.
+#[derive(Debug)]
+struct StalledClaims;
+
+impl Hooks for StalledClaims {
+    fn claim<'a>(&'a self, _: Claiming<'a>) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A store that refuses every `complete` (`disk full`), or, with `fenced`, answers that the
+/// claim no longer holds its key.
+#[derive(Debug)]
+struct RefusedCompletes {
+    fenced: bool,
+}
+
+impl Hooks for RefusedCompletes {
+    fn complete<'a>(&'a self, _: Completing<'a>) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        let fenced = self.fenced;
+        Box::pin(async move {
+            if fenced {
+                return Ok(FencedWrite::Fenced);
+            }
+            Err(StoreError::Backend {
+                message: "disk full".into(),
+                source: None,
+            })
+        })
+    }
+}
+
+/// The outcomes the routine test cannot reach are counted as their events are logged: a store
+/// that is down, a result the store would not record, a completion fenced off, a call dropped
+/// while it claims, and a body that panics.
+#[test]
+fn store_errors_unrecorded_and_fenced_results_drops_and_panics_are_counted() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let arguments = Fingerprint::of(ARGUMENT).unwrap();
+    let call = move |key: &'static str| Call::new(FUNCTION, arguments).key(key);
+    let ok = || async { Ok::<_, AppError>(1u32) };
+    metrics::with_local_recorder(&recorder, || {
+        runtime().block_on(async {
+            let down = Idempotency::new(Arc::new(DownStore));
+            down.run(call("key-down"), ok()).await.unwrap_err();
+
+            let refusing = Idempotency::new(Arc::new(Forwarding::new(
+                Arc::new(MemoryStore::new()),
+                RefusedCompletes { fenced: false },
+            )));
+            let outcome = refusing.run(call("key-refused"), ok()).await.unwrap();
+            assert_eq!(outcome, Outcome::Unrecorded(1));
+
+            let fencing = Idempotency::new(Arc::new(Forwarding::new(
+                Arc::new(MemoryStore::new()),
+                RefusedCompletes { fenced: true },
+            )));
+            let outcome = fencing.run(call("key-fenced"), ok()).await.unwrap();
+            assert_eq!(outcome, Outcome::Unrecorded(1));
+
+            let stalled = Idempotency::new(Arc::new(Forwarding::new(
+                Arc::new(MemoryStore::new()),
+                StalledClaims,
+            )));
+            tokio::time::timeout(
+                Duration::from_millis(1),
+                stalled.run(call("key-stalled"), ok()),
+            )
+            .await
+            .unwrap_err();
+
+            // A body that panics, on a task of this thread: the panic ends the task.
+            let engine = Idempotency::new(Arc::new(MemoryStore::new()));
+            let panicking = tokio::spawn(async move {
+                engine
+                    .run(call("key-panics"), async {
+                        if ARGUMENT.len() > 1 {
+                            panic!("the body panics");
+                        }
+                        Ok::<_, AppError>(1u32)
+                    })
+                    .await
+            });
+            assert!(panicking.await.unwrap_err().is_panic());
+            // The panicking call's release runs on this runtime.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        });
+    });
+    let seen = metrics(&snapshotter);
+    assert_eq!(calls(&seen, FUNCTION, "store_error"), 1);
+    assert_eq!(calls(&seen, FUNCTION, "unrecorded"), 1);
+    assert_eq!(calls(&seen, FUNCTION, "fenced"), 1);
+    assert_eq!(
+        calls(&seen, FUNCTION, "abandoned"),
+        2,
+        "dropped while claiming, and panicked"
+    );
+    let counted: u64 = seen
+        .iter()
+        .filter(|((name, _), _)| name == CALLS_TOTAL)
+        .map(|(_, value)| match value {
+            DebugValue::Counter(count) => *count,
+            other => panic!("{CALLS_TOTAL} is a counter, found {other:?}"),
+        })
+        .sum();
+    assert_eq!(counted, 5, "one count per call: {seen:?}");
+    // Every claim held was given back, the panicking one's too.
+    assert_eq!(
+        seen.get(&(
+            CLAIMS_IN_FLIGHT.to_owned(),
+            labels(&[("function", FUNCTION)])
+        )),
+        Some(&DebugValue::Gauge(0.0.into()))
     );
 }
