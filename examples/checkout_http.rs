@@ -29,7 +29,8 @@
 //!
 //! The same server answers `GET /metrics` with the library's metrics in Prometheus' text
 //! format (feature `metrics`, `metrics-exporter-prometheus`): calls of `shop.checkout.v1` by
-//! outcome, their times, the store's operations.
+//! outcome, their times and the store's operations' times as histograms (buckets from 50µs to
+//! 10s).
 //!
 //! Run it with `cargo run --example checkout_http`; with a durable store, e.g.
 //! `cargo run --example checkout_http --features sqlite -- --store sqlite`; only the server,
@@ -62,6 +63,14 @@ use faults::{Fault, Rng};
 use retry::{Attempt, Delivery, send_with_retries, uuid_v4};
 use server::app;
 use shop::{CATALOG, Cart, Charge, Item, Order, Receipt, Shop, lock};
+
+/// The upper bounds, in seconds, of the buckets of the `_seconds` histograms at `GET /metrics`
+/// (call and wait durations, store operations): from 50µs, a store operation in memory, to 10s,
+/// a slow checkout or a long wait.
+const SECONDS_BUCKETS: [f64; 17] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
 
 // ---- The customers ----------------------------------------------------------------------------
 
@@ -205,8 +214,15 @@ async fn main() {
     let address = listener
         .local_addr()
         .unwrap_or_else(|error| fail(format!("the listener has no address: {error}")));
-    // The process's metrics recorder, rendered at GET /metrics.
+    // The process's metrics recorder, rendered at GET /metrics. The durations are histograms
+    // (without buckets the exporter renders them as summaries, which cannot be aggregated
+    // across processes).
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".to_owned()),
+            &SECONDS_BUCKETS,
+        )
+        .unwrap_or_else(|error| fail(format!("cannot set the histograms' buckets: {error}")))
         .install_recorder()
         .unwrap_or_else(|error| fail(format!("cannot install the metrics recorder: {error}")));
     idempotent_core::metrics::describe();

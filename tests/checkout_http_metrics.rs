@@ -1,6 +1,7 @@
 //! `examples/checkout_http.rs`'s `GET /metrics`: the example is started as a server, one
 //! checkout is sent, retried with its key, and sent again with its key and another cart; the
-//! Prometheus text then counts one execution, the replays and one key reused. The example
+//! Prometheus text then counts one execution, the replays and one key reused, and renders the
+//! call's and the store operations' times as histograms with buckets. The example
 //! binary is the one `cargo build --example checkout_http` builds beside this test
 //! (`scripts/test` builds it first: `cargo test` builds examples only as test harnesses).
 #![cfg(all(feature = "http", feature = "client", feature = "metrics"))]
@@ -78,6 +79,19 @@ fn calls(metrics: &str, outcome: &str) -> u64 {
         .map_or(0, |value| value.trim().parse().expect("a count"))
 }
 
+/// The `(le, count)` of every sample whose line starts with `prefix` (a histogram's
+/// `…_bucket{<labels>,le="`), in the order of the text.
+fn buckets(metrics: &str, prefix: &str) -> Vec<(String, u64)> {
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix(prefix))
+        .map(|rest| {
+            let (le, count) = rest.split_once("\"} ").expect("le=\"<bound>\"} <count>");
+            (le.to_owned(), count.trim().parse().expect("a count"))
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn the_metrics_count_one_execution_the_replays_and_one_key_reused() {
     let server = serve();
@@ -124,6 +138,46 @@ async fn the_metrics_count_one_execution_the_replays_and_one_key_reused() {
     assert!(
         metrics.contains("idempotent_store_operation_duration_seconds_count{store=\"memory\",operation=\"claim\"}"),
         "the store's claims are timed: {metrics}"
+    );
+    // The durations are histograms with buckets, not summaries with quantiles.
+    for name in [
+        "idempotent_call_duration_seconds",
+        "idempotent_store_operation_duration_seconds",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} histogram\n")),
+            "{name} is a histogram: {metrics}"
+        );
+    }
+    let executed = buckets(
+        &metrics,
+        &format!(
+            "idempotent_call_duration_seconds_bucket{{function=\"{FUNCTION}\",outcome=\"executed\",le=\""
+        ),
+    );
+    // The example's buckets: from 50µs to 10s, then +Inf.
+    let bounds: Vec<&str> = executed.iter().map(|(le, _)| le.as_str()).collect();
+    assert_eq!(
+        (bounds.first(), bounds.iter().rev().nth(1)),
+        (Some(&"0.00005"), Some(&"10")),
+        "the executed call's time has its buckets: {metrics}"
+    );
+    assert_eq!(
+        executed.last(),
+        Some(&("+Inf".to_owned(), 1)),
+        "the last bucket counts the one executed call: {metrics}"
+    );
+    assert!(
+        executed.windows(2).all(|pair| pair[0].1 <= pair[1].1),
+        "the buckets are cumulative: {executed:?}"
+    );
+    assert!(
+        !buckets(
+            &metrics,
+            "idempotent_store_operation_duration_seconds_bucket{store=\"memory\",operation=\"claim\",le=\""
+        )
+        .is_empty(),
+        "the store's claims have their buckets: {metrics}"
     );
     assert!(
         !metrics.contains("6f1e3a52"),
