@@ -315,12 +315,15 @@ async fn purge_expired(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut purged = 0u64;
+    // The transactions that deleted records, each at most `batch` of them.
+    let mut batches = 0u64;
     loop {
         let deleted = store.admin().purge_expired_batch(batch).await?;
         if deleted == 0 {
             break;
         }
         purged += deleted;
+        batches += 1;
         // Records that ended since the count make the total grow.
         if purged > progress.length().unwrap_or(0) {
             progress.set_length(purged);
@@ -329,11 +332,15 @@ async fn purge_expired(
     }
     progress.finish_and_clear();
     if json {
-        println!("{}", json!({ "dry_run": false, "purged": purged }));
+        println!(
+            "{}",
+            json!({ "dry_run": false, "purged": purged, "batches": batches })
+        );
     } else if store.expires_by_itself() {
         println!("purged 0 expired records (Redis deletes each record when it ends)");
     } else {
-        println!("purged {purged} expired records");
+        let unit = if batches == 1 { "batch" } else { "batches" };
+        println!("purged {purged} expired records in {batches} {unit} of at most {batch}");
     }
     Ok(())
 }

@@ -1,22 +1,26 @@
 //! The `idempotent` command against real stores: a SQLite file, a PostgreSQL server and a Redis
-//! server started for the tests. Records are written through the library, then read, counted,
-//! purged and forgotten through the binary; its output (text and `--json`) and exit codes are
-//! checked.
+//! server started for the tests. Records are written through the library (some under a scope),
+//! then read, counted, purged and forgotten through the binary; its output (text and `--json`,
+//! sizes to the byte) and exit codes are checked, and so are the commands it sends: Redis is
+//! walked with `SCAN` on a server without `KEYS`, PostgreSQL purged in batches of `--batch`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use assert_cmd::Command;
+use idempotent_core::admin::Admin;
 use idempotent_core::stores::postgres::PostgresStore;
 use idempotent_core::stores::redis::RedisStore;
 use idempotent_core::stores::sqlite::SqliteStore;
 use idempotent_core::{
     Call, CanonicalArguments, Claim, Error, Fingerprint, Idempotency, Options, StorageKey, Store,
 };
-use idempotent_test_support::{PostgresServer, RedisServer};
+use idempotent_test_support::{PostgresServer, RedisOptions, RedisServer};
 use serde_json::Value;
 
 const NAME: &str = "shop::checkout";
+/// The tenancy scope of the scoped records.
+const SCOPE: &str = "tenant-a";
 
 /// A store to run the command against, and how the command reaches it.
 struct Fixture {
@@ -25,6 +29,23 @@ struct Fixture {
     url: String,
     /// Redis deletes ended records by itself: nothing is left to purge.
     expires_by_itself: bool,
+    /// What a completed record takes in the store beside its output, as `inspect` counts it
+    /// (`RecordView::bytes`), given its fence: [`sql_beside_output`] or [`redis_beside_output`].
+    beside_output: fn(u64) -> u64,
+}
+
+/// A row of the SQL stores beside its output: its key and fingerprint (32 bytes each) and its
+/// fence (an 8-byte integer).
+fn sql_beside_output(_fence: u64) -> u64 {
+    32 + 32 + 8
+}
+
+/// A Redis record beside its output: its key (the default prefix `idempotent:` and the storage
+/// key's 64 hex digits) and the value's head, `2c<fingerprint: 64 hex digits>|<fence>|`.
+fn redis_beside_output(fence: u64) -> u64 {
+    let key = "idempotent:".len() + 64;
+    let head = 2 + 64 + 1 + fence.to_string().len() + 1;
+    (key + head) as u64
 }
 
 fn idempotent(fixture: &Fixture) -> Command {
@@ -52,17 +73,35 @@ fn json_of(output: &[u8]) -> Value {
         .unwrap_or_else(|error| panic!("not JSON ({error}): {}", String::from_utf8_lossy(output)))
 }
 
+/// The value [`record`] returns for `key` and `amount`.
+fn receipt(key: &str, amount: u64) -> Value {
+    serde_json::json!({ "receipt": key, "amount": amount })
+}
+
+/// The bytes a completed record holds for [`receipt`]: the library records an `Ok` value as
+/// the compact JSON `{"ok":<value>}` (idempotent-core's `recorded.rs`), and these stores keep
+/// those bytes as they are.
+fn recorded_output(key: &str, amount: u64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "ok": receipt(key, amount) })).unwrap()
+}
+
 /// Records `key` through the library with the value `amount`, kept for `ttl`.
 async fn record(fixture: &Fixture, key: &str, amount: u64, ttl: Duration) {
+    record_in(fixture, None, key, amount, ttl).await;
+}
+
+/// [`record`] under `scope`, if given (the attribute's `scope = …`).
+async fn record_in(fixture: &Fixture, scope: Option<&str>, key: &str, amount: u64, ttl: Duration) {
     let options = Options::new()
         .with_ttl(ttl)
         .with_lease(ttl.min(Duration::from_secs(30)));
     let engine = Idempotency::new(fixture.store.clone()).with_options(options);
-    let call = Call::new(NAME, Fingerprint::of(&amount).unwrap()).key(key);
+    let mut call = Call::new(NAME, Fingerprint::of(&amount).unwrap()).key(key);
+    if let Some(scope) = scope {
+        call = call.scope(scope);
+    }
     let outcome = engine
-        .run(call, async {
-            Ok::<_, Error>(serde_json::json!({ "receipt": key, "amount": amount }))
-        })
+        .run(call, async { Ok::<_, Error>(receipt(key, amount)) })
         .await
         .unwrap();
     assert!(!outcome.is_replayed(), "{key} was fresh");
@@ -124,7 +163,20 @@ async fn exercise(fixture: Fixture) {
         json["storage_key"],
         StorageKey::derive(NAME, None, b"order-1").unwrap().to_hex()
     );
-    assert!(json["bytes"].as_u64().unwrap() > json["output_bytes"].as_u64().unwrap());
+    // The sizes, exactly: the output as recorded, and the record with its key, fingerprint
+    // and fence as this store lays them out; the text prints the same numbers.
+    let output_bytes = recorded_output("order-1", 101).len() as u64;
+    let bytes = output_bytes + (fixture.beside_output)(json["fence"].as_u64().unwrap());
+    assert_eq!(json["output_bytes"], output_bytes, "{json}");
+    assert_eq!(json["bytes"], bytes, "{json}");
+    assert!(
+        text.contains(&format!("\noutput:      {output_bytes} bytes\n")),
+        "{output_bytes} bytes of output: {text}"
+    );
+    assert!(
+        text.contains(&format!("\nsize:        {bytes} bytes\n")),
+        "{bytes} bytes in all: {text}"
+    );
 
     let held = run_json(
         &fixture,
@@ -142,7 +194,7 @@ async fn exercise(fixture: Fixture) {
         .stderr_has("no record for key \"order-9\"");
     idempotent(&fixture)
         .args([
-            "inspect", "--name", NAME, "--scope", "tenant-a", "--key", "order-1",
+            "inspect", "--name", NAME, "--scope", SCOPE, "--key", "order-1",
         ])
         .assert()
         .code(3);
@@ -181,6 +233,10 @@ async fn exercise(fixture: Fixture) {
     // One record per batch: the loop must go round until none is left.
     let purged = run_json(&fixture, &["purge-expired", "--batch", "1", "--json"]);
     assert_eq!(purged["purged"], expected, "{purged}");
+    assert_eq!(
+        purged["batches"], expected,
+        "one batch per record: {purged}"
+    );
     let after = run_json(&fixture, &["--json", "stats"]);
     assert_eq!(after["expired"], 0, "{after}");
     assert_eq!(after["completed"], 3, "live records are kept: {after}");
@@ -242,6 +298,114 @@ async fn exercise(fixture: Fixture) {
         .await
         .unwrap();
     assert!(replay.is_replayed());
+
+    // A scoped record: found with its scope only, and forgotten with it. The same key is
+    // recorded in the scope with another value, so the scoped record is told from the other.
+    record_in(
+        &fixture,
+        Some(SCOPE),
+        "order-1",
+        701,
+        Duration::from_secs(3600),
+    )
+    .await;
+    let scoped = [
+        "inspect", "--name", NAME, "--scope", SCOPE, "--key", "order-1",
+    ];
+    let text = idempotent(&fixture)
+        .args(scoped)
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let text = String::from_utf8(text).unwrap();
+    assert!(
+        text.contains(&format!("key \"order-1\" scope \"{SCOPE}\"\n")),
+        "{text}"
+    );
+    assert!(text.contains("state:       completed"), "{text}");
+    assert!(
+        text.contains("\"amount\": 701"),
+        "the scoped output: {text}"
+    );
+    let json = run_json(&fixture, &[&["--json"][..], &scoped].concat());
+    assert_eq!(json["scope"], SCOPE, "{json}");
+    assert_eq!(
+        json["storage_key"],
+        StorageKey::derive(NAME, Some(SCOPE.as_bytes()), b"order-1")
+            .unwrap()
+            .to_hex()
+    );
+    assert_eq!(json["output"]["ok"]["amount"], 701, "{json}");
+    assert_eq!(
+        json["output_bytes"],
+        recorded_output("order-1", 701).len() as u64,
+        "{json}"
+    );
+    // Without the scope, the unscoped record of the key; another scope finds nothing.
+    let unscoped = run_json(
+        &fixture,
+        &["--json", "inspect", "--name", NAME, "--key", "order-1"],
+    );
+    assert_eq!(unscoped["output"]["ok"]["amount"], 101, "{unscoped}");
+    idempotent(&fixture)
+        .args([
+            "inspect", "--name", NAME, "--scope", SCOPE, "--key", "order-7",
+        ])
+        .assert()
+        .code(3);
+    record_in(
+        &fixture,
+        Some(SCOPE),
+        "order-7",
+        707,
+        Duration::from_secs(3600),
+    )
+    .await;
+    idempotent(&fixture)
+        .args(["inspect", "--name", NAME, "--key", "order-7"])
+        .assert()
+        .code(3)
+        .stderr_has("no record for key \"order-7\"");
+    idempotent(&fixture)
+        .args([
+            "inspect", "--name", NAME, "--scope", "tenant-b", "--key", "order-7",
+        ])
+        .assert()
+        .code(3);
+    // forget --scope deletes the scoped record and leaves the unscoped one.
+    let forgotten = run_json(
+        &fixture,
+        &[
+            "forget", "--yes", "--json", "--name", NAME, "--scope", SCOPE, "--key", "order-1",
+        ],
+    );
+    assert_eq!(
+        forgotten["storage_key"],
+        StorageKey::derive(NAME, Some(SCOPE.as_bytes()), b"order-1")
+            .unwrap()
+            .to_hex()
+    );
+    idempotent(&fixture).args(scoped).assert().code(3);
+    let unscoped = run_json(
+        &fixture,
+        &["--json", "inspect", "--name", NAME, "--key", "order-1"],
+    );
+    assert_eq!(unscoped["output"]["ok"]["amount"], 101, "kept: {unscoped}");
+    idempotent(&fixture)
+        .args([
+            "forget", "--yes", "--name", NAME, "--scope", SCOPE, "--key", "order-7",
+        ])
+        .assert()
+        .success()
+        .stdout_has("forgot the completed record");
+    idempotent(&fixture)
+        .args([
+            "inspect", "--name", NAME, "--scope", SCOPE, "--key", "order-7",
+        ])
+        .assert()
+        .code(3);
 }
 
 /// Checks of what the command printed.
@@ -273,6 +437,7 @@ async fn sqlite() {
         store: Arc::new(store),
         url: format!("sqlite://{}", path.display()),
         expires_by_itself: false,
+        beside_output: sql_beside_output,
     })
     .await;
 }
@@ -288,6 +453,7 @@ async fn postgres() {
         store: Arc::new(store),
         url,
         expires_by_itself: false,
+        beside_output: sql_beside_output,
     })
     .await;
     drop(server);
@@ -303,8 +469,125 @@ async fn redis() {
         store: Arc::new(store),
         url: server.url(),
         expires_by_itself: true,
+        beside_output: redis_beside_output,
     })
     .await;
+    drop(server);
+}
+
+/// `stats` walks a Redis server's keys with `SCAN`; neither it nor `purge-expired` (which on
+/// Redis sends nothing: the server deletes ended records itself) ever sends `KEYS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stats_and_purge_walk_the_keys_with_scan_never_keys() {
+    // KEYS is renamed away: a command that sent it would fail with "unknown command".
+    let server = tokio::task::spawn_blocking(|| {
+        RedisServer::start_with(RedisOptions {
+            extra_args: vec!["--rename-command".into(), "KEYS".into(), String::new()],
+            ..RedisOptions::default()
+        })
+    })
+    .await
+    .unwrap();
+    assert!(
+        server
+            .try_command(&["KEYS", "*"])
+            .unwrap_err()
+            .to_string()
+            .contains("unknown command"),
+        "KEYS is gone"
+    );
+    let store = RedisStore::builder(server.url()).build().unwrap();
+    let fixture = Fixture {
+        store: Arc::new(store),
+        url: server.url(),
+        expires_by_itself: true,
+        beside_output: redis_beside_output,
+    };
+    for n in 0..3u64 {
+        record(
+            &fixture,
+            &format!("order-{n}"),
+            n,
+            Duration::from_secs(3600),
+        )
+        .await;
+    }
+    hold(&fixture, "order-held").await;
+    server.reset_stats();
+
+    let stats = run_json(&fixture, &["--json", "stats"]);
+    assert_eq!(stats["completed"], 3, "{stats}");
+    assert_eq!(stats["in_progress"], 1, "{stats}");
+    idempotent(&fixture)
+        .arg("stats")
+        .assert()
+        .success()
+        .stdout_has("completed:   3");
+    let dry = run_json(&fixture, &["--json", "purge-expired", "--dry-run"]);
+    assert_eq!(dry["expired"], 0, "{dry}");
+    let purged = run_json(&fixture, &["--json", "purge-expired"]);
+    assert_eq!(purged["purged"], 0, "{purged}");
+
+    let commands = server.command_stats();
+    assert_eq!(
+        commands.get("keys"),
+        None,
+        "KEYS was never sent: {commands:?}"
+    );
+    assert!(
+        commands.get("scan").is_some_and(|&calls| calls >= 2),
+        "each stats walked the keys with SCAN: {commands:?}"
+    );
+    drop(server);
+}
+
+/// On PostgreSQL one batch of the purge deletes at most its limit: through the library
+/// (`Admin::purge_expired_batch`) and through `purge-expired --batch`, which counts its batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_purges_in_batches_of_at_most_batch_records() {
+    let server = tokio::task::spawn_blocking(PostgresServer::start)
+        .await
+        .unwrap();
+    let url = server.create_database("batches");
+    let store = Arc::new(PostgresStore::builder(url.clone()).build().await.unwrap());
+    let fixture = Fixture {
+        store: store.clone(),
+        url,
+        expires_by_itself: false,
+        beside_output: sql_beside_output,
+    };
+    record(&fixture, "live", 1, Duration::from_secs(3600)).await;
+    let expire = |from: u64, count: u64| {
+        let fixture = &fixture;
+        async move {
+            for n in from..from + count {
+                record(fixture, &format!("short-{n}"), n, Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+
+    // The library: one batch deletes at most its limit, and leaves the rest.
+    expire(0, 5).await;
+    assert_eq!(store.stats().await.unwrap().expired, 5);
+    assert_eq!(store.purge_expired_batch(2).await.unwrap(), 2);
+    assert_eq!(store.stats().await.unwrap().expired, 3, "3 are left");
+
+    // The command: 5 expired records in batches of 2 are 3 batches (2, 2, 1).
+    expire(5, 2).await;
+    let purged = run_json(&fixture, &["--json", "purge-expired", "--batch", "2"]);
+    assert_eq!(purged["purged"], 5, "{purged}");
+    assert_eq!(purged["batches"], 3, "{purged}");
+    let after = store.stats().await.unwrap();
+    assert_eq!((after.expired, after.completed), (0, 1), "{after:?}");
+
+    // As text: 3 expired records in batches of 2 are 2 batches.
+    expire(7, 3).await;
+    idempotent(&fixture)
+        .args(["purge-expired", "--batch", "2"])
+        .assert()
+        .success()
+        .stdout_has("purged 3 expired records in 2 batches of at most 2\n");
     drop(server);
 }
 
