@@ -97,6 +97,9 @@
 #[cfg(feature = "metrics")]
 use std::time::Instant;
 
+#[cfg(feature = "metrics")]
+use registry::Metric;
+
 use std::future::Future;
 use std::time::Duration;
 
@@ -146,10 +149,9 @@ pub fn describe() {
 pub(crate) fn call_ended(function: &'static str, outcome: &'static str, took: Option<Duration>) {
     #[cfg(feature = "metrics")]
     {
-        let labels = [("function", function), ("outcome", outcome)];
-        metrics::counter!(CALLS_TOTAL, &labels).increment(1);
+        registry::counter(Metric::Calls, function, outcome).increment(1);
         if let Some(took) = took {
-            metrics::histogram!(CALL_DURATION_SECONDS, &labels).record(took.as_secs_f64());
+            registry::histogram(Metric::CallDuration, function, outcome).record(took.as_secs_f64());
         }
     }
     #[cfg(not(feature = "metrics"))]
@@ -181,8 +183,7 @@ impl WaitTimer {
     pub(crate) fn stop(&mut self, function: &'static str) {
         #[cfg(feature = "metrics")]
         if let Some(since) = self.since.take() {
-            metrics::histogram!(WAIT_DURATION_SECONDS, "function" => function)
-                .record(since.elapsed().as_secs_f64());
+            registry::histogram(Metric::Wait, function, "").record(since.elapsed().as_secs_f64());
         }
         #[cfg(not(feature = "metrics"))]
         let _ = function;
@@ -201,7 +202,7 @@ impl InFlight {
     pub(crate) fn start(function: &'static str) -> Self {
         #[cfg(feature = "metrics")]
         {
-            metrics::gauge!(CLAIMS_IN_FLIGHT, "function" => function).increment(1.0);
+            registry::gauge(Metric::InFlight, function).increment(1.0);
             Self {
                 function: Some(function),
             }
@@ -229,7 +230,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         #[cfg(feature = "metrics")]
         if let Some(function) = self.function.take() {
-            metrics::gauge!(CLAIMS_IN_FLIGHT, "function" => function).decrement(1.0);
+            registry::gauge(Metric::InFlight, function).decrement(1.0);
         }
     }
 }
@@ -274,12 +275,8 @@ pub(crate) fn timed<F: Future>(
     async move {
         let started = Instant::now();
         let output = future.await;
-        metrics::histogram!(
-            STORE_OPERATION_DURATION_SECONDS,
-            "store" => store,
-            "operation" => operation.as_str()
-        )
-        .record(started.elapsed().as_secs_f64());
+        registry::histogram(Metric::StoreOperation, store, operation.as_str())
+            .record(started.elapsed().as_secs_f64());
         output
     }
 }
@@ -290,4 +287,143 @@ pub(crate) fn timed<F: Future>(
 #[inline(always)]
 pub(crate) fn timed<F: Future>(_: &dyn Store, _: StoreOperation, future: F) -> F {
     future
+}
+
+/// The handles of the crate's metrics, from keys built once per thread.
+///
+/// `metrics::counter!(name, labels)` builds its [`Key`](metrics::Key) on every call: a vector
+/// of labels and the key's hash, even when no recorder is installed (the facade cannot tell).
+/// The label values here are static strings from a small set, so each thread keeps the keys
+/// it built and asks the current recorder for a handle by reference; what is recorded, and
+/// where, is the same as with the macros.
+#[cfg(feature = "metrics")]
+mod registry {
+    use std::cell::RefCell;
+
+    use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata};
+
+    /// What the macros would give a metric recorded from this module.
+    static METADATA: Metadata<'static> =
+        Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+    /// Keys a thread keeps; past this many, further keys are built per use (a process with
+    /// that many functions pays what the macros cost, and no more memory).
+    const KEPT: usize = 128;
+
+    /// One of the crate's metrics, and its label names.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum Metric {
+        Calls,
+        CallDuration,
+        Wait,
+        StoreOperation,
+        InFlight,
+    }
+
+    impl Metric {
+        fn name(self) -> &'static str {
+            match self {
+                Self::Calls => super::CALLS_TOTAL,
+                Self::CallDuration => super::CALL_DURATION_SECONDS,
+                Self::Wait => super::WAIT_DURATION_SECONDS,
+                Self::StoreOperation => super::STORE_OPERATION_DURATION_SECONDS,
+                Self::InFlight => super::CLAIMS_IN_FLIGHT,
+            }
+        }
+
+        /// The key of this metric with these label values (the second unused by metrics
+        /// with one label).
+        fn key(self, first: &'static str, second: &'static str) -> Key {
+            let labels = match self {
+                Self::Calls | Self::CallDuration => vec![
+                    Label::from_static_parts("function", first),
+                    Label::from_static_parts("outcome", second),
+                ],
+                Self::Wait | Self::InFlight => vec![Label::from_static_parts("function", first)],
+                Self::StoreOperation => vec![
+                    Label::from_static_parts("store", first),
+                    Label::from_static_parts("operation", second),
+                ],
+            };
+            Key::from_parts(self.name(), labels)
+        }
+    }
+
+    struct Kept {
+        metric: Metric,
+        first: &'static str,
+        second: &'static str,
+        key: Key,
+    }
+
+    thread_local! {
+        static KEYS: RefCell<Vec<Kept>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// `use_key` given the key of `metric` with these label values: this thread's kept key,
+    /// or one built now (past [`KEPT`] keys, or while the thread's keys are unavailable).
+    fn with_key<T>(
+        metric: Metric,
+        first: &'static str,
+        second: &'static str,
+        use_key: impl FnOnce(&Key) -> T,
+    ) -> Option<T> {
+        let mut use_key = Some(use_key);
+        let answer = KEYS
+            .try_with(|keys| {
+                let use_key = use_key.take()?;
+                let Ok(mut keys) = keys.try_borrow_mut() else {
+                    return Some(use_key(&metric.key(first, second)));
+                };
+                let found = keys.iter().position(|kept| {
+                    kept.metric == metric
+                        && std::ptr::eq(kept.first, first)
+                        && std::ptr::eq(kept.second, second)
+                });
+                let index = match found {
+                    Some(index) => index,
+                    None if keys.len() < KEPT => {
+                        let key = metric.key(first, second);
+                        keys.push(Kept {
+                            metric,
+                            first,
+                            second,
+                            key,
+                        });
+                        keys.len() - 1
+                    }
+                    None => return Some(use_key(&metric.key(first, second))),
+                };
+                Some(use_key(&keys[index].key))
+            })
+            .ok()
+            .flatten();
+        // The thread's keys are gone (a thread-local destructor records a metric).
+        answer.or_else(|| use_key.map(|use_key| use_key(&metric.key(first, second))))
+    }
+
+    pub(super) fn counter(metric: Metric, first: &'static str, second: &'static str) -> Counter {
+        with_key(metric, first, second, |key| {
+            metrics::with_recorder(|recorder| recorder.register_counter(key, &METADATA))
+        })
+        .unwrap_or_else(Counter::noop)
+    }
+
+    pub(super) fn histogram(
+        metric: Metric,
+        first: &'static str,
+        second: &'static str,
+    ) -> Histogram {
+        with_key(metric, first, second, |key| {
+            metrics::with_recorder(|recorder| recorder.register_histogram(key, &METADATA))
+        })
+        .unwrap_or_else(Histogram::noop)
+    }
+
+    pub(super) fn gauge(metric: Metric, function: &'static str) -> Gauge {
+        with_key(metric, function, "", |key| {
+            metrics::with_recorder(|recorder| recorder.register_gauge(key, &METADATA))
+        })
+        .unwrap_or_else(Gauge::noop)
+    }
 }
