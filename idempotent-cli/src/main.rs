@@ -270,12 +270,18 @@ fn stats_json(stats: &StoreStats) -> serde_json::Value {
         "expired": stats.expired,
         "bytes": stats.bytes,
         "nearest_end_ms": stats.nearest_end.map(millis),
+        "oldest": stats.oldest.as_ref().map(|oldest| json!({
+            "storage_key": oldest.key.to_hex(),
+            "fence": oldest.fence,
+            "state": oldest.state.as_str(),
+            "left_ms": millis(oldest.left),
+        })),
     })
 }
 
 fn stats_text(stats: &StoreStats) -> String {
     format!(
-        "records:     {}\nin progress: {}\ncompleted:   {}\nreleased:    {}\nexpired:     {} (purge-expired deletes them)\nbytes:       {}\nnearest end: {}\n",
+        "records:     {}\nin progress: {}\ncompleted:   {}\nreleased:    {}\nexpired:     {} (purge-expired deletes them)\nbytes:       {}\nnearest end: {}\noldest:      {}\n",
         stats.records(),
         stats.in_progress,
         stats.completed,
@@ -283,6 +289,16 @@ fn stats_text(stats: &StoreStats) -> String {
         stats.expired,
         stats.bytes,
         stats.nearest_end.map_or_else(|| "-".to_string(), duration),
+        stats.oldest.as_ref().map_or_else(
+            || "-".to_string(),
+            |oldest| format!(
+                "{} (fence {}, {}, ends in {})",
+                &oldest.key.to_hex()[..16],
+                oldest.fence,
+                oldest.state.as_str(),
+                duration(oldest.left)
+            )
+        ),
     )
 }
 

@@ -210,6 +210,35 @@ async fn exercise(fixture: Fixture) {
         stats["nearest_end_ms"].as_u64().unwrap() > 3_500_000,
         "{stats}"
     );
+    // The oldest: the first record claimed, order-0, with its own fence.
+    let first = run_json(
+        &fixture,
+        &["--json", "inspect", "--name", NAME, "--key", "order-0"],
+    );
+    let order_0 = StorageKey::derive(NAME, None, b"order-0").unwrap().to_hex();
+    assert_eq!(stats["oldest"]["storage_key"], order_0, "{stats}");
+    assert_eq!(stats["oldest"]["fence"], first["fence"], "{stats}");
+    assert_eq!(stats["oldest"]["state"], "completed", "{stats}");
+    assert!(
+        stats["oldest"]["left_ms"].as_u64().unwrap() > 3_500_000,
+        "{stats}"
+    );
+    let text = idempotent(&fixture)
+        .arg("stats")
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let text = String::from_utf8(text).unwrap();
+    assert!(
+        text.contains(&format!(
+            "\noldest:      {} (fence {}, completed, ends in ",
+            &order_0[..16],
+            first["fence"]
+        )),
+        "{text}"
+    );
 
     // purge-expired: two records that end at once.
     for n in 0..2u64 {

@@ -6,8 +6,11 @@
 //! [`PostgresStore`] and the [`RedisStore`] (one server; not a Redis Cluster). Forgetting one
 //! record is [`Store::remove`].
 //!
-//! No store keeps when a record was written, only when it ends (its lease, or its expiry): the
-//! statistics therefore give the record nearest its end, not the oldest.
+//! No store keeps when a record was written, only when it ends (its lease, or its expiry), and
+//! the fence of the claim that wrote it. Fences only grow (a sequence on PostgreSQL, a counter
+//! on SQLite, the claiming process's clock in microseconds on Redis), so the statistics give
+//! the oldest live record as the one with the lowest fence, the first claimed, and the time
+//! until the record nearest its end ends.
 //!
 //! [`SqliteStore`]: crate::stores::sqlite::SqliteStore
 //! [`PostgresStore`]: crate::stores::postgres::PostgresStore
@@ -98,8 +101,26 @@ pub struct StoreStats {
     /// The bytes of every record, as [`RecordView::bytes`] counts them.
     pub bytes: u64,
     /// How long until the live record nearest its end ends (its lease or its expiry); `None`
-    /// without live records. The stores keep no write time, so this stands in for the oldest.
+    /// without live records.
     pub nearest_end: Option<Duration>,
+    /// The live record (in progress or completed) claimed first: the lowest fence. `None`
+    /// without live records. On Redis, fences from several processes are ordered by their
+    /// clocks, so "first" holds to within the clocks' skew.
+    pub oldest: Option<OldestRecord>,
+}
+
+/// The live record claimed first, as [`StoreStats::oldest`] gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OldestRecord {
+    /// Its storage key (logs show its first 16 hex digits).
+    pub key: StorageKey,
+    /// The fence of its claim, the lowest of the live records.
+    pub fence: u64,
+    /// Where it is in its life.
+    pub state: RecordState,
+    /// How long until it ends: its lease, or its expiry once completed.
+    pub left: Duration,
 }
 
 impl StoreStats {

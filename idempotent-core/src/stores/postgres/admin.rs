@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::PostgresStore;
 use super::sql::FORMAT;
-use crate::admin::{Admin, RecordState, RecordView, StoreStats};
+use crate::admin::{Admin, OldestRecord, RecordState, RecordView, StoreStats};
 use crate::error::StoreError;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes};
@@ -29,6 +29,47 @@ fn unexpected(error: tokio_postgres::Error) -> StoreError {
     StoreError::Backend {
         message: format!("a record's columns could not be read: {error}"),
         source: Some(Box::new(error)),
+    }
+}
+
+impl PostgresStore {
+    /// The live record with the lowest fence (the first claimed).
+    async fn oldest(&self) -> Result<Option<OldestRecord>, StoreError> {
+        let sql = format!(
+            "SELECT key, fence, state, {LEFT_MS} FROM {}
+             WHERE format = $1 AND state IN (0, 1) AND until > statement_timestamp()
+             ORDER BY fence LIMIT 1",
+            self.table
+        );
+        let rows = self.query_text(&sql, &[&FORMAT]).await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let read = || -> Result<_, tokio_postgres::Error> {
+            Ok((
+                row.try_get::<_, Vec<u8>>(0)?,
+                row.try_get::<_, i64>(1)?,
+                row.try_get::<_, i16>(2)?,
+                row.try_get::<_, i64>(3)?,
+            ))
+        };
+        let (key, fence, state, left_ms) = read().map_err(unexpected)?;
+        let Ok(key) = <[u8; 32]>::try_from(key.as_slice()) else {
+            return Err(StoreError::Corrupt {
+                key: key.iter().map(|byte| format!("{byte:02x}")).collect(),
+                message: format!("a record's key is {} bytes, not 32", key.len()),
+            });
+        };
+        Ok(Some(OldestRecord {
+            key: StorageKey::from_bytes(key),
+            fence: count(fence),
+            state: if state == 0 {
+                RecordState::InProgress
+            } else {
+                RecordState::Completed
+            },
+            left: left(left_ms),
+        }))
     }
 }
 
@@ -125,6 +166,7 @@ impl Admin for PostgresStore {
                     stats.nearest_end = Some(stats.nearest_end.map_or(nearest, |n| n.min(nearest)));
                 }
             }
+            stats.oldest = self.oldest().await?;
             Ok(stats)
         })
     }

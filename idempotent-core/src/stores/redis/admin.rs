@@ -10,7 +10,7 @@ use super::RedisStore;
 use super::connection::Commands;
 use super::error::from_redis;
 use super::record::FENCE_AT;
-use crate::admin::{Admin, RecordState, RecordView, StoreStats};
+use crate::admin::{Admin, OldestRecord, RecordState, RecordView, StoreStats};
 use crate::error::StoreError;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes};
@@ -77,6 +77,17 @@ impl RedisStore {
     fn is_record_key(&self, key: &[u8]) -> bool {
         key.strip_prefix(self.key_prefix.as_bytes())
             .is_some_and(|hex| hex.len() == 64 && hex.iter().all(u8::is_ascii_hexdigit))
+    }
+
+    /// The storage key of one of this store's record keys.
+    fn storage_key_of(&self, key: &[u8]) -> Option<StorageKey> {
+        let hex = key.strip_prefix(self.key_prefix.as_bytes())?;
+        let mut bytes = [0u8; 32];
+        for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
+            let digits = std::str::from_utf8(pair).ok()?;
+            *byte = u8::from_str_radix(digits, 16).ok()?;
+        }
+        (hex.len() == 64).then(|| StorageKey::from_bytes(bytes))
     }
 }
 
@@ -156,11 +167,12 @@ impl Admin for RedisStore {
                 if !keys.is_empty() {
                     let mut pipeline = redis::pipe();
                     for key in &keys {
+                        // The state, fingerprint and fence: `2<state><fingerprint>|<fence>|`.
                         pipeline
                             .cmd("GETRANGE")
                             .arg(key)
                             .arg(0)
-                            .arg(1)
+                            .arg(FENCE_AT + 21)
                             .cmd("STRLEN")
                             .arg(key)
                             .cmd("PTTL")
@@ -176,13 +188,27 @@ impl Admin for RedisStore {
                             // Gone since the SCAN.
                             continue;
                         };
-                        match head {
-                            Value::BulkString(head) if head == b"2p" || head == b"2w" => {
-                                stats.in_progress += 1;
-                            }
-                            Value::BulkString(head) if head == b"2c" => stats.completed += 1,
-                            Value::BulkString(head) if head == b"2r" => stats.released += 1,
-                            _ => continue,
+                        let Value::BulkString(head) = head else {
+                            continue;
+                        };
+                        let Ok((state, fence, _)) = parse(head) else {
+                            continue;
+                        };
+                        match state {
+                            RecordState::InProgress => stats.in_progress += 1,
+                            RecordState::Completed => stats.completed += 1,
+                            RecordState::Released => stats.released += 1,
+                        }
+                        if state != RecordState::Released
+                            && stats.oldest.as_ref().is_none_or(|oldest| fence < oldest.fence)
+                            && let Some(storage) = self.storage_key_of(key)
+                        {
+                            stats.oldest = Some(OldestRecord {
+                                key: storage,
+                                fence,
+                                state,
+                                left: life,
+                            });
                         }
                         if let Value::Int(length) = length {
                             stats.bytes += (key.len() as u64) + u64::try_from(*length).unwrap_or(0);

@@ -6,10 +6,10 @@ use std::time::Duration;
 use rusqlite::params;
 
 use super::SqliteStore;
-use super::ops::{begin, commit, fail, read};
+use super::ops::{OpResult, begin, commit, fail, read};
 use super::pool::Access;
 use super::record::{self, COMPLETED, FORMAT, IN_PROGRESS, State};
-use crate::admin::{Admin, RecordState, RecordView, StoreStats};
+use crate::admin::{Admin, OldestRecord, RecordState, RecordView, StoreStats};
 use crate::error::StoreError;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes};
@@ -25,6 +25,49 @@ fn left(now: i64, until: i64) -> Duration {
     } else {
         record::until_from(now, until)
     }
+}
+
+/// The live record with the lowest fence (the first claimed).
+fn oldest(connection: &rusqlite::Connection, now: i64) -> OpResult<Option<OldestRecord>> {
+    let mut statement = connection
+        .prepare(
+            "SELECT key, fence, state, until FROM idempotent_records
+             WHERE format = ?1 AND state IN (?2, ?3) AND until > ?4 AND typeof(fence) = 'integer'
+             ORDER BY fence LIMIT 1",
+        )
+        .map_err(fail("could not prepare the statistics"))?;
+    let mut rows = statement
+        .query(params![FORMAT, IN_PROGRESS, COMPLETED, now])
+        .map_err(fail("could not read the statistics"))?;
+    let Some(row) = rows.next().map_err(fail("could not read the statistics"))? else {
+        return Ok(None);
+    };
+    let read = |row: &rusqlite::Row<'_>| -> rusqlite::Result<_> {
+        Ok((
+            row.get::<_, Vec<u8>>(0)?,
+            row.get::<_, i64>(1)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, i64>(3)?,
+        ))
+    };
+    let (key, fence, state, until) = read(row).map_err(fail("could not read the statistics"))?;
+    let Ok(key) = <[u8; 32]>::try_from(key.as_slice()) else {
+        return Err(StoreError::Corrupt {
+            key: key.iter().map(|byte| format!("{byte:02x}")).collect(),
+            message: format!("a record's key is {} bytes, not 32", key.len()),
+        }
+        .into());
+    };
+    Ok(Some(OldestRecord {
+        key: StorageKey::from_bytes(key),
+        fence: u64::try_from(fence).unwrap_or(0),
+        state: if state == IN_PROGRESS {
+            RecordState::InProgress
+        } else {
+            RecordState::Completed
+        },
+        left: left(now, until),
+    }))
 }
 
 impl Admin for SqliteStore {
@@ -99,6 +142,8 @@ impl Admin for SqliteStore {
                     stats.nearest_end = Some(stats.nearest_end.map_or(nearest, |n| n.min(nearest)));
                 }
             }
+            drop(rows);
+            stats.oldest = oldest(connection, now)?;
             Ok(stats)
         }))
     }
