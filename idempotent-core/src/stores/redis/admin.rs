@@ -200,7 +200,10 @@ impl Admin for RedisStore {
                             RecordState::Released => stats.released += 1,
                         }
                         if state != RecordState::Released
-                            && stats.oldest.as_ref().is_none_or(|oldest| fence < oldest.fence)
+                            && stats
+                                .oldest
+                                .as_ref()
+                                .is_none_or(|oldest| fence < oldest.fence)
                             && let Some(storage) = self.storage_key_of(key)
                         {
                             stats.oldest = Some(OldestRecord {
