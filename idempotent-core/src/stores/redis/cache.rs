@@ -103,8 +103,9 @@ mod enabled {
         expires: Instant,
     }
 
-    /// Each entry ends at its deadline (moka then drops it; [`LocalCache::claim`] checks the
-    /// deadline too, so an entry moka has not dropped yet is never served late).
+    /// Each entry ends at its deadline: moka's `get` checks an entry's expiry against its clock
+    /// (which it reads anyway) and answers `None` past it, even before its housekeeping has
+    /// dropped the entry, so [`LocalCache::claim`] reads no clock of its own.
     struct UntilDeadline;
 
     impl Expiry<StorageKey, Entry> for UntilDeadline {
@@ -199,9 +200,6 @@ mod enabled {
             fingerprint: &[u8; 64],
         ) -> Option<Claim> {
             let entry = self.entries.get(key)?;
-            if entry.expires <= Instant::now() {
-                return None;
-            }
             Some(if entry.fingerprint == *fingerprint {
                 Claim::Completed {
                     output: entry.output,
