@@ -9,6 +9,10 @@
 //! Exit codes: 0 done; 1 the store failed (unreachable, a statement failed, a corrupt record);
 //! 2 the command line or the URL is wrong; 3 there is no such record; 4 `forget` was not
 //! confirmed.
+//!
+//! Every record it deletes is in the library's audit trail: `forget` and `purge-expired` print
+//! the `forgotten` and `purged` events (target `idempotent::audit`) on standard error, as a
+//! service that installs a `tracing` subscriber logs the engine's.
 
 mod stores;
 
@@ -18,7 +22,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use idempotent_core::StorageKey;
-use idempotent_core::admin::{RecordState, RecordView, StoreStats};
+use idempotent_core::admin::{self, RecordState, RecordView, StoreStats};
 use serde_json::json;
 
 use stores::Opened;
@@ -138,6 +142,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    audit_to_stderr();
     match runtime.block_on(run(&cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
@@ -152,6 +157,19 @@ fn main() -> ExitCode {
             ExitCode::from(failure.code())
         }
     }
+}
+
+/// Prints the audit trail's events (target `idempotent::audit`) on standard error, and nothing
+/// else the library logs.
+fn audit_to_stderr() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{Layer, filter, fmt};
+
+    let audit = filter::Targets::new().with_target("idempotent::audit", tracing::Level::DEBUG);
+    let layer = fmt::layer().with_writer(std::io::stderr).with_filter(audit);
+    // Fails only if a subscriber is already installed, which nothing here does.
+    let _ = tracing_subscriber::registry().with(layer).try_init();
 }
 
 async fn run(cli: &Cli) -> Result<(), Failure> {
@@ -334,7 +352,16 @@ async fn purge_expired(
     // The transactions that deleted records, each at most `batch` of them.
     let mut batches = 0u64;
     loop {
-        let deleted = store.admin().purge_expired_batch(batch).await?;
+        let deleted = match store.admin().purge_expired_batch(batch).await {
+            Ok(deleted) => deleted,
+            Err(error) => {
+                // What the batches before deleted stays deleted: it is in the audit trail.
+                if purged > 0 {
+                    admin::audit_purged(purged);
+                }
+                return Err(error.into());
+            }
+        };
         if deleted == 0 {
             break;
         }
@@ -347,6 +374,9 @@ async fn purge_expired(
         progress.set_position(purged);
     }
     progress.finish_and_clear();
+    if !store.expires_by_itself() {
+        admin::audit_purged(purged);
+    }
     if json {
         println!(
             "{}",
@@ -374,6 +404,7 @@ async fn forget(store: &Opened, record: &RecordName, yes: bool, json: bool) -> R
         // It ended and was purged, or someone else forgot it, after the look.
         return Err(not_found(record, &key));
     }
+    admin::audit_forgotten(&record.name, &key);
     if json {
         println!(
             "{}",

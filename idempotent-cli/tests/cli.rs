@@ -251,7 +251,12 @@ async fn exercise(fixture: Fixture) {
         .await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let dry = run_json(&fixture, &["purge-expired", "--dry-run", "--json"]);
+    let dry = idempotent(&fixture)
+        .args(["purge-expired", "--dry-run", "--json"])
+        .assert()
+        .success();
+    assert_no_audit(&dry, "a dry run");
+    let dry = json_of(&dry.get_output().stdout);
     let expected = if fixture.expires_by_itself { 0 } else { 2 };
     assert_eq!(dry["expired"], expected, "{dry}");
     let still = run_json(&fixture, &["--json", "stats"]);
@@ -260,7 +265,22 @@ async fn exercise(fixture: Fixture) {
         "a dry run deletes nothing: {still}"
     );
     // One record per batch: the loop must go round until none is left.
-    let purged = run_json(&fixture, &["purge-expired", "--batch", "1", "--json"]);
+    let purge = idempotent(&fixture)
+        .args(["purge-expired", "--batch", "1", "--json"])
+        .assert()
+        .success();
+    if fixture.expires_by_itself {
+        assert_no_audit(&purge, "Redis purges nothing");
+    } else {
+        // The audit trail's `purged` event, once, with the count.
+        let events = audit_events(&purge);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(
+            events[0].contains("outcome=\"purged\"") && events[0].contains("count=2"),
+            "{events:?}"
+        );
+    }
+    let purged = json_of(&purge.get_output().stdout);
     assert_eq!(purged["purged"], expected, "{purged}");
     assert_eq!(
         purged["batches"], expected,
@@ -271,22 +291,34 @@ async fn exercise(fixture: Fixture) {
     assert_eq!(after["completed"], 3, "live records are kept: {after}");
 
     // forget: refused at the prompt, then confirmed, then with --yes.
-    idempotent(&fixture)
+    let refused = idempotent(&fixture)
         .args(["forget", "--name", NAME, "--key", "order-0"])
         .write_stdin("n\n")
         .assert()
         .code(4)
         .stderr_has("not confirmed");
+    assert_no_audit(&refused, "nothing was forgotten");
     idempotent(&fixture)
         .args(["inspect", "--name", NAME, "--key", "order-0"])
         .assert()
         .success();
-    idempotent(&fixture)
+    let forgot = idempotent(&fixture)
         .args(["forget", "--name", NAME, "--key", "order-0"])
         .write_stdin("y\n")
         .assert()
         .success()
         .stdout_has("forgot the completed record");
+    // The audit trail's `forgotten` event: the function, the key's first 16 hex digits.
+    let events = audit_events(&forgot);
+    assert_eq!(events.len(), 1, "{events:?}");
+    for field in [
+        "outcome=\"forgotten\"".to_string(),
+        format!("function=\"{NAME}\""),
+        format!("key={}", &order_0[..16]),
+        "fence=-".to_string(),
+    ] {
+        assert!(events[0].contains(&field), "{field}: {events:?}");
+    }
     idempotent(&fixture)
         .args(["inspect", "--name", NAME, "--key", "order-0"])
         .assert()
@@ -441,6 +473,20 @@ async fn exercise(fixture: Fixture) {
 trait Printed: Sized {
     fn stderr_has(self, text: &str) -> Self;
     fn stdout_has(self, text: &str) -> Self;
+}
+
+/// The audit trail's events the command printed on its standard error.
+fn audit_events(assert: &assert_cmd::assert::Assert) -> Vec<String> {
+    String::from_utf8_lossy(&assert.get_output().stderr)
+        .lines()
+        .filter(|line| line.contains("idempotent::audit"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn assert_no_audit(assert: &assert_cmd::assert::Assert, why: &str) {
+    let events = audit_events(assert);
+    assert!(events.is_empty(), "{why}: {events:?}");
 }
 
 impl Printed for assert_cmd::assert::Assert {

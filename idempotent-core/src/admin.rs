@@ -39,6 +39,22 @@ use std::time::Duration;
 use crate::error::StoreError;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes, Store};
+use crate::telemetry::{Change, audit};
+
+/// The audit trail's `forgotten` event (target `idempotent::audit`, level `DEBUG`) for the
+/// record of `key` under `function`, removed through [`Store::remove`] by an operator's tool:
+/// [`Idempotency::forget`](crate::Idempotency::forget) emits it itself. Call it once the
+/// removal answered `true`.
+pub fn audit_forgotten(function: &str, key: &StorageKey) {
+    audit(function, key, None, Change::Forgotten);
+}
+
+/// The audit trail's `purged` event for `count` records removed through
+/// [`Admin::purge_expired_batch`]: [`Idempotency::purge_expired`](crate::Idempotency::purge_expired)
+/// emits it itself.
+pub fn audit_purged(count: u64) {
+    crate::telemetry::audit_purged(count);
+}
 
 /// Where a record is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -29,8 +29,14 @@
 //! - `purged`: [`Idempotency::purge_expired`] removed `count` expired records (the store does
 //!   not say which: `function`, `key` and `fence` are `-`).
 //!
-//! Changes the engine does not make are not seen: a record that expires, a store's own expiry
-//! sweep, operations a program sends to the store itself.
+//! An operator's tool that removes records through the [`admin`](crate::admin) API rather
+//! than the engine emits the same two events with [`admin::audit_forgotten`] and
+//! [`admin::audit_purged`] (the command `idempotent` does, on its standard error). Changes
+//! nobody reports are not seen: a record that expires, a store's own expiry sweep, operations
+//! a program sends to the store itself.
+//!
+//! [`admin::audit_forgotten`]: crate::admin::audit_forgotten
+//! [`admin::audit_purged`]: crate::admin::audit_purged
 //!
 //! [`Claim::Acquired`]: crate::Claim::Acquired
 //! [`Idempotency::forget`]: crate::Idempotency::forget
@@ -199,12 +205,7 @@ impl fmt::Display for ShownFence {
 }
 
 /// The audit trail's event for `change` of `key`'s record.
-pub(crate) fn audit(
-    function: &'static str,
-    key: &StorageKey,
-    fence: Option<Fence>,
-    change: Change,
-) {
+pub(crate) fn audit(function: &str, key: &StorageKey, fence: Option<Fence>, change: Change) {
     tracing::debug!(
         target: AUDIT_TARGET,
         function,
