@@ -273,6 +273,37 @@ fn a_running_body_is_a_claim_in_flight() {
     );
 }
 
+/// A body that outlives a third of its lease has the lease renewed: each renewal is a timed
+/// `extend` of the store.
+#[test]
+fn a_lease_renewal_is_a_timed_extend() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        runtime().block_on(async {
+            let engine = Idempotency::new(Arc::new(MemoryStore::new()))
+                .with_options(Options::new().with_lease(Duration::from_millis(30)));
+            let call = Call::new("jobs::run", Fingerprint::of(&1).unwrap()).key("job-long");
+            engine
+                .run(call, async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, AppError>(1u8)
+                })
+                .await
+                .unwrap();
+        });
+    });
+    let renewals = histogram_len(
+        &metrics(&snapshotter),
+        STORE_OPERATION_DURATION_SECONDS,
+        &[("store", "memory"), ("operation", "extend")],
+    );
+    assert!(
+        renewals >= 2,
+        "a 100 ms body under a 30 ms lease is renewed every 10 ms: {renewals}"
+    );
+}
+
 /// `Idempotency::purge_expired` times the store's purge.
 #[test]
 fn a_purge_through_the_engine_is_timed() {
@@ -500,5 +531,80 @@ fn store_errors_unrecorded_and_fenced_results_drops_and_panics_are_counted() {
             labels(&[("function", FUNCTION)])
         )),
         Some(&DebugValue::Gauge(0.0.into()))
+    );
+}
+
+/// The transactional mode counts its calls as the leased mode does: one committed, one
+/// cancelled and one whose body panics, each once, and their claims in flight back to 0.
+#[cfg(feature = "sqlite")]
+#[test]
+fn transactional_calls_are_counted_however_they_end() {
+    use idempotent_core::stores::sqlite::SqliteStore;
+    use rusqlite::{Connection, TransactionBehavior};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shop.sqlite3");
+    let store = SqliteStore::open(&path).unwrap();
+    let mut connection = Connection::open(&path).unwrap();
+    let call = |key: &'static str| Call::new(FUNCTION, Fingerprint::of(&1).unwrap()).key(key);
+    let options = Options::new();
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        let outcome = runtime()
+            .block_on(
+                store.run_in_transaction(&tx, &options, call("order-1"), async {
+                    Ok::<u32, AppError>(1)
+                }),
+            )
+            .unwrap();
+        assert_eq!(outcome, Outcome::Executed(1));
+        tx.commit().unwrap();
+
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        runtime().block_on(async {
+            let running = store.run_in_transaction(
+                &tx,
+                &options,
+                call("order-2"),
+                std::future::pending::<Result<u32, AppError>>(),
+            );
+            tokio::time::timeout(Duration::from_millis(1), running)
+                .await
+                .unwrap_err();
+        });
+        drop(tx);
+
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            runtime().block_on(
+                store.run_in_transaction(&tx, &options, call("order-3"), async {
+                    if tx.is_autocommit() {
+                        return Ok::<u32, AppError>(0);
+                    }
+                    panic!("the body panics");
+                }),
+            )
+        }));
+        assert!(panicked.is_err());
+        drop(tx);
+    });
+    let seen = metrics(&snapshotter);
+    assert_eq!(calls(&seen, FUNCTION, "executed"), 1, "{seen:?}");
+    assert_eq!(calls(&seen, FUNCTION, "abandoned"), 2, "{seen:?}");
+    assert_eq!(
+        seen.get(&(
+            CLAIMS_IN_FLIGHT.to_owned(),
+            labels(&[("function", FUNCTION)])
+        )),
+        Some(&DebugValue::Gauge(0.0.into())),
+        "{seen:?}"
     );
 }
