@@ -564,37 +564,12 @@ fn transactional_calls_are_counted_however_they_end() {
         assert_eq!(outcome, Outcome::Executed(1));
         tx.commit().unwrap();
 
-        let tx = connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .unwrap();
-        runtime().block_on(async {
-            let running = store.run_in_transaction(
-                &tx,
-                &options,
-                call("order-2"),
-                std::future::pending::<Result<u32, AppError>>(),
-            );
-            tokio::time::timeout(Duration::from_millis(1), running)
-                .await
-                .unwrap_err();
-        });
-        drop(tx);
-
-        let tx = connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .unwrap();
-        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            runtime().block_on(
-                store.run_in_transaction(&tx, &options, call("order-3"), async {
-                    if tx.is_autocommit() {
-                        return Ok::<u32, AppError>(0);
-                    }
-                    panic!("the body panics");
-                }),
-            )
-        }));
-        assert!(panicked.is_err());
-        drop(tx);
+        support::abandon_two_transactional_calls(
+            &store,
+            &mut connection,
+            FUNCTION,
+            ["order-2", "order-3"],
+        );
     });
     let seen = metrics(&snapshotter);
     assert_eq!(calls(&seen, FUNCTION, "executed"), 1, "{seen:?}");

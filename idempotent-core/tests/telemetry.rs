@@ -562,7 +562,7 @@ fn the_audit_trail_has_one_event_per_change_of_a_record() {
 #[test]
 fn a_transactional_call_cancelled_or_panicking_is_an_abandoned_event() {
     use idempotent_core::stores::sqlite::SqliteStore;
-    use rusqlite::{Connection, TransactionBehavior};
+    use rusqlite::Connection;
 
     let captured = Captured::default();
     let _guard = capture(&captured);
@@ -570,41 +570,12 @@ fn a_transactional_call_cancelled_or_panicking_is_an_abandoned_event() {
     let path = dir.path().join("shop.sqlite3");
     let store = SqliteStore::open(&path).unwrap();
     let mut connection = Connection::open(&path).unwrap();
-    let call =
-        |key: &'static str| Call::new("shop::checkout", Fingerprint::of(&1).unwrap()).key(key);
-    let options = Options::new();
-
-    let tx = connection
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .unwrap();
-    current_thread().block_on(async {
-        let running = store.run_in_transaction(
-            &tx,
-            &options,
-            call("order-1"),
-            std::future::pending::<Result<u32, AppError>>(),
-        );
-        tokio::time::timeout(Duration::from_millis(1), running)
-            .await
-            .unwrap_err();
-    });
-    drop(tx);
-
-    let tx = connection
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .unwrap();
-    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        current_thread().block_on(
-            store.run_in_transaction(&tx, &options, call("order-2"), async {
-                if tx.is_autocommit() {
-                    return Ok::<u32, AppError>(0);
-                }
-                panic!("the body panics");
-            }),
-        )
-    }));
-    assert!(panicked.is_err());
-    drop(tx);
+    support::abandon_two_transactional_calls(
+        &store,
+        &mut connection,
+        "shop::checkout",
+        ["order-1", "order-2"],
+    );
 
     let events = captured.outcomes();
     let outcomes: Vec<&str> = events.iter().map(|(_, f)| f["outcome"].as_str()).collect();

@@ -226,3 +226,59 @@ impl Hooks for FlakyComplete {
         op.send()
     }
 }
+
+/// Two transactional calls on the SQLite store that never return: the first cancelled (its
+/// future dropped while the body runs), the second with a body that panics, each in a
+/// `BEGIN IMMEDIATE` transaction of `connection` that is then rolled back. `keys` are their
+/// idempotency keys under `function`.
+#[cfg(feature = "sqlite")]
+pub fn abandon_two_transactional_calls(
+    store: &idempotent_core::stores::sqlite::SqliteStore,
+    connection: &mut rusqlite::Connection,
+    function: &'static str,
+    keys: [&'static str; 2],
+) {
+    use idempotent_core::{Call, Options};
+    use rusqlite::TransactionBehavior;
+
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let call = |key: &'static str| Call::new(function, Fingerprint::of(&1).unwrap()).key(key);
+    let options = Options::new();
+
+    let tx = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .unwrap();
+    runtime().block_on(async {
+        let running = store.run_in_transaction(
+            &tx,
+            &options,
+            call(keys[0]),
+            std::future::pending::<Result<u32, AppError>>(),
+        );
+        tokio::time::timeout(Duration::from_millis(1), running)
+            .await
+            .unwrap_err();
+    });
+    drop(tx);
+
+    let tx = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .unwrap();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime().block_on(
+            store.run_in_transaction(&tx, &options, call(keys[1]), async {
+                if tx.is_autocommit() {
+                    return Ok::<u32, AppError>(0);
+                }
+                panic!("the body panics");
+            }),
+        )
+    }));
+    assert!(panicked.is_err(), "the body's panic reaches the caller");
+    drop(tx);
+}
