@@ -9,17 +9,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotent_core::conformance::{Claiming, Completing, Forwarding, Hooks};
+use idempotent_core::conformance::Forwarding;
 use idempotent_core::metrics::{
     CALL_DURATION_SECONDS, CALLS_TOTAL, CLAIMS_IN_FLIGHT, STORE_OPERATION_DURATION_SECONDS,
     WAIT_DURATION_SECONDS,
 };
-use idempotent_core::{
-    BoxFuture, Call, Claim, FencedWrite, Fingerprint, Idempotency, MemoryStore, OnConflict,
-    Options, Outcome, StoreError,
-};
+use idempotent_core::{Call, Fingerprint, Idempotency, MemoryStore, OnConflict, Options, Outcome};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use support::{AppError, DownStore};
+use support::{AppError, DownStore, RefusedCompletes, StalledClaims};
 
 /// One metric as the recorder holds it: its name and labels (sorted), and its value.
 type Metrics = BTreeMap<(String, Vec<(String, String)>), DebugValue>;
@@ -414,38 +411,6 @@ fn each_call_records_into_the_recorder_installed_at_the_time() {
             ),
             1
         );
-    }
-}
-
-/// A store whose claims never answer, as one behind a stalled connection.
-#[derive(Debug)]
-struct StalledClaims;
-
-impl Hooks for StalledClaims {
-    fn claim<'a>(&'a self, _: Claiming<'a>) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        Box::pin(std::future::pending())
-    }
-}
-
-/// A store that refuses every `complete` (`disk full`), or, with `fenced`, answers that the
-/// claim no longer holds its key.
-#[derive(Debug)]
-struct RefusedCompletes {
-    fenced: bool,
-}
-
-impl Hooks for RefusedCompletes {
-    fn complete<'a>(&'a self, _: Completing<'a>) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        let fenced = self.fenced;
-        Box::pin(async move {
-            if fenced {
-                return Ok(FencedWrite::Fenced);
-            }
-            Err(StoreError::Backend {
-                message: "disk full".into(),
-                source: None,
-            })
-        })
     }
 }
 

@@ -6,12 +6,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idempotent_core::conformance::{Claiming, Completing, Forwarding, Hooks};
+use idempotent_core::conformance::Forwarding;
 use idempotent_core::{
-    BoxFuture, Call, Claim, FencedWrite, Fingerprint, Idempotency, ManualClock, MemoryStore,
-    OnConflict, Options, Outcome, StoreError,
+    Call, Fingerprint, Idempotency, ManualClock, MemoryStore, OnConflict, Options, Outcome,
 };
-use support::{AppError, DownStore};
+use support::{AppError, DownStore, RefusedCompletes};
 use tracing::field::{Field, Visit};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -329,31 +328,6 @@ fn current_thread() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// A store whose claims never answer, as one behind a stalled connection.
-#[derive(Debug)]
-struct StalledClaims;
-
-impl Hooks for StalledClaims {
-    fn claim<'a>(&'a self, _: Claiming<'a>) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        Box::pin(std::future::pending())
-    }
-}
-
-/// A store that fails every `complete` with an error that is not worth retrying.
-#[derive(Debug)]
-struct FailingCompletes;
-
-impl Hooks for FailingCompletes {
-    fn complete<'a>(&'a self, _: Completing<'a>) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
-        Box::pin(async {
-            Err(StoreError::Backend {
-                message: "disk full".into(),
-                source: None,
-            })
-        })
-    }
-}
-
 /// A call dropped while it claims, or while it waits for another holder of its key, emits
 /// `abandoned` too (it emitted nothing before it held a claim).
 #[test]
@@ -368,7 +342,7 @@ fn a_call_dropped_while_it_claims_or_waits_is_an_abandoned_event() {
     runtime.block_on(async {
         let stalled = Idempotency::new(Arc::new(Forwarding::new(
             Arc::new(MemoryStore::new()),
-            StalledClaims,
+            support::StalledClaims,
         )));
         let claiming = stalled.run(call, ok());
         tokio::time::timeout(Duration::from_millis(1), claiming)
@@ -416,7 +390,7 @@ fn an_unrecorded_result_is_one_warn_with_the_stores_error() {
     let _guard = capture(&captured);
     let engine = Idempotency::new(Arc::new(Forwarding::new(
         Arc::new(MemoryStore::new()),
-        FailingCompletes,
+        RefusedCompletes { fenced: false },
     )));
     let call = Call::new("shop::checkout", Fingerprint::of(&1).unwrap()).key("order-1");
     let outcome = current_thread()

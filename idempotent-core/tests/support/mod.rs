@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idempotent_core::conformance::{Completing, Forwarding, Hooks};
+use idempotent_core::conformance::{Claiming, Completing, Forwarding, Hooks};
 use idempotent_core::{
     BoxFuture, Bytes, CanonicalArguments, Claim, Clock, Error, Fence, FencedWrite, Fingerprint,
     StorageKey, Store, StoreError,
@@ -281,4 +281,36 @@ pub fn abandon_two_transactional_calls(
     }));
     assert!(panicked.is_err(), "the body's panic reaches the caller");
     drop(tx);
+}
+
+/// A store whose claims never answer, as one behind a stalled connection.
+#[derive(Debug)]
+pub struct StalledClaims;
+
+impl Hooks for StalledClaims {
+    fn claim<'a>(&'a self, _: Claiming<'a>) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A store that refuses every `complete` (`disk full`), or, with `fenced`, answers that the
+/// claim no longer holds its key.
+#[derive(Debug)]
+pub struct RefusedCompletes {
+    pub fenced: bool,
+}
+
+impl Hooks for RefusedCompletes {
+    fn complete<'a>(&'a self, _: Completing<'a>) -> BoxFuture<'a, Result<FencedWrite, StoreError>> {
+        let fenced = self.fenced;
+        Box::pin(async move {
+            if fenced {
+                return Ok(FencedWrite::Fenced);
+            }
+            Err(StoreError::Backend {
+                message: "disk full".into(),
+                source: None,
+            })
+        })
+    }
 }
