@@ -720,3 +720,49 @@ fn an_unreachable_store_exits_1_without_its_password() {
     command.args(["--store-url", "redis://127.0.0.1:1/", "stats"]);
     command.assert().code(1);
 }
+
+/// On a terminal, `purge-expired` draws its progress bar on standard error (and clears it when
+/// done); off one, as in the other tests, it draws nothing. The terminal is a pseudo-terminal
+/// made by `script` (util-linux).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_expired_draws_its_progress_bar_on_a_terminal() {
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("idempotency.sqlite3");
+    let fixture = Fixture {
+        store: Arc::new(SqliteStore::open(&path).unwrap()),
+        url: format!("sqlite://{}", path.display()),
+        expires_by_itself: false,
+        beside_output: sql_beside_output,
+    };
+    for n in 0..3u64 {
+        record(
+            &fixture,
+            &format!("short-{n}"),
+            n,
+            Duration::from_millis(50),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let command = format!(
+        "'{}' --store-url '{}' purge-expired --batch 1",
+        env!("CARGO_BIN_EXE_idempotent"),
+        fixture.url
+    );
+    let output = std::process::Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env_remove("IDEMPOTENT_STORE_URL")
+        .output()
+        .expect("`script` (util-linux) runs the command on a pseudo-terminal");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{printed}");
+    assert!(
+        printed.contains("expired records purged"),
+        "the bar, drawn on the terminal: {printed:?}"
+    );
+    assert!(
+        printed.contains("purged 3 expired records in 3 batches"),
+        "{printed:?}"
+    );
+}
