@@ -1,5 +1,5 @@
 //! `EncryptedStore` on every store: the memory store, a SQLite file, and PostgreSQL and Redis
-//! servers started here. A round trip through the engine; rotation; a sealed output copied
+//! servers started here, and the sqlx stores on SQLite and PostgreSQL. A round trip through the engine; rotation; a sealed output copied
 //! under another key; a bit flipped in each part of it; a wrong key ring; and the rows and
 //! values as Redis and PostgreSQL hold them, read back raw, with no plaintext in them. And
 //! `KeyedStore`: keys and fingerprints under a secret, and what becomes of records written
@@ -451,4 +451,63 @@ async fn a_claim_acquired_through_another_wrapper_is_not_completed_through_this_
             .await,
         Ok(idempotent_core::FencedWrite::Applied)
     ));
+}
+
+/// The sqlx stores behind the wrapper: the same exercise, the rows read back through the
+/// store's own pool.
+#[cfg(feature = "sqlx-sqlite")]
+#[tokio::test]
+async fn sqlx_sqlite() {
+    use idempotent_core::stores::sqlx_sqlite::SqlxSqliteStore;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool};
+
+    let folder = tempfile::tempdir().unwrap();
+    let pool = SqlitePool::connect_with(
+        SqliteConnectOptions::new()
+            .filename(folder.path().join("sealed.sqlite3"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal),
+    )
+    .await
+    .unwrap();
+    let store = SqlxSqliteStore::builder(pool.clone())
+        .build()
+        .await
+        .unwrap();
+    let raw = async || {
+        sqlx::query_scalar::<_, Vec<u8>>(
+            "SELECT output FROM idempotent_records WHERE output IS NOT NULL",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    exercise(Arc::new(store), raw).await;
+}
+
+#[cfg(feature = "sqlx-postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlx_postgres() {
+    use idempotent_core::stores::sqlx_postgres::SqlxPgStore;
+
+    let server = tokio::task::spawn_blocking(PostgresServer::start)
+        .await
+        .unwrap();
+    let url = server.create_database("sealed_sqlx");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await
+        .unwrap();
+    let store = SqlxPgStore::builder(pool.clone()).build().await.unwrap();
+    let raw = async || {
+        sqlx::query_scalar::<_, Vec<u8>>(
+            "SELECT output FROM idempotent_records WHERE output IS NOT NULL",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    exercise(Arc::new(store), raw).await;
+    drop(server);
 }
