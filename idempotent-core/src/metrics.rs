@@ -299,6 +299,8 @@ pub(crate) fn timed<F: Future>(_: &dyn Store, _: StoreOperation, future: F) -> F
 #[cfg(feature = "metrics")]
 mod registry {
     use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::hash::{BuildHasherDefault, Hasher};
 
     use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata};
 
@@ -308,10 +310,10 @@ mod registry {
 
     /// Keys a thread keeps; past this many, further keys are built per use (a process with
     /// that many functions pays what the macros cost, and no more memory).
-    const KEPT: usize = 128;
+    const KEPT: usize = 1024;
 
     /// One of the crate's metrics, and its label names.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     pub(super) enum Metric {
         Calls,
         CallDuration,
@@ -349,15 +351,52 @@ mod registry {
         }
     }
 
-    struct Kept {
-        metric: Metric,
-        first: &'static str,
-        second: &'static str,
-        key: Key,
+    /// A kept key's metric and label values, by address and length: the values are static
+    /// strings, so the same string is the same address (two equal strings at two addresses
+    /// only keep one key more).
+    type Labels = (Metric, usize, usize, usize, usize);
+
+    fn labels(metric: Metric, first: &'static str, second: &'static str) -> Labels {
+        (
+            metric,
+            first.as_ptr() as usize,
+            first.len(),
+            second.as_ptr() as usize,
+            second.len(),
+        )
     }
 
+    /// Hashes the few words of [`Labels`] by multiplying and rotating (as rustc's `FxHasher`
+    /// does): SipHash would cost more than the key's own hash this saves.
+    #[derive(Default)]
+    struct WordHasher(u64);
+
+    impl WordHasher {
+        fn add(&mut self, word: u64) {
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    impl Hasher for WordHasher {
+        fn write(&mut self, bytes: &[u8]) {
+            for &byte in bytes {
+                self.add(u64::from(byte));
+            }
+        }
+
+        fn write_usize(&mut self, word: usize) {
+            self.add(word as u64);
+        }
+
+        fn finish(&self) -> u64 {
+            self.0
+        }
+    }
+
+    type Kept = HashMap<Labels, Key, BuildHasherDefault<WordHasher>>;
+
     thread_local! {
-        static KEYS: RefCell<Vec<Kept>> = const { RefCell::new(Vec::new()) };
+        static KEYS: RefCell<Kept> = RefCell::new(Kept::default());
     }
 
     /// `use_key` given the key of `metric` with these label values: this thread's kept key,
@@ -375,26 +414,15 @@ mod registry {
                 let Ok(mut keys) = keys.try_borrow_mut() else {
                     return Some(use_key(&metric.key(first, second)));
                 };
-                let found = keys.iter().position(|kept| {
-                    kept.metric == metric
-                        && std::ptr::eq(kept.first, first)
-                        && std::ptr::eq(kept.second, second)
-                });
-                let index = match found {
-                    Some(index) => index,
-                    None if keys.len() < KEPT => {
-                        let key = metric.key(first, second);
-                        keys.push(Kept {
-                            metric,
-                            first,
-                            second,
-                            key,
-                        });
-                        keys.len() - 1
-                    }
-                    None => return Some(use_key(&metric.key(first, second))),
-                };
-                Some(use_key(&keys[index].key))
+                let labels = labels(metric, first, second);
+                if let Some(key) = keys.get(&labels) {
+                    return Some(use_key(key));
+                }
+                let key = metric.key(first, second);
+                if keys.len() >= KEPT {
+                    return Some(use_key(&key));
+                }
+                Some(use_key(keys.entry(labels).or_insert(key)))
             })
             .ok()
             .flatten();
@@ -425,5 +453,59 @@ mod registry {
             metrics::with_recorder(|recorder| recorder.register_gauge(key, &METADATA))
         })
         .unwrap_or_else(Gauge::noop)
+    }
+}
+
+#[cfg(all(test, feature = "metrics"))]
+mod tests {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    use super::*;
+
+    /// More functions than a thread keeps keys for: each call is counted under its own
+    /// function, whether its key was kept or built for the one use.
+    #[test]
+    fn every_function_is_counted_apart_past_the_keys_a_thread_keeps() {
+        let functions: Vec<&'static str> = (0..1100)
+            .map(|i| &*Box::leak(format!("jobs::run_{i}").into_boxed_str()))
+            .collect();
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            for round in 0..2 {
+                for (i, function) in functions.iter().enumerate() {
+                    let outcome = if i % 2 == 0 { "executed" } else { "replayed" };
+                    call_ended(function, outcome, None);
+                    if round == 0 {
+                        call_ended(function, "conflict", None);
+                    }
+                }
+            }
+        });
+        let mut counted = std::collections::BTreeMap::new();
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            let labels: Vec<String> = key
+                .key()
+                .labels()
+                .map(|label| format!("{}={}", label.key(), label.value()))
+                .collect();
+            let DebugValue::Counter(count) = value else {
+                panic!("{labels:?} is a counter");
+            };
+            counted.insert(labels.join(","), count);
+        }
+        assert_eq!(
+            counted.len(),
+            2 * functions.len(),
+            "one series per function and outcome"
+        );
+        for (i, function) in functions.iter().enumerate() {
+            let outcome = if i % 2 == 0 { "executed" } else { "replayed" };
+            assert_eq!(
+                counted[&format!("function={function},outcome={outcome}")],
+                2
+            );
+            assert_eq!(counted[&format!("function={function},outcome=conflict")], 1);
+        }
     }
 }
