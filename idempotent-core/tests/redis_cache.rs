@@ -354,6 +354,11 @@ async fn on_a_redis_cluster_the_claim_and_its_pttl_go_to_the_keys_shard() {
         "each replay through B made an entry from its claim's PTTL"
     );
 
+    // The replicas apply the writes above from their primaries' streams, and count them as
+    // commands: let them catch up first, or a loaded machine sees those writes below.
+    for primary in cluster.primaries() {
+        cluster.wait_until_replicated(primary);
+    }
     for node in 0..idempotent_test_support::RedisCluster::NODES {
         cluster.node(node).reset_stats();
     }
