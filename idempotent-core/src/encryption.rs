@@ -613,6 +613,8 @@ mod tests {
         Fingerprint::of(&value).unwrap()
     }
 
+    const HOUR: Duration = Duration::from_secs(3600);
+
     #[test]
     fn a_sealed_output_opens_only_under_its_key_with_its_key_id() {
         let ring = KeyRing::new("k1", [1; 32]).unwrap();
@@ -639,10 +641,15 @@ mod tests {
                 "byte {i} flipped"
             );
         }
+        // Cut anywhere: shorter than the header, nonce and tag, it is refused as truncated
+        // before any decryption; longer, the tag fails.
+        let shortest = 2 + "k1".len() + NONCE_LEN + TAG_LEN;
         for len in 0..sealed.len() {
-            assert!(
-                open(&ring, &key("a"), &args(1), &sealed[..len]).is_err(),
-                "cut at {len}"
+            let error = open(&ring, &key("a"), &args(1), &sealed[..len]).unwrap_err();
+            assert_eq!(
+                error.to_string().contains("truncated"),
+                (1..shortest).contains(&len),
+                "cut at {len}: {error}"
             );
         }
         let other = KeyRing::new("k1", [9; 32]).unwrap();
@@ -653,6 +660,25 @@ mod tests {
         let rotated = KeyRing::new("k2", [2; 32]).unwrap();
         let error = open(&rotated, &key("a"), &args(1), &sealed).unwrap_err();
         assert!(error.to_string().contains("\"k1\""), "{error}");
+    }
+
+    /// The edges: an empty output (a sealed record of header, nonce and tag only), and a key
+    /// id of 255 bytes, the longest the header's length byte holds.
+    #[test]
+    fn an_empty_output_and_the_longest_key_id_seal_and_open() {
+        let longest = "x".repeat(255);
+        let ring = KeyRing::new(longest.clone(), [3; 32]).unwrap();
+        assert_eq!(ring.current_id(), longest);
+        for output in [&b""[..], b"{\"ok\":1}"] {
+            let sealed = seal(&ring, &key("a"), &args(1), output).unwrap();
+            assert_eq!(sealed.len(), 2 + 255 + NONCE_LEN + output.len() + TAG_LEN);
+            assert_eq!(open(&ring, &key("a"), &args(1), &sealed).unwrap(), output);
+        }
+        let rotated = KeyRing::new("new", [4; 32])
+            .unwrap()
+            .with_old_key(longest, [3; 32])
+            .unwrap();
+        assert_eq!(rotated.current_id(), "new", "the first key seals");
     }
 
     #[test]
@@ -676,9 +702,14 @@ mod tests {
         let printed = format!("{ring:?}");
         let store = EncryptedStore::new(crate::MemoryStore::new(), ring);
         let keyed = KeyedStore::new(crate::MemoryStore::new(), [0xAB; 32]);
-        let printed = format!("{printed} {store:?} {keyed:?}");
+        let (store, keyed) = (format!("{store:?}"), format!("{keyed:?}"));
+        assert!(
+            store.starts_with("EncryptedStore") && store.contains("current: \"a\""),
+            "{store}"
+        );
+        assert!(keyed.starts_with("KeyedStore"), "{keyed}");
+        let printed = format!("{printed} {store} {keyed}");
         assert!(printed.contains("current: \"a\""), "{printed}");
-        assert!(printed.contains("KeyedStore"), "{printed}");
         assert!(!printed.contains("171"), "{printed}");
         assert!(!printed.to_lowercase().contains("ab, "), "{printed}");
     }
@@ -735,12 +766,62 @@ mod tests {
         // The claim whose lease ended less than a minute ago, and the new one.
         assert_eq!(claims.held.len(), 2);
         assert!(claims.held.contains_key(&(key("0"), Fence::new(0))));
-        // Live claims are all kept, however many.
+        // Live claims are all kept, however many; a sweep that keeps them all doubles the
+        // size at which the next one runs, so sweeping stays a constant cost per claim.
         for i in 0..2 * SWEEP_AT_LEAST as u64 {
             let name = format!("live-{i}");
             claims.hold(key(&name), Fence::new(i), args(2), Duration::from_secs(30));
         }
         assert_eq!(claims.held.len(), 2 + 2 * SWEEP_AT_LEAST);
+        assert_eq!(claims.sweep_at, 4 * SWEEP_AT_LEAST);
+        // A lease too long for the clock is kept as if it ended a minute from now at the least.
+        claims.hold(key("forever"), Fence::new(1), args(3), Duration::MAX);
+        let forever = &claims.held[&(key("forever"), Fence::new(1))];
+        assert!(
+            forever.lease_ends > Instant::now(),
+            "kept, not swept at once"
+        );
+    }
+
+    /// An applied renewal moves the kept claim's end with the lease; a fenced one changes
+    /// nothing. The wrappers name their inner store's kind (the metrics' `store` label).
+    #[tokio::test]
+    async fn an_applied_renewal_moves_the_kept_claims_end() {
+        let store = EncryptedStore::new(
+            crate::MemoryStore::new(),
+            KeyRing::new("k", [5; 32]).unwrap(),
+        );
+        let arguments = CanonicalArguments::from(args(1));
+        let Claim::Acquired { fence } = store
+            .claim(&key("a"), &arguments, Duration::from_millis(200))
+            .await
+            .unwrap()
+        else {
+            panic!("a new key is acquired");
+        };
+        let ends = |store: &EncryptedStore<crate::MemoryStore>| {
+            store.claims().held[&(key("a"), fence)].lease_ends
+        };
+        let before = ends(&store);
+        let other = Fence::new(fence.get() + 1);
+        assert_eq!(
+            store.extend(&key("a"), other, HOUR).await.unwrap(),
+            FencedWrite::Fenced
+        );
+        assert_eq!(ends(&store), before, "a fenced renewal moves nothing");
+        assert_eq!(
+            store.extend(&key("a"), fence, HOUR).await.unwrap(),
+            FencedWrite::Applied
+        );
+        assert!(
+            ends(&store) > before + Duration::from_secs(1800),
+            "renewed for an hour"
+        );
+        assert_eq!(store.kind(), "memory");
+        assert_eq!(
+            KeyedStore::new(crate::MemoryStore::new(), [1; 32]).kind(),
+            "memory"
+        );
     }
 
     #[test]
