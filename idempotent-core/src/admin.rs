@@ -125,6 +125,18 @@ pub struct StoreStats {
     pub oldest: Option<OldestRecord>,
 }
 
+/// The storage key a SQL store's row holds in its key column; a value of another length is
+/// a corrupt row.
+pub(crate) fn stored_key(bytes: &[u8]) -> Result<StorageKey, StoreError> {
+    match <[u8; 32]>::try_from(bytes) {
+        Ok(key) => Ok(StorageKey::from_bytes(key)),
+        Err(_) => Err(StoreError::Corrupt {
+            key: bytes.iter().map(|byte| format!("{byte:02x}")).collect(),
+            message: format!("a record's key is {} bytes, not 32", bytes.len()),
+        }),
+    }
+}
+
 /// The live record claimed first, as [`StoreStats::oldest`] gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -164,4 +176,21 @@ pub trait Admin: Store {
     /// (PostgreSQL skips rows another transaction holds locked). Redis deletes ended records
     /// by itself: there it always answers 0.
     fn purge_expired_batch(&self, limit: u64) -> BoxFuture<'_, Result<u64, StoreError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_key_of_32_bytes_is_the_storage_key_and_any_other_is_corrupt() {
+        let bytes: [u8; 32] = std::array::from_fn(|i| i as u8);
+        assert_eq!(stored_key(&bytes).unwrap(), StorageKey::from_bytes(bytes));
+        let error = stored_key(&bytes[..31]).unwrap_err();
+        assert!(
+            matches!(&error, StoreError::Corrupt { key, message }
+                if key.len() == 62 && message.contains("31 bytes")),
+            "{error:?}"
+        );
+    }
 }

@@ -720,13 +720,11 @@ impl Store for RedisStore {
                 command.arg(fence.get()).arg(&output[..]).arg(millis(ttl));
             };
             let write = self.fenced_write(&self.scripts.complete, key, args).await?;
-            if write == FencedWrite::Applied
-                && let Some((replicas, timeout)) = self.wait_for_replicas
-            {
-                Box::pin(self.replicate_write(key, Replicated::Completion, replicas, timeout))
-                    .await;
-            }
             if write == FencedWrite::Applied {
+                if let Some((replicas, timeout)) = self.wait_for_replicas {
+                    Box::pin(self.replicate_write(key, Replicated::Completion, replicas, timeout))
+                        .await;
+                }
                 self.completed.insert(key);
             }
             self.completed(key, fence, &output, ttl, sent, write);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::PostgresStore;
 use super::sql::FORMAT;
-use crate::admin::{Admin, OldestRecord, RecordState, RecordView, StoreStats};
+use crate::admin::{Admin, OldestRecord, RecordState, RecordView, StoreStats, stored_key};
 use crate::error::StoreError;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes};
@@ -54,14 +54,8 @@ impl PostgresStore {
             ))
         };
         let (key, fence, state, left_ms) = read().map_err(unexpected)?;
-        let Ok(key) = <[u8; 32]>::try_from(key.as_slice()) else {
-            return Err(StoreError::Corrupt {
-                key: key.iter().map(|byte| format!("{byte:02x}")).collect(),
-                message: format!("a record's key is {} bytes, not 32", key.len()),
-            });
-        };
         Ok(Some(OldestRecord {
-            key: StorageKey::from_bytes(key),
+            key: stored_key(&key)?,
             fence: count(fence),
             state: if state == 0 {
                 RecordState::InProgress

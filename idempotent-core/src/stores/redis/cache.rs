@@ -129,9 +129,9 @@ mod enabled {
         }
     }
 
-    /// Hashes a [`StorageKey`] by its first eight bytes: the key is a SHA-256 digest already,
-    /// as evenly spread as any hash of it, and the cache's default hasher (SipHash) was a
-    /// noticeable share of a cached replay.
+    /// Hashes a [`StorageKey`] by folding its bytes, eight at a time: the key is a SHA-256
+    /// digest already, as evenly spread as any hash of it, and the cache's default hasher
+    /// (SipHash) was a noticeable share of a cached replay.
     #[derive(Clone, Default)]
     pub(in crate::stores::redis) struct ByDigest;
 

@@ -9,7 +9,7 @@ use super::SqliteStore;
 use super::ops::{OpResult, begin, commit, fail, read};
 use super::pool::Access;
 use super::record::{self, COMPLETED, FORMAT, IN_PROGRESS, State};
-use crate::admin::{Admin, OldestRecord, RecordState, RecordView, StoreStats};
+use crate::admin::{Admin, OldestRecord, RecordState, RecordView, StoreStats, stored_key};
 use crate::error::StoreError;
 use crate::key::StorageKey;
 use crate::store::{BoxFuture, Bytes};
@@ -51,15 +51,8 @@ fn oldest(connection: &rusqlite::Connection, now: i64) -> OpResult<Option<Oldest
         ))
     };
     let (key, fence, state, until) = read(row).map_err(fail("could not read the statistics"))?;
-    let Ok(key) = <[u8; 32]>::try_from(key.as_slice()) else {
-        return Err(StoreError::Corrupt {
-            key: key.iter().map(|byte| format!("{byte:02x}")).collect(),
-            message: format!("a record's key is {} bytes, not 32", key.len()),
-        }
-        .into());
-    };
     Ok(Some(OldestRecord {
-        key: StorageKey::from_bytes(key),
+        key: stored_key(&key)?,
         fence: u64::try_from(fence).unwrap_or(0),
         state: if state == IN_PROGRESS {
             RecordState::InProgress
